@@ -1,0 +1,1 @@
+"""Data layer: readers of real formats, the canonical Arrow dataset, synthetic data, client partitions."""
