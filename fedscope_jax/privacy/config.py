@@ -1,0 +1,149 @@
+"""PrivacyConfig: the `privacy` section of a run config, its validation, and the `fedscope train` flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from fedscope_jax.errors import FedscopeError
+
+MODES = ("personalized", "uniform", "central", "off")
+ACCOUNTANTS = ("rdp", "pld")
+CLIPPINGS = ("fixed", "adaptive")
+NORMALIZATIONS = ("geometric", "weighted")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """How a run is made differentially private (client-level DP; see docs/privacy.md).
+
+    mode: personalized (eps_k from data size), uniform (eps for all), central (DP-FedAvg: one noise draw
+      on the aggregate), off (no DP).
+    epsilon, delta: nominal budget of the whole run, per client.
+    accountant: rdp (fast) or pld (tighter) dp-accounting accountant.
+    amplification: count Poisson subsampling amplification (valid only under its assumptions; default off).
+    allocation_exponent, eps_min, eps_max, normalize: the personalized allocation (budgets.py).
+    participation_quantile: without amplification, calibrate for this quantile of a client's participations.
+    clipping, clip_norm: fixed C_k = clip_norm, or adaptive starting from clip_norm.
+    clip_target_quantile, clip_learning_rate, clip_bit_fraction: adaptive clipping (Andrew et al. 2021);
+      clip_bit_fraction is the share of each round's privacy (in 1/z^2) spent on the noised clipped-bit.
+    secagg: sum updates with simulated secure aggregation; secagg_neighbors: masking partners per client
+      (None: every other client).
+    """
+
+    mode: str = "personalized"
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    amplification: bool = False
+    allocation_exponent: float = 0.5
+    eps_min: float | None = None
+    eps_max: float | None = None
+    normalize: str = "geometric"
+    participation_quantile: float = 0.95
+    clipping: str = "fixed"
+    clip_norm: float = 1.0
+    clip_target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clip_bit_fraction: float = 0.1
+    secagg: bool = True
+    secagg_neighbors: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "privacy") -> None:
+        """Raises FedscopeError naming the first field that is out of range."""
+        def bad(field: str, expected: str) -> FedscopeError:
+            return FedscopeError(f"{where}.{field}: expected {expected}, got {getattr(self, field)!r}")
+
+        choices = {"mode": MODES, "accountant": ACCOUNTANTS, "clipping": CLIPPINGS, "normalize": NORMALIZATIONS}
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise bad(field, "one of " + ", ".join(allowed))
+        positive = ("epsilon", "clip_norm", "clip_learning_rate")
+        for field in positive:
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
+                raise bad(field, "a positive finite number")
+        if not isinstance(self.delta, (int, float)) or not 0 < self.delta < 1:
+            raise bad("delta", "a number in (0, 1)")
+        for field in ("eps_min", "eps_max"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, (int, float)) or not 0 < value < math.inf):
+                raise bad(field, "a positive finite number or null")
+        lo = self.eps_min if self.eps_min is not None else self.epsilon / 4
+        hi = self.eps_max if self.eps_max is not None else self.epsilon * 4
+        if not lo <= self.epsilon <= hi:
+            raise FedscopeError(f"{where}: need eps_min <= epsilon <= eps_max, got {lo} <= {self.epsilon} <= {hi}")
+        if not isinstance(self.allocation_exponent, (int, float)) or not 0 <= self.allocation_exponent < math.inf:
+            raise bad("allocation_exponent", "a number >= 0")
+        if not 0 < self.participation_quantile <= 1:
+            raise bad("participation_quantile", "a number in (0, 1]")
+        if not 0 < self.clip_target_quantile < 1:
+            raise bad("clip_target_quantile", "a number in (0, 1)")
+        if not 0 < self.clip_bit_fraction < 1:
+            raise bad("clip_bit_fraction", "a number in (0, 1)")
+        for field in ("amplification", "secagg"):
+            if not isinstance(getattr(self, field), bool):
+                raise bad(field, "true or false")
+        if self.secagg_neighbors is not None and (not isinstance(self.secagg_neighbors, int)
+                                                  or self.secagg_neighbors < 1):
+            raise bad("secagg_neighbors", "a positive integer or null")
+        if self.mode == "central" and self.clipping == "adaptive":
+            raise FedscopeError(f"{where}.clipping: the central DP-FedAvg baseline uses fixed clipping; "
+                                f"got 'adaptive' (use mode personalized or uniform)")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], where: str = "privacy") -> "PrivacyConfig":
+        """Builds a config from a mapping (the `privacy` section of a config file); unknown keys are errors."""
+        if not isinstance(mapping, Mapping):
+            raise FedscopeError(f"{where}: expected a mapping of privacy options, got {type(mapping).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - names)
+        if unknown:
+            raise FedscopeError(f"{where}.{unknown[0]}: unknown privacy option (known: {', '.join(sorted(names))})")
+        values = dict(mapping)
+        for field in ("epsilon", "delta", "clip_norm", "eps_min", "eps_max", "allocation_exponent",
+                      "participation_quantile", "clip_target_quantile", "clip_learning_rate", "clip_bit_fraction"):
+            if isinstance(values.get(field), int) and not isinstance(values.get(field), bool):
+                values[field] = float(values[field])
+        obj = cls.__new__(cls)
+        defaults = cls()
+        for name in names:
+            object.__setattr__(obj, name, values.get(name, getattr(defaults, name)))
+        obj.validate(where)
+        return obj
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The privacy flags of `fedscope train` (and `sweep`); they override the config file's `privacy` keys."""
+    group = parser.add_argument_group("privacy (client-level DP; docs/privacy.md)")
+    group.add_argument("--privacy", choices=MODES, help="DP mode (default: personalized)")
+    group.add_argument("--epsilon", type=float, help="nominal epsilon of the whole run per client (default 8)")
+    group.add_argument("--delta", type=float, help="delta of the whole run (default 1e-5)")
+    group.add_argument("--accountant", choices=ACCOUNTANTS, help="dp-accounting accountant (default rdp)")
+    group.add_argument("--amplification", action=argparse.BooleanOptionalAction, default=None,
+                       help="count Poisson-subsampling amplification (default off; see docs for validity)")
+    group.add_argument("--clipping", choices=CLIPPINGS, help="fixed or adaptive per-client clip norm")
+    group.add_argument("--clip-norm", type=float, help="(initial) clip norm C_k (default 1.0)")
+    group.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
+                       help="simulated secure aggregation of the updates (default on)")
+
+
+def config_from_args(args: argparse.Namespace, base: PrivacyConfig | None = None) -> PrivacyConfig:
+    """`base` (from the config file) with the command-line flags that were given applied on top."""
+    base = base or PrivacyConfig()
+    flags = {"mode": "privacy", "epsilon": "epsilon", "delta": "delta", "accountant": "accountant",
+             "amplification": "amplification", "clipping": "clipping", "clip_norm": "clip_norm", "secagg": "secagg"}
+    values = base.to_dict()
+    for field, attr in flags.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            values[field] = value
+    return PrivacyConfig.from_mapping(values, where="command line")
