@@ -118,7 +118,7 @@ def test_c2dsr_user_in_two_files_is_an_error(tmp_path):
 
 
 def test_option_for_another_format_is_refused(tmp_path):
-    with pytest.raises(FedscopeError, match=r"'history_split' does not apply to format 'abxi'"):
+    with pytest.raises(FedscopeError, match=r"--history-split does not apply to format 'abxi'"):
         read_source(_abxi(tmp_path), history_split="train")
 
 

@@ -44,8 +44,9 @@ def read_source(src: str | os.PathLike, fmt: str | None = None, domains: Sequenc
     accepted = set(inspect.signature(reader).parameters) - {"src", "domains"}
     unknown = {k for k, v in options.items() if v is not None} - accepted
     if unknown:
-        raise FedscopeError(f"option {sorted(unknown)[0]!r} does not apply to format {fmt!r} "
-                            f"(it takes {sorted(accepted) or 'no options'})")
+        flag = lambda k: "--" + k.replace("_", "-")
+        raise FedscopeError(f"option {flag(sorted(unknown)[0])} does not apply to format {fmt!r} "
+                            f"(it takes {', '.join(map(flag, sorted(accepted))) or 'no options'})")
     raw = reader(src, domains=domains, **{k: v for k, v in options.items() if v is not None})
     if titles is not None:
         raw = join_titles(raw, Path(titles))

@@ -1,0 +1,172 @@
+"""`fedscope data {prepare,synth,info,partition}`: make, inspect and split canonical datasets (docs/data.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from fedscope_jax.errors import FedscopeError
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("data", help="prepare, synthesize, inspect and partition datasets",
+                                   description="Make, inspect and split canonical datasets (docs/data.md).")
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
+    sub.required = True
+
+    p = sub.add_parser("prepare", help="convert a source dataset folder (ABXI, C2DSR, LLMCDSR, MovieLens)")
+    p.add_argument("src", help="source folder, e.g. ../shared/data/abxi-food-kitchen")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--format", choices=["abxi", "c2dsr", "llmcdsr", "movielens"], help="default: detected")
+    p.add_argument("--name", help="dataset name (default: the source folder's name)")
+    p.add_argument("--domains", type=_names, help="domain names, A first, comma-separated (default: from the "
+                   "format or the folder name's '-a-b' suffix)")
+    p.add_argument("--titles", help="LLMCDSR folder whose items_*.jsonl titles are joined by ASIN")
+    p.add_argument("--history-split", choices=["context", "train"],
+                   help="c2dsr only: split label of held-out users' history (default: context)")
+    p.add_argument("--min-rating", type=float, help="movielens only: keep ratings >= this")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--json", action="store_true", help="print dataset.json instead of a summary")
+    p.set_defaults(func=run_prepare)
+
+    s = sub.add_parser("synth", help="generate a synthetic dataset (default: sized like abxi-food-kitchen)")
+    s.add_argument("--out", required=True, help="output dataset directory")
+    s.add_argument("--users", type=int, default=7144)
+    s.add_argument("--items", type=_ints, default=(11837, 16258), help="items per domain, comma-separated")
+    s.add_argument("--domains", type=_names, default=["A", "B"], help="domain names, comma-separated")
+    s.add_argument("--min-length", type=int, default=10)
+    s.add_argument("--max-length", type=int, default=50)
+    s.add_argument("--mean-length", type=float, default=24.3)
+    s.add_argument("--overlap", type=float, default=1.0, help="fraction of users present in every domain")
+    s.add_argument("--min-per-domain", type=int, default=5)
+    s.add_argument("--topics", type=int, default=32)
+    s.add_argument("--concentration", type=float, default=0.1, help="Dirichlet concentration of user topics")
+    s.add_argument("--stickiness", type=float, default=0.6, help="P(next topic = previous topic)")
+    s.add_argument("--popularity", type=float, default=1.0, help="Zipf exponent within a topic")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--name", default="synthetic")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=run_synth)
+
+    i = sub.add_parser("info", help="print a prepared dataset's statistics")
+    i.add_argument("dataset", help="prepared dataset directory")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=run_info)
+
+    q = sub.add_parser("partition", help="split a dataset's users among clients and print the sizes")
+    q.add_argument("dataset", help="prepared dataset directory")
+    q.add_argument("--clients", type=int, help="number of clients (omit for --scheme domain / user)")
+    q.add_argument("--scheme", default="powerlaw", choices=["uniform", "powerlaw", "domain", "user"])
+    q.add_argument("--alpha", type=float, default=1.0, help="powerlaw exponent")
+    q.add_argument("--min-users", type=int, default=1, help="powerlaw: smallest client's users")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", help="write the partition (partition.arrow format) to this file")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=run_partition)
+
+
+def _dataset_summary(path: str) -> dict[str, Any]:
+    import numpy as np
+
+    from fedscope_jax.data.canonical import load_dataset
+
+    ds = load_dataset(path)
+    lengths = np.diff(ds.user_offsets())
+    out = dict(ds.meta)
+    out["sequence_length"] = {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 3),
+                              "max": int(lengths.max())} if lengths.size else {}
+    return out
+
+
+def _print_summary(meta: dict[str, Any], path: str) -> None:
+    lines = [f"{meta['name']} ({meta['format']}) at {path}",
+             f"  users {meta['users']:,}  interactions {meta['interactions']:,}  "
+             f"overlapped users {meta['overlap_users']:,}  timestamps {meta.get('timestamps')}"]
+    if meta.get("sequence_length"):
+        sl = meta["sequence_length"]
+        lines.append(f"  sequence length min {sl['min']} / mean {sl['mean']} / max {sl['max']}")
+    titled = meta.get("titles", {}).get("items_with_title", {})
+    for d in meta["domains"]:
+        counts = "  ".join(f"{s} {meta['splits'][s][d['name']]:,}" for s in meta["splits"])
+        lines.append(f"  domain {d['name']:<12} items {d['items']:,} (titled {titled.get(d['name'], 0):,})  "
+                     f"users {d['users']:,}  interactions {d['interactions']:,}  | {counts}")
+    if meta.get("titles"):
+        lines.append(f"  interactions whose item has a title: {meta['titles']['interaction_fraction']:.1%}")
+    if meta.get("missing_files"):
+        lines.append(f"  INCOMPLETE source: missing {', '.join(meta['missing_files'])}")
+    print("\n".join(lines))
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from fedscope_jax.data.formats import prepare
+
+    prepare(args.src, args.out, fmt=args.format, name=args.name, domains=args.domains, titles=args.titles,
+            force=args.force, history_split=args.history_split, min_rating=args.min_rating)
+    return _show(args.out, args.json)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from fedscope_jax.data.synth import SynthConfig, synthesize
+
+    cfg = SynthConfig(users=args.users, items=tuple(args.items), domains=tuple(args.domains),
+                      min_length=args.min_length, max_length=args.max_length, mean_length=args.mean_length,
+                      overlap=args.overlap, min_per_domain=args.min_per_domain, topics=args.topics,
+                      concentration=args.concentration, stickiness=args.stickiness, popularity=args.popularity,
+                      seed=args.seed, name=args.name)
+    synthesize(cfg, args.out, force=args.force)
+    return _show(args.out, args.json)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    return _show(args.dataset, args.json)
+
+
+def _show(path: str, as_json: bool) -> int:
+    summary = _dataset_summary(path)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary, path)
+    return 0
+
+
+def run_partition(args: argparse.Namespace) -> int:
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.data.partition import partition, save_partition
+
+    if args.out and not args.out.endswith(".arrow"):
+        raise FedscopeError(f"--out {args.out}: expected a .arrow file name")
+    ds = load_dataset(args.dataset)
+    part = partition(ds, args.clients, args.scheme, args.seed, alpha=args.alpha, min_users=args.min_users)
+    summary = part.summary(ds)
+    if args.out:
+        save_partition(part, args.out)
+        summary["written_to"] = args.out
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        u, t = summary["users_per_client"], summary["train_interactions_per_client"]
+        print(f"{summary['clients']} clients, scheme {summary['scheme']}, seed {summary['seed']}"
+              + (f", alpha {summary['alpha']}" if summary["alpha"] is not None else ""))
+        print(f"  users per client         min {u['min']:,} / median {u['p50']:,} / max {u['max']:,}")
+        print(f"  train interactions       min {t['min']:,} / median {t['p50']:,} / max {t['max']:,}")
+        print(f"  largest client's share   {summary['largest_client_share']:.1%}   "
+              f"Gini {summary['gini_train_interactions']:.3f}")
+        print(f"  clients with both domains {summary['clients_with_both_domains']}   "
+              f"without train data {summary['clients_without_train_data']}")
+        if args.out:
+            print(f"  written to {args.out}")
+    return 0

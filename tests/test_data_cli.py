@@ -1,0 +1,51 @@
+"""`fedscope data ...` end to end, in process: exit codes, printed summaries, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from conftest import real_dataset
+from fedscope_jax.cli import main
+from fedscope_jax.data.canonical import load_dataset
+from fedscope_jax.data.partition import load_partition
+
+
+def test_prepare_info_partition(tmp_path, capsys):
+    out = tmp_path / "afk"
+    src = real_dataset("abxi-food-kitchen")
+    assert main(["data", "prepare", str(src), "--out", str(out), "--titles",
+                 str(real_dataset("llmcdsr-food-kitchen"))]) == 0
+    printed = capsys.readouterr().out
+    assert "users 7,144  interactions 173,548" in printed and "title: 95.2%" in printed
+    assert main(["data", "info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["sequence_length"] == {"min": 10, "mean": 24.293, "max": 50}
+    assert main(["data", "partition", str(out), "--clients", "16", "--seed", "1", "--json",
+                 "--out", str(tmp_path / "p.arrow")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["clients"] == 16 and summary["scheme"] == "powerlaw"
+    part = load_partition(tmp_path / "p.arrow")
+    assert np.bincount(part.client_of_user).tolist()[0] == summary["users_per_client"]["max"]
+
+
+def test_synth_command(tmp_path, capsys):
+    out = tmp_path / "syn"
+    assert main(["data", "synth", "--out", str(out), "--users", "200", "--items", "50,60", "--topics", "5",
+                 "--domains", "x,y", "--seed", "9"]) == 0
+    ds = load_dataset(out)
+    assert ds.n_users == 200 and ds.n_items == (50, 60) and ds.domains == ("x", "y")
+    assert ds.meta["synthetic"]["seed"] == 9
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    assert main(["data", "info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing: not a directory" in err
+    out = tmp_path / "o"
+    assert main(["data", "synth", "--out", str(out), "--users", "10", "--items", "5,5"]) == 2
+    assert "field 'items'" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(out), "--users", "10", "--items", "50,50"]) == 0
+    assert main(["data", "synth", "--out", str(out), "--users", "10", "--items", "50,50"]) == 2
+    assert "output exists; pass --force" in capsys.readouterr().err
