@@ -1,0 +1,230 @@
+"""The privacy ledger: per-client accountant state over a run, budget enforcement, privacy_ledger.arrow.
+
+Host-side and stateful on purpose (a few numpy vectors), so the jitted round stays pure. Per round:
+
+    eligible = ledger.begin_round(t)          # bool [C]: clients whose next event stays within eps_k
+    ... engine samples participants among `eligible`, trains, clips, noises, aggregates ...
+    row = ledger.end_round(participated, clip_norms)   # advances the accountants; a dict for metrics.jsonl
+
+Accountant state. z_k is fixed for the run, so client k's history is `events_k` identical events (one per
+participated round; one per round of the run with amplification, see accounting.py). Its epsilon is
+evaluated by composing those events in a fresh dp-accounting accountant: `accounting.epsilon_spent`, the
+same function `recompute_eps` applies to a ledger row, so anyone can reproduce `eps_spent` from the file.
+
+Budget. A client is refused (and stops for good, logged in the round row and in `summary()`) once one more
+event would take it above eps_k. Calibration guarantees the planned number of events fits, so the check
+costs an accountant evaluation only beyond the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.privacy import accounting
+from fedscope_jax.privacy.plan import PrivacyPlan
+from fedscope_jax.utils.io import read_arrow, write_arrow
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "privacy_ledger.arrow"
+METADATA_KEY = b"fedscope.privacy"
+LEDGER_SCHEMA = pa.schema([
+    ("client_id", pa.int64()),
+    ("n_examples", pa.int64()),
+    ("eps_target", pa.float64()),
+    ("eps_spent", pa.float64()),
+    ("delta", pa.float64()),
+    ("noise_multiplier", pa.float64()),
+    ("clip_norm", pa.float64()),
+    ("rounds_participated", pa.int64()),
+    ("sampling_rate", pa.float64()),
+    ("accountant", pa.string()),
+    ("amplification", pa.bool_()),
+])
+LEDGER_COLUMNS = tuple(LEDGER_SCHEMA.names)
+
+
+def accounted_events(row: Mapping[str, Any]) -> int:
+    """How many events a ledger row's eps_spent composes: rounds_participated, or (amplification) the
+    rounds the client was in the sampled population, kept in the file's metadata as `rounds_accounted`."""
+    if not bool(row["amplification"]):
+        return int(row["rounds_participated"])
+    if row.get("rounds_accounted") is None:
+        raise FedscopeError("privacy ledger row with amplification=true needs `rounds_accounted` "
+                            "(read the row with read_ledger, which takes it from the file's metadata)")
+    return int(row["rounds_accounted"])
+
+
+def recompute_eps(row: Mapping[str, Any]) -> float:
+    """eps_spent of one ledger row, recomputed with dp-accounting from the row's own columns.
+
+    Without amplification: `rounds_participated` compositions of GaussianDpEvent(noise_multiplier) under the
+    row's accountant (RDP, or PLD with value_discretization_interval=1e-3), epsilon at `delta`. With
+    amplification: `rounds_accounted` compositions of PoissonSampledDpEvent(sampling_rate, GaussianDpEvent(z)).
+    """
+    return accounting.epsilon_spent(str(row["accountant"]), float(row["noise_multiplier"]), accounted_events(row),
+                                    float(row["delta"]), float(row["sampling_rate"]), bool(row["amplification"]))
+
+
+class PrivacyLedger:
+    """Per-client privacy state of one run (see the module docstring for the protocol)."""
+
+    def __init__(self, plan: PrivacyPlan, client_ids: np.ndarray, n_examples: np.ndarray) -> None:
+        self.plan = plan
+        self.client_ids = np.asarray(client_ids, dtype=np.int64)
+        self.n_examples = np.asarray(n_examples, dtype=np.int64)
+        c = plan.num_clients
+        if self.client_ids.shape != (c,) or self.n_examples.shape != (c,):
+            raise FedscopeError(f"privacy ledger: client_ids {self.client_ids.shape} and n_examples "
+                                f"{self.n_examples.shape} must both have shape ({c},) like the plan")
+        self.events = np.zeros(c, dtype=np.int64)
+        self.participations = np.zeros(c, dtype=np.int64)
+        self.clip_norms = np.asarray(plan.clip_norms, dtype=np.float64).copy()
+        self.stopped = np.zeros(c, dtype=bool)
+        self.stop_round = np.full(c, -1, dtype=np.int64)
+        self.eps_spent = np.zeros(c, dtype=np.float64)
+        self._round: int | None = None
+        self._active = np.zeros(c, dtype=bool)
+        self.rounds_run = 0
+
+    # --- accounting -------------------------------------------------------------------------------------
+    def _epsilon(self, k: int, events: int) -> float:
+        p = self.plan
+        return accounting.epsilon_spent(p.accountant_name, float(p.noise_multipliers[k]), int(events), p.delta,
+                                        float(p.sampling_rates[k]), p.amplification)
+
+    def _fits_one_more(self, k: int) -> bool:
+        if self.plan.mode == "off":
+            return True
+        nxt = int(self.events[k]) + 1
+        if nxt <= int(self.plan.planned_events[k]):
+            return True  # calibrated for this many events (eps is non-decreasing in the event count)
+        return self._epsilon(k, nxt) <= float(self.plan.eps_targets[k])
+
+    def begin_round(self, round_index: int) -> np.ndarray:
+        """Eligibility mask for this round; clients whose next event would exceed eps_k stop for good."""
+        if self._round is not None:
+            raise RuntimeError(f"privacy ledger: round {self._round} was begun but not ended")
+        newly = [k for k in np.flatnonzero(~self.stopped) if not self._fits_one_more(int(k))]
+        for k in newly:
+            self.stopped[k] = True
+            self.stop_round[k] = round_index
+            log.info("privacy: client %d stops at round %d: one more round would exceed eps_target=%.4g "
+                     "(eps_spent=%.4g)", self.client_ids[k], round_index, self.plan.eps_targets[k], self.eps_spent[k])
+        self._newly_stopped = [int(self.client_ids[k]) for k in newly]
+        self._round = round_index
+        self._active = ~self.stopped
+        return self._active.copy()
+
+    def end_round(self, participated: np.ndarray, clip_norms: np.ndarray | None = None,
+                  track_eps: bool = True) -> dict[str, Any]:
+        """Advances the accountants of this round; returns the round's privacy row for metrics.jsonl.
+
+        participated: bool [C], who contributed an update (must be a subset of begin_round's mask).
+        clip_norms: the clip norms in force after this round (adaptive clipping), or None.
+        track_eps: recompute eps_spent of the clients whose state changed (costly with PLD and many clients).
+        """
+        if self._round is None:
+            raise RuntimeError("privacy ledger: end_round without begin_round")
+        participated = np.asarray(participated, dtype=bool)
+        if participated.shape != self._active.shape:
+            raise ValueError(f"participated has shape {participated.shape}, expected {self._active.shape}")
+        if np.any(participated & ~self._active):
+            bad = self.client_ids[np.flatnonzero(participated & ~self._active)].tolist()
+            raise RuntimeError(f"privacy ledger: refused clients {bad} took part in round {self._round}")
+        advanced = self._active if self.plan.amplification else participated
+        self.events += advanced
+        self.participations += participated
+        if clip_norms is not None:
+            self.clip_norms = np.asarray(clip_norms, dtype=np.float64).copy()
+        if track_eps:
+            for k in np.flatnonzero(advanced):
+                self.eps_spent[k] = self._epsilon(int(k), int(self.events[k]))
+        row = {"round": self._round, "privacy/participants": int(participated.sum()),
+               "privacy/active_clients": int(self._active.sum()),
+               "privacy/stopped_clients": int(self.stopped.sum()),
+               "privacy/newly_stopped": self._newly_stopped}
+        if track_eps:
+            row["privacy/eps_spent_max"] = float(self.eps_spent.max())
+            row["privacy/eps_spent_mean"] = float(self.eps_spent.mean())
+        if self.plan.adaptive_clipping:
+            row["privacy/clip_norm_median"] = float(np.median(self.clip_norms))
+        self.rounds_run += 1
+        self._round = None
+        return row
+
+    def finalize_eps(self) -> np.ndarray:
+        """eps_spent of every client, computed afresh from its state (the values the ledger file holds)."""
+        self.eps_spent = np.array([self._epsilon(k, int(self.events[k])) for k in range(self.plan.num_clients)])
+        return self.eps_spent
+
+    # --- reporting --------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Run-level privacy facts for summary.json (includes the clients stopped by their budget)."""
+        eps = self.finalize_eps()
+        finite = eps[np.isfinite(eps)]
+        return {**self.plan.summary(), "rounds_run": self.rounds_run,
+                "eps_spent_max": float(eps.max()), "eps_spent_mean": float(eps.mean()),
+                "eps_spent_max_finite": float(finite.max()) if finite.size else None,
+                "clients_over_target": int(np.sum(eps > self.plan.eps_targets * (1 + 1e-9))),
+                "stopped_clients": [{"client_id": int(self.client_ids[k]), "round": int(self.stop_round[k])}
+                                    for k in np.flatnonzero(self.stopped)]}
+
+    def to_table(self) -> pa.Table:
+        """The ledger as an Arrow table: exactly LEDGER_COLUMNS, one row per client."""
+        p = self.plan
+        eps = self.finalize_eps()
+        c = p.num_clients
+        table = pa.table({
+            "client_id": self.client_ids, "n_examples": self.n_examples,
+            "eps_target": np.asarray(p.eps_targets, dtype=np.float64), "eps_spent": eps,
+            "delta": np.full(c, p.delta), "noise_multiplier": np.asarray(p.noise_multipliers, dtype=np.float64),
+            "clip_norm": self.clip_norms, "rounds_participated": self.participations,
+            "sampling_rate": np.asarray(p.sampling_rates, dtype=np.float64),
+            "accountant": pa.array([p.accountant_name] * c, pa.string()),
+            "amplification": np.full(c, p.amplification)}, schema=LEDGER_SCHEMA)
+        meta = {"mode": p.mode, "rounds_run": self.rounds_run, "rounds_accounted": self.events.tolist(),
+                "neighboring_relation": "add_or_remove_one (zero-out of one client's whole data)",
+                "pld_value_discretization_interval": accounting.PLD_DISCRETIZATION,
+                "update_noise_multiplier": np.asarray(p.update_noise_multipliers).tolist(),
+                "central_noise_multiplier": p.central_noise_multiplier,
+                "stop_round": self.stop_round.tolist()}
+        return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+
+    def write(self, run_dir: str | os.PathLike) -> str:
+        """Writes `run_dir/privacy_ledger.arrow`; returns its path."""
+        path = os.path.join(os.fspath(run_dir), LEDGER_FILE)
+        write_arrow(self.to_table(), path)
+        return path
+
+
+def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a privacy_ledger.arrow as dicts (with `rounds_accounted` from the file's metadata)."""
+    table = read_arrow(path)
+    missing = [c for c in LEDGER_COLUMNS if c not in table.column_names]
+    if missing:
+        raise FedscopeError(f"{path}: not a privacy ledger (missing columns {missing})")
+    meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    accounted = meta.get("rounds_accounted")
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        row["rounds_accounted"] = accounted[i] if accounted is not None else None
+    return rows
+
+
+def check_ledger(path: str | os.PathLike, rtol: float = 1e-6) -> list[int]:
+    """Recomputes every row's eps_spent; returns the client ids whose stored value differs by > rtol."""
+    bad = []
+    for row in read_ledger(path):
+        stored, again = float(row["eps_spent"]), recompute_eps(row)
+        if not (stored == again or (math.isfinite(again) and abs(stored - again) <= rtol * max(abs(again), 1e-12))):
+            bad.append(int(row["client_id"]))
+    return bad

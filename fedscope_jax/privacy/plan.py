@@ -1,0 +1,124 @@
+"""PrivacyPlan: the per-client vectors (eps_k, z_k, C_k, ...) a run is calibrated with, before round 1.
+
+`plan_privacy(config, sizes, sampling_rates, rounds)` turns a PrivacyConfig and the clients' data sizes and
+participation rates into numpy vectors over the client axis. The engine feeds `clip_norms` and
+`update_noise_multipliers` into its jitted round (noise std = update_noise_multipliers * clip_norms per
+client), or, in central mode, adds `central_noise_multiplier * clip_norm` once to the aggregate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.privacy import accounting, budgets
+from fedscope_jax.privacy.config import PrivacyConfig
+from fedscope_jax.utils.progress import progress
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+    """Per-client privacy parameters of one run (all arrays have the client axis first).
+
+    noise_multipliers: effective z_k the accountant uses (adaptive-clipping bit folded in).
+    update_noise_multipliers: z the engine applies to the update (>= noise_multipliers; 0 in central/off).
+    bit_noise: std of the noised clipped-bit (inf for fixed clipping).
+    planned_events: accounted events z_k was calibrated for.
+    central_noise_multiplier: z of the one noise draw on the aggregate (central mode; 0 otherwise).
+    """
+
+    mode: str
+    accountant: str
+    delta: float
+    amplification: bool
+    adaptive_clipping: bool
+    clip_target_quantile: float
+    clip_learning_rate: float
+    eps_targets: np.ndarray
+    noise_multipliers: np.ndarray
+    update_noise_multipliers: np.ndarray
+    bit_noise: np.ndarray
+    clip_norms: np.ndarray
+    sampling_rates: np.ndarray
+    planned_events: np.ndarray
+    central_noise_multiplier: float = 0.0
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.eps_targets.shape[0])
+
+    @property
+    def accountant_name(self) -> str:
+        """The ledger's `accountant` column: rdp, pld, or none (privacy off)."""
+        return "none" if self.mode == "off" else self.accountant
+
+    def summary(self) -> dict:
+        """Short description for summary.json / logs."""
+        return {"mode": self.mode, "accountant": self.accountant_name, "delta": self.delta,
+                "amplification": self.amplification, "adaptive_clipping": self.adaptive_clipping,
+                "eps_target_min": float(np.min(self.eps_targets)), "eps_target_max": float(np.max(self.eps_targets)),
+                "noise_multiplier_min": float(np.min(self.noise_multipliers)),
+                "noise_multiplier_max": float(np.max(self.noise_multipliers)),
+                "central_noise_multiplier": self.central_noise_multiplier}
+
+
+def _rates(sampling_rates: np.ndarray | float, num_clients: int) -> np.ndarray:
+    rates = np.broadcast_to(np.asarray(sampling_rates, dtype=np.float64), (num_clients,)).copy()
+    if np.any(~np.isfinite(rates)) or np.any(rates < 0) or np.any(rates > 1):
+        bad = int(np.flatnonzero(~((rates >= 0) & (rates <= 1)))[0])
+        raise FedscopeError(f"privacy: client {bad} has sampling rate {float(rates[bad]):g}; expected a number in [0, 1]")
+    return rates
+
+
+def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.ndarray | float,
+                 rounds: int) -> PrivacyPlan:
+    """Calibrates every client's noise so that its whole run stays within its eps_k at config.delta."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    num_clients = int(sizes.shape[0])
+    if num_clients == 0:
+        raise FedscopeError("privacy: no clients to plan for")
+    if not isinstance(rounds, (int, np.integer)) or rounds < 1:
+        raise FedscopeError(f"privacy: rounds must be a positive integer, got {rounds!r}")
+    rates = _rates(sampling_rates, num_clients)
+    eps = budgets.client_epsilons(config.mode, sizes, config.epsilon, exponent=config.allocation_exponent,
+                                  eps_min=config.eps_min, eps_max=config.eps_max, normalize=config.normalize)
+    events = np.array([accounting.planned_events(q, int(rounds), config.amplification, config.participation_quantile)
+                       for q in rates], dtype=np.int64)
+    common = dict(mode=config.mode, accountant=config.accountant, delta=float(config.delta),
+                  amplification=config.amplification, clip_target_quantile=config.clip_target_quantile,
+                  clip_learning_rate=config.clip_learning_rate, eps_targets=eps, sampling_rates=rates,
+                  planned_events=events, clip_norms=np.full(num_clients, float(config.clip_norm)))
+    zeros = np.zeros(num_clients)
+    if config.mode == "off":
+        return PrivacyPlan(adaptive_clipping=False, noise_multipliers=zeros, update_noise_multipliers=zeros,
+                           bit_noise=np.full(num_clients, math.inf),
+                           **{**common, "clip_norms": np.full(num_clients, math.inf)})
+    if config.mode == "central":
+        # One z for the aggregate, calibrated for the most exposed client (largest rate and event count).
+        worst = int(np.lexsort((rates, events))[-1])
+        z = accounting.calibrate_noise_multiplier(config.epsilon, config.delta, int(events.max()),
+                                                  config.accountant, float(rates[worst]), config.amplification)
+        return PrivacyPlan(adaptive_clipping=False, noise_multipliers=np.full(num_clients, z),
+                           update_noise_multipliers=zeros, bit_noise=np.full(num_clients, math.inf),
+                           central_noise_multiplier=z, **common)
+
+    effective = np.zeros(num_clients)
+    cache: dict[tuple[float, int, float], float] = {}
+    for k in progress(range(num_clients), desc="calibrating noise", unit="client"):
+        key = (float(eps[k]), int(events[k]), float(rates[k]))
+        if key not in cache:
+            cache[key] = accounting.calibrate_noise_multiplier(key[0], config.delta, key[1], config.accountant,
+                                                               key[2], config.amplification)
+        effective[k] = cache[key]
+    adaptive = config.clipping == "adaptive"
+    if adaptive:
+        split = [accounting.split_noise_multiplier(z, config.clip_bit_fraction) for z in effective]
+        update = np.array([s[0] for s in split])
+        bit = np.array([s[1] for s in split])
+    else:
+        update, bit = effective.copy(), np.full(num_clients, math.inf)
+    return PrivacyPlan(adaptive_clipping=adaptive, noise_multipliers=effective, update_noise_multipliers=update,
+                       bit_noise=bit, **common)
