@@ -91,3 +91,19 @@ def test_bad_config_names_the_field(field, value):
 def test_one_domain():
     raw = generate(SynthConfig(users=50, items=(60,), domains=("movie",), topics=3, seed=0))
     assert raw.domains == ("movie",) and (raw.domain == 0).all()
+
+
+def test_row_categorical_sampler_matches_its_probabilities():
+    from scipy import stats
+
+    from fedscope_jax.data.synth import _categorical_rows
+
+    probs = np.array([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0], [0.1, 0.6, 0.3, 0.0]])
+    owner = np.repeat(np.arange(3), 20000)
+    draws = _categorical_rows(np.random.default_rng(0), probs, owner)
+    assert (draws[owner == 1] == 3).all()
+    for u in (0, 2):
+        counts = np.bincount(draws[owner == u], minlength=4)
+        assert counts[probs[u] == 0].sum() == 0                 # zero-probability topics never drawn
+        nz = probs[u] > 0
+        assert stats.chisquare(counts[nz], probs[u][nz] * counts.sum()).pvalue > 1e-3

@@ -122,10 +122,19 @@ def _catalogue(rng: np.random.Generator, n_items: int, topics: int, popularity: 
     return topic_of_item, draw
 
 
-def _categorical(rng: np.random.Generator, cum: np.ndarray) -> np.ndarray:
-    """One draw per row of a row-wise cumulative distribution [R, K]."""
-    u = rng.random(cum.shape[0]) * cum[:, -1]
-    return np.minimum((cum < u[:, None]).sum(1), cum.shape[1] - 1)
+def _categorical_rows(rng: np.random.Generator, probs: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """One draw per row r from the distribution probs[owner[r]] ([U, K] rows summing to 1), vectorised.
+
+    Row u's cumulative distribution is shifted by u, so one searchsorted over the flattened [U*K] array
+    serves every row.
+    """
+    n, k = probs.shape
+    cum = np.cumsum(probs, 1)
+    cum /= cum[:, -1:]
+    flat = (cum + np.arange(n)[:, None]).reshape(-1)
+    u = owner + rng.random(owner.size)
+    slot = np.searchsorted(flat, u, side="right") - owner * k
+    return np.clip(slot, 0, k - 1)
 
 
 def _chunk(rng: np.random.Generator, n: int, cfg: SynthConfig, samplers) -> dict[str, np.ndarray]:
@@ -154,21 +163,16 @@ def _chunk(rng: np.random.Generator, n: int, cfg: SynthConfig, samplers) -> dict
         single = np.flatnonzero(~overlapped)
         counts[single, rng.integers(0, n_dom, single.size)] = lengths[single]
         domain = np.repeat(np.tile(np.arange(n_dom, dtype=np.int8), n), counts.reshape(-1))
-        domain = domain[np.lexsort((rng.random(total), user))]        # shuffle domains within each user
-    # sticky topic chain over each user's sequence, with one topic mixture shared by all domains
+        domain = domain[np.argsort(user + rng.random(total), kind="stable")]  # shuffle within each user
+    # sticky topic chain over each user's sequence, with one topic mixture shared by all domains:
+    # draw a fresh topic for every row, then each row keeps its predecessor's topic with prob. stickiness,
+    # i.e. takes the fresh topic of the latest non-kept row at or before it (a forward fill).
     theta = rng.dirichlet(np.full(cfg.topics, cfg.concentration), size=n)
-    cum = np.cumsum(theta, 1)
     offsets = offsets_of(user, n)
-    pos = np.arange(total) - np.repeat(offsets[:-1], lengths)
-    topic = np.empty(total, np.int64)
-    for p in range(int(lengths.max())):
-        rows = np.flatnonzero(pos == p)
-        fresh = _categorical(rng, cum[user[rows]])
-        if p == 0:
-            topic[rows] = fresh
-        else:
-            keep = rng.random(rows.size) < cfg.stickiness
-            topic[rows] = np.where(keep, topic[rows - 1], fresh)
+    fresh = _categorical_rows(rng, theta, user)
+    keep = rng.random(total) < cfg.stickiness
+    keep[offsets[:-1][lengths > 0]] = False                            # a sequence starts fresh
+    topic = fresh[np.maximum.accumulate(np.where(keep, 0, np.arange(total)))]
     item = np.empty(total, np.int32)
     u01 = 1.0 - rng.random(total)                                      # in (0, 1]
     for d, (_, draw) in enumerate(samplers):
