@@ -26,10 +26,11 @@ def add_parser(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
 
-    p = sub.add_parser("prepare", help="convert a source dataset folder (ABXI, C2DSR, LLMCDSR, MovieLens)")
+    p = sub.add_parser("prepare",
+                       help="convert a source dataset folder (ABXI, C2DSR, LLMCDSR, MovieLens, your own CSV)")
     p.add_argument("src", help="source folder, e.g. ../shared/data/abxi-food-kitchen")
     p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--format", choices=["abxi", "c2dsr", "llmcdsr", "movielens"], help="default: detected")
+    p.add_argument("--format", choices=["abxi", "c2dsr", "llmcdsr", "movielens", "csv"], help="default: detected")
     p.add_argument("--name", help="dataset name (default: the source folder's name)")
     p.add_argument("--domains", type=_names, help="domain names, A first, comma-separated (default: from the "
                    "format or the folder name's '-a-b' suffix)")

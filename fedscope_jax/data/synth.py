@@ -72,7 +72,8 @@ class SynthConfig:
         ]
         for ok, field, expected in checks:
             if not ok:
-                raise FedscopeError(f"synthetic config: field {field!r} = {getattr(self, field)!r}; expected {expected}")
+                raise FedscopeError(f"synthetic config: field {field!r} = {getattr(self, field)!r}; "
+                                    f"expected {expected}")
 
 
 def _geometric_q(extra_mean: float, cap: int) -> float:

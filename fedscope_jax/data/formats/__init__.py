@@ -12,13 +12,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
-from fedscope_jax.data.formats import abxi, c2dsr, llmcdsr, movielens
+from fedscope_jax.data.formats import abxi, c2dsr, csvfiles, llmcdsr, movielens
 from fedscope_jax.data.formats.common import RawDataset, join_titles, write_raw
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.utils.io import atomic_output_dir
 
 # Format name -> reader module (each has NAME, detect(src) and read(src, domains=None, **options)).
-FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (abxi, c2dsr, llmcdsr, movielens)}
+FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (abxi, c2dsr, llmcdsr, movielens, csvfiles)}
 
 
 def detect_format(src: str | os.PathLike) -> str:

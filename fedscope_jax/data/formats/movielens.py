@@ -69,7 +69,8 @@ def read(src: Path, domains: Sequence[str] | None = None, min_rating: float | No
         try:
             u, m, r, t = int(row[0]), int(row[1]), float(row[2]), int(row[3])
         except ValueError:
-            raise at(ratings, n, f"row {row!r}: expected integer ids, a numeric rating and an integer timestamp") from None
+            raise at(ratings, n, f"row {row!r}: expected integer ids, a numeric rating and an integer "
+                     "timestamp") from None
         if m not in index:
             raise at(ratings, n, f"movieId {m} not in {movies.name}")
         if min_rating is not None and r < min_rating:
