@@ -28,6 +28,11 @@ def test_prepare_info_partition(tmp_path, capsys):
     assert summary["clients"] == 16 and summary["scheme"] == "powerlaw"
     part = load_partition(tmp_path / "p.arrow")
     assert np.bincount(part.client_of_user).tolist()[0] == summary["users_per_client"]["max"]
+    # a synthetic twin of the prepared set, with one size overridden
+    assert main(["data", "synth", "--like", str(out), "--users", "500", "--out", str(tmp_path / "twin")]) == 0
+    twin = load_dataset(tmp_path / "twin")
+    assert twin.n_users == 500 and twin.n_items == (11837, 16258) and twin.domains == ("food", "kitchen")
+    assert twin.meta["name"] == "synthetic-like-abxi-food-kitchen"
 
 
 def test_synth_command(tmp_path, capsys):

@@ -107,3 +107,20 @@ def test_row_categorical_sampler_matches_its_probabilities():
         assert counts[probs[u] == 0].sum() == 0                 # zero-probability topics never drawn
         nz = probs[u] > 0
         assert stats.chisquare(counts[nz], probs[u][nz] * counts.sum()).pvalue > 1e-3
+
+
+def test_like_copies_a_real_datasets_shape(tmp_path):
+    from conftest import real_dataset
+    from fedscope_jax.data.formats import prepare
+
+    prepare(real_dataset("llmcdsr-food-kitchen"), tmp_path / "fk")
+    real = load_dataset(tmp_path / "fk")
+    cfg = SynthConfig.like(real, users=3000, seed=1)
+    assert cfg.items == (8661, 27637) and cfg.domains == ("food", "kitchen") and cfg.users == 3000
+    assert (cfg.min_length, cfg.max_length) == (5, 156) and abs(cfg.overlap - 9398 / 53061) < 1e-6
+    synthesize(cfg, tmp_path / "syn")
+    syn = load_dataset(tmp_path / "syn")
+    lengths = np.diff(syn.user_offsets())
+    assert lengths.min() >= 5 and lengths.max() <= 156
+    assert abs(lengths.mean() - cfg.mean_length) < 0.6
+    assert abs(syn.meta["overlap_users"] / 3000 - cfg.overlap) < 0.03

@@ -44,20 +44,23 @@ def add_parser(subparsers: Any) -> None:
 
     s = sub.add_parser("synth", help="generate a synthetic dataset (default: sized like abxi-food-kitchen)")
     s.add_argument("--out", required=True, help="output dataset directory")
-    s.add_argument("--users", type=int, default=7144)
-    s.add_argument("--items", type=_ints, default=(11837, 16258), help="items per domain, comma-separated")
-    s.add_argument("--domains", type=_names, default=["A", "B"], help="domain names, comma-separated")
-    s.add_argument("--min-length", type=int, default=10)
-    s.add_argument("--max-length", type=int, default=50)
-    s.add_argument("--mean-length", type=float, default=24.3)
-    s.add_argument("--overlap", type=float, default=1.0, help="fraction of users present in every domain")
-    s.add_argument("--min-per-domain", type=int, default=5)
-    s.add_argument("--topics", type=int, default=32)
-    s.add_argument("--concentration", type=float, default=0.1, help="Dirichlet concentration of user topics")
-    s.add_argument("--stickiness", type=float, default=0.6, help="P(next topic = previous topic)")
-    s.add_argument("--popularity", type=float, default=1.0, help="Zipf exponent within a topic")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--name", default="synthetic")
+    s.add_argument("--like", help="prepared dataset whose sizes to copy (users, items, lengths, overlap); "
+                   "explicit options below still win")
+    # defaults (None here) come from SynthConfig: sized like abxi-food-kitchen
+    s.add_argument("--users", type=int, help="default 7144")
+    s.add_argument("--items", type=_ints, help="items per domain, comma-separated (default 11837,16258)")
+    s.add_argument("--domains", type=_names, help="domain names, comma-separated (default A,B)")
+    s.add_argument("--min-length", type=int, help="default 10")
+    s.add_argument("--max-length", type=int, help="default 50")
+    s.add_argument("--mean-length", type=float, help="default 24.3")
+    s.add_argument("--overlap", type=float, help="fraction of users present in every domain (default 1)")
+    s.add_argument("--min-per-domain", type=int, help="an overlapped user's minimum per domain (default 5)")
+    s.add_argument("--topics", type=int, help="default 32")
+    s.add_argument("--concentration", type=float, help="Dirichlet concentration of user topics (default 0.1)")
+    s.add_argument("--stickiness", type=float, help="P(next topic = previous topic) (default 0.6)")
+    s.add_argument("--popularity", type=float, help="Zipf exponent within a topic (default 1)")
+    s.add_argument("--seed", type=int, help="default 0")
+    s.add_argument("--name", help="default 'synthetic' (or synthetic-like-NAME)")
     s.add_argument("--force", action="store_true")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=run_synth)
@@ -120,13 +123,16 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    from fedscope_jax.data.canonical import load_dataset
     from fedscope_jax.data.synth import SynthConfig, synthesize
 
-    cfg = SynthConfig(users=args.users, items=tuple(args.items), domains=tuple(args.domains),
-                      min_length=args.min_length, max_length=args.max_length, mean_length=args.mean_length,
-                      overlap=args.overlap, min_per_domain=args.min_per_domain, topics=args.topics,
-                      concentration=args.concentration, stickiness=args.stickiness, popularity=args.popularity,
-                      seed=args.seed, name=args.name)
+    given = {f: getattr(args, f) for f in ("users", "items", "domains", "min_length", "max_length", "mean_length",
+                                           "overlap", "min_per_domain", "topics", "concentration", "stickiness",
+                                           "popularity", "seed", "name") if getattr(args, f) is not None}
+    for f in ("items", "domains"):
+        if f in given:
+            given[f] = tuple(given[f])
+    cfg = SynthConfig.like(load_dataset(args.like), **given) if args.like else SynthConfig(**given)
     synthesize(cfg, args.out, force=args.force)
     return _show(args.out, args.json)
 

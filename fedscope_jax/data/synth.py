@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from fedscope_jax.utils.io import atomic_output_dir
 from fedscope_jax.utils.progress import progress
 
 FORMAT = "synthetic"
+if TYPE_CHECKING:
+    from fedscope_jax.data.canonical import CanonicalDataset
+
 _DAY = 86_400
 _USERS_PER_CHUNK = 65_536
 
@@ -50,6 +53,26 @@ class SynthConfig:
     popularity: float = 1.0       # Zipf exponent of item popularity inside a topic
     seed: int = 0
     name: str = "synthetic"
+
+    @classmethod
+    def like(cls, dataset: "CanonicalDataset", **overrides: Any) -> "SynthConfig":
+        """A config sized like a prepared dataset: users, items and names per domain, length range and mean,
+        overlap fraction and the smallest per-domain count of its overlapped users; `overrides` win."""
+        lengths = np.diff(dataset.user_offsets())
+        lengths = lengths[lengths > 0]
+        n_dom = len(dataset.domains)
+        per = np.zeros((dataset.n_users, n_dom), np.int64)
+        np.add.at(per, (dataset.user, dataset.domain), 1)
+        both = (per > 0).all(1) if n_dom > 1 else np.zeros(dataset.n_users, bool)
+        min_len = int(lengths.min())
+        min_per = int(per[both].min()) if both.any() else 1
+        fields = dict(users=int(dataset.n_users), items=tuple(int(n) for n in dataset.n_items),
+                      domains=tuple(dataset.domains), min_length=min_len, max_length=int(lengths.max()),
+                      mean_length=round(float(lengths.mean()), 3), overlap=round(float(both.mean()), 6),
+                      min_per_domain=max(1, min(min_per, min_len // n_dom)),
+                      topics=min(cls.topics, *dataset.n_items), name=f"synthetic-like-{dataset.meta.get('name')}")
+        fields.update(overrides)
+        return cls(**fields)
 
     def validate(self) -> None:
         """Raises FedscopeError naming the first inconsistent field."""
