@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from fedscope_jax.data.canonical import CONTEXT, TEST, TRAIN, VALID
-from fedscope_jax.data.formats.common import RawDataset, domain_names, lines, parse_int, read_json_lines
+from fedscope_jax.data.formats.common import (RawDataset, domain_names, last_as_target, lines, parse_int,
+                                              read_json_lines)
 from fedscope_jax.errors import FedscopeError, at
 
 NAME = "llmcdsr"
@@ -106,11 +107,9 @@ def read(src: Path, domains: Sequence[str] | None = None) -> RawDataset:
             raise FedscopeError(f"{path}: {len(ls)} rows but instance_num.txt says {expected_rows[fname]}")
         ranges[fname.removesuffix(".txt")] = [len(lengths), len(lengths) + len(ls)]
         target = {"valid.txt": VALID, "test.txt": TEST}.get(fname)
-        for n in ls:
-            s = np.full(n, TRAIN if target is None else CONTEXT, np.int8)
-            if target is not None:
-                s[-1] = target
-            split_parts.append(s)
+        file_offsets = np.concatenate([[0], np.cumsum(ls)]).astype(np.int64)
+        split_parts.append(np.full(int(file_offsets[-1]), TRAIN, np.int8) if target is None
+                           else last_as_target(file_offsets, target, history=CONTEXT))
         lengths.extend(ls)
         gid.extend(g)
 
