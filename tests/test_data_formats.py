@@ -26,7 +26,7 @@ def _abxi(tmp_path: Path) -> Path:
     # A items 1..3, B items 4..5. User 1 is listed first in the file; user 0 has a tie on its last two stamps.
     item_map = {"a1": [1, 0], "a2": [2, 0], "a3": [3, 0], "b1": [4, 1], "b2": [5, 1]}
     return _write(tmp_path / "src-food-kitchen", {
-        "afk_50_preprocessed.txt": "1 5|10 1|20\n0 1|100 4|200 2|300 5|300\n",
+        "afk_50_preprocessed.txt": "1 5|10 1|20 3|30\n0 1|100 4|200 2|300 5|300\n",
         "map_item_50.txt": json.dumps(item_map),
     })
 
@@ -45,13 +45,13 @@ def test_abxi_tiny_exact(tmp_path):
     ds = load_dataset(tmp_path / "out")
     assert ds.domains == ("food", "kitchen")          # from ABXI's tag "afk"
     assert ds.n_items == (3, 2) and ds.n_users == 2
-    # user 0: a1 b1 a2 b2 (ids 0-based per domain), user 1: b2 a1
-    np.testing.assert_array_equal(ds.user, [0, 0, 0, 0, 1, 1])
-    np.testing.assert_array_equal(ds.domain, [0, 1, 0, 1, 1, 0])
-    np.testing.assert_array_equal(ds.item, [0, 0, 1, 1, 1, 0])
-    np.testing.assert_array_equal(ds.position, [0, 1, 2, 3, 0, 1])
-    np.testing.assert_array_equal(ds.timestamp, [100, 200, 300, 300, 10, 20])
-    np.testing.assert_array_equal(ds.split, [TRAIN, TRAIN, VALID, TEST, TRAIN, TEST])
+    # user 0: a1 b1 a2 b2 (ids 0-based per domain), user 1: b2 a1 a3
+    np.testing.assert_array_equal(ds.user, [0, 0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(ds.domain, [0, 1, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(ds.item, [0, 0, 1, 1, 1, 0, 2])
+    np.testing.assert_array_equal(ds.position, [0, 1, 2, 3, 0, 1, 2])
+    np.testing.assert_array_equal(ds.timestamp, [100, 200, 300, 300, 10, 20, 30])
+    np.testing.assert_array_equal(ds.split, [TRAIN, TRAIN, VALID, TEST, TRAIN, VALID, TEST])
     assert ds.items["source_id"].to_pylist() == ["a1", "a2", "a3", "b1", "b2"]
     assert ds.items["title"].to_pylist() == [None, "Green tea", None, None, "Kettle"]
     assert meta["titles"]["interactions_with_title"] == 3   # a2 (user 0), b2 (users 0 and 1)
@@ -61,11 +61,11 @@ def test_abxi_tiny_exact(tmp_path):
 
 def test_abxi_bad_token_names_file_and_line(tmp_path):
     src = _abxi(tmp_path)
-    (src / "afk_50_preprocessed.txt").write_text("0 1|5\n1 2|x\n")
-    with pytest.raises(FedscopeError, match=r"afk_50_preprocessed.txt:2: expected an integer timestamp"):
+    (src / "afk_50_preprocessed.txt").write_text("0 1|5 2|6 3|7\n1 2|x 1|2 3|4\n")
+    with pytest.raises(FedscopeError, match=r"afk_50_preprocessed.txt:2: bad timestamp 'x'"):
         prepare(src, tmp_path / "out")
-    (src / "afk_50_preprocessed.txt").write_text("0 1|5 9|6\n")
-    with pytest.raises(FedscopeError, match=r"item id 9 outside 1..5"):
+    (src / "afk_50_preprocessed.txt").write_text("0 1|5 9|6 2|7\n")
+    with pytest.raises(FedscopeError, match=r"afk_50_preprocessed.txt:1: unknown item id 9; expected 1..5"):
         prepare(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()      # atomic: nothing half-written
 
@@ -132,7 +132,7 @@ def _llmcdsr(tmp_path: Path) -> Path:
         "items_B.jsonl": "".join(json.dumps(r) + "\n" for r in items_b),
         "train_overlap.txt": "1\t0,2,1\n",
         "train_A.txt": "1\t1,0\n",
-        "train_B.txt": "1\t3\n",
+        "train_B.txt": "1\t3,2\n",
         "valid.txt": "1\t2,0\n",
         "test.txt": "1\t1,3,2\n",
     })
@@ -144,10 +144,10 @@ def test_llmcdsr_tiny_exact(tmp_path):
     meta = prepare(src, tmp_path / "out")
     ds = load_dataset(tmp_path / "out")
     assert ds.domains == ("movie", "book")
-    np.testing.assert_array_equal(ds.user, [0, 0, 0, 1, 1, 2, 3, 3, 4, 4, 4])
-    np.testing.assert_array_equal(ds.domain, [0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1])
-    np.testing.assert_array_equal(ds.item, [0, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0])
-    np.testing.assert_array_equal(ds.split, [0, 0, 0, 0, 0, 0, CONTEXT, VALID, CONTEXT, CONTEXT, TEST])
+    np.testing.assert_array_equal(ds.user, [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4])
+    np.testing.assert_array_equal(ds.domain, [0, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1, 1])
+    np.testing.assert_array_equal(ds.item, [0, 0, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(ds.split, [0] * 7 + [CONTEXT, VALID, CONTEXT, CONTEXT, TEST])
     assert (ds.timestamp == -1).all() and meta["timestamps"] is False
     assert meta["user_ranges"] == {"train_overlap": [0, 1], "train_A": [1, 2], "train_B": [2, 3],
                                    "valid": [3, 4], "test": [4, 5]}

@@ -8,7 +8,8 @@ import pytest
 from conftest import real_dataset
 from fedscope_jax.data.canonical import load_dataset
 from fedscope_jax.data.formats import prepare
-from fedscope_jax.data.partition import load_partition, partition, powerlaw_sizes, save_partition
+from fedscope_jax.data.partition import (label_skew, load_partition, partition, powerlaw_sizes, save_partition,
+                                         user_labels)
 from fedscope_jax.data.synth import SynthConfig, synthesize
 from fedscope_jax.errors import FedscopeError
 
@@ -103,3 +104,60 @@ def test_real_llmcdsr_single_domain_users_make_single_domain_clients(tmp_path):
     # most users are single-domain (43,663 of 53,061), so small silos often hold one domain only
     assert summary["clients_with_both_domains"] < part.n_clients
     assert part.sizes(data)["interactions"].sum() == data.n_interactions
+
+
+def test_user_labels_by_hand(tmp_path):
+    """Dominant domain and popularity bucket of three users on a hand-made dataset."""
+    src = tmp_path / "mine"
+    src.mkdir()
+    # item popularity (train rows): f1 x4, k1 x1, f2 x1 ... u1 mostly kitchen, u2 and u3 food
+    (src / "interactions.csv").write_text(
+        "user,item,domain,timestamp\n"
+        "u1,k1,kitchen,1\nu1,k2,kitchen,2\nu1,k3,kitchen,3\nu1,f1,food,4\nu1,f2,food,5\nu1,f3,food,6\n"
+        "u2,f1,food,1\nu2,f1,food,2\nu2,f1,food,3\nu2,k9,kitchen,4\nu2,f4,food,5\n"
+        "u3,f2,food,1\nu3,f5,food,2\nu3,f6,food,3\nu3,f7,food,4\n")
+    prepare(src, tmp_path / "out", domains=["food", "kitchen"])
+    data = load_dataset(tmp_path / "out")
+    # train rows (leave-one-out): u1 k1 k2 k3 f1 (kitchen 3 > food 1), u2 f1 f1 f1, u3 f2 f5
+    np.testing.assert_array_equal(user_labels(data, "domain"), [1, 0, 0])
+    # mean log1p(popularity): f1 has 4 train rows -> u2 is the most popular-item user, u3 the least
+    np.testing.assert_array_equal(user_labels(data, "popularity", buckets=3), [1, 2, 0])
+    np.testing.assert_array_equal(user_labels(data, "both", buckets=3), [4, 2, 0])
+    with pytest.raises(FedscopeError, match="--attribute 'genre'"):
+        user_labels(data, "genre")
+
+
+@pytest.mark.parametrize("attribute", ["domain", "popularity", "both"])
+def test_dirichlet_sizes_sum_seeded_and_min_users(ds, attribute):
+    part = partition(ds, 12, "dirichlet", seed=4, alpha=0.3, attribute=attribute, min_users=3)
+    users = part.sizes(ds)["users"]
+    assert users.sum() == ds.n_users and users.min() >= 3 and part.n_clients == 12
+    again = partition(ds, 12, "dirichlet", seed=4, alpha=0.3, attribute=attribute, min_users=3)
+    np.testing.assert_array_equal(part.client_of_user, again.client_of_user)
+    other = partition(ds, 12, "dirichlet", seed=5, alpha=0.3, attribute=attribute, min_users=3)
+    assert not np.array_equal(part.client_of_user, other.client_of_user)
+    summary = part.summary(ds)
+    assert summary["attribute"] == attribute and summary["buckets"] == 4 and 0 <= summary["label_skew"] <= 1
+
+
+def test_dirichlet_smaller_alpha_means_more_skew(ds):
+    labels = user_labels(ds, "both")
+    skew = {a: np.mean([label_skew(partition(ds, 10, "dirichlet", seed=s, alpha=a), labels) for s in range(3)])
+            for a in (0.05, 1.0, 100.0)}
+    assert skew[0.05] > skew[1.0] > skew[100.0]
+    # uniform dealing ignores the labels: its skew is only sampling noise (100 users over 8 classes per client)
+    noise = label_skew(partition(ds, 10, "uniform", seed=0), labels)
+    assert skew[0.05] > 0.5 and skew[100.0] < 0.15 and noise < 0.15 and skew[0.05] > 4 * noise
+
+
+def test_dirichlet_errors_and_roundtrip(ds, tmp_path):
+    with pytest.raises(FedscopeError, match="concentration must be > 0"):
+        partition(ds, 4, "dirichlet", alpha=0.0)
+    with pytest.raises(FedscopeError, match="--buckets 0"):
+        partition(ds, 4, "dirichlet", buckets=0)
+    part = partition(ds, 6, "dirichlet", seed=1)
+    assert part.alpha == 0.5 and part.attribute == "both"          # the scheme's default concentration
+    save_partition(part, tmp_path / "d.arrow")
+    back = load_partition(tmp_path / "d.arrow")
+    assert (back.attribute, back.buckets, back.alpha) == ("both", 4, 0.5)
+    np.testing.assert_array_equal(back.client_of_user, part.client_of_user)

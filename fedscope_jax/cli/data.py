@@ -1,4 +1,8 @@
-"""`fedscope data {prepare,synth,info,partition}`: make, inspect and split canonical datasets (docs/data.md)."""
+"""`fedscope data {prepare,synth,info,partition}`: make, inspect and split canonical datasets (docs/data.md).
+
+The issue's flag forms (`prepare --input DIR --output DIR`, `partition --data DIR`, `synth --output DIR
+--items-a N --items-b N`) and the earlier positional / `--out` forms are the same options.
+"""
 
 from __future__ import annotations
 
@@ -26,29 +30,40 @@ def add_parser(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
 
-    p = sub.add_parser("prepare",
-                       help="convert a source dataset folder (ABXI, C2DSR, LLMCDSR, MovieLens, your own CSV)")
-    p.add_argument("src", help="source folder, e.g. ../shared/data/abxi-food-kitchen")
-    p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--format", choices=["abxi", "c2dsr", "llmcdsr", "movielens", "csv"], help="default: detected")
+    p = sub.add_parser("prepare", help="convert a source dataset folder (ABXI, C2DSR, LLMCDSR, Amazon reviews, "
+                       "MovieLens, your own CSV)")
+    p.add_argument("src", nargs="?", help="source folder (same as --input)")
+    p.add_argument("--input", dest="input_dir", metavar="DIR",
+                   help="source folder, e.g. ../shared/data/abxi-food-kitchen")
+    p.add_argument("--output", "--out", dest="out", required=True, metavar="DIR", help="output dataset directory")
+    p.add_argument("--format", choices=["abxi", "c2dsr", "llmcdsr", "amazon", "movielens", "csv"],
+                   help="default: detected from the files present")
     p.add_argument("--name", help="dataset name (default: the source folder's name)")
     p.add_argument("--domains", type=_names, help="domain names, A first, comma-separated (default: from the "
-                   "format or the folder name's '-a-b' suffix)")
-    p.add_argument("--titles", help="LLMCDSR folder whose items_*.jsonl titles are joined by ASIN")
+                   "format or the folder name's '-a-b' suffix; amazon: selects the review files)")
+    p.add_argument("--titles", metavar="FILE_OR_DIR", help="JSON lines with asin and title joined by ASIN: a "
+                   "folder holding items_*.jsonl (e.g. an LLMCDSR folder) or one .jsonl file")
     p.add_argument("--history-split", choices=["context", "train"],
                    help="c2dsr only: split label of held-out users' history (default: context)")
-    p.add_argument("--min-rating", type=float, help="movielens only: keep ratings >= this")
+    p.add_argument("--min-rating", type=float, help="movielens, amazon: keep ratings >= this")
+    p.add_argument("--kcore", type=int, help="amazon only: iterated k-core, users and items with >= K "
+                   "interactions (default 5; 0 = off)")
+    p.add_argument("--overlap-only", action="store_true", default=None,
+                   help="amazon only: keep only users with interactions in every domain (iterated with --kcore)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--json", action="store_true", help="print dataset.json instead of a summary")
     p.set_defaults(func=run_prepare)
 
     s = sub.add_parser("synth", help="generate a synthetic dataset (default: sized like abxi-food-kitchen)")
-    s.add_argument("--out", required=True, help="output dataset directory")
+    s.add_argument("--output", "--out", dest="out", required=True, metavar="DIR", help="output dataset directory")
     s.add_argument("--like", help="prepared dataset whose sizes to copy (users, items, lengths, overlap); "
                    "explicit options below still win")
     # defaults (None here) come from SynthConfig: sized like abxi-food-kitchen
     s.add_argument("--users", type=int, help="default 7144")
-    s.add_argument("--items", type=_ints, help="items per domain, comma-separated (default 11837,16258)")
+    s.add_argument("--items-a", type=int, help="items of domain A (default 11837)")
+    s.add_argument("--items-b", type=int, help="items of domain B (default 16258)")
+    s.add_argument("--items", type=_ints, help="items per domain, comma-separated, for any number of domains "
+                   "(instead of --items-a/--items-b)")
     s.add_argument("--domains", type=_names, help="domain names, comma-separated (default A,B)")
     s.add_argument("--min-length", type=int, help="default 10")
     s.add_argument("--max-length", type=int, help="default 50")
@@ -71,13 +86,20 @@ def add_parser(subparsers: Any) -> None:
     i.set_defaults(func=run_info)
 
     q = sub.add_parser("partition", help="split a dataset's users among clients and print the sizes")
-    q.add_argument("dataset", help="prepared dataset directory")
+    q.add_argument("dataset", nargs="?", help="prepared dataset directory (same as --data)")
+    q.add_argument("--data", dest="data_dir", metavar="DIR", help="prepared dataset directory")
     q.add_argument("--clients", type=int, help="number of clients (omit for --scheme domain / user)")
-    q.add_argument("--scheme", default="powerlaw", choices=["uniform", "powerlaw", "domain", "user"])
-    q.add_argument("--alpha", type=float, default=1.0, help="powerlaw exponent")
-    q.add_argument("--min-users", type=int, default=1, help="powerlaw: smallest client's users")
+    q.add_argument("--scheme", default="powerlaw", choices=["uniform", "dirichlet", "powerlaw", "domain", "user"])
+    q.add_argument("--alpha", type=float, default=None,
+                   help="powerlaw: size exponent (default 1); dirichlet: concentration, smaller = more skew "
+                   "(default 0.5)")
+    q.add_argument("--attribute", choices=["domain", "popularity", "both"], default=None,
+                   help="dirichlet: the user attribute whose mix is skewed across clients (default both)")
+    q.add_argument("--buckets", type=int, default=None,
+                   help="dirichlet: item-popularity buckets of the popularity attribute (default 4)")
+    q.add_argument("--min-users", type=int, default=1, help="powerlaw, dirichlet: smallest client's users")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--out", help="write the partition (partition.arrow format) to this file")
+    q.add_argument("--out", "--output", dest="out", help="write the partition (partition.arrow format) to this file")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=run_partition)
 
@@ -114,11 +136,22 @@ def _print_summary(meta: dict[str, Any], path: str) -> None:
     print("\n".join(lines))
 
 
+def _one_path(positional: str | None, flag: str | None, name: str) -> str:
+    """The folder given either positionally or with `name` (the issue's flag form); not both, not neither."""
+    if positional and flag and positional != flag:
+        raise FedscopeError(f"{name} {flag} and a positional folder {positional} both given; expected one")
+    if not (positional or flag):
+        raise FedscopeError(f"{name} DIR is required")
+    return positional or flag  # type: ignore[return-value]
+
+
 def run_prepare(args: argparse.Namespace) -> int:
     from fedscope_jax.data.formats import prepare
 
-    prepare(args.src, args.out, fmt=args.format, name=args.name, domains=args.domains, titles=args.titles,
-            force=args.force, history_split=args.history_split, min_rating=args.min_rating)
+    src = _one_path(args.src, args.input_dir, "--input")
+    prepare(src, args.out, fmt=args.format, name=args.name, domains=args.domains, titles=args.titles,
+            force=args.force, history_split=args.history_split, min_rating=args.min_rating, kcore=args.kcore,
+            overlap_only=args.overlap_only)
     return _show(args.out, args.json)
 
 
@@ -132,6 +165,14 @@ def run_synth(args: argparse.Namespace) -> int:
     for f in ("items", "domains"):
         if f in given:
             given[f] = tuple(given[f])
+    if args.items_a is not None or args.items_b is not None:
+        if "items" in given:
+            raise FedscopeError("--items and --items-a/--items-b both given; expected one form")
+        base = SynthConfig.like(load_dataset(args.like)).items if args.like else SynthConfig().items
+        if len(base) != 2:
+            raise FedscopeError(f"--items-a/--items-b: the --like dataset has {len(base)} domains; use --items")
+        given["items"] = (args.items_a if args.items_a is not None else base[0],
+                          args.items_b if args.items_b is not None else base[1])
     cfg = SynthConfig.like(load_dataset(args.like), **given) if args.like else SynthConfig(**given)
     synthesize(cfg, args.out, force=args.force)
     return _show(args.out, args.json)
@@ -156,8 +197,9 @@ def run_partition(args: argparse.Namespace) -> int:
 
     if args.out and not args.out.endswith(".arrow"):
         raise FedscopeError(f"--out {args.out}: expected a .arrow file name")
-    ds = load_dataset(args.dataset)
-    part = partition(ds, args.clients, args.scheme, args.seed, alpha=args.alpha, min_users=args.min_users)
+    ds = load_dataset(_one_path(args.dataset, args.data_dir, "--data"))
+    options = {k: getattr(args, k) for k in ("alpha", "attribute", "buckets") if getattr(args, k) is not None}
+    part = partition(ds, args.clients, args.scheme, args.seed, min_users=args.min_users, **options)
     summary = part.summary(ds)
     if args.out:
         save_partition(part, args.out)
@@ -174,6 +216,9 @@ def run_partition(args: argparse.Namespace) -> int:
               f"Gini {summary['gini_train_interactions']:.3f}")
         print(f"  clients with both domains {summary['clients_with_both_domains']}   "
               f"without train data {summary['clients_without_train_data']}")
+        if "label_skew" in summary:
+            print(f"  label skew ({summary['attribute']}, {summary['buckets']} popularity buckets)  "
+                  f"{summary['label_skew']:.3f}  (0 = every client has the population's mix)")
         if args.out:
             print(f"  written to {args.out}")
     return 0

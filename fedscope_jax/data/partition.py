@@ -4,6 +4,10 @@ Schemes:
 - `uniform`: users shuffled and dealt into `clients` silos of equal size (+-1 user);
 - `powerlaw`: silo sizes (in users) proportional to (rank+1)^-alpha, each at least `min_users`: a few large
   platforms and many small ones; client 0 is the largest;
+- `dirichlet`: label skew. Each user gets a latent class from its data (`attribute`: dominant domain, bucket of
+  the mean popularity of its items, or both); the users of each class are dealt to clients in proportions drawn
+  from Dirichlet(alpha, ..., alpha), so small alpha gives each client a few classes (and uneven sizes), large
+  alpha approaches uniform;
 - `domain`: one client per domain holding every user's interactions in that domain (the FedDCSR setting);
 - `user`: one client per user (cross-device).
 A user belongs to exactly one client under the silo schemes, with all of its domains; under `domain` its
@@ -24,7 +28,10 @@ from fedscope_jax.data.canonical import TRAIN, CanonicalDataset
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.utils.io import read_arrow, write_arrow
 
-SCHEMES: tuple[str, ...] = ("uniform", "powerlaw", "domain", "user")
+SCHEMES: tuple[str, ...] = ("uniform", "dirichlet", "powerlaw", "domain", "user")
+ATTRIBUTES: tuple[str, ...] = ("domain", "popularity", "both")
+# Scheme defaults of `alpha`: the powerlaw size exponent and the Dirichlet concentration.
+DEFAULT_ALPHA = {"powerlaw": 1.0, "dirichlet": 0.5}
 PARTITION_FILE = "partition.arrow"
 
 
@@ -37,7 +44,9 @@ class Partition:
     seed: int
     client_of_user: np.ndarray        # int32 [n_users]; -1 under `domain` (a user spans several clients)
     client_domains: np.ndarray        # bool [n_clients, n_domains]: domains whose interactions a client holds
-    alpha: float | None = None        # powerlaw exponent (None for other schemes)
+    alpha: float | None = None        # powerlaw exponent or dirichlet concentration (None for other schemes)
+    attribute: str | None = None      # dirichlet: the skewed user attribute (None for other schemes)
+    buckets: int | None = None        # dirichlet: popularity buckets (None for other schemes)
 
     def client_of_rows(self, dataset: CanonicalDataset) -> np.ndarray:
         """int32 [N]: the client holding each interaction row of `dataset`."""
@@ -83,6 +92,9 @@ class Partition:
             "gini_train_interactions": round(gini, 6),
             "clients_with_both_domains": int((self.client_domains.sum(1) > 1).sum()),
             "clients_without_train_data": int((sizes["train_interactions"] == 0).sum()),
+            **({"attribute": self.attribute, "buckets": self.buckets,
+                "label_skew": round(label_skew(self, user_labels(dataset, self.attribute, self.buckets)), 6)}
+               if self.scheme == "dirichlet" else {}),
         }
 
 
@@ -105,12 +117,100 @@ def powerlaw_sizes(n_users: int, clients: int, alpha: float, min_users: int = 1)
     return np.sort(sizes + min_users)[::-1]
 
 
+def user_labels(dataset: CanonicalDataset, attribute: str = "both", buckets: int = 4) -> np.ndarray:
+    """int64 [n_users] latent class of each user, the attribute `dirichlet` skews across clients.
+
+    - `domain`: the domain holding most of the user's train interactions (all interactions when it has no train
+      ones; ties go to the earlier domain);
+    - `popularity`: the quantile bucket (0 = least popular, `buckets` equal-count buckets) of the mean
+      log-popularity of the user's items, popularity = train interactions of the item over all users;
+    - `both`: domain * buckets + popularity bucket.
+    """
+    if attribute not in ATTRIBUTES:
+        raise FedscopeError(f"--attribute {attribute!r}: expected one of {list(ATTRIBUTES)}")
+    if not isinstance(buckets, (int, np.integer)) or buckets < 1:
+        raise FedscopeError(f"--buckets {buckets}: expected an integer >= 1")
+    n_users, n_domains = dataset.n_users, len(dataset.domains)
+    train = dataset.split == TRAIN
+    counts = np.zeros((n_users, n_domains), np.int64)
+    np.add.at(counts, (dataset.user[train], dataset.domain[train]), 1)
+    no_train = counts.sum(1) == 0
+    if no_train.any():
+        rows = no_train[dataset.user]
+        np.add.at(counts, (dataset.user[rows], dataset.domain[rows]), 1)
+    dominant = np.argmax(counts, axis=1).astype(np.int64)
+    if attribute == "domain":
+        return dominant
+    item_offset = np.concatenate([[0], np.cumsum(dataset.n_items)]).astype(np.int64)
+    gid = item_offset[dataset.domain] + dataset.item
+    popularity = np.bincount(gid[train], minlength=int(item_offset[-1]))
+    per_user = np.bincount(dataset.user, weights=np.log1p(popularity[gid]), minlength=n_users)
+    mean = per_user / np.maximum(np.bincount(dataset.user, minlength=n_users), 1)
+    ranks = np.argsort(np.argsort(mean, kind="stable"), kind="stable")
+    bucket = (ranks * buckets // max(n_users, 1)).astype(np.int64)
+    return bucket if attribute == "popularity" else dominant * buckets + bucket
+
+
+def label_skew(part: Partition, labels: np.ndarray) -> float:
+    """Users-weighted mean total-variation distance between each client's class mix and the global one.
+
+    0 = every client has the population's mix (uniform dealing, up to sampling noise); towards 1 = each client
+    holds classes the population barely has. The number `dirichlet` is meant to move.
+    """
+    if part.scheme == "domain":
+        raise FedscopeError("label skew is defined for schemes that assign each user to one client")
+    n_classes = int(labels.max()) + 1 if labels.size else 1
+    table = np.zeros((part.n_clients, n_classes), np.float64)
+    np.add.at(table, (part.client_of_user, labels), 1.0)
+    sizes = table.sum(1)
+    overall = table.sum(0) / max(table.sum(), 1.0)
+    mix = table / np.maximum(sizes, 1.0)[:, None]
+    tv = 0.5 * np.abs(mix - overall).sum(1)
+    return float((tv * sizes).sum() / max(sizes.sum(), 1.0))
+
+
+def dirichlet_assignment(labels: np.ndarray, clients: int, alpha: float, min_users: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """int32 [users] client of each user: each class's users (shuffled) are cut in Dirichlet(alpha) proportions.
+
+    Clients left under `min_users` then take random users from the currently largest client, so every client
+    has data; sizes always sum to the users.
+    """
+    n_users = labels.size
+    if not alpha > 0:
+        raise FedscopeError(f"--alpha {alpha}: the Dirichlet concentration must be > 0")
+    if min_users < 1 or clients * min_users > n_users:
+        raise FedscopeError(f"--clients {clients} x --min-users {min_users} exceeds the {n_users} users")
+    client = np.empty(n_users, np.int32)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        share = rng.dirichlet(np.full(clients, alpha))
+        cuts = np.floor(np.cumsum(share)[:-1] * members.size + 0.5).astype(np.int64)
+        client[members] = np.repeat(np.arange(clients, dtype=np.int32), np.diff(np.concatenate([[0], cuts,
+                                                                                            [members.size]])))
+    sizes = np.bincount(client, minlength=clients)
+    for k in np.flatnonzero(sizes < min_users):
+        while sizes[k] < min_users:
+            donor = int(np.argmax(sizes))
+            take = int(min(min_users - sizes[k], sizes[donor] - min_users))
+            client[rng.choice(np.flatnonzero(client == donor), take, replace=False)] = k
+            sizes[donor] -= take
+            sizes[k] += take
+    return client
+
+
 def partition(dataset: CanonicalDataset, clients: int | None, scheme: str = "powerlaw", seed: int = 0, *,
-              alpha: float = 1.0, min_users: int = 1) -> Partition:
-    """Assigns `dataset`'s users (or domains) to clients; same arguments -> same partition."""
+              alpha: float | None = None, min_users: int = 1, attribute: str = "both",
+              buckets: int = 4) -> Partition:
+    """Assigns `dataset`'s users (or domains) to clients; same arguments -> same partition.
+
+    `alpha` is the powerlaw exponent (default 1) or the dirichlet concentration (default 0.5); `attribute` and
+    `buckets` choose the class dirichlet skews (see `user_labels`).
+    """
     n_users, n_domains = dataset.n_users, len(dataset.domains)
     if scheme not in SCHEMES:
         raise FedscopeError(f"--scheme {scheme!r}: expected one of {list(SCHEMES)}")
+    alpha = DEFAULT_ALPHA.get(scheme, 1.0) if alpha is None else float(alpha)
     if scheme == "domain":
         if clients not in (None, n_domains):
             raise FedscopeError(f"--scheme domain: --clients must equal the {n_domains} domains, got {clients}")
@@ -125,6 +225,9 @@ def partition(dataset: CanonicalDataset, clients: int | None, scheme: str = "pow
     rng = np.random.default_rng(seed)
     if scheme == "user":
         client_of_user = np.arange(n_users, dtype=np.int32)
+    elif scheme == "dirichlet":
+        labels = user_labels(dataset, attribute, buckets)
+        client_of_user = dirichlet_assignment(labels, clients, alpha, min_users, rng)
     else:
         if scheme == "uniform":
             sizes = np.full(clients, n_users // clients, np.int64)
@@ -135,8 +238,10 @@ def partition(dataset: CanonicalDataset, clients: int | None, scheme: str = "pow
         client_of_user[rng.permutation(n_users)] = np.repeat(np.arange(clients, dtype=np.int32), sizes)
     client_domains = np.zeros((clients, n_domains), bool)
     client_domains[client_of_user[dataset.user], dataset.domain] = True
+    skewed = scheme == "dirichlet"
     return Partition(scheme, clients, seed, client_of_user, client_domains,
-                     alpha=float(alpha) if scheme == "powerlaw" else None)
+                     alpha=alpha if scheme in DEFAULT_ALPHA else None, attribute=attribute if skewed else None,
+                     buckets=int(buckets) if skewed else None)
 
 
 def save_partition(part: Partition, path: str | os.PathLike) -> None:
@@ -144,6 +249,7 @@ def save_partition(part: Partition, path: str | os.PathLike) -> None:
     table = pa.table({"user_id": pa.array(np.arange(part.client_of_user.size, dtype=np.int64)),
                       "client": pa.array(part.client_of_user)})
     meta = {"scheme": part.scheme, "n_clients": part.n_clients, "seed": part.seed, "alpha": part.alpha,
+            "attribute": part.attribute, "buckets": part.buckets,
             "client_domains": part.client_domains.astype(int).tolist()}
     write_arrow(table.replace_schema_metadata({"fedscope.partition": json.dumps(meta)}), path)
 
@@ -158,8 +264,8 @@ def load_partition(path: str | os.PathLike) -> Partition:
     return Partition(meta["scheme"], int(meta["n_clients"]), int(meta["seed"]),
                      table["client"].to_numpy().astype(np.int32),
                      np.asarray(meta["client_domains"], bool).reshape(int(meta["n_clients"]), -1),
-                     alpha=meta["alpha"])
+                     alpha=meta["alpha"], attribute=meta.get("attribute"), buckets=meta.get("buckets"))
 
 
-__all__ = ["PARTITION_FILE", "Partition", "SCHEMES", "load_partition", "partition", "powerlaw_sizes",
-           "save_partition"]
+__all__ = ["ATTRIBUTES", "PARTITION_FILE", "Partition", "SCHEMES", "dirichlet_assignment", "label_skew",
+           "load_partition", "partition", "powerlaw_sizes", "save_partition", "user_labels"]

@@ -13,14 +13,16 @@ from typing import Sequence
 
 import numpy as np
 
-from fedscope_jax.data.formats.common import (RawDataset, domain_names, leave_one_out, lines, offsets_of,
-                                              parse_int, stable_time_order)
+from fedscope_jax.data.formats.common import (RawDataset, domain_names, first_non_utf8, leave_one_out, lines,
+                                              offsets_of, parse_int, parse_timestamp, stable_time_order)
 from fedscope_jax.errors import FedscopeError, at
 
 NAME = "abxi"
 # ABXI's dataset tags and the domains they pair (A first).
 KNOWN_TAGS = {"afk": ("food", "kitchen"), "abe": ("beauty", "electronics"), "amb": ("movie", "book")}
 ITEM_MAP = "map_item_50.txt"
+# Interactions a user needs for the leave-one-out split (train, valid, test).
+MIN_LENGTH = 3
 
 
 def detect(src: Path) -> bool:
@@ -39,10 +41,12 @@ def _item_map(path: Path) -> tuple[list[str], list[str]]:
     """ASINs of domain A and B items, indexed by 0-based local id."""
     if not path.is_file():
         raise FedscopeError(f"{path}: file not found (ABXI item map)")
+    first_non_utf8(path)  # also rejects an empty file, naming the line
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise FedscopeError(f"{path}: invalid JSON ({exc})") from None
+        raise at(path, exc.lineno, f"invalid JSON ({exc.msg}, column {exc.colno}); expected one object "
+                 "{ASIN: [item_id, domain], ...}") from None
     if not isinstance(mapping, dict):
         raise FedscopeError(f"{path}: expected an object {{ASIN: [item_id, domain]}}")
     by_domain: list[dict[int, str]] = [{}, {}]
@@ -72,17 +76,23 @@ def read(src: Path, domains: Sequence[str] | None = None) -> RawDataset:
 
     src_user, gid, ts = [], [], []
     lengths = []
-    for n, line in lines(seq_path):
+    n_all = n_a + n_b
+    for n, line in lines(seq_path, "one line per user: `user item|ts item|ts ...`"):
         fields = line.split()
         src_user.append(parse_int(fields[0], seq_path, n, "user index"))
-        if len(fields) < 2:
-            raise at(seq_path, n, "user has no interactions; expected `user item|ts item|ts ...`")
+        if len(fields) - 1 < MIN_LENGTH:
+            raise at(seq_path, n, f"user has {len(fields) - 1} interactions; leave-one-out needs at least "
+                     f"{MIN_LENGTH} (train, valid, test) as `user item|ts item|ts ...`")
         for tok in fields[1:]:
             parts = tok.split("|")
             if len(parts) != 2:
-                raise at(seq_path, n, f"token {tok[:40]!r}: expected item|unix_ts")
-            gid.append(parse_int(parts[0], seq_path, n, "item id"))
-            ts.append(parse_int(parts[1], seq_path, n, "timestamp"))
+                raise at(seq_path, n, f"token {tok[:40]!r} has {len(parts)} '|'-separated fields; "
+                         "expected 2 (item|unix_ts)")
+            item = parse_int(parts[0], seq_path, n, "item id")
+            if not 1 <= item <= n_all:
+                raise at(seq_path, n, f"unknown item id {item}; expected 1..{n_all} (the ids in {ITEM_MAP})")
+            gid.append(item)
+            ts.append(parse_timestamp(parts[1], seq_path, n))
         lengths.append(len(fields) - 1)
 
     src_user_arr = np.asarray(src_user, np.int64)
@@ -90,10 +100,6 @@ def read(src: Path, domains: Sequence[str] | None = None) -> RawDataset:
     ts_arr = np.asarray(ts, np.int64)
     if np.unique(src_user_arr).size != src_user_arr.size:
         raise FedscopeError(f"{seq_path}: a user index appears on more than one line")
-    bad = (gid_arr < 1) | (gid_arr > n_a + n_b)
-    if bad.any():
-        raise FedscopeError(f"{seq_path}: item id {int(gid_arr[np.argmax(bad)])} outside 1..{n_a + n_b} "
-                            f"(from {ITEM_MAP})")
     # Users in ascending source index; dense canonical ids by rank.
     order = np.argsort(src_user_arr, kind="stable")
     line_off = offsets_of(np.repeat(np.arange(len(lengths)), lengths), len(lengths))

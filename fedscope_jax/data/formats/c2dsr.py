@@ -19,10 +19,12 @@ import numpy as np
 
 from fedscope_jax.data.canonical import CONTEXT, TEST, TRAIN, VALID
 from fedscope_jax.data.formats.common import (RawDataset, domain_names, lines, offsets_of, parse_int,
-                                              stable_time_order)
+                                              parse_timestamp, stable_time_order)
 from fedscope_jax.errors import FedscopeError, at
 
 NAME = "c2dsr"
+# Items a sequence line needs: a target and at least one history item (or one training pair).
+MIN_LENGTH = 2
 FILES = {"train": "traindata_new.txt", "valid": "validdata_new.txt", "test": "testdata_new.txt"}
 
 
@@ -35,7 +37,7 @@ def _item_list(path: Path) -> tuple[list[str], list[int]]:
     """ASINs and original ids of one domain, indexed by the 0-based item id of the third column."""
     asins: dict[int, str] = {}
     orig: dict[int, int] = {}
-    for n, line in lines(path):
+    for n, line in lines(path, "one line per item: `orig_id \\t ASIN \\t idx`"):
         fields = line.split("\t")
         if len(fields) != 3:
             raise at(path, n, f"expected 3 tab-separated fields (orig_id, ASIN, idx), got {len(fields)}")
@@ -48,13 +50,14 @@ def _item_list(path: Path) -> tuple[list[str], list[int]]:
     return [asins[i] for i in range(len(asins))], [orig[i] for i in range(len(asins))]
 
 
-def _sequences(path: Path, n_items: int) -> tuple[list[int], list[int], list[int], list[int]]:
+def _sequences(path: Path, n_items: int, kind: str) -> tuple[list[int], list[int], list[int], list[int]]:
     """(user index per line, length per line, item ids, timestamps) of one sequence file, in file order."""
     users, lengths, gid, ts = [], [], [], []
-    for n, line in lines(path):
+    for n, line in lines(path, "one line per user: `user_idx \\t seq_idx \\t item|ts|date| ...`"):
         fields = line.split("\t")
         if len(fields) < 3:
-            raise at(path, n, "expected `user_idx \\t seq_idx \\t item|ts|date| ...`")
+            raise at(path, n, f"{len(fields)} tab-separated fields; expected at least 3 "
+                     "(`user_idx \\t seq_idx \\t item|ts|date| ...`)")
         users.append(parse_int(fields[0], path, n, "user index"))
         count = 0
         for tok in fields[2:]:
@@ -63,15 +66,17 @@ def _sequences(path: Path, n_items: int) -> tuple[list[int], list[int], list[int
                 continue
             parts = tok.split("|")
             if len(parts) < 2:
-                raise at(path, n, f"token {tok[:40]!r}: expected item|unix_ts|date|")
+                raise at(path, n, f"token {tok[:40]!r} has 1 '|'-separated field; expected item|unix_ts|date|")
             item = parse_int(parts[0], path, n, "item id")
             if not 0 <= item < n_items:
-                raise at(path, n, f"item id {item} outside 0..{n_items - 1} (Alist + Blist)")
+                raise at(path, n, f"unknown item id {item}; expected 0..{n_items - 1} (Alist + Blist)")
             gid.append(item)
-            ts.append(parse_int(parts[1], path, n, "timestamp"))
+            ts.append(parse_timestamp(parts[1], path, n))
             count += 1
-        if count == 0:
-            raise at(path, n, "sequence has no items")
+        if count < MIN_LENGTH:
+            need = "a training pair" if kind == "train" else f"history and the {kind} target"
+            raise at(path, n, f"sequence has {count} item{'s' * (count != 1)}; expected at least {MIN_LENGTH} "
+                     f"({need})")
         lengths.append(count)
     return users, lengths, gid, ts
 
@@ -96,7 +101,7 @@ def read(src: Path, domains: Sequence[str] | None = None, history_split: str = "
     blocks = []  # (sort key, length, gid, ts, target split, history split)
     seen: dict[int, str] = {}
     for k in present:
-        users, lengths, gid, ts = _sequences(src / FILES[k], n_a + n_b)
+        users, lengths, gid, ts = _sequences(src / FILES[k], n_a + n_b, k)
         off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         for i, u in enumerate(users):
             if k != "train":

@@ -8,10 +8,11 @@ format ends in the same canonical files (docs/data-format.md).
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,8 @@ from fedscope_jax.utils.progress import progress
 
 # Users written per DatasetWriter.add call: bounds the memory of one Arrow record batch.
 USERS_PER_CHUNK = 65_536
+# Latest accepted timestamp (2100-01-01 UTC): larger values are milliseconds or garbage.
+MAX_TIMESTAMP = 4_102_444_800
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +55,47 @@ class RawDataset:
         return int(self.user[-1]) + 1 if self.user.size else 0
 
 
-def lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yields (1-based line number, line without its newline) of a UTF-8 text file; blank lines are skipped."""
+def open_binary(path: Path) -> BinaryIO:
+    """Opens a file for binary reading, transparently gunzipping `*.gz`."""
     if not path.is_file():
         raise FedscopeError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield n, line
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _decode(raw: bytes, path: Path, n: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise at(path, n, f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1} is not valid UTF-8; "
+                 "expected UTF-8 text") from None
+
+
+def lines(path: Path, expected: str = "at least one non-blank line") -> Iterator[tuple[int, str]]:
+    """Yields (1-based line number, line without its newline) of a UTF-8 text file (`.gz` allowed).
+
+    Blank lines are skipped. A line that is not UTF-8, or a file without any non-blank line, raises a
+    FedscopeError naming the file and line (`expected` says what the file should have held).
+    """
+    found = False
+    with open_binary(path) as f:
+        try:
+            for n, raw in enumerate(f, 1):
+                line = _decode(raw, path, n).rstrip("\r\n")
+                if n == 1:
+                    line = line.removeprefix("\ufeff")
+                if line.strip():
+                    found = True
+                    yield n, line
+        except (OSError, EOFError) as exc:  # truncated or corrupt gzip
+            raise FedscopeError(f"{path}: cannot read ({exc})") from None
+    if not found:
+        raise at(path, 1, f"file is empty; expected {expected}")
+
+
+def first_non_utf8(path: Path) -> None:
+    """Raises the `lines` error for the first line of `path` that is not UTF-8 (for readers using csv)."""
+    for _ in lines(path):
+        pass
 
 
 def parse_int(token: str, path: Path, line: int, what: str) -> int:
@@ -71,10 +106,22 @@ def parse_int(token: str, path: Path, line: int, what: str) -> int:
         raise at(path, line, f"expected an integer {what}, got {token[:40]!r}") from None
 
 
+def parse_timestamp(token: str, path: Path, line: int) -> int:
+    """A unix timestamp in seconds (1970..2100), or a FedscopeError naming the file and line."""
+    try:
+        value = int(token)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= MAX_TIMESTAMP:
+        raise at(path, line, f"bad timestamp {str(token)[:40]!r}; expected integer unix seconds in "
+                 f"0..{MAX_TIMESTAMP} (1970-2100)")
+    return value
+
+
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
     """Reads a JSON-lines file into a list of objects (error names the line)."""
     out = []
-    for n, line in lines(path):
+    for n, line in lines(path, "one JSON object per line"):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -130,16 +177,28 @@ def stable_time_order(timestamp: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(timestamp.size), timestamp, user))
 
 
-def load_asin_titles(titles_dir: Path) -> dict[str, str]:
-    """ASIN -> title from an LLMCDSR folder's items_A.jsonl / items_B.jsonl (null titles are skipped)."""
-    titles_dir = Path(titles_dir)
-    if not titles_dir.is_dir():
-        raise FedscopeError(f"--titles {titles_dir}: not a directory (expected an LLMCDSR folder with items_*.jsonl)")
-    files = sorted(titles_dir.glob("items_*.jsonl"))
+def title_files(titles: Path) -> list[Path]:
+    """The JSON-lines title files `--titles` names: a folder's items_*.jsonl, or one .jsonl(.gz) file."""
+    titles = Path(titles)
+    if titles.is_file():
+        if not titles.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+            raise FedscopeError(f"--titles {titles}: expected a folder with items_*.jsonl or a .jsonl file")
+        return [titles]
+    if not titles.is_dir():
+        raise FedscopeError(f"--titles {titles}: not found (expected a folder with items_*.jsonl or a .jsonl file)")
+    files = sorted(titles.glob("items_*.jsonl"))
     if not files:
-        raise FedscopeError(f"--titles {titles_dir}: no items_*.jsonl files (expected LLMCDSR's items_A/B.jsonl)")
+        raise FedscopeError(f"--titles {titles}: no items_*.jsonl files (expected LLMCDSR's items_A/B.jsonl)")
+    return files
+
+
+def load_asin_titles(titles: Path) -> dict[str, str]:
+    """ASIN -> title from JSON lines with `asin` and `title` (LLMCDSR's items_A/B.jsonl); null titles skipped.
+
+    `titles` is a folder holding items_*.jsonl or a single .jsonl file; the first title of an ASIN wins.
+    """
     out: dict[str, str] = {}
-    for path in files:
+    for path in title_files(titles):
         for row in read_json_lines(path):
             asin, title = row.get("asin"), row.get("title")
             if isinstance(asin, str) and isinstance(title, str) and title.strip():
@@ -148,7 +207,7 @@ def load_asin_titles(titles_dir: Path) -> dict[str, str]:
 
 
 def join_titles(raw: RawDataset, titles_dir: Path) -> RawDataset:
-    """Fills missing titles by joining items' source ids (ASINs) with an LLMCDSR title table."""
+    """Fills missing titles by joining items' source ids (ASINs) with an LLMCDSR title table (folder or file)."""
     table = load_asin_titles(titles_dir)
     titles = tuple(tuple(t if t is not None else table.get(s) for s, t in zip(src, old))
                    for src, old in zip(raw.source_ids, raw.titles))
@@ -207,6 +266,7 @@ def write_raw(raw: RawDataset, out_dir: str | os.PathLike, name: str, fmt: str) 
     return writer.close(items)
 
 
-__all__ = ["RawDataset", "SPLITS", "USERS_PER_CHUNK", "domain_names", "join_titles", "last_as_target",
-           "leave_one_out", "lines", "load_asin_titles", "offsets_of", "parse_int", "read_json_lines",
-           "stable_time_order", "title_coverage", "write_raw"]
+__all__ = ["MAX_TIMESTAMP", "RawDataset", "SPLITS", "USERS_PER_CHUNK", "domain_names", "first_non_utf8",
+           "join_titles", "last_as_target", "leave_one_out", "lines", "load_asin_titles", "offsets_of", "open_binary",
+           "parse_int", "parse_timestamp", "read_json_lines", "stable_time_order", "title_coverage", "title_files",
+           "write_raw"]

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from fedscope_jax.data.formats.common import RawDataset, leave_one_out, offsets_of
+from fedscope_jax.data.formats.common import RawDataset, first_non_utf8, leave_one_out, offsets_of
 from fedscope_jax.errors import FedscopeError, at
 
 NAME = "csv"
@@ -44,6 +44,9 @@ def _read(path: Path) -> pa.Table:
         types = {c.strip(): pa.string() for c in header if c.strip() != "timestamp"}  # ids stay strings
         return pacsv.read_csv(str(path), convert_options=pacsv.ConvertOptions(
             column_types=types, strings_can_be_null=True, quoted_strings_can_be_null=False))
+    except UnicodeDecodeError:
+        first_non_utf8(path)  # raises, naming the line
+        raise
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise FedscopeError(f"{path}: cannot parse as CSV with a header ({str(exc).splitlines()[0]})") from None
 

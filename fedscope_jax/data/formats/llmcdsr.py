@@ -21,6 +21,8 @@ from fedscope_jax.data.formats.common import (RawDataset, domain_names, last_as_
 from fedscope_jax.errors import FedscopeError, at
 
 NAME = "llmcdsr"
+# Items a row needs: a target and at least one history item (or one training pair).
+MIN_LENGTH = 2
 # Sequence files in user-numbering order, and whether the file may be absent (partial snapshots).
 SEQUENCE_FILES = ("train_overlap.txt", "train_A.txt", "train_B.txt", "valid.txt", "test.txt")
 REQUIRED = ("train_overlap.txt", "valid.txt", "test.txt")
@@ -33,7 +35,7 @@ def detect(src: Path) -> bool:
 
 
 def _ints_file(path: Path) -> list[int]:
-    return [parse_int(line.strip(), path, n, "count") for n, line in lines(path)]
+    return [parse_int(line.strip(), path, n, "count") for n, line in lines(path, "one integer count per line")]
 
 
 def _items(path: Path, n: int, first_file_id: int) -> tuple[list[str], list[str | None]]:
@@ -59,16 +61,17 @@ def _items(path: Path, n: int, first_file_id: int) -> tuple[list[str], list[str 
 
 def _sequences(path: Path, n_items: int) -> tuple[list[int], list[int]]:
     lengths, gid = [], []
-    for n, line in lines(path):
+    for n, line in lines(path, "one line per user: `row_id \\t id,id,...`"):
         fields = line.split("\t")
         if len(fields) != 2:
-            raise at(path, n, "expected `row_id \\t id,id,...`")
+            raise at(path, n, f"{len(fields)} tab-separated fields; expected 2 (`row_id \\t id,id,...`)")
         ids = [parse_int(t, path, n, "item id") for t in fields[1].split(",") if t.strip()]
-        if not ids:
-            raise at(path, n, "sequence has no items")
+        if len(ids) < MIN_LENGTH:
+            raise at(path, n, f"sequence has {len(ids)} item{'s' * (len(ids) != 1)}; expected at least "
+                     f"{MIN_LENGTH} (history and a target, or a training pair)")
         bad = [i for i in ids if not 0 <= i < n_items]
         if bad:
-            raise at(path, n, f"item id {bad[0]} outside 0..{n_items - 1} (num.txt)")
+            raise at(path, n, f"unknown item id {bad[0]}; expected 0..{n_items - 1} (num.txt: |A| + |B|)")
         lengths.append(len(ids))
         gid.extend(ids)
     return lengths, gid

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from fedscope_jax.data.formats.common import RawDataset, leave_one_out, offsets_of, stable_time_order
+from fedscope_jax.data.formats.common import (RawDataset, first_non_utf8, leave_one_out, offsets_of,
+                                              stable_time_order)
 from fedscope_jax.errors import FedscopeError, at
 
 NAME = "movielens"
@@ -27,6 +28,7 @@ def detect(src: Path) -> bool:
 def _csv_rows(path: Path, columns: Sequence[str]):
     if not path.is_file():
         raise FedscopeError(f"{path}: file not found")
+    first_non_utf8(path)  # names the first line that is not UTF-8, or an empty file
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
