@@ -12,13 +12,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
-from fedscope_jax.data.formats import abxi, c2dsr, csvfiles, llmcdsr, movielens
+from fedscope_jax.data.formats import abxi, amazon, c2dsr, csvfiles, llmcdsr, movielens
 from fedscope_jax.data.formats.common import RawDataset, join_titles, write_raw
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.utils.io import atomic_output_dir
 
 # Format name -> reader module (each has NAME, detect(src) and read(src, domains=None, **options)).
-FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (abxi, c2dsr, llmcdsr, movielens, csvfiles)}
+FORMATS: dict[str, ModuleType] = {m.NAME: m for m in (abxi, c2dsr, llmcdsr, amazon, movielens, csvfiles)}
 
 
 def detect_format(src: str | os.PathLike) -> str:
@@ -35,7 +35,8 @@ def detect_format(src: str | os.PathLike) -> str:
 
 def read_source(src: str | os.PathLike, fmt: str | None = None, domains: Sequence[str] | None = None,
                 titles: str | os.PathLike | None = None, **options: Any) -> tuple[str, RawDataset]:
-    """Parses a source folder (format detected when `fmt` is None); `titles` joins ASIN titles from LLMCDSR."""
+    """Parses a source folder (format detected when `fmt` is None); `titles` joins ASIN titles (a folder of
+    items_*.jsonl such as LLMCDSR's, or one .jsonl file)."""
     src = Path(src)
     fmt = fmt or detect_format(src)
     if fmt not in FORMATS:
