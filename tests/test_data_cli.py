@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
@@ -54,3 +55,36 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(out), "--users", "10", "--items", "50,50"]) == 0
     assert main(["data", "synth", "--out", str(out), "--users", "10", "--items", "50,50"]) == 2
     assert "output exists; pass --force" in capsys.readouterr().err
+
+
+def test_issue_flag_forms(tmp_path, capsys):
+    """The issue's spelling: prepare --format --input --output --titles FILE, partition --data, synth --output."""
+    out = tmp_path / "afk"
+    titles = real_dataset("llmcdsr-food-kitchen") / "items_B.jsonl"       # a single .jsonl file (kitchen titles)
+    assert main(["data", "prepare", "--format", "abxi", "--input", str(real_dataset("abxi-food-kitchen")),
+                 "--output", str(out), "--titles", str(titles), "--domains", "food,kitchen", "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["users"] == 7144 and meta["titles"]["items_with_title"]["food"] == 0
+    assert meta["titles"]["items_with_title"]["kitchen"] == 15756       # as with the whole folder
+    assert main(["data", "partition", "--data", str(out), "--clients", "8", "--scheme", "dirichlet",
+                 "--alpha", "0.1", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "8 clients, scheme dirichlet, seed 3, alpha 0.1" in printed and "label skew (both" in printed
+    assert main(["data", "synth", "--output", str(tmp_path / "s"), "--users", "300", "--items-a", "70",
+                 "--items-b", "90", "--overlap", "0.5", "--seed", "2", "--json"]) == 0
+    syn = json.loads(capsys.readouterr().out)
+    assert [d["items"] for d in syn["domains"]] == [70, 90] and syn["users"] == 300
+    assert 0.35 < syn["overlap_users"] / 300 < 0.65 and syn["synthetic"]["seed"] == 2
+
+
+def test_flag_and_positional_conflicts(tmp_path, capsys):
+    assert main(["data", "prepare", "--output", str(tmp_path / "o")]) == 2
+    assert "--input DIR is required" in capsys.readouterr().err
+    assert main(["data", "prepare", "a", "--input", "b", "--output", str(tmp_path / "o")]) == 2
+    assert "both given" in capsys.readouterr().err
+    assert main(["data", "synth", "--output", str(tmp_path / "s"), "--items", "5,5", "--items-a", "9"]) == 2
+    assert "--items and --items-a/--items-b both given" in capsys.readouterr().err
+    assert main(["data", "prepare", "--input", str(real_dataset("abxi-food-kitchen")), "--output",
+                 str(tmp_path / "o"), "--titles", str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl: not found (expected a folder with items_*.jsonl or a .jsonl file)" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []                              # nothing written by any failed command
