@@ -46,7 +46,7 @@ class ItemResult:
     raw: str | None          # last generated text (None when nothing was generated)
     attempts: int            # generations made for this item
     tokens: int              # generated tokens over all attempts
-    error: str | None        # why the last invalid attempt was rejected
+    error: str | None        # why the last invalid attempt was rejected (kept for invalid_json_retried too)
 
 
 def attempt_plan(max_tokens: int, max_retries: int, seed: int = 0, retry_temperature: float = 0.7) -> tuple[Attempt, ...]:
@@ -90,7 +90,7 @@ def run_with_retries(n: int, generate: Generate, plan: Sequence[Attempt],
                 errors[i] = err
                 still.append(i)
             else:
-                attrs[i], errors[i] = obj, None
+                attrs[i] = obj
                 first_ok[i] = attempt.index == 0
         pending = still
     results = []

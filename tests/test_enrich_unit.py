@@ -77,22 +77,32 @@ def test_arrow_fields_are_typed_per_schema_field():
 
 # ---- prompts ---------------------------------------------------------------------------------------------
 
-def test_render_messages_gives_title_metadata_and_domain_wording():
+def test_render_messages_gives_examples_title_metadata_and_domain_wording():
     msgs = prompts.render_messages("food", "  Mae Ploy   Thai Green Curry Paste &amp; more ",
                                    {"category": "Sauces", "brand": None, "tags": ["thai", "curry"]})
-    assert [m["role"] for m in msgs] == ["system", "user"]
-    user = msgs[1]["content"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    user = msgs[-1]["content"]
     assert "Title: Mae Ploy Thai Green Curry Paste & more\n" in user
     assert "Category: Sauces\n" in user and "Tags: thai, curry\n" in user and "Brand" not in user
-    assert "Amazon grocery and gourmet food" in user and "price_tier" in user
-    kitchen = prompts.render_messages("B_kitchen", "Cuisinart Mini-Prep")[1]["content"]
-    assert "home and kitchen" in kitchen
-    other = prompts.render_messages("Garden", "Hose")[1]["content"]
-    assert "Item domain: Garden" in other
+    assert "Amazon grocery and gourmet food" in user and user.endswith("of this food product.")
+    assert "Category:" not in msgs[1]["content"]                     # examples carry no item metadata
+    kitchen = prompts.render_messages("B_kitchen", "Cuisinart Mini-Prep")
+    assert "home and kitchen" in kitchen[-1]["content"] and "Cast Iron" in kitchen[3]["content"]
+    other = prompts.render_messages("Garden", "Hose")
+    assert [m["role"] for m in other] == ["system", "user"] and "Item domain: Garden" in other[1]["content"]
+
+
+@pytest.mark.parametrize("domain", sorted(prompts.DOMAINS))
+def test_worked_examples_are_schema_valid(domain):
+    for _, attrs in prompts.DOMAINS[domain].examples:
+        assert schema_lib.validate(attrs) == []
+    msgs = prompts.render_messages(domain, "x")
+    for m in msgs[2:-1:2]:
+        assert schema_lib.parse(m["content"])[1] is None
 
 
 def test_render_messages_truncates_long_titles_and_refuses_missing_ones():
-    user = prompts.render_messages("book", "word " * 200)[1]["content"]
+    user = prompts.render_messages("book", "word " * 200)[-1]["content"]
     title_line = next(ln for ln in user.splitlines() if ln.startswith("Title: "))
     assert len(title_line) == len("Title: ") + prompts.MAX_TITLE_CHARS and title_line.endswith("…")
     with pytest.raises(ValueError, match="no title"):
@@ -146,7 +156,8 @@ def test_run_with_retries_statuses_batches_and_tokens():
     assert gen.calls == [([0, 1, 2, 3], 0), ([1, 2, 3], 1), ([2, 3], 2)]   # only still-invalid items retried
     assert [r.attempts for r in res] == [1, 2, 3, 3]
     assert [r.tokens for r in res] == [10, 21, 33, 33]
-    assert res[1].attributes == VALID and res[1].error is None
+    assert res[1].attributes == VALID and res[1].error.startswith("not JSON")   # why attempt 1 was rejected
+    assert res[0].error is None
     failed = res[2]
     assert failed.attributes is None and failed.raw == bad and failed.error.startswith("not JSON")
 

@@ -1,0 +1,185 @@
+"""The enrichment job: items.arrow -> prompts -> vLLM (batched per shard) -> attributes + embeddings (Arrow).
+
+Runs in the enrichment environment (`python -m enrich ...`, normally started by `fedscope enrich`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from enrich import models, prompts, retry, shards
+from enrich import schema as schema_lib
+from enrich.options import build_parser
+from enrich.shards import JobError
+
+
+def _metadata(items: shards.Items, row: int) -> dict[str, Any]:
+    return {c: items.table[c][row].as_py() for c in items.metadata_columns}
+
+
+def fingerprint(args: argparse.Namespace, items_path: Path, llm_dir: Path, embed_dir: Path,
+                domains: Sequence[str]) -> dict[str, Any]:
+    """Everything that shapes the output rows; a resumed run must match it exactly."""
+    return {
+        "items_sha256": shards.file_sha256(items_path),
+        "domains": list(domains),
+        "limit": args.limit,
+        "shard_size": args.shard_size,
+        "model_dir": str(llm_dir),
+        "embed_model_dir": str(embed_dir),
+        "prompt_versions": {d: prompts.prompt_version(d) for d in domains},
+        "schema_version": schema_lib.SCHEMA_VERSION,
+        "max_tokens": args.max_tokens,
+        "max_retries": args.max_retries,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "vllm_args": sorted(args.vllm_arg),
+    }
+
+
+class Enricher:
+    """Holds the two models and turns one shard of items into its two Arrow tables."""
+
+    def __init__(self, args: argparse.Namespace, llm_dir: Path, embed_dir: Path, domains: Sequence[str]):
+        from enrich import generate
+        from enrich.embed import SentenceEmbedder
+
+        self.generate = generate
+        self.domains = tuple(domains)
+        self.model_id = llm_dir.name
+        kwargs = generate.engine_kwargs(
+            llm_dir, tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len, dtype=args.dtype, enforce_eager=args.enforce_eager, seed=args.seed,
+            extra=generate.parse_vllm_args(args.vllm_arg))
+        self.engine_kwargs = kwargs
+        self.llm = generate.make_llm(kwargs)
+        self.embedder = SentenceEmbedder(embed_dir, batch_size=args.embed_batch_size)
+        self.plan = retry.attempt_plan(args.max_tokens, args.max_retries, args.seed)
+        self._params = {a.index: generate.sampling_params(a) for a in self.plan}
+
+    def results(self, conversations: list[list[dict[str, str]]]) -> list[retry.ItemResult]:
+        """Attributes for every conversation: one batched chat call per attempt."""
+        def gen(indices, attempt):
+            return self.generate.chat(self.llm, [conversations[i] for i in indices], self._params[attempt.index])
+        return retry.run_with_retries(len(conversations), gen, self.plan)
+
+    def shard(self, items: shards.Items, shard: shards.Shard) -> tuple[pa.Table, pa.Table, int]:
+        """(attributes table, embeddings table, generated tokens) of one shard."""
+        rows = shard.rows.tolist()
+        titles = [prompts.clean_text(items.table["title"][r].as_py(), prompts.MAX_TITLE_CHARS) for r in rows]
+        metas = [_metadata(items, r) for r in rows]
+        with_title = [k for k, t in enumerate(titles) if t is not None]
+        conversations = [prompts.render_messages(shard.domain, titles[k], metas[k]) for k in with_title]
+        generated = self.results(conversations)
+        results: list[retry.ItemResult] = [retry.missing_title_result() for _ in rows]
+        for k, res in zip(with_title, generated):
+            results[k] = res
+        texts = [prompts.embedding_text(shard.domain, titles[k], results[k].attributes, metas[k]) for k in range(len(rows))]
+        vectors = self.embedder.embed(texts)
+        if not np.all(np.isfinite(vectors)):
+            raise RuntimeError(f"shard {shard.name}: the embedding model returned non-finite values")
+        return self._tables(items, shard, results, vectors) + (sum(r.tokens for r in results),)
+
+    def _tables(self, items: shards.Items, shard: shards.Shard, results: list[retry.ItemResult],
+                vectors: np.ndarray) -> tuple[pa.Table, pa.Table]:
+        n = len(results)
+        item_id = pa.array(items.item_id[shard.rows], pa.int32())
+        domain = shards.domain_array([shard.domain] * n, self.domains)
+        status = pa.array([r.status for r in results], pa.string())
+        cols: dict[str, pa.Array] = {"item_id": item_id, "domain": domain}
+        for field in schema_lib.arrow_fields():
+            cols[field.name] = pa.array([(r.attributes or {}).get(field.name) for r in results], field.type)
+        cols["raw_json"] = pa.array([r.raw for r in results], pa.string())
+        cols["model"] = pa.array([self.model_id] * n, pa.string())
+        cols["prompt_version"] = pa.array([prompts.prompt_version(shard.domain)] * n, pa.string())
+        cols["status"] = status
+        cols["attempts"] = pa.array([r.attempts for r in results], pa.int8())
+        cols["generated_tokens"] = pa.array([r.tokens for r in results], pa.int32())
+        cols["error"] = pa.array([r.error for r in results], pa.string())
+        attributes = pa.Table.from_pydict(cols, schema=shards.attributes_schema())
+        dim = vectors.shape[1]
+        flat = pa.array(vectors.reshape(-1), pa.float32())
+        vector = pa.FixedSizeListArray.from_arrays(flat, dim)
+        embeddings = pa.Table.from_arrays([item_id, domain, vector, status], schema=shards.embeddings_schema(dim))
+        return attributes, embeddings
+
+
+def _bar(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="enrich", unit="item", file=sys.stderr, dynamic_ncols=True,
+                disable=os.environ.get("FEDSCOPE_NO_PROGRESS", "0") == "1")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs (or resumes) the job; returns the summary written to enrich.json."""
+    data, out = Path(args.data), Path(args.out)
+    items = shards.load_items(data)
+    plan = shards.plan_shards(items, args.domains, args.limit, args.shard_size)
+    domains = list(dict.fromkeys(s.domain for s in plan))
+    llm_dir = models.resolve_llm(args.model)
+    embed_dir = models.resolve_embed(args.embed_model)
+    fp = fingerprint(args, data / shards.ITEMS_FILE, llm_dir, embed_dir, domains)
+    shards.check_run(out, fp, args.force)
+    todo = [s for s in plan if not shards.shard_done(out, s)]
+    total = sum(s.size for s in plan)
+    print(f"enrich: {total} items in {len(plan)} shards ({len(plan) - len(todo)} already done) -> {out}",
+          file=sys.stderr)
+    timing = {"engine_start_s": 0.0, "generate_and_embed_s": 0.0, "generated_tokens": 0, "items_processed": 0}
+    if todo:
+        t0 = time.perf_counter()
+        enricher = Enricher(args, llm_dir, embed_dir, items.domains)
+        timing["engine_start_s"] = time.perf_counter() - t0
+        bar = _bar(total, total - sum(s.size for s in todo))
+        t_run = time.perf_counter()
+        with bar:
+            for shard in todo:
+                attributes, embeddings, n_tok = enricher.shard(items, shard)
+                shards.write_shard(out, shard, attributes, embeddings)
+                timing["generated_tokens"] += n_tok
+                timing["items_processed"] += shard.size
+                elapsed = time.perf_counter() - t_run
+                bar.update(shard.size)
+                bar.set_postfix_str(f"{timing['generated_tokens'] / elapsed:.0f} tok/s", refresh=True)
+        timing["generate_and_embed_s"] = time.perf_counter() - t_run
+    attributes, embeddings = shards.assemble(out, plan, items)
+    status = attributes["status"].to_pylist()
+    summary = {
+        "items": attributes.num_rows,
+        "status_counts": {s: status.count(s) for s in retry.STATUSES},
+        "domains": domains,
+        "model": llm_dir.name,
+        "model_dir": str(llm_dir),
+        "embed_model_dir": str(embed_dir),
+        "embedding_dim": embeddings.schema.field("vector").type.list_size,
+        "prompt_versions": fp["prompt_versions"],
+        "schema": schema_lib.ATTRIBUTE_SCHEMA,
+        "this_invocation": {**timing,
+                            "items_per_s": timing["items_processed"] / timing["generate_and_embed_s"]
+                            if timing["generate_and_embed_s"] else None,
+                            "tokens_per_s": timing["generated_tokens"] / timing["generate_and_embed_s"]
+                            if timing["generate_and_embed_s"] else None},
+    }
+    shards.write_json(summary, out / shards.SUMMARY_FILE)
+    counts = ", ".join(f"{k} {v}" for k, v in summary["status_counts"].items() if v)
+    print(f"enrich: wrote {out / shards.ATTRIBUTES_FILE} and {out / shards.EMBEDDINGS_FILE} "
+          f"({attributes.num_rows} items: {counts}; d={summary['embedding_dim']})", file=sys.stderr)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (JobError, models.ModelError, ValueError) as exc:
+        print(f"enrich: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,170 @@
+"""The real enrichment job (real vLLM, the embedded SmolLM2-135M-Instruct and all-MiniLM-L6-v2, on CPU) on 16
+items of abxi-food-kitchen's catalogue, through `fedscope enrich`; then a run killed after its first shard and
+restarted with the same arguments must give the same tables as the uninterrupted run.
+
+Needs the enrichment environment (`make enrich-env`); skipped with that reason when it is absent, except under
+`make test` (FEDSCOPE_REQUIRE_ENRICH=1), where its absence is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from conftest import real_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from enrich import prompts, retry  # noqa: E402
+from enrich import schema as schema_lib  # noqa: E402
+from fedscope_jax.utils.io import read_arrow  # noqa: E402
+
+pytestmark = [pytest.mark.enrich, pytest.mark.slow]
+
+LIMIT = 8            # per domain: 16 items in all
+SHARD = 4            # 4 shards, so a kill after the first one leaves work to resume
+JOB_TIMEOUT = 400    # seconds per job run (engine start ~35-70 s on 2 cores)
+
+
+def _venv() -> Path:
+    from fedscope_jax.cli.enrich import enrich_venv
+
+    venv = enrich_venv()
+    if not (venv / ".installed").is_file():
+        msg = f"enrichment environment {venv} not built (run `make enrich-env`)"
+        if os.environ.get("FEDSCOPE_REQUIRE_ENRICH") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return venv
+
+
+@pytest.fixture(scope="module")
+def afk(tmp_path_factory) -> Path:
+    """abxi-food-kitchen prepared with titles joined from llmcdsr-food-kitchen (the real catalogue)."""
+    _venv()
+    src, titles = real_dataset("abxi-food-kitchen"), real_dataset("llmcdsr-food-kitchen")
+    from fedscope_jax.data.formats import prepare
+
+    out = tmp_path_factory.mktemp("data") / "afk"
+    prepare(src, out, fmt="abxi", titles=titles)
+    return out
+
+
+def _cmd(data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "fedscope_jax", "enrich", "--data", str(data), "--out", str(out),
+            "--limit", str(LIMIT), "--shard-size", str(SHARD)]
+
+
+def _run(data: Path, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FEDSCOPE_NO_PROGRESS="1")
+    proc = subprocess.run(_cmd(data, out), env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def full_run(afk, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("enrich") / "full"
+    _run(afk, out)
+    return out
+
+
+def test_job_writes_schema_valid_attributes_and_embeddings(afk, full_run):
+    items = read_arrow(afk / "items.arrow")
+    attributes = read_arrow(full_run / "attributes.arrow")
+    embeddings = read_arrow(full_run / "item_embeddings.arrow")
+    summary = json.loads((full_run / "enrich.json").read_text())
+
+    # one row per selected item: the first 8 items of each domain, in both tables, same order
+    assert attributes.num_rows == embeddings.num_rows == 2 * LIMIT
+    doms = pc.cast(attributes["domain"], pa.string()).to_pylist()
+    assert doms == ["food"] * LIMIT + ["kitchen"] * LIMIT
+    assert attributes["item_id"].to_pylist() == list(range(LIMIT)) * 2
+    assert embeddings["item_id"].equals(attributes["item_id"])
+    assert pc.cast(embeddings["domain"], pa.string()).to_pylist() == doms
+    assert set(doms) <= set(pc.cast(items["domain"], pa.string()).to_pylist())
+
+    # every generated row parses against the schema, and the typed columns hold exactly that object
+    titles = {(d, i): t for d, i, t in zip(pc.cast(items["domain"], pa.string()).to_pylist(),
+                                           items["item_id"].to_pylist(), items["title"].to_pylist())}
+    rows = attributes.to_pylist()
+    for row, dom in zip(rows, doms):
+        assert row["status"] in retry.STATUSES
+        assert row["model"] == "SmolLM2-135M-Instruct"
+        assert row["prompt_version"] == prompts.prompt_version(dom)
+        if row["status"] in (retry.OK, retry.RETRIED):
+            obj, err = schema_lib.parse(row["raw_json"])
+            assert err is None, (row["raw_json"], err)
+            assert {f: row[f] for f in schema_lib.FIELDS} == obj
+            assert row["attempts"] == 1 if row["status"] == retry.OK else row["attempts"] >= 2
+            assert row["generated_tokens"] > 0
+        elif row["status"] == retry.MISSING_TITLE:
+            assert titles[(dom, row["item_id"])] is None
+            assert row["raw_json"] is None and row["attempts"] == 0
+            assert all(row[f] is None for f in schema_lib.FIELDS)
+        else:  # failed: kept, with the last text and the reason
+            assert row["attempts"] >= 2 and row["error"] and all(row[f] is None for f in schema_lib.FIELDS)
+        if row["status"] != retry.MISSING_TITLE:
+            assert titles[(dom, row["item_id"])] is not None
+    # abxi food item 3 (ASIN B000052Y74) has no title in the LLMCDSR join
+    assert rows[3]["status"] == retry.MISSING_TITLE
+    assert sum(r["status"] in (retry.OK, retry.RETRIED) for r in rows) >= 12   # measured 15/15 titled ones valid
+
+    # embeddings: declared dimension, finite, unit norm (all-MiniLM-L6-v2 normalizes), distinct per item
+    vtype = embeddings.schema.field("vector").type
+    assert vtype == pa.list_(pa.float32(), 384) and embeddings.schema.field("item_id").type == pa.int32()
+    vectors = np.stack(embeddings["vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert vectors.shape == (16, 384) and np.all(np.isfinite(vectors))
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert len({v.tobytes() for v in vectors}) == 16
+    assert embeddings["status"].to_pylist() == attributes["status"].to_pylist()
+    assert summary["items"] == 16 and summary["embedding_dim"] == 384
+    assert sum(summary["status_counts"].values()) == 16
+
+
+def test_killed_job_resumes_to_the_same_tables(afk, full_run, tmp_path):
+    out = tmp_path / "resumed"
+    env = dict(os.environ, FEDSCOPE_NO_PROGRESS="1")
+    proc = subprocess.Popen(_cmd(afk, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)   # own process group: the kill reaches vLLM's workers too
+    shard_dir = out / "shards"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(shard_dir.glob("*.attributes.arrow"))) >= 1:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    done_before = len(list(shard_dir.glob("*.attributes.arrow")))
+    assert 1 <= done_before < 4, "the job was not killed between shards"
+    assert not (out / "attributes.arrow").exists()
+
+    rerun = _run(afk, out)
+    assert f"({done_before} already done)" in rerun.stderr
+    for name in ("attributes.arrow", "item_embeddings.arrow"):
+        full, resumed = read_arrow(full_run / name), read_arrow(out / name)
+        assert resumed.num_rows == 16
+        keys = list(zip(pc.cast(resumed["domain"], pa.string()).to_pylist(), resumed["item_id"].to_pylist()))
+        assert len(set(keys)) == 16                                   # no duplicates, none lost
+        if name == "attributes.arrow":
+            assert resumed.equals(full), "resumed attributes differ from the uninterrupted run"
+        else:
+            assert resumed.drop_columns(["vector"]).equals(full.drop_columns(["vector"]))
+            a = np.stack(full["vector"].to_numpy(zero_copy_only=False))
+            b = np.stack(resumed["vector"].to_numpy(zero_copy_only=False))
+            np.testing.assert_allclose(b, a, atol=1e-5)
