@@ -28,7 +28,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fedscope_jax.data.formats.common import RawDataset, leave_one_out, lines, offsets_of, parse_timestamp
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
+
+from fedscope_jax.data.formats.common import (MAX_TIMESTAMP, RawDataset, leave_one_out, lines, offsets_of,
+                                              parse_timestamp)
 from fedscope_jax.errors import FedscopeError, at
 from fedscope_jax.utils.progress import progress
 
@@ -39,6 +44,8 @@ REVIEW_KEYS = ("reviewerID", "asin", "unixReviewTime")
 # Interactions a user needs for the leave-one-out split (train, valid, test).
 MIN_LENGTH = 3
 DEFAULT_KCORE = 5
+_REVIEW_SCHEMA = pa.schema([("reviewerID", pa.string()), ("asin", pa.string()), ("unixReviewTime", pa.int64()),
+                            ("overall", pa.float64())])
 _ASIN = re.compile(r"""["']asin["']\s*:\s*["']([^"']+)["']""")
 
 
@@ -128,9 +135,8 @@ def _object(line: str, path: Path, n: int, expected: str) -> dict[str, Any]:
     return obj
 
 
-def _read_reviews(path: Path, users: dict[str, int], min_rating: float | None
-                  ) -> tuple[list[int], list[str], list[int], int]:
-    """(user index, asin, timestamp) per kept review of one file, and how many fell below min_rating."""
+def _read_reviews_slow(path: Path, min_rating: float | None) -> tuple[list[str], list[str], list[int], int]:
+    """(reviewerID, asin, timestamp) per kept review, line by line: loose JSON, exact line-numbered errors."""
     expected = "one review object per line with reviewerID, asin, unixReviewTime"
     u_out, a_out, t_out = [], [], []
     dropped = 0
@@ -154,10 +160,47 @@ def _read_reviews(path: Path, users: dict[str, int], min_rating: float | None
             if rating < min_rating:
                 dropped += 1
                 continue
-        u_out.append(users.setdefault(user, len(users)))
+        u_out.append(user)
         a_out.append(asin)
         t_out.append(ts)
     return u_out, a_out, t_out, dropped
+
+
+def _read_reviews_fast(path: Path, min_rating: float | None) -> tuple[pa.Array, pa.Array, np.ndarray, int] | None:
+    """The same with Arrow's JSON reader (strict JSON, ~15x faster); None when any check fails, so that the
+    line-by-line reader reports the first bad line."""
+    options = pajson.ParseOptions(explicit_schema=_REVIEW_SCHEMA, unexpected_field_behavior="ignore")
+    with progress(total=1, desc=f"read {path.name}", unit=" file") as bar:
+        try:  # a path (not a Python file object): Arrow reads .gz itself, in its own threads
+            table = pajson.read_json(str(path), parse_options=options)
+        except (pa.ArrowInvalid, OSError, EOFError):
+            return None
+        bar.update(1)
+    if table.num_rows == 0:
+        return None
+    for col in REVIEW_KEYS + (("overall",) if min_rating is not None else ()):
+        if table[col].null_count:
+            return None
+    user, asin = table["reviewerID"].combine_chunks(), table["asin"].combine_chunks()
+    ts = table["unixReviewTime"].to_numpy()
+    if (pc.min(pc.utf8_length(user)).as_py() == 0 or pc.min(pc.utf8_length(asin)).as_py() == 0
+            or ts.min() < 0 or ts.max() > MAX_TIMESTAMP):
+        return None
+    dropped = 0
+    if min_rating is not None:
+        keep = table["overall"].to_numpy() >= min_rating
+        dropped = int((~keep).sum())
+        user, asin, ts = user.filter(pa.array(keep)), asin.filter(pa.array(keep)), ts[keep]
+    return user, asin, ts, dropped
+
+
+def _read_reviews(path: Path, min_rating: float | None) -> tuple[pa.Array, pa.Array, np.ndarray, int]:
+    """(reviewerID, asin, timestamp) per kept review of one file, and how many fell below min_rating."""
+    fast = _read_reviews_fast(path, min_rating)
+    if fast is not None:
+        return fast
+    u, a, t, dropped = _read_reviews_slow(path, min_rating)
+    return pa.array(u, pa.string()), pa.array(a, pa.string()), np.asarray(t, np.int64), dropped
 
 
 def _categories(obj: dict[str, Any]) -> list[str] | None:
@@ -227,23 +270,24 @@ def read(src: Path, domains: Sequence[str] | None = None, kcore: int = DEFAULT_K
     names = tuple(name for name, _ in chosen)
     metas = meta_files(src)
 
-    users: dict[str, int] = {}
-    u_parts, d_parts, a_parts, t_parts = [], [], [], []
-    asin_of: list[list[str]] = []
+    reviewers, u_parts, d_parts, a_parts, t_parts = [], [], [], [], []
+    asin_of: list[np.ndarray] = []
     stats: dict[str, Any] = {"reviews": {}, "below_min_rating": {}}
     for d, (name, path) in enumerate(chosen):
-        u, asins, t, dropped = _read_reviews(path, users, min_rating)
-        if not u:
+        users, asins, t, dropped = _read_reviews(path, min_rating)
+        if len(users) == 0:
             raise at(path, 1, f"no reviews left (after --min-rating {min_rating}); expected at least one")
-        local: dict[str, int] = {}
-        a_parts.append(np.asarray([local.setdefault(a, len(local)) for a in asins], np.int64))
-        asin_of.append(list(local))
-        u_parts.append(np.asarray(u, np.int64))
-        d_parts.append(np.full(len(u), d, np.int8))
-        t_parts.append(np.asarray(t, np.int64))
-        stats["reviews"][name] = len(u) + dropped
+        items = pc.dictionary_encode(asins)
+        a_parts.append(items.indices.to_numpy().astype(np.int64))
+        asin_of.append(items.dictionary.to_numpy(zero_copy_only=False))
+        reviewers.append(users)
+        d_parts.append(np.full(len(users), d, np.int8))
+        t_parts.append(t)
+        stats["reviews"][name] = len(users) + dropped
         stats["below_min_rating"][name] = dropped
-    user = np.concatenate(u_parts)
+    encoded = pc.dictionary_encode(pa.chunked_array(reviewers).combine_chunks())
+    user = encoded.indices.to_numpy().astype(np.int64)
+    reviewer = encoded.dictionary.to_numpy(zero_copy_only=False)
     domain = np.concatenate(d_parts)
     local_item = np.concatenate(a_parts)
     ts = np.concatenate(t_parts)
@@ -269,15 +313,14 @@ def read(src: Path, domains: Sequence[str] | None = None, kcore: int = DEFAULT_K
                             f"{', --overlap-only' if overlap_only else ''}); expected a smaller --kcore")
 
     # dense ids: users by reviewerID, items by ASIN within their domain
-    reviewer = np.asarray(list(users), dtype=object)
     kept_users = np.unique(user)
     by_name = kept_users[np.argsort(reviewer[kept_users].astype(str), kind="stable")]
-    user_rank = np.full(len(users), -1, np.int64)
+    user_rank = np.full(reviewer.size, -1, np.int64)
     user_rank[by_name] = np.arange(by_name.size)
     source_ids, dense_of = [], np.full(int(item_offset[-1]), -1, np.int64)
     for d in range(len(names)):
         kept = np.unique(gitem[domain == d])
-        asins = np.asarray(asin_of[d], dtype=object)[kept - item_offset[d]].astype(str)
+        asins = asin_of[d][kept - item_offset[d]].astype(str)
         by_asin = np.argsort(asins, kind="stable")
         dense_of[kept[by_asin]] = np.arange(kept.size)
         source_ids.append(tuple(asins[by_asin].tolist()))
