@@ -132,12 +132,12 @@ def user_labels(dataset: CanonicalDataset, attribute: str = "both", buckets: int
         raise FedscopeError(f"--buckets {buckets}: expected an integer >= 1")
     n_users, n_domains = dataset.n_users, len(dataset.domains)
     train = dataset.split == TRAIN
-    counts = np.zeros((n_users, n_domains), np.int64)
-    np.add.at(counts, (dataset.user[train], dataset.domain[train]), 1)
+    cell = dataset.user * n_domains + dataset.domain
+    counts = np.bincount(cell[train], minlength=n_users * n_domains).reshape(n_users, n_domains)
     no_train = counts.sum(1) == 0
     if no_train.any():
-        rows = no_train[dataset.user]
-        np.add.at(counts, (dataset.user[rows], dataset.domain[rows]), 1)
+        counts = counts + np.bincount(cell[no_train[dataset.user]], minlength=n_users * n_domains
+                                      ).reshape(n_users, n_domains)
     dominant = np.argmax(counts, axis=1).astype(np.int64)
     if attribute == "domain":
         return dominant
@@ -160,8 +160,8 @@ def label_skew(part: Partition, labels: np.ndarray) -> float:
     if part.scheme == "domain":
         raise FedscopeError("label skew is defined for schemes that assign each user to one client")
     n_classes = int(labels.max()) + 1 if labels.size else 1
-    table = np.zeros((part.n_clients, n_classes), np.float64)
-    np.add.at(table, (part.client_of_user, labels), 1.0)
+    table = np.bincount(part.client_of_user.astype(np.int64) * n_classes + labels,
+                        minlength=part.n_clients * n_classes).reshape(part.n_clients, n_classes).astype(np.float64)
     sizes = table.sum(1)
     overall = table.sum(0) / max(table.sum(), 1.0)
     mix = table / np.maximum(sizes, 1.0)[:, None]
