@@ -254,3 +254,32 @@ def test_real_movielens(tmp_path):
     assert ds.n_users == 610 and ds.n_items == (9742,) and ds.n_interactions == 100836
     assert meta["splits"]["test"] == {"movie": 610} and meta["splits"]["valid"] == {"movie": 610}
     assert set(SPLITS[s] for s in np.unique(ds.split)) == {"train", "valid", "test"}
+
+
+@pytest.mark.parametrize("name", ["abxi-food-kitchen", "abxi-beauty-electronics", "c2dsr-food-kitchen",
+                                  "c2dsr-movie-book", "llmcdsr-food-kitchen", "llmcdsr-movie-book",
+                                  "movielens-latest-small"])
+def test_real_split_invariants(tmp_path, name):
+    """Every real source: positions 0..n-1, time order, at most one valid and one test target per user, and no
+    training (or history) row after a user's valid target or at/after its test target (no leakage)."""
+    prepare(real_dataset(name), tmp_path / "ds")
+    ds = load_dataset(tmp_path / "ds")
+    off = ds.user_offsets()
+    lengths = np.diff(off)
+    np.testing.assert_array_equal(ds.position, np.arange(ds.n_interactions) - np.repeat(off[:-1], lengths))
+    same_user = np.diff(ds.user) == 0
+    if ds.meta["timestamps"]:
+        assert np.all(np.diff(ds.timestamp)[same_user] >= 0)
+    for split in (VALID, TEST):
+        assert np.bincount(ds.user[ds.split == split], minlength=ds.n_users).max() <= 1
+    # the latest position per user of each split: history < valid < test, and test is the user's last row
+    def last_pos(split):
+        out = np.full(ds.n_users, -1)
+        rows = ds.split == split
+        np.maximum.at(out, ds.user[rows], ds.position[rows])
+        return out
+    history = np.maximum(last_pos(TRAIN), last_pos(CONTEXT))
+    valid, test = last_pos(VALID), last_pos(TEST)
+    assert np.all((valid < 0) | (history < valid))
+    assert np.all((test < 0) | ((history < test) & (valid < test) & (test == lengths - 1)))
+    assert np.all((valid < 0) | (test >= 0) | (valid == lengths - 1))   # a valid-only user: target is last
