@@ -82,6 +82,9 @@ def test_flag_and_positional_conflicts(tmp_path, capsys):
     assert "--input DIR is required" in capsys.readouterr().err
     assert main(["data", "prepare", "a", "--input", "b", "--output", str(tmp_path / "o")]) == 2
     assert "both given" in capsys.readouterr().err
+    assert main(["data", "partition", "--data", str(tmp_path), "--scheme", "uniform", "--clients", "2",
+                 "--attribute", "domain"]) == 2
+    assert "--attribute does not apply to --scheme uniform (only dirichlet)" in capsys.readouterr().err
     assert main(["data", "synth", "--output", str(tmp_path / "s"), "--items", "5,5", "--items-a", "9"]) == 2
     assert "--items and --items-a/--items-b both given" in capsys.readouterr().err
     assert main(["data", "prepare", "--input", str(real_dataset("abxi-food-kitchen")), "--output",

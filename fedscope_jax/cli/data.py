@@ -197,8 +197,12 @@ def run_partition(args: argparse.Namespace) -> int:
 
     if args.out and not args.out.endswith(".arrow"):
         raise FedscopeError(f"--out {args.out}: expected a .arrow file name")
-    ds = load_dataset(_one_path(args.dataset, args.data_dir, "--data"))
     options = {k: getattr(args, k) for k in ("alpha", "attribute", "buckets") if getattr(args, k) is not None}
+    applies = {"alpha": ("powerlaw", "dirichlet"), "attribute": ("dirichlet",), "buckets": ("dirichlet",)}
+    for k in options:
+        if args.scheme not in applies[k]:
+            raise FedscopeError(f"--{k} does not apply to --scheme {args.scheme} (only {', '.join(applies[k])})")
+    ds = load_dataset(_one_path(args.dataset, args.data_dir, "--data"))
     part = partition(ds, args.clients, args.scheme, args.seed, min_users=args.min_users, **options)
     summary = part.summary(ds)
     if args.out:
