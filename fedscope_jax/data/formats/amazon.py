@@ -270,7 +270,7 @@ def read(src: Path, domains: Sequence[str] | None = None, kcore: int = DEFAULT_K
     names = tuple(name for name, _ in chosen)
     metas = meta_files(src)
 
-    reviewers, u_parts, d_parts, a_parts, t_parts = [], [], [], [], []
+    reviewers, d_parts, a_parts, t_parts = [], [], [], []
     asin_of: list[np.ndarray] = []
     stats: dict[str, Any] = {"reviews": {}, "below_min_rating": {}}
     for d, (name, path) in enumerate(chosen):
