@@ -189,3 +189,16 @@ def test_arrow_fast_path_and_line_reader_agree(tmp_path):
     for name in ("user", "domain", "item", "timestamp", "split"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert a.items["source_id"].to_pylist() == b.items["source_id"].to_pylist()
+
+
+def test_empty_and_non_utf8_review_files(tmp_path):
+    src = _folder(tmp_path, KCORE_FOOD, KCORE_KITCHEN, meta=False)
+    with gzip.open(src / FOOD, "wb") as f:
+        f.write(json.dumps(_review("u1", "F1", 1)).encode() + b"\n" + b'{"reviewerID": "u\xff2"}\n')
+    with pytest.raises(FedscopeError, match=r"_Food_5.json.gz:2: byte 0xff at column 18 is not valid UTF-8"):
+        prepare(src, tmp_path / "out")
+    with gzip.open(src / FOOD, "wb") as f:
+        f.write(b"\n")
+    with pytest.raises(FedscopeError, match=r"_Food_5.json.gz:1: file is empty; expected one review object"):
+        prepare(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
