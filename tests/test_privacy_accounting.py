@@ -96,3 +96,10 @@ def test_edge_cases():
     assert math.isinf(accounting.epsilon_spent("rdp", 0.0, 3, DELTA))
     assert accounting.calibrate_noise_multiplier(1.0, DELTA, 0) == 0.0
     assert np.isfinite(accounting.calibrate_noise_multiplier(0.05, DELTA, 200, "rdp"))
+
+
+@pytest.mark.parametrize("z, q, n, amp", [(1.1, 1.0, 37, False), (0.9, 0.05, 400, True), (3.0, 0.5, 1, True)])
+def test_rdp_fast_path_is_a_fresh_accountant_composition(z, q, n, amp):
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(accounting.run_event(z, n, q, amp))
+    assert accounting.epsilon_spent("rdp", z, n, DELTA, q, amp) == acc.get_epsilon(DELTA)

@@ -68,9 +68,23 @@ def epsilon_spent(kind: str, noise_multiplier: float, events: int, delta: float,
         return 0.0
     if not noise_multiplier > 0:
         return math.inf
+    if kind == "rdp":
+        # Identical arithmetic to composing run_event(...) in a fresh RdpAccountant (its RDP vector starts at 0
+        # and grows by count * rdp(one event)), with the per-event RDP vector cached: O(orders) per call.
+        orders, one = _rdp_of_one_event(noise_multiplier, sampling_rate, amplification)
+        return float(rdp.rdp_privacy_accountant.compute_epsilon(orders, np.zeros_like(one) + events * one,
+                                                                float(delta))[0])
     accountant = make_accountant(kind)
     accountant.compose(run_event(noise_multiplier, events, sampling_rate, amplification))
     return float(accountant.get_epsilon(float(delta)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _rdp_of_one_event(noise_multiplier: float, sampling_rate: float,
+                      amplification: bool) -> tuple[np.ndarray, np.ndarray]:
+    accountant = rdp.RdpAccountant()
+    accountant.compose(round_event(noise_multiplier, sampling_rate, amplification))
+    return np.array(accountant.orders), np.array(accountant.rdp)
 
 
 def planned_events(sampling_rate: float, rounds: int, amplification: bool, quantile: float = 0.95) -> int:

@@ -1,0 +1,119 @@
+"""Privacy dry run: what a federated run on a dataset would spend, per client, without training.
+
+The accounting of a run depends only on the clients' sizes, the privacy config, the number of rounds and
+who takes part in each round, not on the model, so it can be computed before (or instead of) training:
+
+    python -m fedscope_jax.privacy.dryrun ../shared/data/abxi-food-kitchen --clients 64 --rounds 50 \
+        --out out/afk-privacy
+
+DATASET is a prepared dataset directory or a raw source folder (prepared into a temporary directory that is
+deleted afterwards). Clients come from `fedscope_jax.data.partition`; participation is Poisson sampled at
+--sampling-rate with --seed, refused clients are skipped, exactly as the ledger protocol prescribes.
+Writes privacy_ledger.arrow, metrics.jsonl (one privacy row per round) and summary.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.privacy.config import PrivacyConfig, add_privacy_arguments, config_from_args
+from fedscope_jax.utils.io import atomic_output_dir, write_json
+from fedscope_jax.utils.progress import progress
+
+
+def client_sizes(dataset_path: str | Path, clients: int, scheme: str, seed: int, alpha: float) -> np.ndarray:
+    """Train interactions per client of `dataset_path` (prepared dir or raw source) under a partition."""
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.data.formats import prepare
+    from fedscope_jax.data.partition import partition
+
+    path = Path(dataset_path)
+    if (path / "dataset.json").is_file():
+        dataset = load_dataset(path)
+        part = partition(dataset, clients, scheme, seed, alpha=alpha)
+        return part.sizes(dataset)["train_interactions"]
+    with tempfile.TemporaryDirectory(prefix="fedscope-dryrun-") as tmp:
+        prepare(path, Path(tmp) / "dataset")
+        dataset = load_dataset(Path(tmp) / "dataset")
+        part = partition(dataset, clients, scheme, seed, alpha=alpha)
+        return part.sizes(dataset)["train_interactions"]
+
+
+def dry_run(sizes: np.ndarray, config: PrivacyConfig, rounds: int, sampling_rate: float, seed: int,
+            out: str | Path | None = None, force: bool = False) -> dict:
+    """Plans, runs the ledger protocol for `rounds` rounds and returns (and optionally writes) the summary."""
+    from fedscope_jax.privacy.ledger import PrivacyLedger
+    from fedscope_jax.privacy.plan import plan_privacy
+
+    plan = plan_privacy(config, sizes, sampling_rate, rounds)
+    ledger = PrivacyLedger(plan, np.arange(sizes.size), sizes)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for t in progress(range(rounds), desc="privacy dry run", unit="round"):
+        eligible = ledger.begin_round(t)
+        participated = eligible & (rng.random(sizes.size) < plan.sampling_rates)
+        rows.append(ledger.end_round(participated, track_eps=config.accountant == "rdp"))  # PLD: costly per round
+    summary = ledger.summary()
+    eps = ledger.eps_spent
+    summary.update({"clients": int(sizes.size), "rounds": rounds, "sampling_rate": sampling_rate,
+                    "epsilon_nominal": config.epsilon, "eps_spent_min": float(eps.min()),
+                    "eps_spent_median": float(np.median(eps)),
+                    "eps_target_median": float(np.median(plan.eps_targets)),
+                    "noise_multiplier_median": float(np.median(plan.noise_multipliers)),
+                    "config": config.to_dict()})
+    if out is not None:
+        with atomic_output_dir(out, force=force) as tmp:
+            ledger.write(tmp)
+            with open(tmp / "metrics.jsonl", "w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row) + "\n")
+            write_json(summary, tmp / "summary.json")
+    return summary
+
+
+def _table(sizes: np.ndarray, summary: dict) -> str:
+    keys = ["clients", "rounds", "sampling_rate", "mode", "accountant", "amplification", "delta",
+            "epsilon_nominal", "eps_target_min", "eps_target_median", "eps_target_max", "noise_multiplier_min",
+            "noise_multiplier_median", "noise_multiplier_max", "eps_spent_min", "eps_spent_median",
+            "eps_spent_max", "clients_over_target"]
+    lines = [f"client train interactions: min {sizes.min()}, median {int(np.median(sizes))}, max {sizes.max()}"]
+    lines += [f"{k:>24}: {summary[k]:.6g}" if isinstance(summary[k], float) else f"{k:>24}: {summary[k]}"
+              for k in keys]
+    lines.append(f"{'stopped_clients':>24}: {len(summary['stopped_clients'])}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedscope_jax.privacy.dryrun", description=__doc__.split("\n")[0])
+    parser.add_argument("dataset", help="prepared dataset directory or raw source folder")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--scheme", default="powerlaw", help="partition scheme (fedscope data partition)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="powerlaw exponent of the partition")
+    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--sampling-rate", type=float, default=1.0, help="per-round participation probability")
+    parser.add_argument("--seed", type=int, default=0, help="partition and participation seed")
+    parser.add_argument("--out", help="write privacy_ledger.arrow, metrics.jsonl, summary.json here")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_privacy_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        sizes = client_sizes(args.dataset, args.clients, args.scheme, args.seed, args.alpha)
+        summary = dry_run(sizes, config, args.rounds, args.sampling_rate, args.seed, args.out, args.force)
+    except FedscopeError as exc:
+        print(f"privacy dry run: error: {exc}", file=sys.stderr)
+        return 2
+    print(_table(sizes, summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Privacy dry run on the real abxi-food-kitchen data (64 powerlaw silos): what a default run spends."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import real_dataset
+from fedscope_jax.privacy import dryrun
+from fedscope_jax.privacy.ledger import check_ledger, read_ledger
+
+
+def test_default_dry_run_on_abxi_food_kitchen(tmp_path, capsys):
+    src = real_dataset("abxi-food-kitchen")
+    out = tmp_path / "run"
+    assert dryrun.main([str(src), "--clients", "64", "--rounds", "50", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "eps_spent_max" in printed
+    rows = read_ledger(out / "privacy_ledger.arrow")
+    assert len(rows) == 64 and check_ledger(out / "privacy_ledger.arrow") == []
+    sizes = np.array([r["n_examples"] for r in rows])
+    assert sizes.sum() == 173_548 - 2 * 7_144  # train = all but each user's valid and test targets
+    targets = np.array([r["eps_target"] for r in rows])
+    spent = np.array([r["eps_spent"] for r in rows])
+    assert np.all(spent <= targets) and np.allclose(spent, targets, rtol=1e-4)  # q = 1: the whole budget
+    assert np.exp(np.mean(np.log(targets))) == pytest.approx(8.0, rel=1e-9)
+    order = np.argsort(sizes, kind="stable")
+    assert np.all(np.diff(targets[order]) >= 0)
+    assert all(r["rounds_participated"] == 50 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clients_over_target"] == 0 and summary["stopped_clients"] == []
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == list(range(50))
+    assert metrics[-1]["privacy/eps_spent_max"] == pytest.approx(spent.max())
+
+
+def test_dry_run_with_sampling_stops_over_sampled_clients(tmp_path):
+    src = real_dataset("abxi-food-kitchen")
+    sizes = dryrun.client_sizes(src, 64, "powerlaw", 0, 1.0)
+    from fedscope_jax.privacy.config import PrivacyConfig
+    summary = dryrun.dry_run(sizes, PrivacyConfig(participation_quantile=0.5), 40, 0.5, seed=1)
+    assert summary["clients_over_target"] == 0
+    assert len(summary["stopped_clients"]) > 0      # about half of the clients are sampled more than planned
