@@ -121,3 +121,11 @@ def test_pytree_and_parameter_checks():
         secagg.make_params(2**17, 1.0, levels=2**15)
     with pytest.raises(FedscopeError, match="made for 3 clients"):
         secagg.secure_sum(_values(4, 5), jnp.ones(4, bool), jax.random.key(0), params)
+
+
+def test_error_report_measures_against_the_plain_sum():
+    from fedscope_jax.privacy.secagg_error import measure
+    r = measure(6, 2048, 1.0, None, None, dropout=0.3, seed=2, repeats=1)
+    assert 0 < r["delivered"] <= 6
+    assert 0 < r["max_abs_error"] <= r["bound"]
+    assert r["rms_error"] <= np.sqrt(r["delivered"]) * r["step"] / 2 * 1.1

@@ -30,7 +30,7 @@ class PrivacyConfig:
     clip_target_quantile, clip_learning_rate, clip_bit_fraction: adaptive clipping (Andrew et al. 2021);
       clip_bit_fraction is the share of each round's privacy (in 1/z^2) spent on the noised clipped-bit.
     secagg: sum updates with simulated secure aggregation; secagg_neighbors: masking partners per client
-      (None: every other client).
+      (default 16, a log-degree masking graph as in Bell et al. 2020; None: every other client).
     """
 
     mode: str = "personalized"
@@ -49,7 +49,7 @@ class PrivacyConfig:
     clip_learning_rate: float = 0.2
     clip_bit_fraction: float = 0.1
     secagg: bool = True
-    secagg_neighbors: int | None = None
+    secagg_neighbors: int | None = 16
 
     def __post_init__(self) -> None:
         self.validate()

@@ -31,6 +31,7 @@ from fedscope_jax.errors import FedscopeError
 from fedscope_jax.privacy import accounting
 from fedscope_jax.privacy.plan import PrivacyPlan
 from fedscope_jax.utils.io import read_arrow, write_arrow
+from fedscope_jax.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class PrivacyLedger:
         self.stop_round = np.full(c, -1, dtype=np.int64)
         self.eps_spent = np.zeros(c, dtype=np.float64)
         self._round: int | None = None
+        self._finalized: np.ndarray | None = None
         self._active = np.zeros(c, dtype=bool)
         self.rounds_run = 0
 
@@ -163,7 +165,11 @@ class PrivacyLedger:
 
     def finalize_eps(self) -> np.ndarray:
         """eps_spent of every client, computed afresh from its state (the values the ledger file holds)."""
-        self.eps_spent = np.array([self._epsilon(k, int(self.events[k])) for k in range(self.plan.num_clients)])
+        if self._finalized is not None and np.array_equal(self._finalized, self.events):
+            return self.eps_spent
+        clients = progress(range(self.plan.num_clients), desc="privacy: eps_spent", unit="client")
+        self.eps_spent = np.array([self._epsilon(k, int(self.events[k])) for k in clients], dtype=np.float64)
+        self._finalized = self.events.copy()
         return self.eps_spent
 
     # --- reporting --------------------------------------------------------------------------------------
