@@ -1,1 +1,1 @@
-"""eval."""
+"""Evaluation: ranking metrics (metrics) and the leave-one-out protocol with baselines (protocol)."""

@@ -1,0 +1,210 @@
+"""Leave-one-out evaluation: ranking each valid/test target against sampled negatives and the full item set.
+
+For every target (a `valid` or `test` interaction), the history is the user's earlier interactions in the
+target's domain (any split), last max_len of them. Protocol "sampled": the target against `num_negatives`
+items of its domain drawn uniformly without replacement among the items the user never interacted with in
+that domain, seeded by (seed, split) only, so every method sees the same candidates. Protocol "full": the
+target against every other item of its domain. A popularity baseline (train-split counts) is ranked on
+exactly the same candidates, and metrics are also broken down by in-domain history length (cold start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedscope_jax.data.batching import group_order
+from fedscope_jax.data.canonical import SPLITS, TRAIN, CanonicalDataset
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.eval.metrics import pessimistic_rank, ranking_metrics
+from fedscope_jax.model import ModelConfig, Params, Semantic, all_item_repr, encode
+
+PROTOCOLS = ("sampled", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """num_negatives: sampled-protocol negatives per target; seed: of those negatives; buckets: lower edges
+    of the cold-start history-length buckets (e.g. (1, 3, 6, 11) -> 0, 1-2, 3-5, 6-10, >10)."""
+
+    num_negatives: int = 999
+    seed: int = 0
+    ks: tuple[int, ...] = (1, 5, 10)
+    buckets: tuple[int, ...] = (1, 3, 6, 11)
+    batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.num_negatives < 1 or self.batch_size < 1 or not self.ks or min(self.ks) < 1:
+            raise FedscopeError("eval.num_negatives, eval.batch_size and eval.ks must be >= 1")
+        if list(self.buckets) != sorted(set(self.buckets)) or (self.buckets and self.buckets[0] < 1):
+            raise FedscopeError(f"eval.buckets={list(self.buckets)}; expected increasing lower edges >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """The targets of one split, grouped by nothing: row e is one (user, target) pair."""
+
+    split: str
+    user: np.ndarray        # int64 [E]
+    domain: np.ndarray      # int8 [E]
+    target: np.ndarray      # int32 [E] shifted id
+    history: np.ndarray     # int32 [E, L] left-padded shifted ids (last L in-domain items before the target)
+    hist_len: np.ndarray    # int32 [E] full in-domain history length (before truncation)
+    negatives: np.ndarray   # int32 [E, M] shifted ids of the sampled protocol
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+
+def _sample_negatives(user: np.ndarray, n_items: int, seen_keys: np.ndarray, m: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """[E, m] 0-based item ids per row, distinct, none of them in the row's seen (user * n + item) keys."""
+    out = np.zeros((len(user), m), np.int64)
+    todo = np.arange(len(user))
+    draw = m + m // 2 + 8
+    while todo.size:
+        cand = rng.integers(0, n_items, size=(todo.size, draw))
+        cand.sort(axis=1)
+        ok = ~np.isin(user[todo, None] * n_items + cand, seen_keys)
+        ok[:, 1:] &= cand[:, 1:] != cand[:, :-1]
+        done = ok.sum(1) >= m
+        # keep a uniform random subset of size m of each row's distinct unseen draws
+        keys = np.where(ok, rng.random(ok.shape), 2.0)
+        pick = np.argsort(keys, axis=1)[:, :m]
+        out[todo[done]] = np.take_along_axis(cand, pick, axis=1)[done]
+        todo = todo[~done]
+        draw *= 2
+    return out
+
+
+def eval_set(ds: CanonicalDataset, split: str, max_len: int, cfg: EvalConfig) -> EvalSet:
+    """Builds the targets of `split` ("valid" or "test") with histories and sampled negatives."""
+    if split not in ("valid", "test"):
+        raise FedscopeError(f"eval split {split!r}; expected valid or test")
+    code = SPLITS.index(split)
+    rows, start = group_order(ds, np.arange(ds.n_interactions))
+    at = np.flatnonzero(ds.split[rows] == code)
+    hist_len = (at - start[at]).astype(np.int32)
+    cols = at[:, None] - max_len + np.arange(max_len)[None, :]
+    ok = cols >= start[at][:, None]
+    history = np.where(ok, ds.item[rows[np.maximum(cols, 0)]] + 1, 0).astype(np.int32)
+    t = rows[at]
+    user, domain, target = ds.user[t], ds.domain[t], ds.item[t].astype(np.int32) + 1
+    negatives = np.zeros((len(t), cfg.num_negatives), np.int32)
+    rng = np.random.default_rng([cfg.seed, code])
+    for d, n_items in enumerate(ds.n_items):
+        sel = np.flatnonzero(domain == d)
+        if not sel.size:
+            continue
+        in_d = ds.domain == d
+        seen = np.unique(ds.user[in_d] * n_items + ds.item[in_d])
+        unseen = n_items - np.bincount(seen // n_items, minlength=ds.n_users)[user[sel]]
+        if unseen.min() < cfg.num_negatives:
+            raise FedscopeError(f"eval.num_negatives={cfg.num_negatives} but a user of domain {ds.domains[d]!r} has "
+                                f"only {int(unseen.min())} unseen items; lower eval.num_negatives")
+        negatives[sel] = _sample_negatives(user[sel], n_items, seen, cfg.num_negatives, rng) + 1
+    return EvalSet(split=split, user=user, domain=domain, target=target, history=history, hist_len=hist_len,
+                   negatives=negatives)
+
+
+def popularity_scores(ds: CanonicalDataset) -> list[np.ndarray]:
+    """Per domain float [N+1]: train-split interaction counts by shifted id (row 0 = padding, -inf)."""
+    out = []
+    for d, n in enumerate(ds.n_items):
+        sel = (ds.domain == d) & (ds.split == TRAIN)
+        counts = np.bincount(ds.item[sel] + 1, minlength=n + 1).astype(np.float64)
+        counts[0] = -np.inf
+        out.append(counts)
+    return out
+
+
+def popularity_ranks(es: EvalSet, pop: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Ranks of the popularity baseline under both protocols (same candidates as the model)."""
+    sampled = np.zeros(len(es), np.int64)
+    full = np.zeros(len(es), np.int64)
+    for d, scores in enumerate(pop):
+        sel = np.flatnonzero(es.domain == d)
+        t = scores[es.target[sel]]
+        sampled[sel] = pessimistic_rank(t, scores[es.negatives[sel]])
+        full[sel] = pessimistic_rank(t, scores[None, 1:]) - 1
+    return {"sampled": sampled, "full": full}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "d"))
+def _model_ranks(params: Params, semantic: Semantic, history: jnp.ndarray, target: jnp.ndarray,
+                 negatives: jnp.ndarray, config: ModelConfig, d: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sampled rank, full rank) of a batch of targets of domain d, pessimistic ties, NaN counted against."""
+    h = encode(params, config, d, history, semantic)[:, -1]                       # [E, dim]
+    scores = h @ all_item_repr(params, config, d, semantic).T                     # [E, N+1], column 0 = padding
+    t_score = jnp.take_along_axis(scores, target[:, None], axis=1)                # [E, 1]
+    n_score = jnp.take_along_axis(scores, negatives, axis=1)                      # [E, M]
+    sampled = jnp.sum(~(n_score < t_score), axis=1)
+    full = jnp.sum(~(scores[:, 1:] < t_score), axis=1) - 1                        # minus the target itself
+    return sampled, full
+
+
+def model_ranks(params: Params, config: ModelConfig, es: EvalSet, semantic: Semantic = None,
+                batch_size: int = 512) -> dict[str, np.ndarray]:
+    """Ranks of the model under both protocols, scored in fixed-size jitted batches per domain."""
+    sampled = np.zeros(len(es), np.int64)
+    full = np.zeros(len(es), np.int64)
+    for d in range(len(params)):
+        sel = np.flatnonzero(es.domain == d)
+        for lo in range(0, sel.size, batch_size):
+            idx = sel[lo:lo + batch_size]
+            pad = batch_size - idx.size
+            take = np.concatenate([idx, np.full(pad, idx[0])])
+            s, f = _model_ranks(params, semantic, es.history[take], es.target[take], es.negatives[take],
+                                config=config, d=d)
+            sampled[idx] = np.asarray(s)[:idx.size]
+            full[idx] = np.asarray(f)[:idx.size]
+    return {"sampled": sampled, "full": full}
+
+
+def bucket_labels(edges: Sequence[int]) -> list[str]:
+    """Labels of the history-length buckets: (1, 3, 6, 11) -> ["0", "1-2", "3-5", "6-10", ">10"]."""
+    lows = [0, *edges]
+    labels = []
+    for i, lo in enumerate(lows):
+        if i + 1 < len(lows):
+            hi = lows[i + 1] - 1
+            labels.append(str(lo) if hi == lo else f"{lo}-{hi}")
+        else:
+            labels.append(f">{lo - 1}" if lo > 0 else f">={lo}")
+    return labels
+
+
+def summarize(es: EvalSet, ranks: dict[str, np.ndarray], domains: Sequence[str],
+              ks: Sequence[int]) -> dict[str, dict[str, dict[str, float]]]:
+    """{protocol: {domain: metrics + "targets"}} from ranks."""
+    out: dict[str, Any] = {}
+    for proto, r in ranks.items():
+        out[proto] = {}
+        for d, name in enumerate(domains):
+            sel = es.domain == d
+            out[proto][name] = {**ranking_metrics(r[sel], ks), "targets": int(sel.sum())}
+    return out
+
+
+def cold_start(es: EvalSet, ranks_by_method: dict[str, dict[str, np.ndarray]], domains: Sequence[str],
+               cfg: EvalConfig) -> dict[str, Any]:
+    """{protocol: {domain: {bucket: {"targets": n, method: metrics}}}} by in-domain history length."""
+    labels = bucket_labels(cfg.buckets)
+    bucket = np.searchsorted(np.asarray(cfg.buckets), es.hist_len, side="right")
+    out: dict[str, Any] = {}
+    for proto in PROTOCOLS:
+        out[proto] = {}
+        for d, name in enumerate(domains):
+            out[proto][name] = {}
+            for b, label in enumerate(labels):
+                sel = (es.domain == d) & (bucket == b)
+                cell: dict[str, Any] = {"targets": int(sel.sum())}
+                for method, ranks in ranks_by_method.items():
+                    cell[method] = ranking_metrics(ranks[proto][sel], cfg.ks)
+                out[proto][name][label] = cell
+    return out

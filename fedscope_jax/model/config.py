@@ -1,0 +1,64 @@
+"""Frozen configuration of the FedSCOPE model and its losses (hashable, so it can be a static jit argument)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from fedscope_jax.errors import FedscopeError
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Next-item loss and IIDCL weights. Total = L_rec + alpha * (lambda_intra * L_intra + lambda_inter * L_inter).
+
+    rec: "sampled" (uniform negatives shared by the batch), "in_batch" (negatives drawn from the batch's own
+    targets, i.e. by popularity) or "full" (softmax over every item of the domain; memory B*L*N floats).
+    A weight of 0 removes the term from the traced program (its gradient is exactly zero).
+    """
+
+    rec: str = "sampled"
+    num_negatives: int = 100
+    alpha: float = 0.1
+    lambda_intra: float = 1.0
+    lambda_inter: float = 1.0
+    tau_intra: float = 0.2
+    tau_inter: float = 0.2
+    rho: float = 0.02          # intra positives: K = min(ceil(rho * N), k_max), N = valid users in the batch
+    k_max: int = 50
+
+    def __post_init__(self) -> None:
+        if self.rec not in ("sampled", "in_batch", "full"):
+            raise FedscopeError(f"loss.rec={self.rec!r}; expected one of sampled, in_batch, full")
+        if self.num_negatives < 1 or self.k_max < 1:
+            raise FedscopeError("loss.num_negatives and loss.k_max must be >= 1")
+        if min(self.tau_intra, self.tau_inter) <= 0:
+            raise FedscopeError("loss.tau_intra and loss.tau_inter must be > 0")
+        if not 0 < self.rho <= 1:
+            raise FedscopeError(f"loss.rho={self.rho}; expected 0 < rho <= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """SASRec-style encoder per domain (paper-like defaults) plus optional semantic fusion, and its losses."""
+
+    dim: int = 64
+    blocks: int = 2
+    heads: int = 2
+    dropout: float = 0.3
+    max_len: int = 50
+    fusion_hidden: int = 64     # hidden width of the [ID ; semantic] fusion MLP
+    loss: LossConfig = LossConfig()
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.blocks < 1 or self.heads < 1 or self.max_len < 1 or self.fusion_hidden < 1:
+            raise FedscopeError("model.dim, blocks, heads, max_len, fusion_hidden must be >= 1")
+        if self.dim % self.heads:
+            raise FedscopeError(f"model.dim={self.dim} must be divisible by model.heads={self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FedscopeError(f"model.dropout={self.dropout}; expected 0 <= dropout < 1")
+
+
+def intra_k(rho: float, k_max: int, n_users: int) -> int:
+    """K = min(ceil(rho * N), K_max), at least 1 and at most N - 1 (host-side helper for docs and tests)."""
+    return max(1, min(math.ceil(rho * n_users), k_max, max(n_users - 1, 1)))

@@ -1,0 +1,72 @@
+"""Pure functions over the parameter pytree: init, encode, item representations.
+
+params = {"domain_0": <tower params>, "domain_1": ...}; every shape the towers need (item counts, semantic
+width) is read back from the arrays, so these functions take only (params, config) and stay jit/vmap friendly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fedscope_jax.model.config import ModelConfig
+from fedscope_jax.model.network import DomainTower, SemanticTable
+
+Params = dict[str, Any]
+Semantic = Sequence[SemanticTable | None] | None
+
+
+def domain_key(d: int) -> str:
+    return f"domain_{d}"
+
+
+def n_domains(params: Params) -> int:
+    return len(params)
+
+
+def _tower(params: Params, config: ModelConfig, d: int) -> DomainTower:
+    p = params[domain_key(d)]
+    n_items = p["item_emb"].shape[0] - 1
+    semantic_dim = p["fuse_in"]["kernel"].shape[0] - config.dim if "fuse_in" in p else 0
+    return DomainTower(n_items=n_items, cfg=config, semantic_dim=semantic_dim)
+
+
+def _sem(semantic: Semantic, d: int) -> SemanticTable | None:
+    return None if semantic is None else semantic[d]
+
+
+def init_params(key: jax.Array, config: ModelConfig, n_items: Sequence[int], semantic: Semantic = None) -> Params:
+    """Initial parameters for len(n_items) domains; a domain gets a fusion MLP iff it has a semantic table."""
+    params = {}
+    for d, (k, n) in enumerate(zip(jax.random.split(key, len(n_items)), n_items)):
+        sem = _sem(semantic, d)
+        sdim = 0 if sem is None else int(sem["vectors"].shape[-1])
+        tower = DomainTower(n_items=int(n), cfg=config, semantic_dim=sdim)
+        seq = jnp.ones((1, config.max_len), jnp.int32)
+        params[domain_key(d)] = tower.init(k, seq, sem, False)["params"]
+    return params
+
+
+def encode(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, semantic: Semantic = None,
+           key: jax.Array | None = None, train: bool = False) -> jnp.ndarray:
+    """float32 [B, L, dim]: domain d's encoder outputs for left-padded shifted ids [B, L] (key: dropout)."""
+    tower = _tower(params, config, d)
+    rngs = {"dropout": key} if train else {}
+    if train and key is None:
+        raise ValueError("encode(train=True) needs a dropout key")
+    return tower.apply({"params": params[domain_key(d)]}, seq, _sem(semantic, d), train, rngs=rngs,
+                       method=DomainTower.encode)
+
+
+def item_repr(params: Params, config: ModelConfig, d: int, ids: jnp.ndarray, semantic: Semantic = None) -> jnp.ndarray:
+    """float32 [..., dim]: domain d's item representations (fused when it has semantic vectors) of shifted ids."""
+    tower = _tower(params, config, d)
+    return tower.apply({"params": params[domain_key(d)]}, ids, _sem(semantic, d), method=DomainTower.items)
+
+
+def all_item_repr(params: Params, config: ModelConfig, d: int, semantic: Semantic = None) -> jnp.ndarray:
+    """float32 [N+1, dim]: every item of domain d (row 0 = padding)."""
+    n = params[domain_key(d)]["item_emb"].shape[0]
+    return item_repr(params, config, d, jnp.arange(n), semantic)

@@ -1,0 +1,63 @@
+"""The training objective of one mini-batch: L_rec + alpha * (lambda_intra * L_intra + lambda_inter * L_inter).
+
+batch = {"seq": int32 [B, D, L], "target": int32 [B, D, L], ...}: per user and domain, the left-padded input
+sequence of shifted item ids and, at each position, the next item (0 = none). Extra keys (masks) are ignored:
+a padding user is an all-zero row and contributes nothing. Terms are summed over domains (and domain pairs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fedscope_jax.losses.iidcl import inter_loss, intra_loss
+from fedscope_jax.losses.rec import next_item_loss
+from fedscope_jax.model.config import ModelConfig
+from fedscope_jax.model.functional import Params, Semantic, all_item_repr, domain_key, encode, item_repr
+
+
+def _candidates(params: Params, config: ModelConfig, d: int, target: jnp.ndarray, key: jax.Array,
+                semantic: Semantic) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Shared candidate ids [M] and their representations for domain d's next-item loss."""
+    lc = config.loss
+    n_items = params[domain_key(d)]["item_emb"].shape[0] - 1
+    if lc.rec == "full":
+        return jnp.arange(n_items + 1), all_item_repr(params, config, d, semantic)
+    if lc.rec == "sampled":
+        ids = jax.random.randint(key, (lc.num_negatives,), 1, n_items + 1)
+    else:  # in_batch: targets of random positions of the batch (padding positions give id 0, dropped later)
+        flat = target.reshape(-1)
+        ids = flat[jax.random.randint(key, (lc.num_negatives,), 0, flat.shape[0])]
+    return ids, item_repr(params, config, d, ids, semantic)
+
+
+def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, config: ModelConfig,
+            train: bool = True, semantic: Semantic = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """(total loss, aux) for one mini-batch; aux holds each term and the number of next-item targets."""
+    lc = config.loss
+    seq, target = batch["seq"], batch["target"]
+    n_dom = seq.shape[1]
+    rec = jnp.zeros(())
+    users, valid = [], []
+    for d, k in enumerate(jax.random.split(key, n_dom)):
+        k_drop, k_neg = jax.random.split(k)
+        h = encode(params, config, d, seq[:, d], semantic, k_drop, train)
+        cand_ids, cand_emb = _candidates(params, config, d, target[:, d], k_neg, semantic)
+        tgt_emb = item_repr(params, config, d, target[:, d], semantic)
+        rec = rec + next_item_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb)
+        users.append(h[:, -1])
+        valid.append(seq[:, d, -1] > 0)
+    intra = jnp.zeros(())
+    if lc.alpha and lc.lambda_intra:
+        for z, v in zip(users, valid):
+            intra = intra + intra_loss(z, v, lc.tau_intra, lc.rho, lc.k_max)
+    inter = jnp.zeros(())
+    if lc.alpha and lc.lambda_inter:
+        for a in range(n_dom):
+            for b in range(a + 1, n_dom):
+                inter = inter + inter_loss(users[a], users[b], valid[a], valid[b], lc.tau_inter)
+    total = rec + lc.alpha * (lc.lambda_intra * intra + lc.lambda_inter * inter)
+    aux: dict[str, Any] = {"rec": rec, "intra": intra, "inter": inter, "targets": jnp.sum(target > 0)}
+    return total, aux

@@ -1,0 +1,146 @@
+"""The towers: padding invariance, causal masking, semantic fusion masks, IIDCL weight 0, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedscope_jax.model import LossConfig, ModelConfig, all_item_repr, encode, init_params, item_repr, loss_fn
+
+CFG = ModelConfig(dim=8, blocks=2, heads=2, dropout=0.3, max_len=10, fusion_hidden=8)
+N_ITEMS = (12, 15)
+# jitted once per test so eager dispatch of every Flax op does not dominate the run time
+_loss = jax.jit(loss_fn, static_argnames=("config", "train"))
+_encode = jax.jit(encode, static_argnames=("config", "d", "train"))
+
+
+def _batch(rng, b=5, length=6, n_items=N_ITEMS):
+    seq = np.zeros((b, 2, length), np.int32)
+    tgt = np.zeros_like(seq)
+    for i in range(b):
+        for d in range(2):
+            n = int(rng.integers(0, length + 1))
+            items = rng.integers(1, n_items[d] + 1, n + 1)
+            if n:
+                seq[i, d, length - n:] = items[:-1]
+                tgt[i, d, length - n:] = items[1:]
+    return {"seq": jnp.array(seq), "target": jnp.array(tgt)}
+
+
+def _semantic(rng, dim=6):
+    out = []
+    for n in N_ITEMS:
+        mask = (rng.random(n + 1) < 0.6).astype(np.float32)
+        mask[0] = 0
+        out.append({"vectors": jnp.array(rng.normal(size=(n + 1, dim)).astype(np.float32) * mask[:, None]),
+                    "mask": jnp.array(mask)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(jax.random.key(0), CFG, N_ITEMS)
+
+
+def test_prepending_padding_changes_no_output(params):
+    batch = _batch(np.random.default_rng(0))
+    seq = batch["seq"][:, 0]
+    out = _encode(params, CFG, 0, seq)
+    longer = jnp.concatenate([jnp.zeros((seq.shape[0], 3), jnp.int32), seq], axis=1)
+    out_long = _encode(params, CFG, 0, longer)
+    np.testing.assert_allclose(np.asarray(out_long[:, 3:]), np.asarray(out), atol=1e-5)
+    assert not np.asarray(out_long[:, :3]).any()
+    assert not np.asarray(out)[np.asarray(seq) == 0].any()
+
+
+def test_padding_users_and_positions_change_no_loss(params):
+    cfg = dataclasses.replace(CFG, loss=LossConfig(num_negatives=7, rho=0.5))
+    batch = _batch(np.random.default_rng(1))
+    key = jax.random.key(3)
+    base, aux = _loss(params, batch, key, cfg, train=False)
+    padded = {k: jnp.concatenate([jnp.pad(v, ((0, 0), (0, 0), (2, 0))), jnp.zeros((3, 2, 8), jnp.int32)])
+              for k, v in batch.items()}
+    more, aux2 = _loss(params, padded, key, cfg, train=False)
+    assert float(more) == pytest.approx(float(base), rel=1e-5)
+    for k in ("rec", "intra", "inter"):
+        assert float(aux2[k]) == pytest.approx(float(aux[k]), rel=1e-5, abs=1e-7)
+
+
+def test_a_position_never_sees_the_future(params):
+    seq = jnp.array([[0, 3, 5, 7, 2, 9]], jnp.int32)
+    out = np.asarray(_encode(params, CFG, 1, seq))
+    for t in range(1, 6):
+        changed = seq.at[0, t].set(11)
+        out2 = np.asarray(_encode(params, CFG, 1, changed))
+        np.testing.assert_allclose(out2[0, :t], out[0, :t], atol=1e-6)
+        assert np.abs(out2[0, t:] - out[0, t:]).max() > 1e-4
+
+
+def test_semantic_fusion_only_touches_items_with_a_vector():
+    rng = np.random.default_rng(2)
+    sem = _semantic(rng)
+    p = init_params(jax.random.key(1), CFG, N_ITEMS, sem)
+    assert "fuse_in" in p["domain_0"] and p["domain_0"]["fuse_in"]["kernel"].shape == (CFG.dim + 6, 8)
+    reps = np.asarray(all_item_repr(p, CFG, 0, sem))
+    ids_only = np.asarray(p["domain_0"]["item_emb"])
+    mask = np.asarray(sem[0]["mask"]) > 0
+    np.testing.assert_allclose(reps[~mask], ids_only[~mask], atol=1e-6)
+    assert np.abs(reps[mask] - ids_only[mask]).max() > 1e-3
+    # changing the vector of an item without a vector (mask 0) changes nothing
+    vec = np.asarray(sem[0]["vectors"]).copy()
+    vec[~mask] = 5.0
+    sem2 = [{"vectors": jnp.array(vec), "mask": sem[0]["mask"]}, sem[1]]
+    np.testing.assert_allclose(np.asarray(all_item_repr(p, CFG, 0, sem2)), reps, atol=1e-6)
+    loss, _ = _loss(p, _batch(rng), jax.random.key(0), CFG, True, sem)
+    assert np.isfinite(float(loss))
+    with pytest.raises(ValueError, match="semantic"):
+        item_repr(p, CFG, 0, jnp.array([1, 2]))
+
+
+def test_iidcl_gradients_finite_and_zero_at_weight_zero(params):
+    batch = _batch(np.random.default_rng(4))
+    key = jax.random.key(5)
+    on = dataclasses.replace(CFG, loss=LossConfig(num_negatives=6, rho=0.5))
+    off = dataclasses.replace(CFG, loss=LossConfig(num_negatives=6, rho=0.5, alpha=0.0))
+
+    def terms(p):
+        aux = loss_fn(p, batch, key, on, True)[1]
+        return jnp.stack([aux["rec"], aux["intra"], aux["inter"]])
+
+    jac = jax.jit(jax.jacrev(terms))(params)            # one program: the gradient of each term
+    for i in (1, 2):                                    # intra, inter: finite and not trivially zero
+        g = [np.asarray(x[i]) for x in jax.tree.leaves(jac)]
+        assert all(np.all(np.isfinite(x)) for x in g) and max(np.abs(x).max() for x in g) > 0
+    (total, aux), g_off = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, key, off, True), has_aux=True))(params)
+    # with alpha = 0 the IIDCL terms are not even traced: the total is the next-item loss alone
+    assert float(aux["intra"]) == 0.0 and float(aux["inter"]) == 0.0 and float(total) == float(aux["rec"])
+    for a, b in zip(jax.tree.leaves(g_off), jax.tree.leaves(jac)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b[0]), rtol=1e-5, atol=1e-7)
+
+
+def test_determinism_by_seed():
+    batch = _batch(np.random.default_rng(6))
+    a = init_params(jax.random.key(7), CFG, N_ITEMS)
+    b = init_params(jax.random.key(7), CFG, N_ITEMS)
+    c = init_params(jax.random.key(8), CFG, N_ITEMS)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+    l1 = _loss(a, batch, jax.random.key(1), CFG, True)[0]
+    l2 = _loss(b, batch, jax.random.key(1), CFG, True)[0]
+    l3 = _loss(a, batch, jax.random.key(2), CFG, True)[0]
+    assert float(l1) == float(l2) and float(l1) != float(l3)
+
+
+def test_loss_fn_vmaps_over_a_client_axis(params):
+    rng = np.random.default_rng(9)
+    batches = [_batch(rng) for _ in range(3)]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
+    keys = jax.random.split(jax.random.key(0), 3)
+    vm = jax.jit(jax.vmap(lambda b, k: _loss(params, b, k, CFG, False)[0]))(stacked, keys)
+    for i in range(3):
+        assert float(vm[i]) == pytest.approx(float(_loss(params, batches[i], keys[i], CFG, False)[0]), rel=1e-5)
