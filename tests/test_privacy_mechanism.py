@@ -102,6 +102,10 @@ def test_adaptive_clip_only_moves_participants():
                                          target_quantile=0.5, learning_rate=0.2, bit_noise=0.0)
     assert float(new[0]) == pytest.approx(np.exp(0.1))  # bit 0: C grows by exp(lr * 0.5)
     assert float(new[1]) == 1.0
+    capped = mechanism.adaptive_clip_update(clip, jnp.array([5.0, 0.0]), jnp.array([True, True]), jax.random.key(0),
+                                            target_quantile=0.5, learning_rate=0.2, bit_noise=0.0,
+                                            min_clip=0.95, max_clip=1.05)
+    np.testing.assert_allclose(capped, [1.05, 0.95])
 
 
 def test_poisson_sampling_rate_and_eligibility():

@@ -28,7 +28,8 @@ class PrivacyConfig:
     participation_quantile: without amplification, calibrate for this quantile of a client's participations.
     clipping, clip_norm: fixed C_k = clip_norm, or adaptive starting from clip_norm.
     clip_target_quantile, clip_learning_rate, clip_bit_fraction: adaptive clipping (Andrew et al. 2021);
-      clip_bit_fraction is the share of each round's privacy (in 1/z^2) spent on the noised clipped-bit.
+      clip_bit_fraction is the share of each round's privacy (in 1/z^2) spent on the noised clipped-bit;
+      clip_adapt_range keeps an adaptive C_k within [clip_norm / range, clip_norm * range].
     secagg: sum updates with simulated secure aggregation; secagg_neighbors: masking partners per client
       (default 16, a log-degree masking graph as in Bell et al. 2020; None: every other client).
     """
@@ -48,6 +49,7 @@ class PrivacyConfig:
     clip_target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     clip_bit_fraction: float = 0.1
+    clip_adapt_range: float = 10.0
     secagg: bool = True
     secagg_neighbors: int | None = 16
 
@@ -86,6 +88,8 @@ class PrivacyConfig:
             raise bad("clip_target_quantile", "a number in (0, 1)")
         if not 0 < self.clip_bit_fraction < 1:
             raise bad("clip_bit_fraction", "a number in (0, 1)")
+        if not isinstance(self.clip_adapt_range, (int, float)) or not 1 <= self.clip_adapt_range <= math.inf:
+            raise bad("clip_adapt_range", "a number >= 1")
         for field in ("amplification", "secagg"):
             if not isinstance(getattr(self, field), bool):
                 raise bad(field, "true or false")
@@ -107,7 +111,8 @@ class PrivacyConfig:
             raise FedscopeError(f"{where}.{unknown[0]}: unknown privacy option (known: {', '.join(sorted(names))})")
         values = dict(mapping)
         for field in ("epsilon", "delta", "clip_norm", "eps_min", "eps_max", "allocation_exponent",
-                      "participation_quantile", "clip_target_quantile", "clip_learning_rate", "clip_bit_fraction"):
+                      "participation_quantile", "clip_target_quantile", "clip_learning_rate", "clip_bit_fraction",
+                      "clip_adapt_range"):
             if isinstance(values.get(field), int) and not isinstance(values.get(field), bool):
                 values[field] = float(values[field])
         obj = cls.__new__(cls)

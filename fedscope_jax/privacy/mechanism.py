@@ -67,20 +67,22 @@ def privatize_updates(updates: PyTree, clip_norms: jax.Array, noise_multipliers:
 
 
 def adaptive_clip_update(clip_norms: jax.Array, norms: jax.Array, participated: jax.Array, key: jax.Array, *,
-                         target_quantile: float, learning_rate: float, bit_noise: jax.Array | float) -> jax.Array:
+                         target_quantile: float, learning_rate: float, bit_noise: jax.Array | float,
+                         min_clip: jax.Array | float = 0.0, max_clip: jax.Array | float = jnp.inf) -> jax.Array:
     """One step of per-client quantile clipping (Andrew et al. 2021, geometric update), over the client axis.
 
     Client k releases the noised bit b_k = 1[norm_k <= C_k] + N(0, bit_noise_k^2) and sets
     C_k <- C_k * exp(-lr * (b_k - target_quantile)), so log C_k drifts toward the target quantile of the
     client's own update-norm history. Clients that did not participate keep C_k (and release nothing).
     The bit's privacy cost is folded into the effective noise multiplier (accounting.effective_noise_multiplier).
-    bit_noise = 0 gives the non-private rule (for tests only).
+    The result is kept within [min_clip, max_clip] (post-processing of released bits: no privacy cost), which
+    bounds the random walk the bit noise causes. bit_noise = 0 gives the non-private rule (for tests only).
     """
     clip_norms = jnp.asarray(clip_norms, jnp.float32)
     bits = (norms <= clip_norms).astype(jnp.float32)
     noise = jax.random.normal(key, clip_norms.shape, jnp.float32) * jnp.asarray(bit_noise, jnp.float32)
     noised = bits + noise
-    updated = clip_norms * jnp.exp(-learning_rate * (noised - target_quantile))
+    updated = jnp.clip(clip_norms * jnp.exp(-learning_rate * (noised - target_quantile)), min_clip, max_clip)
     return jnp.where(participated, updated, clip_norms)
 
 

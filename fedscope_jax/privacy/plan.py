@@ -28,6 +28,7 @@ class PrivacyPlan:
     bit_noise: std of the noised clipped-bit (inf for fixed clipping).
     planned_events: accounted events z_k was calibrated for.
     central_noise_multiplier: z of the one noise draw on the aggregate (central mode; 0 otherwise).
+    clip_min, clip_max: the range adaptive clipping keeps C_k in (pass to mechanism.adaptive_clip_update).
     """
 
     mode: str
@@ -37,6 +38,8 @@ class PrivacyPlan:
     adaptive_clipping: bool
     clip_target_quantile: float
     clip_learning_rate: float
+    clip_min: np.ndarray
+    clip_max: np.ndarray
     eps_targets: np.ndarray
     noise_multipliers: np.ndarray
     update_noise_multipliers: np.ndarray
@@ -90,7 +93,9 @@ def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.nd
     common = dict(mode=config.mode, accountant=config.accountant, delta=float(config.delta),
                   amplification=config.amplification, clip_target_quantile=config.clip_target_quantile,
                   clip_learning_rate=config.clip_learning_rate, eps_targets=eps, sampling_rates=rates,
-                  planned_events=events, clip_norms=np.full(num_clients, float(config.clip_norm)))
+                  planned_events=events, clip_norms=np.full(num_clients, float(config.clip_norm)),
+                  clip_min=np.full(num_clients, config.clip_norm / config.clip_adapt_range),
+                  clip_max=np.full(num_clients, config.clip_norm * config.clip_adapt_range))
     zeros = np.zeros(num_clients)
     if config.mode == "off":
         return PrivacyPlan(adaptive_clipping=False, noise_multipliers=zeros, update_noise_multipliers=zeros,
@@ -122,3 +127,14 @@ def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.nd
         update, bit = effective.copy(), np.full(num_clients, math.inf)
     return PrivacyPlan(adaptive_clipping=adaptive, noise_multipliers=effective, update_noise_multipliers=update,
                        bit_noise=bit, **common)
+
+
+def secagg_bound(plan: PrivacyPlan, sigmas: float = 6.0) -> float:
+    """Coordinate range B for secure aggregation of locally noised updates: a clipped coordinate is at most C_k,
+    its noise has std z_k C_k, so B = max_k C_k (1 + sigmas z_k) clips a coordinate with probability
+    < 2e-9 at 6 sigmas (with adaptive clipping, C_k at its upper limit)."""
+    clip = np.where(plan.adaptive_clipping, plan.clip_max, plan.clip_norms)
+    bound = np.max(clip * (1.0 + sigmas * np.asarray(plan.update_noise_multipliers)))
+    if not np.isfinite(bound):
+        raise FedscopeError("privacy: secure aggregation needs finite clip norms (privacy mode 'off' has none)")
+    return float(bound)
