@@ -56,6 +56,11 @@ def test_invalid_options_raise(kwargs, match):
         personalized_epsilons(SIZES, 4.0, **kwargs)
 
 
-def test_empty_client_rejected():
-    with pytest.raises(FedscopeError, match="client 1 has size 0"):
-        personalized_epsilons(np.array([3.0, 0.0]), 4.0)
+def test_empty_clients_get_eps_min_and_negative_sizes_are_rejected():
+    eps = personalized_epsilons(np.array([3.0, 0.0, 12.0]), 4.0, eps_min=1.0)
+    assert eps[1] == 1.0
+    assert np.exp(np.mean(np.log(eps[[0, 2]]))) == pytest.approx(4.0, rel=1e-9)
+    with pytest.raises(FedscopeError, match="client 1 has size -2"):
+        personalized_epsilons(np.array([3.0, -2.0]), 4.0)
+    with pytest.raises(FedscopeError, match="every client has size 0"):
+        personalized_epsilons(np.zeros(3), 4.0)

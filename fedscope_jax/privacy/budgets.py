@@ -5,7 +5,7 @@ Personalized allocation (documented in docs/privacy.md):
     eps_k = clip(s * eps * (n_k / g)^beta, eps_min, eps_max)
 
 with n_k the client's data size (number of training examples, or any positive statistic), g the geometric
-mean of the n_k, beta >= 0 the allocation exponent, and s > 0 the normalising scale, found by bisection so
+mean of the n_k (clients with n_k = 0 never train: they get eps_min and are left out of the mean), beta >= 0 the allocation exponent, and s > 0 the normalising scale, found by bisection so
 that the chosen mean of the eps_k equals the nominal eps:
 
 - "geometric": the (unweighted) geometric mean over clients equals eps (the typical client gets eps);
@@ -55,10 +55,11 @@ def personalized_epsilons(sizes: np.ndarray, epsilon: float, *, exponent: float 
     sizes = np.asarray(sizes, dtype=np.float64)
     if sizes.ndim != 1 or sizes.size == 0:
         raise FedscopeError(f"privacy: client sizes must be a non-empty 1-D array, got shape {sizes.shape}")
-    if not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
-        bad = int(np.flatnonzero(~(np.isfinite(sizes) & (sizes > 0)))[0])
-        raise FedscopeError(f"privacy: client {bad} has size {float(sizes[bad]):g}; expected a positive number "
-                            f"(clients without training examples cannot be given a budget)")
+    if not np.all(np.isfinite(sizes)) or np.any(sizes < 0):
+        bad = int(np.flatnonzero(~(np.isfinite(sizes) & (sizes >= 0)))[0])
+        raise FedscopeError(f"privacy: client {bad} has size {float(sizes[bad]):g}; expected a number >= 0")
+    if not np.any(sizes > 0):
+        raise FedscopeError("privacy: every client has size 0; nothing to allocate a budget from")
     _check_positive("epsilon", epsilon)
     if not np.isfinite(exponent) or exponent < 0:
         raise FedscopeError(f"privacy.allocation_exponent: expected >= 0, got {exponent!r}")
@@ -71,8 +72,10 @@ def personalized_epsilons(sizes: np.ndarray, epsilon: float, *, exponent: float 
     if not lo <= epsilon <= hi:
         raise FedscopeError(f"privacy: need eps_min <= epsilon <= eps_max, got {lo} <= {epsilon} <= {hi}")
 
-    weights = sizes / sizes.sum()
-    shape = (sizes / np.exp(np.mean(np.log(sizes)))) ** exponent  # geometric mean 1
+    empty = sizes == 0  # clients without training data never train: eps_min, left out of the normalisation
+    full = sizes[~empty]
+    weights = full / full.sum()
+    shape = (full / np.exp(np.mean(np.log(full)))) ** exponent  # geometric mean 1
 
     def alloc(log_s: float) -> np.ndarray:
         return np.clip(np.exp(log_s) * epsilon * shape, lo, hi)
@@ -89,7 +92,9 @@ def personalized_epsilons(sizes: np.ndarray, epsilon: float, *, exponent: float 
             b = mid
         if b - a < tol:
             break
-    return alloc(0.5 * (a + b))
+    eps = np.full(sizes.shape, lo)
+    eps[~empty] = alloc(0.5 * (a + b))
+    return eps
 
 
 def client_epsilons(mode: str, sizes: np.ndarray, epsilon: float, *, exponent: float = 0.5,
