@@ -167,3 +167,24 @@ def test_ledger_shape_errors():
         PrivacyLedger(plan, IDS[:3], SIZES)
     with pytest.raises(FedscopeError, match="sampling rate 1.5"):
         plan_privacy(PrivacyConfig(mode="uniform"), SIZES, 1.5, 3)
+
+
+def test_checkpoint_resume_accounts_exactly_as_an_uninterrupted_run(tmp_path):
+    config = PrivacyConfig(mode="personalized", epsilon=3.0, participation_quantile=0.5)
+    plan = plan_privacy(config, SIZES, 0.6, 16)
+    full = PrivacyLedger(plan, IDS, SIZES)
+    first = PrivacyLedger(plan, IDS, SIZES)
+    rng = np.random.default_rng(5)
+    draws = rng.random((16, SIZES.size)) < 0.6
+    for t in range(8):
+        for ledger in (full, first):
+            ledger.end_round(ledger.begin_round(t) & draws[t])
+    resumed = PrivacyLedger(plan, IDS, SIZES)
+    resumed.load_state({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in first.state().items()})
+    for t in range(8, 16):
+        for ledger in (full, resumed):
+            ledger.end_round(ledger.begin_round(t) & draws[t])
+    assert full.to_table().equals(resumed.to_table())
+    assert full.summary() == resumed.summary()
+    with pytest.raises(FedscopeError, match="`events` has shape"):
+        PrivacyLedger(plan, IDS, SIZES).load_state({**full.state(), "events": np.zeros(3)})

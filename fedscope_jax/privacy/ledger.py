@@ -172,6 +172,26 @@ class PrivacyLedger:
         self._finalized = self.events.copy()
         return self.eps_spent
 
+    # --- checkpointing ----------------------------------------------------------------------------------
+    _STATE = ("events", "participations", "clip_norms", "stopped", "stop_round", "eps_spent")
+
+    def state(self) -> dict[str, Any]:
+        """The ledger's mutable state (numpy arrays + rounds_run), to save with a checkpoint."""
+        if self._round is not None:
+            raise RuntimeError(f"privacy ledger: cannot checkpoint inside round {self._round}")
+        return {**{name: getattr(self, name).copy() for name in self._STATE}, "rounds_run": self.rounds_run}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restores `state()` output (same plan and clients) so a resumed run accounts exactly as before."""
+        for name in self._STATE:
+            value = np.asarray(state[name], dtype=getattr(self, name).dtype)
+            if value.shape != getattr(self, name).shape:
+                raise FedscopeError(f"privacy ledger checkpoint: `{name}` has shape {value.shape}, expected "
+                                    f"{getattr(self, name).shape} (a checkpoint of another run?)")
+            setattr(self, name, value.copy())
+        self.rounds_run = int(state["rounds_run"])
+        self._finalized = None
+
     # --- reporting --------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """Run-level privacy facts for summary.json (includes the clients stopped by their budget)."""
