@@ -1,0 +1,132 @@
+"""Per-client clipping to C_k, Gaussian noise of std z_k*C_k, NaN exclusion and the weighted sum.
+
+Everything here works on a chunk of clients (a leading client axis [c]) and accumulates into dense sums
+shaped like the global parameters, so no [C, params] array ever exists beyond one chunk.
+
+Privacy inputs are vectors over the client axis: `clip` (C_k, inf = no clipping) and `noise_multiplier`
+(z_k, 0 = no noise). Noise modes:
+  "off": no noise is drawn (z is ignored);
+  "per_client": each client adds its own dense N(0, (z_k C_k)^2) to its clipped update (no secure
+      aggregation: the server sees every update, so every coordinate of every update is noised);
+  "sum": the server only sees the sum (secure aggregation), so the clients' independent noises are drawn
+      as one Gaussian with variance sum_k (w_k z_k C_k)^2 over the summed vector: the same distribution
+      as "per_client" for the aggregate, at the cost of one draw instead of one per client.
+A client whose delta or loss is not finite is excluded (weight 0, no noise) and reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedscope_jax.engine.client import SparseTable
+
+PyTree = Any
+NOISE_MODES = ("off", "per_client", "sum")
+
+
+class Accumulator(NamedTuple):
+    """Running sums over the clients of a round (dense, shaped like the global params)."""
+
+    delta_sum: PyTree       # sum_k w_k * (clip_k(delta_k) [+ noise_k])
+    weight_sum: jax.Array   # sum_k w_k over included clients
+    noise_var: jax.Array    # sum_k (w_k z_k C_k)^2 over included clients ("sum" mode draws from it)
+
+
+class ClientReport(NamedTuple):
+    """Per-client facts of a round (vectors over the client axis)."""
+
+    client_id: jax.Array
+    loss: jax.Array
+    steps: jax.Array
+    norm: jax.Array         # L2 norm of the raw update (NaN/inf when the update is not finite)
+    clip_factor: jax.Array  # min(1, C_k / norm): 1 means not clipped
+    included: jax.Array     # bool: counted in the aggregate (real client with a finite update)
+
+
+def zeros_accumulator(params: PyTree) -> Accumulator:
+    """An empty accumulator for `params`."""
+    zero = jnp.zeros((), jnp.float32)
+    return Accumulator(jax.tree.map(jnp.zeros_like, params), zero, zero)
+
+
+def add_accumulators(a: Accumulator, b: Accumulator) -> Accumulator:
+    """Elementwise sum of two accumulators."""
+    return jax.tree.map(jnp.add, a, b)
+
+
+def clip_factor(norm: jax.Array, clip: jax.Array) -> jax.Array:
+    """min(1, C / norm), 1 for a zero update or C = inf."""
+    return jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
+
+
+def noise_std(clip: jax.Array, noise_multiplier: jax.Array) -> jax.Array:
+    """z * C, with z = 0 meaning no noise even when C = inf."""
+    return jnp.where(noise_multiplier > 0, noise_multiplier * clip, 0.0)
+
+
+def _key_path(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _leaf_noise(key: jax.Array, index: int, shape: tuple[int, ...], dtype) -> jax.Array:
+    return jax.random.normal(jax.random.fold_in(key, index), shape, dtype)
+
+
+def accumulate_chunk(acc: Accumulator, deltas: PyTree, losses: jax.Array, steps: jax.Array,
+                     vocab: dict[str, jax.Array], client_id: jax.Array, weight: jax.Array, clip: jax.Array,
+                     noise_multiplier: jax.Array, noise_key: jax.Array, tables: tuple[SparseTable, ...],
+                     noise_mode: str) -> tuple[Accumulator, ClientReport]:
+    """Clips, noises and adds a chunk of client deltas (leading axis [c]) into `acc`."""
+    leaves = jax.tree.leaves(deltas)
+    finite = jnp.isfinite(losses)
+    for leaf in leaves:
+        finite &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+    raw_norm = jax.vmap(optax.tree.norm)(deltas)
+    included = finite & (weight > 0)
+    deltas = jax.tree.map(lambda d: jnp.where(finite.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0), deltas)
+    factor = clip_factor(jnp.where(finite, raw_norm, 0.0), clip)
+    weight = jnp.where(included, weight, 0.0)
+    scale = weight * factor
+    sigma = noise_std(clip, noise_multiplier) * weight  # std of w_k * noise_k
+
+    sparse = {t.path: t.name for t in tables}
+    client_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(noise_key, 1), client_id)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(acc.delta_sum)
+    delta_leaves = jax.tree.leaves(deltas)
+    new_leaves = []
+    for index, ((path, total), delta) in enumerate(zip(flat, delta_leaves)):
+        name = sparse.get(_key_path(path))
+        if name is None:
+            total = total + jnp.tensordot(scale, delta, axes=1)
+        else:
+            rows = (scale[:, None, None] * delta).reshape(-1, delta.shape[-1])
+            total = total.at[vocab[name].reshape(-1)].add(rows, mode="drop")
+        if noise_mode == "per_client":
+            noise = jax.vmap(_leaf_noise, in_axes=(0, None, None, None))(client_keys, index, total.shape,
+                                                                        total.dtype)
+            total = total + jnp.tensordot(sigma, noise, axes=1)
+        new_leaves.append(total)
+    delta_sum = jax.tree_util.tree_unflatten(treedef, new_leaves)
+    noise_var = acc.noise_var + jnp.sum(sigma**2) if noise_mode != "off" else acc.noise_var
+    acc = Accumulator(delta_sum, acc.weight_sum + jnp.sum(weight), noise_var)
+    report = ClientReport(client_id=client_id, loss=losses, steps=steps, norm=raw_norm, clip_factor=factor,
+                          included=included)
+    return acc, report
+
+
+def finalize(acc: Accumulator, noise_key: jax.Array, noise_mode: str) -> tuple[PyTree, jax.Array]:
+    """The weighted mean update sum / W (plus the one aggregate draw in "sum" mode), and its noise std / W."""
+    total = acc.delta_sum
+    std = jnp.sqrt(acc.noise_var)
+    if noise_mode == "sum":
+        sum_key = jax.random.fold_in(noise_key, 2)
+        flat, treedef = jax.tree.flatten(total)
+        flat = [t + std * _leaf_noise(sum_key, i, t.shape, t.dtype) for i, t in enumerate(flat)]
+        total = jax.tree.unflatten(treedef, flat)
+    denom = jnp.maximum(acc.weight_sum, 1e-30)
+    mean = jax.tree.map(lambda t: t / denom, total)
+    return mean, jnp.where(acc.weight_sum > 0, std / denom, 0.0)

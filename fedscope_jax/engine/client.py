@@ -1,0 +1,143 @@
+"""One client's local training: a `lax.scan` over its local steps, pure, with padding masks.
+
+A client's data is a `ClientData` pytree whose batch leaves carry a leading step axis [S, ...] and a
+`step_mask` [S] (False for padding steps, which leave parameters and optimizer state untouched). With
+local vocabularies (`SparseTable`), the client trains a small table of the rows it touches, gathered from
+the global table by `vocab`; its delta for that table is the [V, d] row delta, scattered back by the
+aggregator. This is exact as long as the loss only reads the rows its batch names and the local optimizer
+leaves rows with zero gradients unchanged (SGD, momentum, Adam: yes; decoupled weight decay: no).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedscope_jax.errors import FedscopeError
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseTable:
+    """A parameter table trained through a per-client local vocabulary.
+
+    path: keys leading to the [N, d] table inside the params pytree (nested dicts).
+    name: key of the client's row ids in `ClientData.vocab` (int32[V]; ids >= N are padding).
+    """
+
+    path: tuple[str, ...]
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """How a client trains locally: loss(params, batch, key) -> (loss, aux), optax optimizer, epochs."""
+
+    loss_fn: LossFn
+    optimizer: optax.GradientTransformation
+    local_epochs: int = 1
+    sparse_tables: tuple[SparseTable, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1:
+            raise FedscopeError(f"local_epochs: expected >= 1, got {self.local_epochs}")
+
+
+class ClientData(NamedTuple):
+    """One client's local data (a leading client axis [C] when stacked)."""
+
+    batch: PyTree                  # leaves [S, ...]: one mini-batch per local step
+    step_mask: jax.Array           # bool[S]: False for padding steps
+    vocab: Mapping[str, jax.Array]  # SparseTable.name -> int32[V] global row ids (empty without sparse tables)
+
+
+class ClientStats(NamedTuple):
+    """What a client reports besides its delta."""
+
+    loss: jax.Array   # mean training loss over its real steps (0 when it has none)
+    steps: jax.Array  # number of real local steps taken (epochs x unmasked steps)
+
+
+def get_path(tree: PyTree, path: tuple[str, ...]) -> Any:
+    """The leaf at `path` in a tree of nested mappings."""
+    node = tree
+    for i, key in enumerate(path):
+        if not isinstance(node, Mapping) or key not in node:
+            raise FedscopeError(f"sparse table path {'/'.join(path)}: no key {key!r} at depth {i} of the params")
+        node = node[key]
+    return node
+
+
+def set_path(tree: PyTree, path: tuple[str, ...], value: Any) -> PyTree:
+    """A copy of `tree` (nested dicts) with the leaf at `path` replaced (the other leaves are shared)."""
+    if not path:
+        return value
+    new = dict(tree)
+    new[path[0]] = set_path(tree[path[0]], path[1:], value)
+    return new
+
+
+def localize_params(params: PyTree, vocab: Mapping[str, jax.Array],
+                    tables: tuple[SparseTable, ...]) -> PyTree:
+    """Replaces each sparse table by the rows named in `vocab` (padding ids >= N give zero rows)."""
+    for table in tables:
+        full = get_path(params, table.path)
+        rows = jnp.take(full, vocab[table.name], axis=0, mode="fill", fill_value=0)
+        params = set_path(params, table.path, rows)
+    return params
+
+
+def mask_padding_rows(delta: PyTree, global_params: PyTree, vocab: Mapping[str, jax.Array],
+                      tables: tuple[SparseTable, ...]) -> PyTree:
+    """Zeroes the delta rows of padding vocabulary entries, so they never count in norms or sums."""
+    for table in tables:
+        n_rows = get_path(global_params, table.path).shape[0]
+        rows = get_path(delta, table.path)
+        valid = (vocab[table.name] < n_rows)[:, None]
+        delta = set_path(delta, table.path, jnp.where(valid, rows, 0.0))
+    return delta
+
+
+def client_update(global_params: PyTree, data: ClientData, key: jax.Array,
+                  config: ClientConfig) -> tuple[PyTree, ClientStats]:
+    """Trains from `global_params` on the client's steps; returns (local - global, stats). Pure.
+
+    The key of the s-th real step of epoch e is fold_in(key, e * S_real + s), so padding steps or
+    clients never change a client's randomness.
+    """
+    start = localize_params(global_params, data.vocab, config.sparse_tables)
+    opt_state = config.optimizer.init(start)
+    grad_fn = jax.value_and_grad(config.loss_fn, has_aux=True)
+
+    def step(carry, xs):
+        params, state, loss_sum = carry
+        batch, real, index = xs
+        (loss, _), grads = grad_fn(params, batch, jax.random.fold_in(key, index))
+        updates, new_state = config.optimizer.update(grads, state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jnp.where(real, new, old)  # noqa: E731
+        params = jax.tree.map(keep, new_params, params)
+        state = jax.tree.map(keep, new_state, state)
+        return (params, state, loss_sum + jnp.where(real, loss, 0.0)), None
+
+    n_real = jnp.sum(data.step_mask.astype(jnp.int32))
+    real_index = jnp.cumsum(data.step_mask.astype(jnp.int32)) - 1  # padding steps do not shift the keys
+
+    def epoch(carry, e):
+        index = e * n_real + real_index
+        carry, _ = jax.lax.scan(step, carry, (data.batch, data.step_mask, index))
+        return carry, None
+
+    init = (start, opt_state, jnp.zeros((), jnp.float32))
+    (final, _, loss_sum), _ = jax.lax.scan(epoch, init, jnp.arange(config.local_epochs))
+    delta = jax.tree.map(jnp.subtract, final, start)
+    delta = mask_padding_rows(delta, global_params, data.vocab, config.sparse_tables)
+    steps = n_real * config.local_epochs
+    loss = loss_sum / jnp.maximum(steps, 1).astype(jnp.float32)
+    return delta, ClientStats(loss=loss, steps=steps)

@@ -1,0 +1,197 @@
+"""A federated round as ONE jitted program, and the sequential reference it must agree with.
+
+The sampled clients come as a tuple of `Cohort`s (buckets of clients padded to a common number of steps
+and vocabulary size). For each cohort, the client axis is laid on the mesh axis "clients" (shard_map);
+each device runs its clients in chunks: `lax.scan` over chunks of `vmap(client_update)`, folding every
+chunk's clipped (and optionally noised) deltas into dense sums, so memory is bounded by one chunk. The
+partial sums are `psum`-ed over devices, divided by the total weight, and fed to the server optimizer.
+Keys: round r uses fold_in(key, r); client k trains with fold_in(train_key, id_k) and noises with
+fold_in(noise_key, id_k), so results do not depend on bucketing, chunking, sharding or padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fedscope_jax.engine.aggregate import (NOISE_MODES, Accumulator, ClientReport, accumulate_chunk,
+                                           add_accumulators, finalize, zeros_accumulator)
+from fedscope_jax.engine.client import ClientConfig, ClientData, client_update
+from fedscope_jax.engine.server import ServerState, server_step
+from fedscope_jax.errors import FedscopeError
+
+PyTree = Any
+AXIS = "clients"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How a round is executed: clients per vmapped chunk (per device) and the noise mode."""
+
+    chunk_size: int = 1
+    noise_mode: str = "off"
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise FedscopeError(f"chunk_size: expected >= 1, got {self.chunk_size}")
+        if self.noise_mode not in NOISE_MODES:
+            raise FedscopeError(f"noise_mode: expected one of {', '.join(NOISE_MODES)}, got {self.noise_mode!r}")
+
+
+class Cohort(NamedTuple):
+    """A bucket of clients of one round; every leaf has a leading client axis [C]."""
+
+    data: ClientData
+    client_id: jax.Array         # int32[C], a client's stable id (keys derive from it)
+    weight: jax.Array            # float32[C] aggregation weight (0 for padding clients)
+    clip: jax.Array              # float32[C] C_k (inf = no clipping)
+    noise_multiplier: jax.Array  # float32[C] z_k (0 = no noise)
+
+
+class RoundMetrics(NamedTuple):
+    """What a round reports: per-cohort client reports and aggregate facts."""
+
+    reports: tuple[ClientReport, ...]
+    update_norm: jax.Array   # L2 norm of the (noised) mean update
+    weight_sum: jax.Array
+    noise_std: jax.Array     # std of the noise in the mean update (per coordinate)
+
+
+def _round_keys(key: jax.Array, round_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    round_key = jax.random.fold_in(key, round_index)
+    return jax.random.fold_in(round_key, 0), jax.random.fold_in(round_key, 1)
+
+
+def _cohort_sums(params: PyTree, cohort: Cohort, train_key: jax.Array, noise_key: jax.Array,
+                 client_cfg: ClientConfig, engine_cfg: EngineConfig,
+                 axis_name: str | None) -> tuple[Accumulator, ClientReport]:
+    """This device's clients of one cohort, in chunks; partial sums psum-ed over `axis_name`."""
+    n_local = cohort.client_id.shape[0]
+    chunk = min(engine_cfg.chunk_size, n_local)
+    if n_local % chunk:
+        raise FedscopeError(f"cohort of {n_local} clients per device is not a multiple of chunk_size {chunk}; "
+                            "pad clients with build_cohorts(multiple=devices*chunk_size)")
+    chunks = jax.tree.map(lambda x: x.reshape((n_local // chunk, chunk) + x.shape[1:]), cohort)
+    update = jax.vmap(client_update, in_axes=(None, 0, 0, None))
+
+    def body(acc: Accumulator, c: Cohort):
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(train_key, c.client_id)
+        deltas, stats = update(params, c.data, keys, client_cfg)
+        return accumulate_chunk(acc, deltas, stats.loss, stats.steps, c.data.vocab, c.client_id, c.weight,
+                                c.clip, c.noise_multiplier, noise_key, client_cfg.sparse_tables,
+                                engine_cfg.noise_mode)
+
+    acc, reports = jax.lax.scan(body, zeros_accumulator(params), chunks)
+    reports = jax.tree.map(lambda x: x.reshape((n_local,) + x.shape[2:]), reports)
+    if axis_name is not None:
+        acc = jax.lax.psum(acc, axis_name)
+    return acc, reports
+
+
+def round_step(state: ServerState, cohorts: Sequence[Cohort], key: jax.Array, client_cfg: ClientConfig,
+               server_opt: optax.GradientTransformation, engine_cfg: EngineConfig,
+               mesh: Mesh | None = None) -> tuple[ServerState, RoundMetrics]:
+    """One round (traceable; `make_round_fn` jits it)."""
+    train_key, noise_key = _round_keys(key, state.round)
+    acc = zeros_accumulator(state.params)
+    reports = []
+    for cohort in cohorts:
+        if mesh is None:
+            part, report = _cohort_sums(state.params, cohort, train_key, noise_key, client_cfg, engine_cfg, None)
+        else:
+            fn = functools.partial(_cohort_sums, client_cfg=client_cfg, engine_cfg=engine_cfg, axis_name=AXIS)
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P(), P()), out_specs=(P(), P(AXIS)),
+                               check_vma=False)
+            part, report = fn(state.params, cohort, train_key, noise_key)
+        acc = add_accumulators(acc, part)
+        reports.append(report)
+    mean_delta, std = finalize(acc, noise_key, engine_cfg.noise_mode)
+    new_state = server_step(state, mean_delta, server_opt)
+    metrics = RoundMetrics(tuple(reports), optax.tree.norm(mean_delta), acc.weight_sum, std)
+    return new_state, metrics
+
+
+def make_round_fn(client_cfg: ClientConfig, server_opt: optax.GradientTransformation,
+                  engine_cfg: EngineConfig, mesh: Mesh | None = None,
+                  donate: bool = True) -> Callable[[ServerState, Sequence[Cohort], jax.Array],
+                                                   tuple[ServerState, RoundMetrics]]:
+    """The jitted round: (state, cohorts, key) -> (state, metrics); the state buffers are donated."""
+    fn = functools.partial(round_step, client_cfg=client_cfg, server_opt=server_opt, engine_cfg=engine_cfg,
+                           mesh=mesh)
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+
+def client_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis "clients" over `devices` (all local devices by default)."""
+    devices = list(devices if devices is not None else jax.devices())
+    return Mesh(np.array(devices), (AXIS,))
+
+
+def shard_cohorts(cohorts: Sequence[Cohort], mesh: Mesh) -> tuple[Cohort, ...]:
+    """Places every cohort's client axis on the mesh axis "clients"."""
+    sharding = NamedSharding(mesh, P(AXIS))
+    n = mesh.shape[AXIS]
+    for c in cohorts:
+        if c.client_id.shape[0] % n:
+            raise FedscopeError(f"cohort of {c.client_id.shape[0]} clients is not a multiple of {n} devices")
+    return tuple(jax.device_put(c, sharding) for c in cohorts)
+
+
+# ---- the sequential reference --------------------------------------------------------------------------
+
+class SequentialRunner:
+    """The same `client_update`, one client at a time from a Python loop; the engine's correctness oracle
+    and the baseline of every benchmark. Jitted per client (compiled once per distinct client shape)."""
+
+    def __init__(self, client_cfg: ClientConfig, server_opt: optax.GradientTransformation,
+                 engine_cfg: EngineConfig):
+        self.client_cfg, self.server_opt, self.engine_cfg = client_cfg, server_opt, engine_cfg
+        self._keys = jax.jit(_round_keys)
+        self._client = jax.jit(self._one_client)
+        self._finish = jax.jit(self._finish_fn)
+
+    def _one_client(self, acc: Accumulator, params: PyTree, cohort: Cohort, train_key: jax.Array,
+                    noise_key: jax.Array) -> tuple[Accumulator, ClientReport]:
+        key = jax.random.fold_in(train_key, cohort.client_id)
+        delta, stats = client_update(params, cohort.data, key, self.client_cfg)
+        one = lambda x: jnp.asarray(x)[None]  # noqa: E731  (a chunk of one client)
+        return accumulate_chunk(acc, jax.tree.map(one, delta), one(stats.loss), one(stats.steps),
+                                jax.tree.map(one, cohort.data.vocab), one(cohort.client_id),
+                                one(cohort.weight), one(cohort.clip), one(cohort.noise_multiplier), noise_key,
+                                self.client_cfg.sparse_tables, self.engine_cfg.noise_mode)
+
+    def _finish_fn(self, state: ServerState, acc: Accumulator, noise_key: jax.Array):
+        mean_delta, std = finalize(acc, noise_key, self.engine_cfg.noise_mode)
+        return server_step(state, mean_delta, self.server_opt), (optax.tree.norm(mean_delta), std)
+
+    def __call__(self, state: ServerState, cohorts: Sequence[Cohort],
+                 key: jax.Array) -> tuple[ServerState, RoundMetrics]:
+        train_key, noise_key = self._keys(key, state.round)
+        acc = zeros_accumulator(state.params)
+        reports = []
+        for cohort in cohorts:
+            rows = []
+            for i in range(int(cohort.client_id.shape[0])):
+                client = jax.tree.map(lambda x: x[i], cohort)
+                if float(client.weight) <= 0.0:  # a padding client: skipped, reported as not included
+                    rows.append(None)
+                    continue
+                acc, rep = self._client(acc, state.params, client, train_key, noise_key)
+                rows.append(jax.tree.map(lambda x: x[0], rep))
+            reports.append(_stack_reports(rows, cohort))
+        state, (norm, std) = self._finish(state, acc, noise_key)
+        return state, RoundMetrics(tuple(reports), norm, acc.weight_sum, std)
+
+
+def _stack_reports(rows: list, cohort: Cohort) -> ClientReport:
+    filler = ClientReport(jnp.int32(0), jnp.float32(0), jnp.int32(0), jnp.float32(0), jnp.float32(1),
+                          jnp.bool_(False))
+    filled = [r if r is not None else filler._replace(client_id=cohort.client_id[i]) for i, r in enumerate(rows)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *filled)
