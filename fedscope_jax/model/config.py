@@ -29,13 +29,13 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if self.rec not in ("sampled", "in_batch", "full"):
-            raise FedscopeError(f"loss.rec={self.rec!r}; expected one of sampled, in_batch, full")
+            raise FedscopeError(f"model.loss.rec={self.rec!r}; expected one of sampled, in_batch, full")
         if self.num_negatives < 1 or self.k_max < 1:
-            raise FedscopeError("loss.num_negatives and loss.k_max must be >= 1")
+            raise FedscopeError("model.loss.num_negatives and model.loss.k_max must be >= 1")
         if min(self.tau_intra, self.tau_inter) <= 0:
-            raise FedscopeError("loss.tau_intra and loss.tau_inter must be > 0")
+            raise FedscopeError("model.loss.tau_intra and model.loss.tau_inter must be > 0")
         if not 0 < self.rho <= 1:
-            raise FedscopeError(f"loss.rho={self.rho}; expected 0 < rho <= 1")
+            raise FedscopeError(f"model.loss.rho={self.rho}; expected 0 < rho <= 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,148 @@
+"""Centralized training (all clients' data pooled): the non-private upper bound of the federated runs.
+
+One jitted Adam step per mini-batch of users, validation every `eval_every` epochs, early stopping on the
+mean over domains of the sampled-protocol `select_metric`, test with the best parameters, and a run
+directory with config.json, metrics.jsonl, summary.json and params.msgpack.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from fedscope_jax.data.batching import make_batches, train_sequences
+from fedscope_jax.data.canonical import CanonicalDataset
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.eval.protocol import (EvalSet, cold_start, eval_set, model_ranks, popularity_ranks,
+                                        popularity_scores, summarize)
+from fedscope_jax.model import ModelConfig, Params, Semantic, init_params, loss_fn
+from fedscope_jax.train.config import RunConfig, to_dict
+from fedscope_jax.utils.io import atomic_output_dir, write_json
+from fedscope_jax.utils.progress import progress
+
+
+def make_optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
+    return optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
+
+
+@functools.lru_cache(maxsize=8)
+def make_train_step(config: ModelConfig, lr: float, weight_decay: float) -> Callable:
+    """jit(params, opt_state, batch, key, semantic) -> (params, opt_state, loss, aux); params/state donated.
+
+    Cached per (config, lr, weight_decay), so runs with the same settings in one process compile once.
+    """
+    opt = make_optimizer(lr, weight_decay)
+
+    def step(params, opt_state, batch, key, semantic):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key, config, True, semantic)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, aux
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def evaluate(params: Params, config: ModelConfig, es: EvalSet, domains: tuple[str, ...], ks: tuple[int, ...],
+             semantic: Semantic = None, batch_size: int = 512) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """({protocol: {domain: metrics}}, ranks) of the model on an evaluation set."""
+    ranks = model_ranks(params, config, es, semantic, batch_size)
+    return summarize(es, ranks, domains, ks), ranks
+
+
+def selection_score(metrics: dict[str, Any], name: str) -> float:
+    """Mean over domains (with targets) of the sampled-protocol metric `name`."""
+    vals = [m[name] for m in metrics["sampled"].values() if m["targets"] > 0]
+    if not vals or name not in next(iter(metrics["sampled"].values())):
+        raise FedscopeError(f"train.select_metric={name!r} is not a reported metric")
+    return float(np.mean(vals))
+
+
+def train_centralized(ds: CanonicalDataset, cfg: RunConfig, out: str | Path, semantic: Semantic = None,
+                      force: bool = False, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trains on the pooled data, writes the run directory `out` atomically, returns summary.json's content."""
+    mc, tc, ec = cfg.model, cfg.train, cfg.eval
+    t_start = time.time()
+    seqs = train_sequences(ds, mc.max_len)
+    if not len(seqs.user):
+        raise FedscopeError(f"{ds.path}: no user has two training interactions in one domain; nothing to train")
+    valid_set = eval_set(ds, "valid", mc.max_len, ec)
+    test_set = eval_set(ds, "test", mc.max_len, ec)
+    key_init, key_train = jax.random.split(jax.random.key(tc.seed))
+    params = init_params(key_init, mc, ds.n_items, semantic)
+    opt_state = make_optimizer(tc.lr, tc.weight_decay).init(params)
+    step = make_train_step(mc, tc.lr, tc.weight_decay)
+    rng = np.random.default_rng(tc.seed)
+    rows = np.arange(len(seqs.user))
+    best = (-np.inf, -1, None)
+    waited = 0
+    global_step = 0
+    with atomic_output_dir(out, force=force) as tmp:
+        write_json({**to_dict(cfg), **(extra_config or {})}, tmp / "config.json")
+        log = open(tmp / "metrics.jsonl", "w", encoding="utf-8")
+        bar = progress(total=tc.epochs, desc="train (centralized)", unit="epoch")
+        for epoch in range(1, tc.epochs + 1):
+            t0 = time.time()
+            batches = make_batches(seqs, rows, tc.batch_size, 1, rng)
+            sums = np.zeros(4)
+            for s in range(batches["seq"].shape[0]):
+                batch = {"seq": batches["seq"][s], "target": batches["target"][s]}
+                params, opt_state, loss, aux = step(params, opt_state, batch,
+                                                    jax.random.fold_in(key_train, global_step), semantic)
+                global_step += 1
+                sums += np.array([float(loss), float(aux["rec"]), float(aux["intra"]), float(aux["inter"])])
+            n = batches["seq"].shape[0]
+            record: dict[str, Any] = {"epoch": epoch, "step": global_step, "loss": sums[0] / n, "rec": sums[1] / n,
+                                      "intra": sums[2] / n, "inter": sums[3] / n, "train_seconds": time.time() - t0}
+            if not np.isfinite(sums[0]):
+                log.write(json.dumps(record) + "\n")
+                raise FedscopeError(f"training diverged at epoch {epoch} (loss {sums[0] / n}); lower train.lr")
+            if epoch % tc.eval_every == 0 or epoch == tc.epochs:
+                valid, _ = evaluate(params, mc, valid_set, ds.domains, ec.ks, semantic, ec.batch_size)
+                score = selection_score(valid, tc.select_metric)
+                record.update({"valid": valid, "select": score})
+                if score > best[0]:
+                    best = (score, epoch, jax.device_get(params))
+                    waited = 0
+                else:
+                    waited += 1
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", valid=f"{best[0]:.4f}", best_epoch=best[1])
+            if waited >= tc.patience:
+                break
+        bar.close()
+        log.close()
+        params = best[2]
+        valid, _ = evaluate(params, mc, valid_set, ds.domains, ec.ks, semantic, ec.batch_size)
+        test, test_ranks = evaluate(params, mc, test_set, ds.domains, ec.ks, semantic, ec.batch_size)
+        pop = popularity_scores(ds)
+        pop_test = popularity_ranks(test_set, pop)
+        pop_summary = summarize(test_set, pop_test, ds.domains, ec.ks)
+        summary = {
+            "test": test["sampled"],
+            "test_full": test["full"],
+            "valid": valid["sampled"],
+            "valid_full": valid["full"],
+            "baselines": {"popularity": pop_summary["sampled"], "popularity_full": pop_summary["full"]},
+            "cold_start": cold_start(test_set, {"model": test_ranks, "popularity": pop_test}, ds.domains, ec),
+            "protocol": {"sampled_negatives": ec.num_negatives, "negatives_seed": ec.seed,
+                         "ties": "pessimistic", "history": "in-domain, last model.max_len items"},
+            "training": {"mode": "centralized", "epochs_run": epoch, "best_epoch": best[1],
+                         "best_valid_select": best[0], "select_metric": tc.select_metric, "steps": global_step,
+                         "seconds": time.time() - t_start, "users_trained": int(len(seqs.user)),
+                         "device": jax.devices()[0].device_kind},
+            "dataset": {"path": str(ds.path), "name": ds.meta.get("name"), "domains": list(ds.domains),
+                        "n_items": list(ds.n_items)},
+        }
+        (tmp / "params.msgpack").write_bytes(serialization.to_bytes(params))
+        write_json(summary, tmp / "summary.json")
+    return summary

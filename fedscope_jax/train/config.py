@@ -1,0 +1,126 @@
+"""Run configuration: frozen dataclasses, loaded from JSON and `--set section.key=value` overrides.
+
+Every key is checked against the dataclass fields; an unknown key or a value of the wrong type is a
+FedscopeError that names the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.eval.protocol import EvalConfig
+from fedscope_jax.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Centralized training: Adam(lr), mini-batches of users, early stopping on validation.
+
+    Validation runs every `eval_every` epochs; training stops after `patience` validations without an
+    improvement of `select_metric` (sampled protocol, mean over domains) and keeps the best parameters.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    epochs: int = 200
+    patience: int = 5
+    eval_every: int = 1
+    select_metric: str = "NDCG@10"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.patience < 1 or self.eval_every < 1:
+            raise FedscopeError("train.lr, batch_size, epochs, patience, eval_every must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Converts a JSON value or a --set string to the field type `tp`."""
+    origin = typing.get_origin(tp)
+    try:
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise TypeError
+            return from_dict(tp, value, key + ".")
+        if origin is tuple:
+            inner = typing.get_args(tp)[0]
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(_coerce(v, inner, key) for v in items if v != "")
+        if tp is bool:
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    name = getattr(tp, "__name__", str(tp))
+    raise FedscopeError(f"config key {key!r}: got {value!r}, expected {name}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a (possibly partial) nested dict; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise FedscopeError(f"unknown config key {prefix + unknown[0]!r}; expected one of {sorted(names)}")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: str) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = tree.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise FedscopeError(f"--set {dotted}: {p!r} is not a section")
+        tree = node
+    tree[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """RunConfig from an optional JSON file plus `key=value` overrides (dotted keys, e.g. model.loss.alpha=0)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FedscopeError(f"{p}: config file not found")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise FedscopeError(f"{p}: invalid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise FedscopeError(f"{p}: expected a JSON object with sections model/train/eval")
+    for item in overrides:
+        if "=" not in item:
+            raise FedscopeError(f"--set {item!r}: expected key=value, e.g. model.dim=32")
+        key, value = item.split("=", 1)
+        _set_path(data, key.strip(), value.strip())
+    return from_dict(RunConfig, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-ready dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
