@@ -33,7 +33,8 @@ def server_optimizer(name: str, learning_rate: float = 1.0, b1: float = 0.9, b2:
 
 
 def init_server_state(params: PyTree, optimizer: optax.GradientTransformation) -> ServerState:
-    """Round 0 state."""
+    """Round 0 state (on a copy of `params`: the round function donates the state's buffers)."""
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
     return ServerState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
