@@ -38,8 +38,23 @@ def test_default_dry_run_on_abxi_food_kitchen(tmp_path, capsys):
 
 def test_dry_run_with_sampling_stops_over_sampled_clients(tmp_path):
     src = real_dataset("abxi-food-kitchen")
-    sizes = dryrun.client_sizes(src, 64, "powerlaw", 0, 1.0)
+    sizes = dryrun.client_sizes(src, 64, "powerlaw", 0, None)
     from fedscope_jax.privacy.config import PrivacyConfig
     summary = dryrun.dry_run(sizes, PrivacyConfig(participation_quantile=0.5), 40, 0.5, seed=1)
     assert summary["clients_over_target"] == 0
     assert len(summary["stopped_clients"]) > 0      # about half of the clients are sampled more than planned
+
+
+def test_dry_run_reads_a_saved_partition(tmp_path):
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.data.formats import prepare
+    from fedscope_jax.data.partition import partition, save_partition
+    src = real_dataset("abxi-food-kitchen")
+    prepare(src, tmp_path / "afk")
+    dataset = load_dataset(tmp_path / "afk")
+    part = partition(dataset, 16, "uniform", 3)
+    save_partition(part, tmp_path / "part.arrow")
+    sizes = dryrun.client_sizes(tmp_path / "afk", None, "powerlaw", 0, None, tmp_path / "part.arrow")
+    np.testing.assert_array_equal(sizes, part.sizes(dataset)["train_interactions"])
+    assert dryrun.main([str(tmp_path / "afk"), "--partition", str(tmp_path / "part.arrow"), "--rounds", "5",
+                        "--privacy", "uniform", "--epsilon", "2"]) == 0

@@ -29,22 +29,27 @@ from fedscope_jax.utils.io import atomic_output_dir, write_json
 from fedscope_jax.utils.progress import progress
 
 
-def client_sizes(dataset_path: str | Path, clients: int, scheme: str, seed: int, alpha: float) -> np.ndarray:
-    """Train interactions per client of `dataset_path` (prepared dir or raw source) under a partition."""
+def client_sizes(dataset_path: str | Path, clients: int | None, scheme: str, seed: int, alpha: float | None,
+                 partition_file: str | Path | None = None) -> np.ndarray:
+    """Train interactions per client of `dataset_path` (prepared dir or raw source), under a saved partition
+    (`fedscope data partition ... --out FILE`) or one made here with `fedscope_jax.data.partition`."""
     from fedscope_jax.data.canonical import load_dataset
     from fedscope_jax.data.formats import prepare
-    from fedscope_jax.data.partition import partition
+    from fedscope_jax.data.partition import load_partition, partition
+
+    def sizes_of(dataset) -> np.ndarray:
+        if partition_file is not None:
+            part = load_partition(partition_file)
+        else:
+            part = partition(dataset, clients, scheme, seed, alpha=alpha)
+        return part.sizes(dataset)["train_interactions"]
 
     path = Path(dataset_path)
     if (path / "dataset.json").is_file():
-        dataset = load_dataset(path)
-        part = partition(dataset, clients, scheme, seed, alpha=alpha)
-        return part.sizes(dataset)["train_interactions"]
+        return sizes_of(load_dataset(path))
     with tempfile.TemporaryDirectory(prefix="fedscope-dryrun-") as tmp:
         prepare(path, Path(tmp) / "dataset")
-        dataset = load_dataset(Path(tmp) / "dataset")
-        part = partition(dataset, clients, scheme, seed, alpha=alpha)
-        return part.sizes(dataset)["train_interactions"]
+        return sizes_of(load_dataset(Path(tmp) / "dataset"))
 
 
 def dry_run(sizes: np.ndarray, config: PrivacyConfig, rounds: int, sampling_rate: float, seed: int,
@@ -96,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dataset", help="prepared dataset directory or raw source folder")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--scheme", default="powerlaw", help="partition scheme (fedscope data partition)")
-    parser.add_argument("--alpha", type=float, default=1.0, help="powerlaw exponent of the partition")
+    parser.add_argument("--alpha", type=float, default=None, help="partition exponent/concentration (its default)")
+    parser.add_argument("--partition", help="a saved partition.arrow (fedscope data partition) instead of the above")
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--sampling-rate", type=float, default=1.0, help="per-round participation probability")
     parser.add_argument("--seed", type=int, default=0, help="partition and participation seed")
@@ -106,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        sizes = client_sizes(args.dataset, args.clients, args.scheme, args.seed, args.alpha)
+        sizes = client_sizes(args.dataset, args.clients, args.scheme, args.seed, args.alpha, args.partition)
         summary = dry_run(sizes, config, args.rounds, args.sampling_rate, args.seed, args.out, args.force)
     except FedscopeError as exc:
         print(f"privacy dry run: error: {exc}", file=sys.stderr)
