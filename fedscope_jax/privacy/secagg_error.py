@@ -22,7 +22,6 @@ def measure(num_clients: int, dim: int, bound: float, levels: int | None, neighb
             dropout: float, seed: int = 0, repeats: int = 3) -> dict:
     """One measurement (see the module docstring); returns a dict of numbers."""
     import jax
-    import jax.numpy as jnp
 
     from fedscope_jax.privacy import secagg
 
