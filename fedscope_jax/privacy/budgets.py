@@ -5,8 +5,9 @@ Personalized allocation (documented in docs/privacy.md):
     eps_k = clip(s * eps * (n_k / g)^beta, eps_min, eps_max)
 
 with n_k the client's data size (number of training examples, or any positive statistic), g the geometric
-mean of the n_k (clients with n_k = 0 never train: they get eps_min and are left out of the mean), beta >= 0 the allocation exponent, and s > 0 the normalising scale, found by bisection so
-that the chosen mean of the eps_k equals the nominal eps:
+mean of the n_k (clients with n_k = 0 never train: they get eps_min and are left out of the mean),
+beta >= 0 the allocation exponent, and s > 0 the normalising scale, found by bisection so that the chosen
+mean of the eps_k equals the nominal eps:
 
 - "geometric": the (unweighted) geometric mean over clients equals eps (the typical client gets eps);
 - "weighted": the data-weighted arithmetic mean sum_k (n_k / N) eps_k equals eps (the typical example's

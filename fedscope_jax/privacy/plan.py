@@ -72,7 +72,8 @@ def _rates(sampling_rates: np.ndarray | float, num_clients: int) -> np.ndarray:
     rates = np.broadcast_to(np.asarray(sampling_rates, dtype=np.float64), (num_clients,)).copy()
     if np.any(~np.isfinite(rates)) or np.any(rates < 0) or np.any(rates > 1):
         bad = int(np.flatnonzero(~((rates >= 0) & (rates <= 1)))[0])
-        raise FedscopeError(f"privacy: client {bad} has sampling rate {float(rates[bad]):g}; expected a number in [0, 1]")
+        raise FedscopeError(f"privacy: client {bad} has sampling rate {float(rates[bad]):g}; "
+                            f"expected a number in [0, 1]")
     return rates
 
 
