@@ -77,6 +77,11 @@ def test_centralized_run_directory_and_determinism(tiny, capsys):
     s2 = json.loads((root / "run2" / "summary.json").read_text())
     assert s2["test"] == s["test"] and s2["test_full"] == s["test_full"]
     assert main(["train", "--data", str(ds.path), "--out", str(run), *_sets()]) == 2   # exists, no --force
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--json"]) == 0                          # reloads params.msgpack
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["model"]["sampled"] == s["test"] and ev["model"]["full"] == s["test_full"]
+    assert ev["popularity"]["sampled"] == s["baselines"]["popularity"]
 
 
 def test_semantic_attributes_feed_the_fusion_mlp(tiny, capsys):

@@ -31,10 +31,9 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def print_table(rows: list[tuple[str, str, dict[str, dict[str, float]]]]) -> None:
+    """Prints (method, protocol, {domain: metrics}) rows as one aligned table."""
     keys = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR")
-    rows = [("model", "sampled", summary["test"]), ("popularity", "sampled", summary["baselines"]["popularity"]),
-            ("model", "full", summary["test_full"]), ("popularity", "full", summary["baselines"]["popularity_full"])]
     print(f"{'method':<11} {'protocol':<8} {'domain':<12} " + " ".join(f"{k:>8}" for k in keys))
     for method, proto, by_domain in rows:
         for dom, m in by_domain.items():
@@ -65,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from fedscope_jax.train.centralized import train_centralized
 
     summary = train_centralized(ds, cfg, args.out, semantic=semantic, force=args.force, extra_config=extra)
-    _print_summary(summary)
+    print_table([("model", "sampled", summary["test"]), ("popularity", "sampled", summary["baselines"]["popularity"]),
+                 ("model", "full", summary["test_full"]),
+                 ("popularity", "full", summary["baselines"]["popularity_full"])])
     print(f"run written to {args.out} ({summary['training']['epochs_run']} epochs, best "
           f"{summary['training']['best_epoch']}, {summary['training']['seconds']:.0f} s)")
     return 0
