@@ -76,6 +76,7 @@ def train_centralized(ds: CanonicalDataset, cfg: RunConfig, out: str | Path, sem
     valid_set = eval_set(ds, "valid", mc.max_len, ec)
     test_set = eval_set(ds, "test", mc.max_len, ec)
     key_init, key_train = jax.random.split(jax.random.key(tc.seed))
+    semantic = None if semantic is None else jax.device_put(semantic)   # once, not on every step
     params = init_params(key_init, mc, ds.n_items, semantic)
     opt_state = make_optimizer(tc.lr, tc.weight_decay).init(params)
     step = make_train_step(mc, tc.lr, tc.weight_decay)
