@@ -127,16 +127,17 @@ def synthetic_user_batches(rng: np.random.Generator, n_users: int, config: Refer
     """
     steps = max(1, math.ceil(n_users / batch_size))
     total = steps * batch_size
+    length = config.max_len + 1
+    lengths = rng.integers(2, length + 1, size=total)
+    real = (np.arange(length)[None, :] < lengths[:, None]) & (np.arange(total) < n_users)[:, None]
     out: dict[str, np.ndarray] = {}
     for name, n_items in (("a", config.n_items_a), ("b", config.n_items_b)):
-        length = config.max_len + 1
         seq = np.zeros((total, length), np.int32)
         if name in domains:
             weights = 1.0 / np.arange(1, n_items + 1) ** popularity
-            probs = weights / weights.sum()
-            lengths = rng.integers(2, length + 1, size=total)
-            for u in range(n_users):
-                seq[u, :lengths[u]] = rng.choice(n_items, size=lengths[u], p=probs) + 1
+            cdf = np.cumsum(weights / weights.sum())
+            draws = np.searchsorted(cdf, rng.random((total, length)) * cdf[-1]).astype(np.int32) + 1
+            seq = np.where(real, np.minimum(draws, n_items), 0).astype(np.int32)
         out[f"seq_{name}"] = seq[:, :-1].reshape(steps, batch_size, -1)
         out[f"pos_{name}"] = seq[:, 1:].reshape(steps, batch_size, -1)
         neg = rng.integers(1, n_items + 1, size=(total, length - 1, n_neg), dtype=np.int32)
