@@ -59,11 +59,13 @@ def make_llm(kwargs: dict[str, Any]):
 
 
 def sampling_params(attempt: Attempt, schema: dict[str, Any] = schema_lib.ATTRIBUTE_SCHEMA):
-    """Temperature, token bound and seed of `attempt`, constrained to `schema` by structured outputs."""
+    """Temperature, token bound, seed and repetition penalty of `attempt`, constrained to `schema` by structured
+    outputs (vLLM's JSON-schema grammar)."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     return SamplingParams(temperature=attempt.temperature, max_tokens=attempt.max_tokens, seed=attempt.seed,
+                          repetition_penalty=attempt.repetition_penalty,
                           structured_outputs=StructuredOutputsParams(json=schema))
 
 

@@ -6,11 +6,12 @@ Runs in the enrichment environment (`python -m enrich ...`, normally started by 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,18 +38,30 @@ def fingerprint(args: argparse.Namespace, items_path: Path, llm_dir: Path, embed
         "embed_model_dir": str(embed_dir),
         "prompt_versions": {d: prompts.prompt_version(d) for d in domains},
         "schema_version": schema_lib.SCHEMA_VERSION,
-        "max_tokens": args.max_tokens,
-        "max_retries": args.max_retries,
+        "attempts": [list(dataclasses.astuple(a)) for a in retry.attempt_plan(args.max_tokens, args.max_retries, args.seed)],
         "seed": args.seed,
         "dtype": args.dtype,
+        "embed_dtype": args.embed_dtype,
         "vllm_args": sorted(args.vllm_arg),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    """A shard after generation, before embedding."""
+
+    shard: shards.Shard
+    domains: list[str]
+    titles: list[str | None]
+    metadata: list[dict[str, Any]]
+    results: list[retry.ItemResult]
 
 
 class Enricher:
     """Holds the two models and turns one shard of items into its two Arrow tables."""
 
-    def __init__(self, args: argparse.Namespace, llm_dir: Path, embed_dir: Path, domains: Sequence[str]):
+    def __init__(self, args: argparse.Namespace, llm_dir: Path, embed_dir: Path, domains: Sequence[str], llm=None):
+        """`llm`: an already started vllm.LLM to reuse (the benchmark shares one engine with its bare baseline)."""
         from enrich import generate
         from enrich.embed import SentenceEmbedder
 
@@ -60,10 +73,11 @@ class Enricher:
             max_model_len=args.max_model_len, dtype=args.dtype, enforce_eager=args.enforce_eager, seed=args.seed,
             extra=generate.parse_vllm_args(args.vllm_arg))
         self.engine_kwargs = kwargs
-        self.llm = generate.make_llm(kwargs)
-        self.embedder = SentenceEmbedder(embed_dir, batch_size=args.embed_batch_size)
+        self.llm = generate.make_llm(kwargs) if llm is None else llm
+        self.embedder = SentenceEmbedder(embed_dir, batch_size=args.embed_batch_size, dtype=args.embed_dtype)
         self.plan = retry.attempt_plan(args.max_tokens, args.max_retries, args.seed)
         self._params = {a.index: generate.sampling_params(a) for a in self.plan}
+        self.seconds = {"generate": 0.0, "embed": 0.0}   # cumulated over shards
 
     def results(self, conversations: list[list[dict[str, str]]]) -> list[retry.ItemResult]:
         """Attributes for every conversation: one batched chat call per attempt."""
@@ -71,35 +85,65 @@ class Enricher:
             return self.generate.chat(self.llm, [conversations[i] for i in indices], self._params[attempt.index])
         return retry.run_with_retries(len(conversations), gen, self.plan)
 
-    def shard(self, items: shards.Items, shard: shards.Shard) -> tuple[pa.Table, pa.Table, int]:
-        """(attributes table, embeddings table, generated tokens) of one shard."""
+    def generate_shard(self, items: shards.Items, shard: shards.Shard) -> Generated:
+        """Prompts, one batched vLLM chat call per attempt, validation, retries."""
         rows = shard.rows.tolist()
+        doms = shard.domains(items)
         titles = [prompts.clean_text(items.table["title"][r].as_py(), prompts.MAX_TITLE_CHARS) for r in rows]
         metas = [_metadata(items, r) for r in rows]
         with_title = [k for k, t in enumerate(titles) if t is not None]
-        conversations = [prompts.render_messages(shard.domain, titles[k], metas[k]) for k in with_title]
+        conversations = [prompts.render_messages(doms[k], titles[k], metas[k]) for k in with_title]
+        t0 = time.perf_counter()
         generated = self.results(conversations)
+        self.seconds["generate"] += time.perf_counter() - t0
         results: list[retry.ItemResult] = [retry.missing_title_result() for _ in rows]
         for k, res in zip(with_title, generated):
             results[k] = res
-        texts = [prompts.embedding_text(shard.domain, titles[k], results[k].attributes, metas[k]) for k in range(len(rows))]
-        vectors = self.embedder.embed(texts)
-        if not np.all(np.isfinite(vectors)):
-            raise RuntimeError(f"shard {shard.name}: the embedding model returned non-finite values")
-        return self._tables(items, shard, results, vectors) + (sum(r.tokens for r in results),)
+        return Generated(shard, doms, titles, metas, results)
 
-    def _tables(self, items: shards.Items, shard: shards.Shard, results: list[retry.ItemResult],
+    def finish_shard(self, items: shards.Items, gen: Generated, out: Path | None = None) -> tuple[pa.Table, pa.Table, int]:
+        """Embeddings, Arrow tables, and the atomic shard write when `out` is given."""
+        t0 = time.perf_counter()
+        texts = [prompts.embedding_text(d, t, r.attributes, m)
+                 for d, t, r, m in zip(gen.domains, gen.titles, gen.results, gen.metadata)]
+        vectors = self.embedder.embed(texts)
+        self.seconds["embed"] += time.perf_counter() - t0
+        if not np.all(np.isfinite(vectors)):
+            raise RuntimeError(f"shard {gen.shard.name}: the embedding model returned non-finite values")
+        attributes, embeddings = self._tables(items, gen.shard, gen.domains, gen.results, vectors)
+        if out is not None:
+            shards.write_shard(out, gen.shard, attributes, embeddings)
+        return attributes, embeddings, sum(r.tokens for r in gen.results)
+
+    def process(self, items: shards.Items, todo: Sequence[shards.Shard], out: Path,
+                on_done: Callable[[shards.Shard, int], None] | None = None) -> int:
+        """Generates, embeds and writes the shards one after the other; returns the generated tokens.
+
+        Sequential on purpose: embedding shard k on a background thread while vLLM generates shard k+1 was
+        measured slower on the 2-core CPU machines (both compete for the same cores), and on a GPU the
+        embedding takes milliseconds.
+        """
+        tokens = 0
+        for shard in todo:
+            n_tok = self.finish_shard(items, self.generate_shard(items, shard), out)[2]
+            tokens += n_tok
+            if on_done is not None:
+                on_done(shard, n_tok)
+        return tokens
+
+    def _tables(self, items: shards.Items, shard: shards.Shard, doms: list[str], results: list[retry.ItemResult],
                 vectors: np.ndarray) -> tuple[pa.Table, pa.Table]:
         n = len(results)
         item_id = pa.array(items.item_id[shard.rows], pa.int32())
-        domain = shards.domain_array([shard.domain] * n, self.domains)
+        domain = shards.domain_array(doms, self.domains)
         status = pa.array([r.status for r in results], pa.string())
         cols: dict[str, pa.Array] = {"item_id": item_id, "domain": domain}
         for field in schema_lib.arrow_fields():
             cols[field.name] = pa.array([(r.attributes or {}).get(field.name) for r in results], field.type)
         cols["raw_json"] = pa.array([r.raw for r in results], pa.string())
         cols["model"] = pa.array([self.model_id] * n, pa.string())
-        cols["prompt_version"] = pa.array([prompts.prompt_version(shard.domain)] * n, pa.string())
+        versions = {d: prompts.prompt_version(d) for d in set(doms)}
+        cols["prompt_version"] = pa.array([versions[d] for d in doms], pa.string())
         cols["status"] = status
         cols["attempts"] = pa.array([r.attempts for r in results], pa.int8())
         cols["generated_tokens"] = pa.array([r.tokens for r in results], pa.int32())
@@ -124,7 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data, out = Path(args.data), Path(args.out)
     items = shards.load_items(data)
     plan = shards.plan_shards(items, args.domains, args.limit, args.shard_size)
-    domains = list(dict.fromkeys(s.domain for s in plan))
+    domains = list(dict.fromkeys(d for s in plan for d in s.domains(items)))
     llm_dir = models.resolve_llm(args.model)
     embed_dir = models.resolve_embed(args.embed_model)
     fp = fingerprint(args, data / shards.ITEMS_FILE, llm_dir, embed_dir, domains)
@@ -140,16 +184,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         timing["engine_start_s"] = time.perf_counter() - t0
         bar = _bar(total, total - sum(s.size for s in todo))
         t_run = time.perf_counter()
+
+        def on_done(shard: shards.Shard, n_tok: int) -> None:
+            timing["generated_tokens"] += n_tok
+            timing["items_processed"] += shard.size
+            bar.update(shard.size)
+            bar.set_postfix_str(f"{timing['generated_tokens'] / (time.perf_counter() - t_run):.0f} tok/s", refresh=True)
+
         with bar:
-            for shard in todo:
-                attributes, embeddings, n_tok = enricher.shard(items, shard)
-                shards.write_shard(out, shard, attributes, embeddings)
-                timing["generated_tokens"] += n_tok
-                timing["items_processed"] += shard.size
-                elapsed = time.perf_counter() - t_run
-                bar.update(shard.size)
-                bar.set_postfix_str(f"{timing['generated_tokens'] / elapsed:.0f} tok/s", refresh=True)
+            enricher.process(items, todo, out, on_done)
         timing["generate_and_embed_s"] = time.perf_counter() - t_run
+        timing["generate_s"], timing["embed_s"] = enricher.seconds["generate"], enricher.seconds["embed"]
     attributes, embeddings = shards.assemble(out, plan, items)
     status = attributes["status"].to_pylist()
     summary = {
@@ -160,6 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_dir": str(llm_dir),
         "embed_model_dir": str(embed_dir),
         "embedding_dim": embeddings.schema.field("vector").type.list_size,
+        "embedding_text": "title + attribute fields, one 'Field: value' line each (see docs/enrich.md)",
         "prompt_versions": fp["prompt_versions"],
         "schema": schema_lib.ATTRIBUTE_SCHEMA,
         "this_invocation": {**timing,

@@ -26,9 +26,12 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
                         help="only the first N items (by item_id) of each domain")),
     (("--shard-size",), dict(type=int, default=256, metavar="N",
                              help="items per shard: one batched vLLM call and one resumable output file each")),
-    (("--max-tokens",), dict(type=int, default=128, metavar="N", help="generated-token bound of the first attempt")),
+    (("--max-tokens",), dict(type=int, default=192, metavar="N",
+                             help="generated-token bound of the first attempt (the schema's length bounds keep a "
+                                  "complete compact object under ~160 tokens)")),
     (("--max-retries",), dict(type=int, default=2, metavar="N",
-                              help="retries of schema-invalid outputs (first retry: 2x tokens; later: sampled)")),
+                              help="retries of schema-invalid outputs (repetition penalty 1.3 and 2x tokens; the "
+                                   "first retry greedy, later ones sampled)")),
     (("--seed",), dict(type=int, default=0, help="seed of vLLM and of the sampled retries")),
     (("--tensor-parallel-size",), dict(type=int, default=1, metavar="N", help="vLLM tensor parallelism")),
     (("--gpu-memory-utilization",), dict(type=float, default=None, metavar="F",
@@ -41,6 +44,8 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--vllm-arg",), dict(action="append", default=[], metavar="KEY=VALUE",
                            help="any other vllm.LLM keyword (value parsed as JSON when it parses), repeatable")),
     (("--embed-batch-size",), dict(type=int, default=64, metavar="N", help="texts per embedding forward pass")),
+    (("--embed-dtype",), dict(default="auto", choices=("auto", "float32", "bfloat16"),
+                              help="embedding model dtype (auto: bfloat16 on a CPU with native bf16, else float32)")),
     (("--force",), dict(action="store_true",
                         help="discard an existing --out made with different arguments instead of failing")),
 )

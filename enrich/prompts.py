@@ -149,10 +149,11 @@ def embedding_text(domain: str, title: str | None, attributes: Mapping[str, Any]
     """The text that is embedded for one item: title, metadata and attributes, one 'Field: value' per line.
 
     Items without valid attributes are embedded from title and metadata alone; items without a title from
-    the domain wording and metadata ("Unknown <noun>"), so every item gets a finite vector.
+    the domain wording and metadata ("Unknown <noun>. Domain: ..."), so every item gets a finite vector.
     """
     tpl = domain_template(domain)
-    lines = [f"Title: {clean_text(title, MAX_TITLE_CHARS) or 'Unknown ' + tpl.noun}", f"Domain: {tpl.desc}"]
+    text = clean_text(title, MAX_TITLE_CHARS)
+    lines = [f"Title: {text}"] if text else [f"Title: Unknown {tpl.noun}", f"Domain: {tpl.desc}"]
     lines += [ln for ln in render_metadata(metadata or {}).splitlines() if ln]
     for name in schema_lib.FIELDS:
         value = (attributes or {}).get(name)

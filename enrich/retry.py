@@ -8,9 +8,11 @@ Statuses written to attributes.arrow and item_embeddings.arrow:
 - failed: every attempt was invalid; attributes are null, raw_json keeps the last text, the embedding is made
   from title and metadata alone. Never dropped.
 
-Greedy decoding is deterministic, so a retry must change something: the first retry doubles the token
-budget (the usual failure is an object cut off at max_tokens); later ones also sample (temperature > 0,
-fixed seed per attempt, so reruns are reproducible).
+Greedy decoding is deterministic, so a retry must change something. The schema bounds every string, so a
+complete object fits the first budget unless the model loops ("café-café-café-..." in multi-token
+characters) and is cut off at max_tokens: retries add a repetition penalty that breaks the loop and double the
+token bound; the first retry stays greedy, later ones sample (temperature > 0, a fixed seed per attempt, so
+reruns are reproducible).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Attempt:
     temperature: float
     max_tokens: int
     seed: int | None
+    repetition_penalty: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +52,15 @@ class ItemResult:
     error: str | None        # why the last invalid attempt was rejected (kept for invalid_json_retried too)
 
 
-def attempt_plan(max_tokens: int, max_retries: int, seed: int = 0, retry_temperature: float = 0.7) -> tuple[Attempt, ...]:
+def attempt_plan(max_tokens: int, max_retries: int, seed: int = 0, retry_temperature: float = 0.7,
+                 retry_repetition_penalty: float = 1.3) -> tuple[Attempt, ...]:
     """The first attempt (greedy, `max_tokens`) followed by `max_retries` bounded retries."""
     if max_tokens < 1 or max_retries < 0:
         raise ValueError("attempt_plan: max_tokens must be >= 1 and max_retries >= 0")
     plan = [Attempt(0, 0.0, max_tokens, None)]
     for k in range(1, max_retries + 1):
-        if k == 1:
-            plan.append(Attempt(k, 0.0, 2 * max_tokens, None))
-        else:
-            plan.append(Attempt(k, retry_temperature, 2 * max_tokens, seed + k))
+        temperature, k_seed = (0.0, None) if k == 1 else (retry_temperature, seed + k)
+        plan.append(Attempt(k, temperature, 2 * max_tokens, k_seed, retry_repetition_penalty))
     return tuple(plan)
 
 

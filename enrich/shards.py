@@ -1,6 +1,7 @@
 """Items table -> shards; shard files; the resume check and the final assembly (pyarrow/numpy only).
 
-A shard is a contiguous run of one domain's items (sorted by item_id). Each finished shard is two Arrow
+A shard is a contiguous run of the selected items, ordered by (domain, item_id); it may span a domain
+boundary, so every shard but the last is full and each vLLM call gets a full batch. Each finished shard is two Arrow
 files written atomically (temp file + rename), embeddings first, attributes last; a shard counts as done
 only when both exist. A killed job restarted with the same arguments skips the done shards, and the
 assembly checks that the final tables hold exactly one row per selected item.
@@ -12,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -139,17 +139,16 @@ def load_items(data_dir: Path) -> Items:
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    name: str            # e.g. "00-food-00000000"
-    domain: str
-    rows: np.ndarray     # row indices into the items table, sorted by item_id
+    name: str            # e.g. "shard-00003" (its index in the plan)
+    rows: np.ndarray     # row indices into the items table, ordered by (domain, item_id)
 
     @property
     def size(self) -> int:
         return int(self.rows.size)
 
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40] or "domain"
+    def domains(self, items: "Items") -> list[str]:
+        """Domain name of each row."""
+        return [items.domain_names[r] for r in self.rows.tolist()]
 
 
 def plan_shards(items: Items, domains: Sequence[str] | None, limit: int | None, shard_size: int) -> list[Shard]:
@@ -163,16 +162,14 @@ def plan_shards(items: Items, domains: Sequence[str] | None, limit: int | None, 
     if unknown:
         raise JobError(f"--domains {unknown[0]!r}: not in items.arrow; expected one of {list(items.domains)}")
     names = np.array(items.domain_names, dtype=object)
-    shards = []
+    ordered = []
     for d in selected:
-        k = items.domains.index(d)
         rows = np.flatnonzero(names == d)
         rows = rows[np.argsort(items.item_id[rows], kind="stable")]
-        if limit is not None:
-            rows = rows[:limit]
-        for start in range(0, rows.size, shard_size):
-            shards.append(Shard(f"{k:02d}-{_slug(d)}-{start:08d}", d, rows[start:start + shard_size]))
-    return shards
+        ordered.append(rows if limit is None else rows[:limit])
+    rows = np.concatenate(ordered) if ordered else np.zeros(0, np.int64)
+    return [Shard(f"shard-{k:05d}", rows[start:start + shard_size])
+            for k, start in enumerate(range(0, rows.size, shard_size))]
 
 
 def shard_paths(out: Path, shard: Shard) -> tuple[Path, Path]:
@@ -250,7 +247,7 @@ def assemble(out: Path, shards: Sequence[Shard], items: Items) -> tuple[pa.Table
         expected = items.item_id[shard.rows]
         for path, t in ((attr_path, a), (emb_path, e)):
             if not np.array_equal(t["item_id"].to_numpy(), expected) or \
-                    set(pc.cast(t["domain"], pa.string()).to_pylist()) != {shard.domain}:
+                    pc.cast(t["domain"], pa.string()).to_pylist() != shard.domains(items):
                 raise JobError(f"{path}: rows do not match the shard's items; delete the file and rerun to redo it")
         attrs.append(a)
         embs.append(e)

@@ -122,16 +122,17 @@ def test_embedding_text_renders_attributes_and_fallbacks():
     text = prompts.embedding_text("food", "Kit Kat", VALID)
     assert text.splitlines()[0] == "Title: Kit Kat"
     assert "Themes: green tea, japanese" in text and "Price tier: mid-range" in text
-    assert prompts.embedding_text("food", "Kit Kat", None) == "Title: Kit Kat\nDomain: Amazon grocery and gourmet food"
-    assert prompts.embedding_text("kitchen", None, None).startswith("Title: Unknown home and kitchen product")
+    assert prompts.embedding_text("food", "Kit Kat", None, {"brand": "Nestle"}) == "Title: Kit Kat\nBrand: Nestle"
+    assert prompts.embedding_text("kitchen", None, None) == \
+        "Title: Unknown home and kitchen product\nDomain: Amazon home and kitchen"
 
 
 # ---- retries ---------------------------------------------------------------------------------------------
 
 def test_attempt_plan_is_bounded_and_changes_something_on_each_retry():
     plan = retry.attempt_plan(max_tokens=100, max_retries=3, seed=5)
-    assert [(a.temperature, a.max_tokens, a.seed) for a in plan] == [
-        (0.0, 100, None), (0.0, 200, None), (0.7, 200, 7), (0.7, 200, 8)]
+    assert [(a.temperature, a.max_tokens, a.seed, a.repetition_penalty) for a in plan] == [
+        (0.0, 100, None, 1.0), (0.0, 200, None, 1.3), (0.7, 200, 7, 1.3), (0.7, 200, 8, 1.3)]
     assert len(retry.attempt_plan(100, 0)) == 1
     with pytest.raises(ValueError):
         retry.attempt_plan(0, 1)
@@ -188,9 +189,9 @@ def test_load_items_and_plan_shards(tmp_path):
     items = shards.load_items(_dataset(tmp_path))
     assert items.domains == ("kitchen", "food")             # first appearance when there is no dataset.json
     assert items.metadata_columns == ("category",)
-    plan = shards.plan_shards(items, None, None, 3)
-    assert [(s.domain, items.item_id[s.rows].tolist()) for s in plan] == [
-        ("kitchen", [0, 1, 2]), ("kitchen", [3]), ("food", [0, 1, 2])]
+    plan = shards.plan_shards(items, None, None, 3)           # shards are full batches, across domains
+    assert [(s.domains(items), items.item_id[s.rows].tolist()) for s in plan] == [
+        (["kitchen"] * 3, [0, 1, 2]), (["kitchen", "food", "food"], [3, 0, 1]), (["food"], [2])]
     assert len({s.name for s in plan}) == 3
     limited = shards.plan_shards(items, ["food"], 2, 8)
     assert [items.item_id[s.rows].tolist() for s in limited] == [[0, 1]]
@@ -203,7 +204,7 @@ def test_load_items_and_plan_shards(tmp_path):
 def _shard_tables(items, shard, dim=4):
     n = shard.size
     ids = pa.array(items.item_id[shard.rows], pa.int32())
-    dom = shards.domain_array([shard.domain] * n, items.domains)
+    dom = shards.domain_array(shard.domains(items), items.domains)
     cols = {"item_id": ids, "domain": dom}
     for f in schema_lib.arrow_fields():
         cols[f.name] = pa.nulls(n, f.type)
@@ -294,3 +295,17 @@ def test_cli_names_the_make_command_when_the_environment_is_missing(tmp_path, mo
     rc = main(["enrich", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "enrichment environment not found" in err and "enrich-env" in err
+
+
+def test_run_fingerprint_survives_its_json_file(tmp_path):
+    """A resumed run compares the fingerprint with run.json: it must read back equal (no tuples, no floats lost)."""
+    from enrich import job
+
+    data = _dataset(tmp_path)
+    args = options.build_parser().parse_args(["--data", str(data), "--out", str(tmp_path / "o"), "--vllm-arg", "a=1"])
+    fp = job.fingerprint(args, data / "items.arrow", Path("/m"), Path("/e"), ["food", "kitchen"])
+    assert json.loads(json.dumps(fp)) == fp
+    assert fp["prompt_versions"] == {"food": prompts.prompt_version("food"), "kitchen": prompts.prompt_version("kitchen")}
+    other = job.fingerprint(options.build_parser().parse_args(["--data", str(data), "--out", "o", "--max-retries", "1"]),
+                            data / "items.arrow", Path("/m"), Path("/e"), ["food", "kitchen"])
+    assert other["attempts"] != fp["attempts"]
