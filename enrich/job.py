@@ -152,7 +152,10 @@ class Enricher:
         dim = vectors.shape[1]
         flat = pa.array(vectors.reshape(-1), pa.float32())
         vector = pa.FixedSizeListArray.from_arrays(flat, dim)
-        embeddings = pa.Table.from_arrays([item_id, domain, vector, status], schema=shards.embeddings_schema(dim))
+        # The vector's status: "ok" when it was made from the title and schema-valid attributes (first try or
+        # retried), else the attribute status (missing_title: domain wording only; failed: title only).
+        vec_status = pa.array([retry.OK if r.attributes is not None else r.status for r in results], pa.string())
+        embeddings = pa.Table.from_arrays([item_id, domain, vector, vec_status], schema=shards.embeddings_schema(dim))
         return attributes, embeddings
 
 

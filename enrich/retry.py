@@ -1,6 +1,7 @@
 """Bounded retries of invalid generations and the per-item status (pure logic; no vLLM import).
 
-Statuses written to attributes.arrow and item_embeddings.arrow:
+Statuses written to attributes.arrow (item_embeddings.arrow writes "ok" for both ok and invalid_json_retried,
+whose vectors are made from valid attributes, and the same status otherwise):
 - ok: the first generation was a schema-valid JSON object;
 - invalid_json_retried: the first one was not, a bounded retry was;
 - missing_title: the item has no title, so no prompt is sent (documented fallback: null attributes, the
