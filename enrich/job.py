@@ -172,6 +172,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     items = shards.load_items(data)
     plan = shards.plan_shards(items, args.domains, args.limit, args.shard_size)
     domains = list(dict.fromkeys(d for s in plan for d in s.domains(items)))
+    from enrich.generate import parse_vllm_args   # stdlib only at import time; checked before the engine starts
+
+    try:
+        parse_vllm_args(args.vllm_arg)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
     llm_dir = models.resolve_llm(args.model)
     embed_dir = models.resolve_embed(args.embed_model)
     fp = fingerprint(args, data / shards.ITEMS_FILE, llm_dir, embed_dir, domains)
@@ -228,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (JobError, models.ModelError, ValueError) as exc:
+    except (JobError, models.ModelError) as exc:
         print(f"enrich: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -309,3 +309,18 @@ def test_run_fingerprint_survives_its_json_file(tmp_path):
     other = job.fingerprint(options.build_parser().parse_args(["--data", str(data), "--out", "o", "--max-retries", "1"]),
                             data / "items.arrow", Path("/m"), Path("/e"), ["food", "kitchen"])
     assert other["attempts"] != fp["attempts"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--vllm-arg", "novalue"], "--vllm-arg 'novalue': expected KEY=VALUE"),
+    (["--domains", "toys"], "--domains 'toys': not in items.arrow"),
+    (["--limit", "0"], "--limit 0: expected a positive integer"),
+])
+def test_job_reports_bad_options_in_one_line_before_starting_vllm(tmp_path, capsys, extra, message):
+    from enrich import job
+
+    data = _dataset(tmp_path)
+    assert job.main(["--data", str(data), "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("enrich: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
