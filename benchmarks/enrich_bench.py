@@ -4,7 +4,7 @@ Run inside the enrichment environment (from the repository root):
 
     .venv/bin/fedscope data prepare --format abxi ../shared/data/abxi-food-kitchen \\
         --titles ../shared/data/llmcdsr-food-kitchen --out /tmp/afk
-    PYTHONPATH=. .venv-enrich/bin/python benchmarks/enrich_bench.py --data /tmp/afk --items 128 --shard-size 64 --out enrich_bench.json
+    PYTHONPATH=. .venv-enrich/bin/python benchmarks/enrich_bench.py --data /tmp/afk --out enrich_bench.json
 
 Both sides use one vllm.LLM started once (its start time is reported apart). Each timed run starts from an empty
 prefix cache (`LLM.reset_prefix_cache()`), so within a run the shared few-shot prefix is cached exactly as in a
@@ -40,8 +40,8 @@ if str(REPO) not in sys.path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="prepared dataset directory holding items.arrow")
-    parser.add_argument("--items", type=int, default=128, help="titled items, split evenly over the domains")
-    parser.add_argument("--shard-size", type=int, default=64,
+    parser.add_argument("--items", type=int, default=256, help="titled items, split evenly over the domains")
+    parser.add_argument("--shard-size", type=int, default=256,
                         help="prompts per batched call, on both sides (the job's --shard-size)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each side")
     parser.add_argument("--max-tokens", type=int, default=192)
