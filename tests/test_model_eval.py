@@ -37,6 +37,8 @@ def test_histories_match_a_per_user_reference(tiny, split):
         if tail:
             want[L - len(tail):] = tail
         np.testing.assert_array_equal(es.history[e], want)
+        mine = set(ds.item[(ds.user == u) & (ds.domain == d)] + 1) - {es.target[e]}
+        assert set(es.seen[e]) - {0} == mine
 
 
 def test_negatives_are_unseen_distinct_and_seeded(tiny):
@@ -66,7 +68,8 @@ def test_popularity_ranks_by_brute_force(tiny):
         s = pop[es.domain[e]]
         t = s[es.target[e]]
         assert ranks["sampled"][e] == sum(s[c] >= t for c in es.negatives[e])
-        others = [s[i] for i in range(1, len(s)) if i != es.target[e]]
+        seen = set(ds.item[(ds.user == es.user[e]) & (ds.domain == es.domain[e])] + 1)
+        others = [s[i] for i in range(1, len(s)) if i not in seen]       # the unseen items compete
         assert ranks["full"][e] == sum(o >= t for o in others)
 
 
@@ -83,7 +86,9 @@ def test_model_ranks_by_brute_force_and_summaries(tiny):
         scores = h @ np.asarray(all_item_repr(params, cfg, d)).T
         for j, e in enumerate(sel):
             t = scores[j, es.target[e]]
-            neg, full = scores[j, es.negatives[e]], np.delete(scores[j, 1:], es.target[e] - 1)
+            seen = set(ds.item[(ds.user == es.user[e]) & (ds.domain == d)] + 1)
+            neg = scores[j, es.negatives[e]]
+            full = scores[j, [i for i in range(1, scores.shape[1]) if i not in seen]]
             # the jitted scores may differ from numpy's by float rounding: bound the rank on both sides
             assert np.sum(neg > t + 1e-5) <= ranks["sampled"][e] <= np.sum(neg >= t - 1e-5)
             assert np.sum(full > t + 1e-5) <= ranks["full"][e] <= np.sum(full >= t - 1e-5)

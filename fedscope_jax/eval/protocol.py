@@ -1,10 +1,10 @@
 """Leave-one-out evaluation: ranking each valid/test target against sampled negatives and the full item set.
 
 For every target (a `valid` or `test` interaction), the history is the user's earlier interactions in the
-target's domain (any split), last max_len of them. Protocol "sampled": the target against `num_negatives`
-items of its domain drawn uniformly without replacement among the items the user never interacted with in
-that domain, seeded by (seed, split) only, so every method sees the same candidates. Protocol "full": the
-target against every other item of its domain. A popularity baseline (train-split counts) is ranked on
+target's domain (any split), last max_len of them. Both protocols rank the target only against items the user
+never interacted with in that domain (its past and future items are neither negatives nor competitors).
+Protocol "sampled": against `num_negatives` of those drawn uniformly without replacement, seeded by
+(seed, split) only, so every method sees the same candidates. Protocol "full": against all of them. A popularity baseline (train-split counts) is ranked on
 exactly the same candidates, and metrics are also broken down by in-domain history length (cold start).
 """
 
@@ -56,6 +56,7 @@ class EvalSet:
     history: np.ndarray     # int32 [E, L] left-padded shifted ids (last L in-domain items before the target)
     hist_len: np.ndarray    # int32 [E] full in-domain history length (before truncation)
     negatives: np.ndarray   # int32 [E, M] shifted ids of the sampled protocol
+    seen: np.ndarray        # int32 [E, S] shifted ids of the user's other items in that domain (0 = padding)
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
@@ -95,6 +96,13 @@ def eval_set(ds: CanonicalDataset, split: str, max_len: int, cfg: EvalConfig) ->
     history = np.where(ok, ds.item[rows[np.maximum(cols, 0)]] + 1, 0).astype(np.int32)
     t = rows[at]
     user, domain, target = ds.user[t], ds.domain[t], ds.item[t].astype(np.int32) + 1
+    # every item of the target's (user, domain) group except the target: excluded from the full ranking
+    size = np.bincount(start, minlength=len(rows))[start[at]]
+    width = int(size.max()) if size.size else 1
+    cols = start[at][:, None] + np.arange(width)[None, :]
+    in_group = np.arange(width)[None, :] < size[:, None]
+    seen_items = np.where(in_group, ds.item[rows[np.minimum(cols, len(rows) - 1)]] + 1, 0)
+    seen_items = np.where(seen_items == target[:, None], 0, seen_items).astype(np.int32)
     negatives = np.zeros((len(t), cfg.num_negatives), np.int32)
     rng = np.random.default_rng([cfg.seed, code])
     for d, n_items in enumerate(ds.n_items):
@@ -109,7 +117,7 @@ def eval_set(ds: CanonicalDataset, split: str, max_len: int, cfg: EvalConfig) ->
                                 f"only {int(unseen.min())} unseen items; lower eval.num_negatives")
         negatives[sel] = _sample_negatives(user[sel], n_items, seen, cfg.num_negatives, rng) + 1
     return EvalSet(split=split, user=user, domain=domain, target=target, history=history, hist_len=hist_len,
-                   negatives=negatives)
+                   negatives=negatives, seen=seen_items)
 
 
 def popularity_scores(ds: CanonicalDataset) -> list[np.ndarray]:
@@ -123,7 +131,15 @@ def popularity_scores(ds: CanonicalDataset) -> list[np.ndarray]:
     return out
 
 
-def popularity_ranks(es: EvalSet, pop: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+def _drop_seen(scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Copy of row-wise scores [E, N+1] with the seen items' (and padding's) columns set to -inf."""
+    out = scores.copy()
+    np.put_along_axis(out, seen, -np.inf, axis=1)
+    out[:, 0] = -np.inf
+    return out
+
+
+def popularity_ranks(es: EvalSet, pop: Sequence[np.ndarray], chunk: int = 512) -> dict[str, np.ndarray]:
     """Ranks of the popularity baseline under both protocols (same candidates as the model)."""
     sampled = np.zeros(len(es), np.int64)
     full = np.zeros(len(es), np.int64)
@@ -131,20 +147,25 @@ def popularity_ranks(es: EvalSet, pop: Sequence[np.ndarray]) -> dict[str, np.nda
         sel = np.flatnonzero(es.domain == d)
         t = scores[es.target[sel]]
         sampled[sel] = pessimistic_rank(t, scores[es.negatives[sel]])
-        full[sel] = pessimistic_rank(t, scores[None, 1:]) - 1
+        for lo in range(0, sel.size, chunk):
+            idx = sel[lo:lo + chunk]
+            rows = _drop_seen(np.broadcast_to(scores, (idx.size, scores.size)), es.seen[idx])
+            full[idx] = pessimistic_rank(scores[es.target[idx]], rows[:, 1:]) - 1   # minus the target itself
     return {"sampled": sampled, "full": full}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "d"))
 def _model_ranks(params: Params, semantic: Semantic, history: jnp.ndarray, target: jnp.ndarray,
-                 negatives: jnp.ndarray, config: ModelConfig, d: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+                 negatives: jnp.ndarray, seen: jnp.ndarray, config: ModelConfig,
+                 d: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(sampled rank, full rank) of a batch of targets of domain d, pessimistic ties, NaN counted against."""
     h = encode(params, config, d, history, semantic)[:, -1]                       # [E, dim]
     scores = h @ all_item_repr(params, config, d, semantic).T                     # [E, N+1], column 0 = padding
     t_score = jnp.take_along_axis(scores, target[:, None], axis=1)                # [E, 1]
     n_score = jnp.take_along_axis(scores, negatives, axis=1)                      # [E, M]
     sampled = jnp.sum(~(n_score < t_score), axis=1)
-    full = jnp.sum(~(scores[:, 1:] < t_score), axis=1) - 1                        # minus the target itself
+    competitors = scores.at[jnp.arange(scores.shape[0])[:, None], seen].set(-jnp.inf)   # seen items (and col 0)
+    full = jnp.sum(~(competitors[:, 1:] < t_score), axis=1) - 1                   # minus the target itself
     return sampled, full
 
 
@@ -160,7 +181,7 @@ def model_ranks(params: Params, config: ModelConfig, es: EvalSet, semantic: Sema
             pad = batch_size - idx.size
             take = np.concatenate([idx, np.full(pad, idx[0])])
             s, f = _model_ranks(params, semantic, es.history[take], es.target[take], es.negatives[take],
-                                config=config, d=d)
+                                es.seen[take], config=config, d=d)
             sampled[idx] = np.asarray(s)[:idx.size]
             full[idx] = np.asarray(f)[:idx.size]
     return {"sampled": sampled, "full": full}
