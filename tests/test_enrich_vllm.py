@@ -169,3 +169,29 @@ def test_killed_job_resumes_to_the_same_tables(afk, full_run, tmp_path):
             a = np.stack(full["vector"].to_numpy(zero_copy_only=False))
             b = np.stack(resumed["vector"].to_numpy(zero_copy_only=False))
             np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_items_without_titles_get_the_documented_fallback(tmp_path):
+    """No title anywhere: no prompt is sent, every item is kept with status missing_title and a finite vector
+    made from the domain wording (one per domain, so equal within a domain)."""
+    _venv()
+    from fedscope_jax.data.canonical import items_table
+    from fedscope_jax.utils.io import write_arrow
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_arrow(items_table(["beauty", "electronics"], np.array([0, 0, 1]), np.array([0, 1, 0]),
+                            ["B1", "B2", "E1"], [None, "  ", None]), data / "items.arrow")
+    out = tmp_path / "out"
+    _run_args = [sys.executable, "-m", "fedscope_jax", "enrich", "--data", str(data), "--out", str(out)]
+    proc = subprocess.run(_run_args, env=dict(os.environ, FEDSCOPE_NO_PROGRESS="1"), capture_output=True,
+                          text=True, timeout=JOB_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    attributes = read_arrow(out / "attributes.arrow")
+    embeddings = read_arrow(out / "item_embeddings.arrow")
+    assert attributes["status"].to_pylist() == [retry.MISSING_TITLE] * 3
+    assert attributes["attempts"].to_pylist() == [0, 0, 0] and attributes["raw_json"].null_count == 3
+    assert embeddings["status"].to_pylist() == [retry.MISSING_TITLE] * 3
+    vectors = np.stack(embeddings["vector"].to_numpy(zero_copy_only=False))
+    assert np.all(np.isfinite(vectors)) and np.allclose(vectors[0], vectors[1])
+    assert not np.allclose(vectors[0], vectors[2])
