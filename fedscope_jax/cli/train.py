@@ -27,6 +27,9 @@ def add_parser(subparsers: Any) -> None:
                    "without it the model is ID-only (the 'w/o LLM' ablation)")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     # --- federated options: added by the engine (fedscope_jax/train/federated.py) below this line ---
+    from fedscope_jax.train.federated import add_arguments as add_federated_arguments  # light module
+
+    add_federated_arguments(p)
     # --- end of federated options ---
     p.set_defaults(func=run)
 

@@ -181,7 +181,10 @@ def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan
         template = shards[ids[members[0]]]
         batch = {key: np.zeros((cap, steps) + v.shape[1:], v.dtype) for key, v in template.batch.items()}
         mask = np.zeros((cap, steps), bool)
-        vocab = {n: np.full((cap, plan.vocab_sizes[b][n]), table_rows[n], np.int32) for n in template.vocab}
+        # the plan's vocabulary size, grown (to a multiple of 8) if this round's data needs more rows
+        sizes = {n: max(plan.vocab_sizes[b][n], -(-max(len(shards[ids[p]].vocab[n]) for p in members) // 8) * 8)
+                 for n in template.vocab}
+        vocab = {n: np.full((cap, sizes[n]), table_rows[n], np.int32) for n in template.vocab}
         cohort_ids = np.full(cap, -1, np.int32)
         w = np.zeros(cap, np.float32)
         c = np.full(cap, np.inf, np.float32)

@@ -118,11 +118,14 @@ def round_step(state: ServerState, cohorts: Sequence[Cohort], key: jax.Array, cl
     return new_state, metrics
 
 
+@functools.lru_cache(maxsize=16)
 def make_round_fn(client_cfg: ClientConfig, server_opt: optax.GradientTransformation,
                   engine_cfg: EngineConfig, mesh: Mesh | None = None,
                   donate: bool = True) -> Callable[[ServerState, Sequence[Cohort], jax.Array],
                                                    tuple[ServerState, RoundMetrics]]:
-    """The jitted round: (state, cohorts, key) -> (state, metrics); the state buffers are donated."""
+    """The jitted round: (state, cohorts, key) -> (state, metrics); the state buffers are donated.
+
+    Cached on its (hashable) arguments, so runs with the same settings in one process compile once."""
     fn = functools.partial(round_step, client_cfg=client_cfg, server_opt=server_opt, engine_cfg=engine_cfg,
                            mesh=mesh)
     return jax.jit(fn, donate_argnums=(0,) if donate else ())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -22,9 +23,12 @@ class ServerState(NamedTuple):
     round: jax.Array  # int32 scalar
 
 
+@functools.lru_cache(maxsize=32)
 def server_optimizer(name: str, learning_rate: float = 1.0, b1: float = 0.9, b2: float = 0.99,
                      eps: float = 1e-3) -> optax.GradientTransformation:
-    """FedAvg = SGD on -mean_delta (lr 1 gives params + mean_delta); FedAdam = Adam on it (Reddi et al. 2021)."""
+    """FedAvg = SGD on -mean_delta (lr 1 gives params + mean_delta); FedAdam = Adam on it (Reddi et al. 2021).
+
+    Cached, so equal settings give the same object and `make_round_fn` reuses its compiled round."""
     if name == "fedavg":
         return optax.sgd(learning_rate)
     if name == "fedadam":

@@ -1,0 +1,330 @@
+"""`fedscope train --mode federated`: rounds of the vectorized engine, metrics, checkpoints, resume.
+
+Each round: sample clients (seeded by (seed, round)), build their local mini-batches (seeded by (seed,
+round, client)), stack them into size buckets, run ONE jitted round (vmap over clients, clip, noise,
+aggregate, server optimizer), append a line to metrics.jsonl, checkpoint the server state with orbax.
+`--resume RUN` restores the last checkpoint, drops metric lines of later rounds and continues: everything a
+round uses derives from (seed, round), so the resumed run ends where an uninterrupted one would.
+
+The run directory is written in place (checkpoints must survive a kill): config.json, metrics.jsonl,
+checkpoints/, and at the end summary.json (atomically) and params.msgpack.
+Heavy imports (jax, the model) happen inside functions so that `fedscope --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from fedscope_jax.errors import FedscopeError
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+    """Federated training options (CLI flags of the same names)."""
+
+    clients: int = 8
+    scheme: str = "powerlaw"         # data.partition scheme (uniform, dirichlet, powerlaw, domain, user)
+    sampling: str = "fraction"       # fraction (fixed cohort size) or poisson (each client with prob. rate)
+    fraction: float = 1.0            # the fraction / Poisson rate q
+    rounds: int = 20
+    local_epochs: int = 1
+    client_lr: float = 1e-3          # local Adam
+    server_opt: str = "fedavg"       # fedavg | fedadam
+    server_lr: float = 1.0
+    chunk_size: int = 0              # clients per vmapped chunk per device; 0 = measure and pick
+    clip: float = math.inf           # C_k for every client (inf = no clipping)
+    noise_multiplier: float = 0.0    # z_k for every client (0 = no noise)
+    noise_mode: str = "off"          # off | per_client | sum (secure-aggregation view)
+    max_buckets: int = 4
+    eval_every: int = 5
+    checkpoint_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.clients < 1 or self.rounds < 1 or self.local_epochs < 1:
+            raise FedscopeError("--clients, --rounds, --local-epochs: expected >= 1")
+        if not 0.0 < self.fraction <= 1.0:
+            raise FedscopeError(f"--fraction {self.fraction}: expected 0 < fraction <= 1")
+        if self.chunk_size < 0 or self.eval_every < 1 or self.checkpoint_every < 1:
+            raise FedscopeError("--chunk-size >= 0, --eval-every >= 1, --checkpoint-every >= 1 expected")
+        if self.noise_multiplier > 0 and self.noise_mode == "off":
+            raise FedscopeError("--noise-multiplier > 0 needs --noise-mode per_client or sum")
+        if self.noise_multiplier > 0 and not math.isfinite(self.clip):
+            raise FedscopeError("--noise-multiplier > 0 needs a finite --clip")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The federated options of `fedscope train` (used by cli/train.py)."""
+    d = FederatedConfig()
+    g = p.add_argument_group("federated (--mode federated, docs/engine.md)")
+    g.add_argument("--clients", type=int, default=d.clients, help="number of clients K")
+    g.add_argument("--scheme", default=d.scheme, help="partition scheme: uniform, dirichlet, powerlaw, domain, user")
+    g.add_argument("--sampling", choices=["fraction", "poisson"], default=d.sampling,
+                   help="client sampling per round: a fixed fraction, or Poisson with rate --fraction")
+    g.add_argument("--fraction", type=float, default=d.fraction, help="sampled fraction / Poisson rate q")
+    g.add_argument("--rounds", type=int, default=d.rounds)
+    g.add_argument("--local-epochs", type=int, default=d.local_epochs)
+    g.add_argument("--client-lr", type=float, default=d.client_lr, help="local Adam learning rate")
+    g.add_argument("--server-opt", choices=["fedavg", "fedadam"], default=d.server_opt)
+    g.add_argument("--server-lr", type=float, default=d.server_lr)
+    g.add_argument("--chunk-size", type=int, default=d.chunk_size,
+                   help="clients per vmapped chunk per device (0: time candidates and pick)")
+    g.add_argument("--clip", type=float, default=d.clip, help="per-client clipping bound C_k (default inf: off)")
+    g.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier, help="z_k (default 0: off)")
+    g.add_argument("--noise-mode", choices=["off", "per_client", "sum"], default=d.noise_mode)
+    g.add_argument("--max-buckets", type=int, default=d.max_buckets, help="client size buckets (default 4)")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N rounds")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def config_from_args(args: argparse.Namespace, seed: int) -> FederatedConfig:
+    return FederatedConfig(clients=args.clients, scheme=args.scheme, sampling=args.sampling,
+                           fraction=args.fraction, rounds=args.rounds, local_epochs=args.local_epochs,
+                           client_lr=args.client_lr, server_opt=args.server_opt, server_lr=args.server_lr,
+                           chunk_size=args.chunk_size, clip=args.clip, noise_multiplier=args.noise_multiplier,
+                           noise_mode=args.noise_mode, max_buckets=args.max_buckets, eval_every=args.eval_every,
+                           checkpoint_every=args.checkpoint_every, seed=seed)
+
+
+# ---- the generic round loop (any params / loss / client data source) -------------------------------------
+
+ClientSource = Callable[[int, int], Any]   # (round, client) -> ClientShard
+
+
+def _round_record(metrics: Any, pad: Any, n_sampled: int, seconds: float) -> dict[str, Any]:
+    import numpy as np
+
+    cat = lambda field: np.concatenate([np.asarray(getattr(r, field)) for r in metrics.reports])  # noqa: E731
+    ids, loss, steps, norm = cat("client_id"), cat("loss"), cat("steps"), cat("norm")
+    factor, included = cat("clip_factor"), cat("included")
+    real = ids >= 0
+    inc = included & real
+    w = steps * inc
+    return {
+        "clients": n_sampled,
+        "included": int(inc.sum()),
+        "excluded_nonfinite": [int(i) for i in ids[real & ~included & (steps > 0)]],
+        "loss": float(np.sum(loss * w) / max(np.sum(w), 1)),
+        "update_norm": float(metrics.update_norm),
+        "client_update_norm_mean": float(np.mean(norm[inc])) if inc.any() else 0.0,
+        "client_update_norm_max": float(np.max(norm[inc])) if inc.any() else 0.0,
+        "clipped_fraction": float(np.mean(factor[inc] < 1.0)) if inc.any() else 0.0,
+        "noise_std": float(metrics.noise_std),
+        "padding_waste": pad.waste,
+        "seconds": seconds,
+    }
+
+
+def run_rounds(run_dir: str | Path, source: ClientSource, n_clients: int, params: Any, client_cfg: Any,
+               fcfg: FederatedConfig, table_rows: Mapping[str, int] | None = None,
+               eval_fn: Callable[[Any], dict[str, Any]] | None = None, resume: bool = False,
+               desc: str = "train (federated)") -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    """Runs rounds [start, fcfg.rounds) writing metrics.jsonl and checkpoints/ under `run_dir`.
+
+    Returns (final server state, every round's record, engine facts). With `resume`, starts from the last
+    checkpoint and truncates metrics.jsonl to the rounds it covers.
+    """
+    import jax
+    import numpy as np
+
+    from fedscope_jax.engine.checkpoint import Checkpointer
+    from fedscope_jax.engine.cohort import build_cohorts, plan_buckets
+    from fedscope_jax.engine.round import EngineConfig, client_mesh, make_round_fn, shard_cohorts
+    from fedscope_jax.engine.sampling import sample_clients
+    from fedscope_jax.engine.server import init_server_state, server_optimizer
+    from fedscope_jax.engine.tune import autotune_chunk_size, block, candidate_chunks
+    from fedscope_jax.utils.progress import progress
+
+    run_dir = Path(run_dir)
+    table_rows = dict(table_rows or {})
+    server_opt = server_optimizer(fcfg.server_opt, fcfg.server_lr)
+    state = init_server_state(params, server_opt)
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    metrics_path = run_dir / "metrics.jsonl"
+    records: list[dict[str, Any]] = []
+    if resume:
+        state = ckpt.restore(state)
+        done = int(state.round)
+        if metrics_path.exists():
+            for line in metrics_path.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                if rec["round"] <= done:
+                    records.append(rec)
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    elif ckpt.latest_round() is not None:
+        raise FedscopeError(f"{run_dir}: holds checkpoints of another run; use --resume or --force")
+    start = int(state.round)
+
+    base = {c: source(0, c) for c in range(n_clients)}  # round-0 data fixes the buckets for the run
+    steps_of = {c: s.n_steps for c, s in base.items()}
+    trainable = [c for c in range(n_clients) if steps_of[c] > 0]
+    if not trainable:
+        raise FedscopeError("no client has training data")
+    plan = plan_buckets([base[c] for c in trainable], fcfg.max_buckets)
+    devices = jax.device_count()
+    mesh = client_mesh() if devices > 1 else None
+    key = jax.random.fold_in(jax.random.key(fcfg.seed), 0xE6)
+
+    def cohorts_for(round_index: int, multiple: int):
+        ids = sample_clients(fcfg.seed, round_index, n_clients, fcfg.sampling, fcfg.fraction)
+        ids = np.array([c for c in ids if steps_of[c] > 0], np.int64)
+        shards = base if round_index == 0 else {int(c): source(round_index, int(c)) for c in ids}
+        if len(ids) == 0:
+            return ids, (), None
+        k = len(ids)
+        cohorts, pad = build_cohorts(shards, ids, plan, table_rows, clip=np.full(k, fcfg.clip, np.float32),
+                                     noise_multiplier=np.full(k, fcfg.noise_multiplier, np.float32),
+                                     multiple=multiple)
+        return ids, (shard_cohorts(cohorts, mesh) if mesh is not None else cohorts), pad
+
+    def make_fn(chunk: int):
+        return make_round_fn(client_cfg, server_opt, EngineConfig(chunk, fcfg.noise_mode), mesh=mesh)
+
+    chunk = fcfg.chunk_size
+    tuning: dict[int, float] = {}
+    if chunk == 0:  # time candidate chunk sizes on the first round's cohorts (results do not depend on it)
+        largest = int(np.bincount([plan.bucket_of(steps_of[c]) for c in trainable]).max())
+        probe_state = jax.tree.map(np.asarray, state)
+
+        def thunk_for(c: int):
+            fn, (_, cohorts, _) = make_fn(c), cohorts_for(start, devices * c)
+            holder = [init_server_state(probe_state.params, server_opt)]
+
+            def thunk():
+                holder[0], _ = fn(holder[0], cohorts, key)
+                return holder[0]
+            return thunk
+        chunk, tuning = autotune_chunk_size(thunk_for, candidate_chunks(largest, devices))
+    round_fn = make_fn(chunk)
+
+    bar = progress(total=fcfg.rounds, initial=start, desc=desc, unit="round")
+    with open(metrics_path, "a", encoding="utf-8") as log:
+        for r in range(start, fcfg.rounds):
+            t0 = time.perf_counter()
+            ids, cohorts, pad = cohorts_for(r, devices * chunk)
+            if len(ids) == 0:
+                state = state._replace(round=state.round + 1)
+                record: dict[str, Any] = {"clients": 0, "included": 0, "seconds": time.perf_counter() - t0}
+            else:
+                state, metrics = round_fn(state, cohorts, key)
+                block(state)
+                record = _round_record(metrics, pad, len(ids), time.perf_counter() - t0)
+            record = {"round": r + 1, **record}
+            if not math.isfinite(record.get("loss", 0.0)):
+                raise FedscopeError(f"round {r + 1}: training loss is not finite; lower --client-lr")
+            if eval_fn is not None and ((r + 1) % fcfg.eval_every == 0 or r + 1 == fcfg.rounds):
+                record["valid"] = eval_fn(state.params)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            records.append(record)
+            if (r + 1) % fcfg.checkpoint_every == 0 or r + 1 == fcfg.rounds:
+                ckpt.save(state)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", clients=record["clients"])
+    bar.close()
+    ckpt.close()
+    facts = {"chunk_size": chunk, "chunk_tuning_seconds": {str(k): v for k, v in tuning.items()},
+             "buckets": [{"steps": s, "vocab": dict(v)} for s, v in zip(plan.steps, plan.vocab_sizes)],
+             "devices": devices, "trainable_clients": len(trainable), "start_round": start}
+    return state, records, facts
+
+
+# ---- the FedSCOPE model on a canonical dataset (`fedscope train --mode federated`) ---------------------
+
+def _prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
+    if resume:
+        if not (out / "checkpoints").is_dir():
+            raise FedscopeError(f"{out}: no checkpoints/ to resume from")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FedscopeError(f"{out}: output exists; pass --force to replace it or --resume to continue it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run(args: argparse.Namespace, cfg: Any, ds: Any, semantic: Any, extra: dict[str, Any]) -> int:
+    """Entry point of `fedscope train --mode federated` (called by cli/train.py)."""
+    import functools
+
+    import jax
+    import numpy as np
+    import optax
+    from flax import serialization
+
+    from fedscope_jax.data.batching import make_batches, train_sequences
+    from fedscope_jax.data.partition import partition
+    from fedscope_jax.engine.client import ClientConfig
+    from fedscope_jax.engine.cohort import ClientShard
+    from fedscope_jax.eval.protocol import eval_set
+    from fedscope_jax.model import init_params, loss_fn
+    from fedscope_jax.train.centralized import evaluate, selection_score
+    from fedscope_jax.train.config import to_dict
+    from fedscope_jax.utils.io import write_json
+
+    mc, tc, ec = cfg.model, cfg.train, cfg.eval
+    fcfg = config_from_args(args, tc.seed)
+    out = Path(args.out)
+    _prepare_run_dir(out, getattr(args, "resume", False), args.force)
+    t_start = time.time()
+    seqs = train_sequences(ds, mc.max_len)
+    part = partition(ds, fcfg.clients, fcfg.scheme, fcfg.seed)
+    n_clients = part.n_clients
+    if fcfg.scheme == "domain":   # client d holds every user's domain-d data (FedDCSR setting)
+        rows_of = [np.arange(len(seqs.user)) for _ in range(n_clients)]
+    else:
+        rows_of = [seqs.rows_of(part.users_of(c)) for c in range(n_clients)]
+
+    def source(round_index: int, client: int) -> ClientShard:
+        rng = np.random.default_rng([fcfg.seed, round_index, client])
+        b = make_batches(seqs, rows_of[client], tc.batch_size, fcfg.local_epochs, rng)
+        batch = {"seq": b["seq"], "target": b["target"], "user_mask": b["user_mask"]}
+        if fcfg.scheme == "domain":
+            keep = np.zeros(b["seq"].shape[2], bool)
+            keep[client] = True
+            batch["seq"] = batch["seq"] * keep[None, None, :, None]
+            batch["target"] = batch["target"] * keep[None, None, :, None]
+        return ClientShard(batch, step_mask=b["step_mask"])
+
+    valid_set = eval_set(ds, "valid", mc.max_len, ec)
+
+    def eval_fn(params):
+        metrics, _ = evaluate(params, mc, valid_set, ds.domains, ec.ks, semantic, ec.batch_size)
+        return {"select": selection_score(metrics, tc.select_metric), **metrics["sampled"]}
+
+    client_cfg = ClientConfig(functools.partial(loss_fn, config=mc, train=True, semantic=semantic),
+                              optax.adam(fcfg.client_lr), local_epochs=1)  # the batches hold the local epochs
+    params = init_params(jax.random.key(tc.seed), mc, ds.n_items, semantic)
+    if not args.resume:
+        write_json({**to_dict(cfg), "federated": dataclasses.asdict(fcfg), **extra}, out / "config.json")
+    state, records, facts = run_rounds(out, source, n_clients, params, client_cfg, fcfg, eval_fn=eval_fn,
+                                       resume=args.resume)
+    params = jax.device_get(state.params)
+    valid, _ = evaluate(params, mc, valid_set, ds.domains, ec.ks, semantic, ec.batch_size)
+    test_set = eval_set(ds, "test", mc.max_len, ec)
+    test, _ = evaluate(params, mc, test_set, ds.domains, ec.ks, semantic, ec.batch_size)
+    trained = [r for r in records if r.get("clients", 0) > 0]
+    summary = {
+        "test": test["sampled"], "test_full": test["full"], "valid": valid["sampled"], "valid_full": valid["full"],
+        "training": {"mode": "federated", "rounds": fcfg.rounds, "seconds_this_process": time.time() - t_start,
+                     "device": jax.devices()[0].device_kind, "final_loss": trained[-1]["loss"] if trained else None},
+        "federated": {**dataclasses.asdict(fcfg), **facts, "partition": part.summary(ds),
+                      "mean_padding_waste": float(np.mean([r["padding_waste"] for r in trained])) if trained else 0.0,
+                      "mean_clients_per_round": float(np.mean([r["clients"] for r in records])),
+                      "excluded_nonfinite": sorted({i for r in trained for i in r["excluded_nonfinite"]})},
+        "dataset": {"path": str(ds.path), "name": ds.meta.get("name"), "domains": list(ds.domains),
+                    "n_items": list(ds.n_items)},
+    }
+    (out / "params.msgpack").write_bytes(serialization.to_bytes(params))
+    write_json(summary, out / "summary.json")
+    print(f"run written to {out} ({fcfg.rounds} rounds, chunk {facts['chunk_size']}, test "
+          + ", ".join(f"{d} NDCG@10 {m.get('NDCG@10', float('nan')):.4f}" for d, m in test["sampled"].items()) + ")")
+    return 0
