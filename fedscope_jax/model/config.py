@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from fedscope_jax.errors import FedscopeError
 
@@ -58,7 +57,3 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise FedscopeError(f"model.dropout={self.dropout}; expected 0 <= dropout < 1")
 
-
-def intra_k(rho: float, k_max: int, n_users: int) -> int:
-    """K = min(ceil(rho * N), K_max), at least 1 and at most N - 1 (host-side helper for docs and tests)."""
-    return max(1, min(math.ceil(rho * n_users), k_max, max(n_users - 1, 1)))

@@ -22,10 +22,6 @@ def domain_key(d: int) -> str:
     return f"domain_{d}"
 
 
-def n_domains(params: Params) -> int:
-    return len(params)
-
-
 def _tower(params: Params, config: ModelConfig, d: int) -> DomainTower:
     p = params[domain_key(d)]
     n_items = p["item_emb"].shape[0] - 1
