@@ -10,7 +10,12 @@ Privacy inputs are vectors over the client axis: `clip` (C_k, inf = no clipping)
       aggregation: the server sees every update, so every coordinate of every update is noised);
   "sum": the server only sees the sum (secure aggregation), so the clients' independent noises are drawn
       as one Gaussian with variance sum_k (w_k z_k C_k)^2 over the summed vector: the same distribution
-      as "per_client" for the aggregate, at the cost of one draw instead of one per client.
+      as "per_client" for the aggregate, at the cost of one draw instead of one per client;
+  "central": central DP-FedAvg: no client noise; `finalize` adds N(0, central_std^2) ONCE to the weighted
+      sum and divides by a denominator the caller computes from public inputs (round.py).
+Secure aggregation (optional, `secagg=(bound, neighbors)`): each chunk's per-client vectors w_k (clip(Δ_k)
+[+ noise_k]) are summed with `privacy.secagg.secure_sum` (quantized, pairwise-masked, the chunk's clients
+being one secagg group) instead of the plain sum; the difference to the plain sum is kept in `agg_error`.
 A client whose delta or loss is not finite is excluded (weight 0, no noise) and reported.
 """
 
@@ -23,9 +28,10 @@ import jax.numpy as jnp
 import optax
 
 from fedscope_jax.engine.client import SparseTable
+from fedscope_jax.errors import FedscopeError
 
 PyTree = Any
-NOISE_MODES = ("off", "per_client", "sum")
+NOISE_MODES = ("off", "per_client", "sum", "central")
 
 
 class Accumulator(NamedTuple):
@@ -34,6 +40,7 @@ class Accumulator(NamedTuple):
     delta_sum: PyTree       # sum_k w_k * (clip_k(delta_k) [+ noise_k])
     weight_sum: jax.Array   # sum_k w_k over included clients
     noise_var: jax.Array    # sum_k (w_k z_k C_k)^2 over included clients ("sum" mode draws from it)
+    agg_error: PyTree = 0.0  # secure sum - plain sum (dense like delta_sum with secagg; a scalar 0 without)
 
 
 class ClientReport(NamedTuple):
@@ -47,10 +54,11 @@ class ClientReport(NamedTuple):
     included: jax.Array     # bool: counted in the aggregate (real client with a finite update)
 
 
-def zeros_accumulator(params: PyTree) -> Accumulator:
-    """An empty accumulator for `params`."""
+def zeros_accumulator(params: PyTree, secagg: bool = False) -> Accumulator:
+    """An empty accumulator for `params` (with a dense aggregation-error sum when `secagg`)."""
     zero = jnp.zeros((), jnp.float32)
-    return Accumulator(jax.tree.map(jnp.zeros_like, params), zero, zero)
+    error = jax.tree.map(jnp.zeros_like, params) if secagg else zero
+    return Accumulator(jax.tree.map(jnp.zeros_like, params), zero, zero, error)
 
 
 def add_accumulators(a: Accumulator, b: Accumulator) -> Accumulator:
@@ -79,8 +87,11 @@ def _leaf_noise(key: jax.Array, index: int, shape: tuple[int, ...], dtype) -> ja
 def accumulate_chunk(acc: Accumulator, deltas: PyTree, losses: jax.Array, steps: jax.Array,
                      vocab: dict[str, jax.Array], client_id: jax.Array, weight: jax.Array, clip: jax.Array,
                      noise_multiplier: jax.Array, noise_key: jax.Array, tables: tuple[SparseTable, ...],
-                     noise_mode: str) -> tuple[Accumulator, ClientReport]:
-    """Clips, noises and adds a chunk of client deltas (leading axis [c]) into `acc`."""
+                     noise_mode: str, secagg: tuple[float, int | None] | None = None
+                     ) -> tuple[Accumulator, ClientReport]:
+    """Clips, noises and adds a chunk of client deltas (leading axis [c]) into `acc`.
+
+    secagg: (bound B, masking neighbours) to sum the chunk with simulated secure aggregation."""
     leaves = jax.tree.leaves(deltas)
     finite = jnp.isfinite(losses)
     for leaf in leaves:
@@ -110,18 +121,72 @@ def accumulate_chunk(acc: Accumulator, deltas: PyTree, losses: jax.Array, steps:
                                                                         total.dtype)
             total = total + jnp.tensordot(sigma, noise, axes=1)
         new_leaves.append(total)
-    delta_sum = jax.tree_util.tree_unflatten(treedef, new_leaves)
-    noise_var = acc.noise_var + jnp.sum(sigma**2) if noise_mode != "off" else acc.noise_var
-    acc = Accumulator(delta_sum, acc.weight_sum + jnp.sum(weight), noise_var)
+    agg_error = acc.agg_error
+    if secagg is None:
+        delta_sum = jax.tree_util.tree_unflatten(treedef, new_leaves)
+    else:  # the secure sum replaces the plain one (the plain one above is traced but unused: XLA drops it)
+        delta_sum, agg_error = _secure_chunk_sum(acc, deltas, scale, sigma, client_keys, client_id, included,
+                                                 noise_key, noise_mode, secagg, bool(sparse))
+    noise_var = acc.noise_var + jnp.sum(sigma**2) if noise_mode in ("per_client", "sum") else acc.noise_var
+    acc = Accumulator(delta_sum, acc.weight_sum + jnp.sum(weight), noise_var, agg_error)
     report = ClientReport(client_id=client_id, loss=losses, steps=steps, norm=raw_norm, clip_factor=factor,
                           included=included)
     return acc, report
 
 
-def finalize(acc: Accumulator, noise_key: jax.Array, noise_mode: str) -> tuple[PyTree, jax.Array]:
-    """The weighted mean update sum / W (plus the one aggregate draw in "sum" mode), and its noise std / W."""
+def _secure_chunk_sum(acc: Accumulator, deltas: PyTree, scale: jax.Array, sigma: jax.Array,
+                      client_keys: jax.Array, client_id: jax.Array, included: jax.Array, noise_key: jax.Array,
+                      noise_mode: str, secagg: tuple[float, int | None], sparse: bool) -> tuple[PyTree, PyTree]:
+    """Adds the secure sum of the chunk's vectors w_k (clip(Δ_k) [+ noise_k]) to acc.delta_sum (whose
+    leaves hold nothing of this chunk yet) and (secure - plain) to acc.agg_error. The per-client noise is
+    drawn with the same keys as "per_client" mode, so the result differs from it only by quantization."""
+    from fedscope_jax.privacy import secagg as sa
+
+    if sparse:
+        raise FedscopeError("secure aggregation needs dense client updates (no SparseTable local vocabularies)")
+    leaves, treedef = jax.tree.flatten(deltas)
+    c = leaves[0].shape[0]
+    rows = []
+    for index, d in enumerate(leaves):
+        expand = (-1,) + (1,) * (d.ndim - 1)
+        v = scale.reshape(expand).astype(d.dtype) * d
+        if noise_mode == "per_client":
+            noise = jax.vmap(_leaf_noise, in_axes=(0, None, None, None))(client_keys, index, d.shape[1:], d.dtype)
+            v = v + sigma.reshape(expand).astype(d.dtype) * noise
+        rows.append(v.reshape(c, -1).astype(jnp.float32))
+    flat = jnp.concatenate(rows, axis=1)
+    params = sa.make_params(c, secagg[0], neighbors=secagg[1])
+    group_key = jax.random.fold_in(jax.random.fold_in(noise_key, 3), client_id[0])
+    secure = sa.secure_sum(flat, included, group_key, params)
+    error = secure - jnp.sum(jnp.where(included[:, None], flat, 0.0), axis=0)
+    sizes = [int(x[0].size) for x in leaves]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def unflat(vec: jax.Array) -> PyTree:
+        return jax.tree.unflatten(treedef, [vec[o:o + n].reshape(x.shape[1:]).astype(x.dtype)
+                                            for o, n, x in zip(offsets, sizes, leaves)])
+    delta_sum = jax.tree.map(jnp.add, acc.delta_sum, unflat(secure))
+    return delta_sum, jax.tree.map(jnp.add, acc.agg_error, unflat(error))
+
+
+def finalize(acc: Accumulator, noise_key: jax.Array, noise_mode: str, central_std: jax.Array | None = None,
+             denominator: jax.Array | None = None) -> tuple[PyTree, jax.Array]:
+    """The weighted mean update sum / W (plus the one aggregate draw in "sum" mode), and its noise std / W.
+
+    "central": N(0, central_std^2) is added once to the sum, and W = `denominator` (public inputs only)."""
     total = acc.delta_sum
     std = jnp.sqrt(acc.noise_var)
+    if noise_mode == "central":
+        if central_std is None or denominator is None:
+            raise FedscopeError("noise_mode 'central' needs central_std and denominator (engine/round.py)")
+        std = jnp.asarray(central_std, jnp.float32)
+        sum_key = jax.random.fold_in(noise_key, 2)
+        flat, treedef = jax.tree.flatten(total)
+        flat = [t + std * _leaf_noise(sum_key, i, t.shape, t.dtype) for i, t in enumerate(flat)]
+        total = jax.tree.unflatten(treedef, flat)
+        denom = jnp.maximum(denominator, 1e-30)
+        mean = jax.tree.map(lambda t: t / denom, total)
+        return mean, jnp.where(denominator > 0, std / denom, 0.0)
     if noise_mode == "sum":
         sum_key = jax.random.fold_in(noise_key, 2)
         flat, treedef = jax.tree.flatten(total)

@@ -1,14 +1,15 @@
 """A small two-domain SASRec-like model used to test and benchmark the engine (not the product model).
 
 Per domain: an item embedding table (row 0 = padding), learned positions, one causal self-attention layer
-with a residual, dot-product scoring against the next item and explicit sampled negatives (given in the
-batch, so a client only ever touches the rows its batch names: the condition for local vocabularies).
+with a residual, dot-product scoring against the next item and K sampled negatives shared by the mini-batch (as the
+FedSCOPE model's "sampled" loss), given in the batch so a client only ever touches the rows its batch names:
+the condition for local vocabularies.
 An inter-domain InfoNCE term pulls a user's two domain representations together (other users of the
 batch are negatives), standing in for the model's IIDCL terms. Dropout on the embeddings uses the key.
 
 Batch (one mini-batch, shapes [B, ...]):
   seq_a, pos_a: int32[B, L] histories and next-item targets in domain A (0 = padding)
-  neg_a: int32[B, L, K] sampled negatives for each position
+  neg_a: int32[K] sampled negatives shared by every position of the batch
   seq_b, pos_b, neg_b: the same for domain B
   user_mask: float32[B] (0 for padded users)
 """
@@ -81,7 +82,7 @@ def _next_item_loss(table: jax.Array, h: jax.Array, pos: jax.Array, neg: jax.Arr
                     user_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Sampled softmax over [target, negatives] at every non-padded position: (sum of losses, count)."""
     pos_logit = jnp.einsum("bld,bld->bl", h, jnp.take(table, pos, axis=0))
-    neg_logit = jnp.einsum("bld,blkd->blk", h, jnp.take(table, neg, axis=0))
+    neg_logit = jnp.einsum("bld,kd->blk", h, jnp.take(table, neg, axis=0))
     logits = jnp.concatenate([pos_logit[..., None], neg_logit], axis=-1)
     nll = -jax.nn.log_softmax(logits, axis=-1)[..., 0]
     mask = (pos > 0).astype(h.dtype) * user_mask[:, None]
@@ -140,9 +141,7 @@ def synthetic_user_batches(rng: np.random.Generator, n_users: int, config: Refer
             seq = np.where(real, np.minimum(draws, n_items), 0).astype(np.int32)
         out[f"seq_{name}"] = seq[:, :-1].reshape(steps, batch_size, -1)
         out[f"pos_{name}"] = seq[:, 1:].reshape(steps, batch_size, -1)
-        neg = rng.integers(1, n_items + 1, size=(total, length - 1, n_neg), dtype=np.int32)
-        neg = neg * (seq[:, 1:, None] > 0)
-        out[f"neg_{name}"] = neg.reshape(steps, batch_size, length - 1, n_neg)
+        out[f"neg_{name}"] = rng.integers(1, n_items + 1, size=(steps, n_neg), dtype=np.int32)
     mask = np.zeros(total, np.float32)
     mask[:n_users] = 1.0
     out["user_mask"] = mask.reshape(steps, batch_size)

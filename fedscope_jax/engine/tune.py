@@ -45,12 +45,15 @@ def candidate_chunks(max_clients: int, devices: int = 1) -> list[int]:
 def autotune_chunk_size(run_round: Callable[[int], Callable[[], Any]], candidates: Sequence[int],
                         repeats: int = 1) -> tuple[int, dict[int, float]]:
     """Chunk size with the fastest round. `run_round(chunk)` returns a thunk running one round (the first
-    call compiles and is not timed). Returns (best chunk, {chunk: seconds})."""
+    call compiles and is not timed). Candidates are tried in increasing order and the search stops once a
+    round takes 1.5x the best so far. Returns (best chunk, {chunk: seconds tried})."""
     times: dict[int, float] = {}
     for chunk in candidates:
         thunk = run_round(chunk)
         block(thunk())  # compile + warm up
         times[chunk] = min(timed(thunk) for _ in range(repeats))
+        if times[chunk] > 1.5 * min(times.values()):
+            break  # round time grows past here (memory-bound per-client work): stop compiling larger chunks
     best = min(times, key=times.get)
     return best, times
 
