@@ -1,0 +1,45 @@
+"""Device check of the engine for a session with a GPU: vectorized == sequential on the device, then the
+benchmark; writes $OUT/engine_benchmark.json and prints the table last.
+
+Run from the repository root on the device machine (its python already has jax/flax/optax/orbax; install
+this package with `pip install --no-deps --no-build-isolation -e .`):
+    python benchmarks/engine_device.py --clients 8,32,128,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", default="8,32,128,512")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=50)
+    args = parser.parse_args()
+
+    import jax
+
+    from fedscope_jax.engine.benchmark import BenchmarkConfig, format_table, run_benchmark
+    from fedscope_jax.utils.io import write_json
+
+    print("devices:", jax.devices(), flush=True)
+    cfg = BenchmarkConfig(clients=tuple(int(c) for c in args.clients.split(",")), repeats=args.repeats,
+                          dim=args.dim, max_len=args.max_len)
+    report = run_benchmark(cfg)
+    bad = [r["clients"] for r in report["results"] if r["max_abs_diff_vs_sequential"] > 1e-4]
+    out = Path(os.environ.get("OUT", "."))
+    write_json(report, out / "engine_benchmark.json")
+    print(format_table(report))
+    if bad:
+        print(f"vectorized != sequential (max abs diff > 1e-4) at C = {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
