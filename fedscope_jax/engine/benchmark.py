@@ -2,10 +2,10 @@
 
 Synthetic data sized like abxi-food-kitchen (7,144 users; 11,837 + 16,258 items; Zipf popularity), split
 over C clients with power-law sizes, trained with the engine's reference model (two domain towers,
-100 sampled negatives shared by each mini-batch, local vocabularies), clipping and noise on. For each C: the chunk size is
-chosen by timing candidates; then vectorized and sequential rounds are timed alternately (best of
-`repeats`), both from the same cohorts; FLOPs come from XLA's cost analysis of one local step times the
-steps run; the matmul peak is measured in the same process.
+100 sampled negatives shared by each mini-batch, local vocabularies), clipping and noise on.
+For each C: the chunk size is chosen by timing candidates; then vectorized and sequential rounds are timed
+alternately (best of `repeats`), both from the same cohorts; FLOPs come from XLA's cost analysis of one
+local step times the steps run; the matmul peak is measured in the same process.
 """
 
 from __future__ import annotations

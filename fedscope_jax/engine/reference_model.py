@@ -124,7 +124,8 @@ def synthetic_user_batches(rng: np.random.Generator, n_users: int, config: Refer
 
     Item popularity follows a Zipf-like law (exponent `popularity`) so clients share popular items, as in
     real data. `domains` is "ab" (cross-domain users) or "a" / "b" (a client holding one domain only).
-    Sequences are left-aligned (padding at the end), lengths uniform in [2, max_len + 1]. Padded users (to fill the last batch) have user_mask 0.
+    Sequences are left-aligned (padding at the end), lengths uniform in [2, max_len + 1]. Padded users (to fill
+    the last batch) have user_mask 0.
     """
     steps = max(1, math.ceil(n_users / batch_size))
     total = steps * batch_size
