@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedscope_jax.engine.aggregate import (NOISE_MODES, Accumulator, ClientReport, accumulate_chunk,
-                                           add_accumulators, finalize, zeros_accumulator)
+                                           add_accumulators, finalize, noise_std, zeros_accumulator)
 from fedscope_jax.engine.client import ClientConfig, ClientData, client_update
 from fedscope_jax.engine.server import ServerState, server_step
 from fedscope_jax.errors import FedscopeError
@@ -33,14 +33,25 @@ AXIS = "clients"
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """How a round is executed: clients per vmapped chunk (per device) and the noise mode."""
+    """How a round is executed: clients per vmapped chunk (per device) and the noise mode.
+
+    secagg_bound > 0 sums each chunk with simulated secure aggregation (privacy.secagg) over the coordinate
+    range [-secagg_bound, secagg_bound], with `secagg_neighbors` masking partners per client."""
 
     chunk_size: int = 1
     noise_mode: str = "off"
+    secagg_bound: float = 0.0
+    secagg_neighbors: int | None = 16
+
+    @property
+    def secagg(self) -> tuple[float, int | None] | None:
+        return (self.secagg_bound, self.secagg_neighbors) if self.secagg_bound > 0 else None
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise FedscopeError(f"chunk_size: expected >= 1, got {self.chunk_size}")
+        if not self.secagg_bound >= 0:
+            raise FedscopeError(f"secagg_bound: expected >= 0, got {self.secagg_bound}")
         if self.noise_mode not in NOISE_MODES:
             raise FedscopeError(f"noise_mode: expected one of {', '.join(NOISE_MODES)}, got {self.noise_mode!r}")
 
@@ -62,6 +73,7 @@ class RoundMetrics(NamedTuple):
     update_norm: jax.Array   # L2 norm of the (noised) mean update
     weight_sum: jax.Array
     noise_std: jax.Array     # std of the noise in the mean update (per coordinate)
+    secagg_error: jax.Array | None = None  # max |secure sum - plain sum| over coordinates (with secagg)
 
 
 def _round_keys(key: jax.Array, round_index: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -86,9 +98,9 @@ def _cohort_sums(params: PyTree, cohort: Cohort, train_key: jax.Array, noise_key
         deltas, stats = update(params, c.data, keys, client_cfg)
         return accumulate_chunk(acc, deltas, stats.loss, stats.steps, c.data.vocab, c.client_id, c.weight,
                                 c.clip, c.noise_multiplier, noise_key, client_cfg.sparse_tables,
-                                engine_cfg.noise_mode)
+                                engine_cfg.noise_mode, engine_cfg.secagg)
 
-    acc, reports = jax.lax.scan(body, zeros_accumulator(params), chunks)
+    acc, reports = jax.lax.scan(body, zeros_accumulator(params, engine_cfg.secagg is not None), chunks)
     reports = jax.tree.map(lambda x: x.reshape((n_local,) + x.shape[2:]), reports)
     if axis_name is not None:
         acc = jax.lax.psum(acc, axis_name)
@@ -100,7 +112,7 @@ def round_step(state: ServerState, cohorts: Sequence[Cohort], key: jax.Array, cl
                mesh: Mesh | None = None) -> tuple[ServerState, RoundMetrics]:
     """One round (traceable; `make_round_fn` jits it)."""
     train_key, noise_key = _round_keys(key, state.round)
-    acc = zeros_accumulator(state.params)
+    acc = zeros_accumulator(state.params, engine_cfg.secagg is not None)
     reports = []
     for cohort in cohorts:
         if mesh is None:
@@ -112,10 +124,24 @@ def round_step(state: ServerState, cohorts: Sequence[Cohort], key: jax.Array, cl
             part, report = fn(state.params, cohort, train_key, noise_key)
         acc = add_accumulators(acc, part)
         reports.append(report)
-    mean_delta, std = finalize(acc, noise_key, engine_cfg.noise_mode)
+    mean_delta, std = finalize(acc, noise_key, engine_cfg.noise_mode, *_central_inputs(cohorts))
     new_state = server_step(state, mean_delta, server_opt)
-    metrics = RoundMetrics(tuple(reports), optax.tree.norm(mean_delta), acc.weight_sum, std)
+    metrics = RoundMetrics(tuple(reports), optax.tree.norm(mean_delta), acc.weight_sum, std,
+                           _secagg_error(acc, engine_cfg))
     return new_state, metrics
+
+
+def _central_inputs(cohorts: Sequence[Cohort]) -> tuple[jax.Array, jax.Array]:
+    """Central DP-FedAvg: the std z C max_k w_k of the one noise draw on the sum, and the denominator
+    sum_k w_k over the sampled clients; both from the cohorts' public inputs, never from the updates."""
+    std = jnp.max(jnp.stack([jnp.max(c.weight * noise_std(c.clip, c.noise_multiplier)) for c in cohorts]))
+    return std, sum(jnp.sum(c.weight) for c in cohorts)
+
+
+def _secagg_error(acc: Accumulator, engine_cfg: EngineConfig) -> jax.Array | None:
+    if engine_cfg.secagg is None:
+        return None
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(acc.agg_error)]))
 
 
 @functools.lru_cache(maxsize=16)
@@ -170,8 +196,8 @@ class SequentialRunner:
                                 one(cohort.weight), one(cohort.clip), one(cohort.noise_multiplier), noise_key,
                                 self.client_cfg.sparse_tables, self.engine_cfg.noise_mode)
 
-    def _finish_fn(self, state: ServerState, acc: Accumulator, noise_key: jax.Array):
-        mean_delta, std = finalize(acc, noise_key, self.engine_cfg.noise_mode)
+    def _finish_fn(self, state: ServerState, acc: Accumulator, noise_key: jax.Array, cohorts):
+        mean_delta, std = finalize(acc, noise_key, self.engine_cfg.noise_mode, *_central_inputs(cohorts))
         return server_step(state, mean_delta, self.server_opt), (optax.tree.norm(mean_delta), std)
 
     def __call__(self, state: ServerState, cohorts: Sequence[Cohort],
@@ -189,7 +215,7 @@ class SequentialRunner:
                 acc, rep = self._client(acc, state.params, client, train_key, noise_key)
                 rows.append(jax.tree.map(lambda x: x[0], rep))
             reports.append(_stack_reports(rows, cohort))
-        state, (norm, std) = self._finish(state, acc, noise_key)
+        state, (norm, std) = self._finish(state, acc, noise_key, tuple(cohorts))
         return state, RoundMetrics(tuple(reports), norm, acc.weight_sum, std)
 
 
