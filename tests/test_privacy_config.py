@@ -13,7 +13,7 @@ from fedscope_jax.privacy.config import PrivacyConfig, add_privacy_arguments, co
 def test_defaults_are_conservative():
     c = PrivacyConfig()
     assert c.mode == "personalized" and c.amplification is False and c.clipping == "fixed"
-    assert c.delta == 1e-5 and c.secagg is True
+    assert c.delta == 1e-5 and c.secagg is False
 
 
 @pytest.mark.parametrize("mapping, match", [

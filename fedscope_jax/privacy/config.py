@@ -50,7 +50,7 @@ class PrivacyConfig:
     clip_learning_rate: float = 0.2
     clip_bit_fraction: float = 0.1
     clip_adapt_range: float = 10.0
-    secagg: bool = True
+    secagg: bool = False
     secagg_neighbors: int | None = 16
 
     def __post_init__(self) -> None:
@@ -138,7 +138,7 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clipping", choices=CLIPPINGS, help="fixed or adaptive per-client clip norm")
     group.add_argument("--clip-norm", type=float, help="(initial) clip norm C_k (default 1.0)")
     group.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
-                       help="simulated secure aggregation of the updates (default on)")
+                       help="simulated secure aggregation of the noised updates, per chunk (default off)")
 
 
 def config_from_args(args: argparse.Namespace, base: PrivacyConfig | None = None) -> PrivacyConfig:

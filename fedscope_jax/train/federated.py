@@ -78,11 +78,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="clients per vmapped chunk per device (0: time candidates and pick)")
     g.add_argument("--clip", type=float, default=d.clip, help="per-client clipping bound C_k (default inf: off)")
     g.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier, help="z_k (default 0: off)")
-    g.add_argument("--noise-mode", choices=["off", "per_client", "sum"], default=d.noise_mode)
+    g.add_argument("--noise-mode", choices=["off", "per_client", "sum"], default=None,
+                   help="how the raw --noise-multiplier is drawn (only with --privacy off; default off)")
     g.add_argument("--max-buckets", type=int, default=d.max_buckets, help="client size buckets (default 4)")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N rounds")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    from fedscope_jax.privacy.config import add_privacy_arguments
+
+    add_privacy_arguments(p)
+    p.add_argument_group("privacy (client-level DP; docs/privacy.md)").add_argument(
+        "--privacy-config", metavar="FILE", help="JSON file with the privacy options (a {\"privacy\": {...}} "
+        "section or the options themselves); the privacy flags override it")
 
 
 def config_from_args(args: argparse.Namespace, seed: int) -> FederatedConfig:
@@ -90,7 +97,7 @@ def config_from_args(args: argparse.Namespace, seed: int) -> FederatedConfig:
                            fraction=args.fraction, rounds=args.rounds, local_epochs=args.local_epochs,
                            client_lr=args.client_lr, server_opt=args.server_opt, server_lr=args.server_lr,
                            chunk_size=args.chunk_size, clip=args.clip, noise_multiplier=args.noise_multiplier,
-                           noise_mode=args.noise_mode, max_buckets=args.max_buckets, eval_every=args.eval_every,
+                           noise_mode=args.noise_mode or "off", max_buckets=args.max_buckets, eval_every=args.eval_every,
                            checkpoint_every=args.checkpoint_every, seed=seed)
 
 
@@ -126,11 +133,15 @@ def _round_record(metrics: Any, pad: Any, n_sampled: int, seconds: float) -> dic
 def run_rounds(run_dir: str | Path, source: ClientSource, n_clients: int, params: Any, client_cfg: Any,
                fcfg: FederatedConfig, table_rows: Mapping[str, int] | None = None,
                eval_fn: Callable[[Any], dict[str, Any]] | None = None, resume: bool = False,
-               desc: str = "train (federated)") -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+               desc: str = "train (federated)",
+               privacy: Any = None) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
     """Runs rounds [start, fcfg.rounds) writing metrics.jsonl and checkpoints/ under `run_dir`.
 
     Returns (final server state, every round's record, engine facts). With `resume`, starts from the last
     checkpoint and truncates metrics.jsonl to the rounds it covers.
+    privacy: a `privacy.session.PrivacySession` (client-level DP): it replaces fcfg's clip / noise knobs
+    with the plan's per-client C_k, z_k, refuses clients out of budget, and writes privacy_ledger.arrow
+    (facts["privacy"] = its summary).
     """
     import jax
     import numpy as np
@@ -162,6 +173,11 @@ def run_rounds(run_dir: str | Path, source: ClientSource, n_clients: int, params
     elif ckpt.latest_round() is not None:
         raise FedscopeError(f"{run_dir}: holds checkpoints of another run; use --resume or --force")
     start = int(state.round)
+    if privacy is not None:
+        privacy.load_state(run_dir, start)
+    noise_mode = privacy.noise_mode if privacy is not None else fcfg.noise_mode
+    secagg_bound = privacy.secagg_bound() if privacy is not None else 0.0
+    neighbors = privacy.config.secagg_neighbors if privacy is not None else None
 
     base = {c: source(0, c) for c in range(n_clients)}  # round-0 data fixes the buckets for the run
     steps_of = {c: s.n_steps for c, s in base.items()}
@@ -173,20 +189,24 @@ def run_rounds(run_dir: str | Path, source: ClientSource, n_clients: int, params
     mesh = client_mesh() if devices > 1 else None
     key = jax.random.fold_in(jax.random.key(fcfg.seed), 0xE6)
 
-    def cohorts_for(round_index: int, multiple: int):
+    def cohorts_for(round_index: int, multiple: int, eligible: np.ndarray | None = None):
         ids = sample_clients(fcfg.seed, round_index, n_clients, fcfg.sampling, fcfg.fraction)
-        ids = np.array([c for c in ids if steps_of[c] > 0], np.int64)
+        ids = np.array([c for c in ids if steps_of[c] > 0 and (eligible is None or eligible[c])], np.int64)
         shards = base if round_index == 0 else {int(c): source(round_index, int(c)) for c in ids}
         if len(ids) == 0:
             return ids, (), None
         k = len(ids)
-        cohorts, pad = build_cohorts(shards, ids, plan, table_rows, clip=np.full(k, fcfg.clip, np.float32),
-                                     noise_multiplier=np.full(k, fcfg.noise_multiplier, np.float32),
+        if privacy is not None:
+            clip, z = privacy.round_vectors(ids)
+        else:
+            clip, z = np.full(k, fcfg.clip, np.float32), np.full(k, fcfg.noise_multiplier, np.float32)
+        cohorts, pad = build_cohorts(shards, ids, plan, table_rows, clip=clip, noise_multiplier=z,
                                      multiple=multiple)
         return ids, (shard_cohorts(cohorts, mesh) if mesh is not None else cohorts), pad
 
     def make_fn(chunk: int):
-        return make_round_fn(client_cfg, server_opt, EngineConfig(chunk, fcfg.noise_mode), mesh=mesh)
+        return make_round_fn(client_cfg, server_opt, EngineConfig(chunk, noise_mode, secagg_bound, neighbors),
+                             mesh=mesh)
 
     chunk = fcfg.chunk_size
     tuning: dict[int, float] = {}
@@ -209,7 +229,9 @@ def run_rounds(run_dir: str | Path, source: ClientSource, n_clients: int, params
     with open(metrics_path, "a", encoding="utf-8") as log:
         for r in range(start, fcfg.rounds):
             t0 = time.perf_counter()
-            ids, cohorts, pad = cohorts_for(r, devices * chunk)
+            eligible = privacy.begin_round(r + 1) if privacy is not None else None
+            ids, cohorts, pad = cohorts_for(r, devices * chunk, eligible)
+            norms = np.zeros(0, np.float32)
             if len(ids) == 0:
                 state = state._replace(round=state.round + 1)
                 record: dict[str, Any] = {"clients": 0, "included": 0, "seconds": time.perf_counter() - t0}
@@ -217,7 +239,14 @@ def run_rounds(run_dir: str | Path, source: ClientSource, n_clients: int, params
                 state, metrics = round_fn(state, cohorts, key)
                 block(state)
                 record = _round_record(metrics, pad, len(ids), time.perf_counter() - t0)
+                if privacy is not None:
+                    norms = _norms_of(metrics, ids)
+                if metrics.secagg_error is not None:
+                    record["secagg_max_abs_error"] = float(metrics.secagg_error)
             record = {"round": r + 1, **record}
+            if privacy is not None:
+                record["participant_ids"] = [int(c) for c in ids]
+                record.update(privacy.end_round(r + 1, ids, norms))
             if not math.isfinite(record.get("loss", 0.0)):
                 raise FedscopeError(f"round {r + 1}: training loss is not finite; lower --client-lr")
             if eval_fn is not None and ((r + 1) % fcfg.eval_every == 0 or r + 1 == fcfg.rounds):
@@ -226,6 +255,8 @@ def run_rounds(run_dir: str | Path, source: ClientSource, n_clients: int, params
             log.flush()
             records.append(record)
             if (r + 1) % fcfg.checkpoint_every == 0 or r + 1 == fcfg.rounds:
+                if privacy is not None:  # first: a checkpoint on disk always has its ledger state
+                    privacy.save_state(run_dir, r + 1)
                 ckpt.save(state)
             bar.update(1)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", clients=record["clients"])
@@ -234,10 +265,46 @@ def run_rounds(run_dir: str | Path, source: ClientSource, n_clients: int, params
     facts = {"chunk_size": chunk, "chunk_tuning_seconds": {str(k): v for k, v in tuning.items()},
              "buckets": [{"steps": s, "vocab": dict(v)} for s, v in zip(plan.steps, plan.vocab_sizes)],
              "devices": devices, "trainable_clients": len(trainable), "start_round": start}
+    if privacy is not None:
+        facts["privacy"] = privacy.finish(run_dir)
     return state, records, facts
 
 
+def _norms_of(metrics: Any, ids: Any) -> Any:
+    """Raw update norms of the clients `ids` (in that order) from a round's per-cohort reports."""
+    import numpy as np
+
+    by_id = {}
+    for rep in metrics.reports:
+        for cid, norm in zip(np.asarray(rep.client_id), np.asarray(rep.norm)):
+            if cid >= 0:
+                by_id[int(cid)] = float(norm)
+    return np.array([by_id.get(int(c), np.nan) for c in ids], np.float32)
+
+
 # ---- the FedSCOPE model on a canonical dataset (`fedscope train --mode federated`) ---------------------
+
+def privacy_config_from_args(args: argparse.Namespace) -> Any:
+    """The run's PrivacyConfig: --privacy-config FILE, then the privacy flags; checks the engine's raw
+    --clip / --noise-multiplier / --noise-mode, which only --privacy off may set."""
+    from fedscope_jax.privacy.config import PrivacyConfig, config_from_args as privacy_from_args
+    from fedscope_jax.privacy.session import check_engine_flags
+
+    base = None
+    path = getattr(args, "privacy_config", None)
+    if path:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FedscopeError(f"{p}: cannot read the privacy config ({exc})") from None
+        if isinstance(data, dict) and isinstance(data.get("privacy"), dict):
+            data = data["privacy"]
+        base = PrivacyConfig.from_mapping(data, where=f"{p}: privacy")
+    pcfg = privacy_from_args(args, base)
+    check_engine_flags(pcfg.mode, args.clip, args.noise_multiplier, args.noise_mode)
+    return pcfg
+
 
 def _prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
     if resume:
@@ -300,13 +367,22 @@ def run(args: argparse.Namespace, cfg: Any, ds: Any, semantic: Any, extra: dict[
         metrics, _ = evaluate(params, mc, valid_set, ds.domains, ec.ks, semantic, ec.batch_size)
         return {"select": selection_score(metrics, tc.select_metric), **metrics["sampled"]}
 
+    pcfg = privacy_config_from_args(args)
+    session = None
+    if pcfg.mode != "off":
+        from fedscope_jax.privacy.session import PrivacySession
+
+        session = PrivacySession(pcfg, part.sizes(ds)["train_interactions"], fcfg.sampling, fcfg.fraction,
+                                 fcfg.rounds, fcfg.seed)
     client_cfg = ClientConfig(functools.partial(loss_fn, config=mc, train=True, semantic=semantic),
                               optax.adam(fcfg.client_lr), local_epochs=1)  # the batches hold the local epochs
     params = init_params(jax.random.key(tc.seed), mc, ds.n_items, semantic)
     if not args.resume:
-        write_json({**to_dict(cfg), "federated": dataclasses.asdict(fcfg), **extra}, out / "config.json")
+        write_json({**to_dict(cfg), "federated": dataclasses.asdict(fcfg), "privacy": pcfg.to_dict(), **extra},
+                   out / "config.json")
     state, records, facts = run_rounds(out, source, n_clients, params, client_cfg, fcfg, eval_fn=eval_fn,
-                                       resume=args.resume)
+                                       resume=args.resume, privacy=session)
+    privacy_facts = facts.pop("privacy", {"mode": "off"})
     params = jax.device_get(state.params)
     valid, _ = evaluate(params, mc, valid_set, ds.domains, ec.ks, semantic, ec.batch_size)
     test_set = eval_set(ds, "test", mc.max_len, ec)
@@ -322,9 +398,15 @@ def run(args: argparse.Namespace, cfg: Any, ds: Any, semantic: Any, extra: dict[
                       "excluded_nonfinite": sorted({i for r in trained for i in r["excluded_nonfinite"]})},
         "dataset": {"path": str(ds.path), "name": ds.meta.get("name"), "domains": list(ds.domains),
                     "n_items": list(ds.n_items)},
+        "privacy": privacy_facts,
     }
     (out / "params.msgpack").write_bytes(serialization.to_bytes(params))
     write_json(summary, out / "summary.json")
+    if session is not None:
+        print(f"privacy ({pcfg.mode}): eps_spent min {privacy_facts['eps_spent_min']:.3g} / median "
+              f"{privacy_facts['eps_spent_median']:.3g} / max {privacy_facts['eps_spent_max']:.3g} "
+              f"(nominal {pcfg.epsilon:g}, delta {pcfg.delta:g}); "
+              f"{len(privacy_facts['stopped_clients'])} clients stopped by their budget")
     print(f"run written to {out} ({fcfg.rounds} rounds, chunk {facts['chunk_size']}, test "
           + ", ".join(f"{d} NDCG@10 {m.get('NDCG@10', float('nan')):.4f}" for d, m in test["sampled"].items()) + ")")
     return 0
