@@ -32,7 +32,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--dim", type=int, default=32, help="model width (default 32)")
     p.add_argument("--batch-size", type=int, default=32, help="users per local step (default 32)")
     p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2, help="timed rounds per engine, best kept (default 2)")
+    p.add_argument("--repeats", type=int, default=4, help="timed rounds per engine, alternating, best kept (default 4)")
     p.add_argument("--noise-mode", choices=["off", "per_client", "sum"], default="sum")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)

@@ -52,7 +52,7 @@ class BenchmarkConfig:
     noise_mode: str = "sum"
     clip: float = 1.0
     noise_multiplier: float = 0.5
-    repeats: int = 3
+    repeats: int = 4
     seed: int = 0
 
 
