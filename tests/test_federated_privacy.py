@@ -93,7 +93,7 @@ def test_amplification_needs_poisson_sampling():
     sizes = np.array([10, 20, 40])
     with pytest.raises(FedscopeError, match="--sampling poisson"):
         _session("personalized", sizes, FederatedConfig(clients=3, fraction=0.5), amplification=True)
-    session = _session("personalized", sizes, FederatedConfig(clients=3, fraction=0.5, sampling="poisson"),
+    session = _session("personalized", sizes, FederatedConfig(clients=3, fraction=0.5, sampling="poisson", rounds=3),
                        amplification=True)
     assert session.plan.amplification and np.all(session.plan.sampling_rates == 0.5)
 
@@ -245,20 +245,19 @@ def test_secagg_round_equals_plain_round_within_the_quantization_bound(noise_mod
     del jnp, optax
 
 
-def test_cli_secagg_run_reports_the_aggregation_error(tmp_path: Path):
-    from fedscope_jax.cli import main
+def test_secagg_run_reports_the_aggregation_error(tmp_path: Path):
     from fedscope_jax.privacy.ledger import check_ledger
-    from model_helpers import write_tiny
+    from fedscope_jax.train.federated import FederatedConfig, run_rounds
 
-    ds = write_tiny(tmp_path / "ds", users=24)
-    run = tmp_path / "run"
-    args = ["train", "--mode", "federated", "--data", str(ds.path), "--out", str(run), "--clients", "4",
-            "--rounds", "2", "--chunk-size", "2", "--eval-every", "2", "--privacy", "uniform", "--epsilon", "8",
-            "--secagg"]
-    assert main(args + [a for s in SETTINGS for a in ("--set", s)]) == 0
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run / "summary.json").read_text())["privacy"]
-    assert summary["noise_mode"] == "per_client" and summary["secagg_bound"] > 0
-    step = summary["secagg_bound"] / 32768
-    assert all(0 < x["secagg_max_abs_error"] <= 4 * step * 1.001 + 1e-6 for x in lines)  # one step per client
-    assert check_ledger(run / "privacy_ledger.arrow") == []
+    source, params, ccfg, sizes = _linear_setup(n_clients=4, dim=50)
+    fcfg = FederatedConfig(clients=4, rounds=2, chunk_size=2, max_buckets=1)
+    session = _session("uniform", sizes, fcfg, epsilon=8.0, secagg=True)
+    assert session.noise_mode == "per_client" and session.secagg_bound() > 0
+    _, records, facts = run_rounds(tmp_path, source, 4, params, ccfg, fcfg, privacy=session)
+    step = facts["privacy"]["secagg_bound"] / 32768
+    assert all(0 < r["secagg_max_abs_error"] <= 4 * step * 1.001 + 1e-6 for r in records)  # one step per client
+    assert check_ledger(tmp_path / "privacy_ledger.arrow") == []
+    one = FederatedConfig(clients=4, rounds=2, chunk_size=1, max_buckets=1)
+    with pytest.raises(FedscopeError, match="--chunk-size 1"):
+        run_rounds(tmp_path / "one", source, 4, params, ccfg, one,
+                   privacy=_session("uniform", sizes, one, secagg=True))

@@ -209,6 +209,9 @@ def run_rounds(run_dir: str | Path, source: ClientSource, n_clients: int, params
                              mesh=mesh)
 
     chunk = fcfg.chunk_size
+    if secagg_bound > 0 and chunk == 1:
+        raise FedscopeError("--secagg sums each chunk of clients securely: --chunk-size 1 would reveal every "
+                            "client's update; use --chunk-size >= 2 (or 0 to pick one)")
     tuning: dict[int, float] = {}
     if chunk == 0:  # time candidate chunk sizes on the first round's cohorts (results do not depend on it)
         largest = int(np.bincount([plan.bucket_of(steps_of[c]) for c in trainable]).max())
@@ -222,7 +225,10 @@ def run_rounds(run_dir: str | Path, source: ClientSource, n_clients: int, params
                 holder[0], _ = fn(holder[0], cohorts, key)
                 return holder[0]
             return thunk
-        chunk, tuning = autotune_chunk_size(thunk_for, candidate_chunks(largest, devices))
+        candidates = candidate_chunks(largest, devices)
+        if secagg_bound > 0:  # a secure-aggregation group is one chunk: a chunk of one client hides nothing
+            candidates = [c for c in candidates if c >= 2] or [2]
+        chunk, tuning = autotune_chunk_size(thunk_for, candidates)
     round_fn = make_fn(chunk)
 
     bar = progress(total=fcfg.rounds, initial=start, desc=desc, unit="round")
