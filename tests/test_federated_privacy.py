@@ -261,3 +261,27 @@ def test_secagg_run_reports_the_aggregation_error(tmp_path: Path):
     with pytest.raises(FedscopeError, match="--chunk-size 1"):
         run_rounds(tmp_path / "one", source, 4, params, ccfg, one,
                    privacy=_session("uniform", sizes, one, secagg=True))
+
+
+def test_privacy_config_file_and_flags(tmp_path: Path):
+    import argparse
+
+    from fedscope_jax.train.federated import add_arguments, privacy_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg_file = tmp_path / "p.json"
+    cfg_file.write_text(json.dumps({"privacy": {"mode": "uniform", "epsilon": 3, "clipping": "adaptive"}}))
+    cfg = privacy_config_from_args(parser.parse_args(["--privacy-config", str(cfg_file), "--epsilon", "5"]))
+    assert (cfg.mode, cfg.epsilon, cfg.clipping, cfg.secagg) == ("uniform", 5.0, "adaptive", False)
+    assert privacy_config_from_args(parser.parse_args([])).mode == "personalized"
+    raw = privacy_config_from_args(parser.parse_args(["--privacy", "off", "--clip", "1", "--noise-multiplier", "0.5",
+                                                      "--noise-mode", "sum"]))
+    assert raw.mode == "off"
+    with pytest.raises(FedscopeError, match="--noise-multiplier"):
+        privacy_config_from_args(parser.parse_args(["--privacy", "central", "--noise-multiplier", "0.5"]))
+    with pytest.raises(FedscopeError, match="--noise-mode"):
+        privacy_config_from_args(parser.parse_args(["--noise-mode", "per_client"]))
+    cfg_file.write_text(json.dumps({"privacy": {"epsilon": -1}}))
+    with pytest.raises(FedscopeError, match="p.json: privacy.epsilon"):
+        privacy_config_from_args(parser.parse_args(["--privacy-config", str(cfg_file)]))
