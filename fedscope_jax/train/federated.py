@@ -87,9 +87,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from fedscope_jax.privacy.config import add_privacy_arguments
 
     add_privacy_arguments(p)
-    p.add_argument_group("privacy (client-level DP; docs/privacy.md)").add_argument(
-        "--privacy-config", metavar="FILE", help="JSON file with the privacy options (a {\"privacy\": {...}} "
-        "section or the options themselves); the privacy flags override it")
 
 
 def config_from_args(args: argparse.Namespace, seed: int) -> FederatedConfig:
