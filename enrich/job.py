@@ -30,7 +30,7 @@ def fingerprint(args: argparse.Namespace, items_path: Path, llm_dir: Path, embed
                 domains: Sequence[str]) -> dict[str, Any]:
     """Everything that shapes the output rows; a resumed run must match it exactly."""
     return {
-        "items_sha256": shards.file_sha256(items_path),
+        "items_sha256": models.file_sha256(items_path),
         "domains": list(domains),
         "limit": args.limit,
         "shard_size": args.shard_size,

