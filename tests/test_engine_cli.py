@@ -22,7 +22,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return out
 
 
-def test_federated_run_directory(tiny_dataset: Path, tmp_path: Path):
+def test_federated_run_directory(tiny_dataset: Path, tmp_path: Path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "3",
                  "--scheme", "uniform", "--rounds", "2", "--eval-every", "2", *TINY]) == 0
@@ -39,6 +39,12 @@ def test_federated_run_directory(tiny_dataset: Path, tmp_path: Path):
     # without --resume the existing run is refused
     assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "3",
                  "--rounds", "2", *TINY]) == 2
+    # --resume with other options is refused, naming the key; with the same ones it is a no-op
+    assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "4",
+                 "--scheme", "uniform", "--rounds", "2", "--eval-every", "2", "--resume", *TINY]) == 2
+    assert "federated.clients" in capsys.readouterr().err
+    assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "3",
+                 "--scheme", "uniform", "--rounds", "2", "--eval-every", "2", "--resume", *TINY]) == 0
 
 
 def test_client_per_domain_setting(tiny_dataset: Path, tmp_path: Path):

@@ -266,22 +266,36 @@ def test_secagg_run_reports_the_aggregation_error(tmp_path: Path):
 def test_privacy_config_file_and_flags(tmp_path: Path):
     import argparse
 
-    from fedscope_jax.train.federated import add_arguments, privacy_config_from_args
+    from fedscope_jax.train.config import apply_flags, load_config
+    from fedscope_jax.train.federated import add_arguments, check_privacy_knobs
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
+
+    def resolve(path, *argv, overrides=()):
+        cfg = apply_flags(load_config(path, overrides), parser.parse_args(list(argv)))
+        check_privacy_knobs(cfg)
+        return cfg
+
     cfg_file = tmp_path / "p.json"
-    cfg_file.write_text(json.dumps({"privacy": {"mode": "uniform", "epsilon": 3, "clipping": "adaptive"}}))
-    cfg = privacy_config_from_args(parser.parse_args(["--privacy-config", str(cfg_file), "--epsilon", "5"]))
-    assert (cfg.mode, cfg.epsilon, cfg.clipping, cfg.secagg) == ("uniform", 5.0, "adaptive", False)
-    assert privacy_config_from_args(parser.parse_args([])).mode == "personalized"
-    raw = privacy_config_from_args(parser.parse_args(["--privacy", "off", "--clip", "1", "--noise-multiplier", "0.5",
-                                                      "--noise-mode", "sum"]))
-    assert raw.mode == "off"
+    cfg_file.write_text(json.dumps({"privacy": {"mode": "uniform", "epsilon": 3, "clipping": "adaptive"},
+                                    "federated": {"rounds": 7}}))
+    cfg = resolve(cfg_file, "--epsilon", "5")
+    p = cfg.privacy
+    assert (p.mode, p.epsilon, p.clipping, p.secagg, cfg.federated.rounds) == ("uniform", 5.0, "adaptive", False, 7)
+    assert resolve(cfg_file, "--rounds", "2").federated.rounds == 2
+    assert resolve(cfg_file, overrides=["privacy.eps_max=null", "privacy.eps_min=1"]).privacy.eps_min == 1.0
+    assert resolve(None).privacy.mode == "personalized"
+    raw = resolve(None, "--privacy", "off", "--clip", "1", "--noise-multiplier", "0.5", "--noise-mode", "sum")
+    assert raw.privacy.mode == "off" and raw.federated.noise_mode == "sum"
     with pytest.raises(FedscopeError, match="--noise-multiplier"):
-        privacy_config_from_args(parser.parse_args(["--privacy", "central", "--noise-multiplier", "0.5"]))
+        resolve(None, "--privacy", "central", "--noise-multiplier", "0.5")
     with pytest.raises(FedscopeError, match="--noise-mode"):
-        privacy_config_from_args(parser.parse_args(["--noise-mode", "per_client"]))
+        resolve(None, "--noise-mode", "per_client")
     cfg_file.write_text(json.dumps({"privacy": {"epsilon": -1}}))
     with pytest.raises(FedscopeError, match="p.json: privacy.epsilon"):
-        privacy_config_from_args(parser.parse_args(["--privacy-config", str(cfg_file)]))
+        resolve(cfg_file)
+    cfg_file.write_text(json.dumps({"federated": {"seed": 3}}))
+    with pytest.raises(FedscopeError, match="train.seed"):
+        resolve(cfg_file)
+    assert resolve(None, overrides=["train.seed=4"]).federated.seed == 4

@@ -20,7 +20,8 @@ def add_parser(subparsers: Any) -> None:
                    help="centralized: all clients' data pooled; federated: the vectorized engine")
     p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset (fedscope data prepare)")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory to write")
-    p.add_argument("--config", metavar="FILE", help="JSON config with sections model/train/eval")
+    p.add_argument("--config", metavar="FILE", help="JSON config with sections model/train/eval/federated/privacy "
+                   "(docs/model.md); flags given on the command line override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.dim=32 --set model.loss.alpha=0 (repeatable)")
     p.add_argument("--attributes", metavar="DIR", help="enrichment output holding item_embeddings.arrow; "
@@ -45,9 +46,9 @@ def print_table(rows: list[tuple[str, str, dict[str, dict[str, float]]]]) -> Non
 
 def run(args: argparse.Namespace) -> int:
     from fedscope_jax.data.canonical import load_dataset
-    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.config import apply_flags, load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = apply_flags(load_config(args.config, args.overrides), args)
     ds = load_dataset(args.data)
     semantic, coverage = None, None
     if args.attributes:

@@ -127,7 +127,7 @@ class PrivacyConfig:
 
 
 def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
-    """The privacy flags of `fedscope train` (and `sweep`); they override the config file's `privacy` keys."""
+    """The privacy flags of `fedscope train` (and `sweep`); they override the --config file's `privacy` keys."""
     group = parser.add_argument_group("privacy (client-level DP; docs/privacy.md)")
     group.add_argument("--privacy", choices=MODES, help="DP mode (default: personalized)")
     group.add_argument("--epsilon", type=float, help="nominal epsilon of the whole run per client (default 8)")
@@ -139,8 +139,6 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip-norm", type=float, help="(initial) clip norm C_k (default 1.0)")
     group.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
                        help="simulated secure aggregation of the noised updates, per chunk (default off)")
-    group.add_argument("--privacy-config", metavar="FILE", help="JSON file with the privacy options (a "
-                       "{\"privacy\": {...}} section or the options themselves); the flags above override it")
 
 
 def config_from_args(args: argparse.Namespace, base: PrivacyConfig | None = None) -> PrivacyConfig:

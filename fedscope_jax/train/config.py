@@ -1,13 +1,17 @@
-"""Run configuration: frozen dataclasses, loaded from JSON and `--set section.key=value` overrides.
+"""Run configuration: ONE frozen dataclass with sections model / train / eval / federated / privacy.
 
-Every key is checked against the dataclass fields; an unknown key or a value of the wrong type is a
-FedscopeError that names the key and the expected type.
+Loaded from a JSON file (`--config`), then `--set section.key=value` overrides, then the command-line flags
+that were given (`apply_flags`). Every key is checked against the dataclass fields; an unknown key or a
+value of the wrong type is a FedscopeError that names the key and the expected type.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
+import types
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +19,7 @@ from typing import Any, Sequence
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.eval.protocol import EvalConfig
 from fedscope_jax.model.config import ModelConfig
+from fedscope_jax.privacy.config import PrivacyConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +45,66 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+    """Federated training options: the `federated` section (CLI flags of the same names, docs/engine.md).
+
+    `seed` is not a key of its own: it is train.seed (load_config copies it)."""
+
+    clients: int = 8
+    scheme: str = "powerlaw"         # data.partition scheme (uniform, dirichlet, powerlaw, domain, user)
+    sampling: str = "fraction"       # fraction (fixed cohort size) or poisson (each client with prob. rate)
+    fraction: float = 1.0            # the fraction / Poisson rate q
+    rounds: int = 20
+    local_epochs: int = 1
+    client_lr: float = 1e-3          # local Adam
+    server_opt: str = "fedavg"       # fedavg | fedadam
+    server_lr: float = 1.0
+    chunk_size: int = 0              # clients per vmapped chunk per device; 0 = measure and pick
+    clip: float = math.inf           # C_k for every client (inf = no clipping)
+    noise_multiplier: float = 0.0    # z_k for every client (0 = no noise)
+    noise_mode: str = "off"          # off | per_client | sum (secure-aggregation view)
+    max_buckets: int = 4
+    eval_every: int = 5
+    checkpoint_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.clients < 1 or self.rounds < 1 or self.local_epochs < 1:
+            raise FedscopeError("--clients, --rounds, --local-epochs: expected >= 1")
+        if not 0.0 < self.fraction <= 1.0:
+            raise FedscopeError(f"--fraction {self.fraction}: expected 0 < fraction <= 1")
+        if self.chunk_size < 0 or self.eval_every < 1 or self.checkpoint_every < 1:
+            raise FedscopeError("--chunk-size >= 0, --eval-every >= 1, --checkpoint-every >= 1 expected")
+        if self.noise_multiplier > 0 and self.noise_mode == "off":
+            raise FedscopeError("--noise-multiplier > 0 needs --noise-mode per_client or sum")
+        if self.noise_multiplier > 0 and not math.isfinite(self.clip):
+            raise FedscopeError("--noise-multiplier > 0 needs a finite --clip")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
+    """Everything a run needs; centralized runs read model/train/eval, federated runs all five sections."""
+
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    federated: FederatedConfig = FederatedConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    def __post_init__(self) -> None:
+        if self.federated.seed != self.train.seed:  # one seed per run
+            object.__setattr__(self, "federated", dataclasses.replace(self.federated, seed=self.train.seed))
+
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Converts a JSON value or a --set string to the field type `tp`."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner[0], key)
     try:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
@@ -85,6 +141,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    if cls is FederatedConfig and "seed" in data:
+        raise FedscopeError(f"config key {prefix}seed: the federated run uses train.seed; set that instead")
     if unknown:
         raise FedscopeError(f"unknown config key {prefix + unknown[0]!r}; expected one of {sorted(names)}")
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
@@ -112,15 +170,35 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except json.JSONDecodeError as exc:
             raise FedscopeError(f"{p}: invalid JSON ({exc})") from None
         if not isinstance(data, dict):
-            raise FedscopeError(f"{p}: expected a JSON object with sections model/train/eval")
+            raise FedscopeError(f"{p}: expected a JSON object with sections model/train/eval/federated/privacy")
     for item in overrides:
         if "=" not in item:
             raise FedscopeError(f"--set {item!r}: expected key=value, e.g. model.dim=32")
         key, value = item.split("=", 1)
         _set_path(data, key.strip(), value.strip())
-    return from_dict(RunConfig, data)
+    where = f"{path}: " if path is not None else ""
+    try:
+        return from_dict(RunConfig, data)
+    except FedscopeError as exc:
+        raise FedscopeError(where + str(exc)) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """JSON-ready dict of a config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+# ---- command-line flags on top of the file (`fedscope train`, `fedscope sweep`) ---------------------------
+
+FEDERATED_FLAGS = ("clients", "scheme", "sampling", "fraction", "rounds", "local_epochs", "client_lr", "server_opt",
+                   "server_lr", "chunk_size", "clip", "noise_multiplier", "noise_mode", "max_buckets", "eval_every",
+                   "checkpoint_every")
+
+
+def apply_flags(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """`cfg` with the federated and privacy flags that were given on the command line (not None) applied."""
+    from fedscope_jax.privacy.config import config_from_args as privacy_from_args
+
+    fed = {f: getattr(args, f) for f in FEDERATED_FLAGS if getattr(args, f, None) is not None}
+    federated = dataclasses.replace(cfg.federated, **fed) if fed else cfg.federated
+    return dataclasses.replace(cfg, federated=federated, privacy=privacy_from_args(args, cfg.privacy))

@@ -23,79 +23,49 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from fedscope_jax.errors import FedscopeError
-
-
-@dataclasses.dataclass(frozen=True)
-class FederatedConfig:
-    """Federated training options (CLI flags of the same names)."""
-
-    clients: int = 8
-    scheme: str = "powerlaw"         # data.partition scheme (uniform, dirichlet, powerlaw, domain, user)
-    sampling: str = "fraction"       # fraction (fixed cohort size) or poisson (each client with prob. rate)
-    fraction: float = 1.0            # the fraction / Poisson rate q
-    rounds: int = 20
-    local_epochs: int = 1
-    client_lr: float = 1e-3          # local Adam
-    server_opt: str = "fedavg"       # fedavg | fedadam
-    server_lr: float = 1.0
-    chunk_size: int = 0              # clients per vmapped chunk per device; 0 = measure and pick
-    clip: float = math.inf           # C_k for every client (inf = no clipping)
-    noise_multiplier: float = 0.0    # z_k for every client (0 = no noise)
-    noise_mode: str = "off"          # off | per_client | sum (secure-aggregation view)
-    max_buckets: int = 4
-    eval_every: int = 5
-    checkpoint_every: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.clients < 1 or self.rounds < 1 or self.local_epochs < 1:
-            raise FedscopeError("--clients, --rounds, --local-epochs: expected >= 1")
-        if not 0.0 < self.fraction <= 1.0:
-            raise FedscopeError(f"--fraction {self.fraction}: expected 0 < fraction <= 1")
-        if self.chunk_size < 0 or self.eval_every < 1 or self.checkpoint_every < 1:
-            raise FedscopeError("--chunk-size >= 0, --eval-every >= 1, --checkpoint-every >= 1 expected")
-        if self.noise_multiplier > 0 and self.noise_mode == "off":
-            raise FedscopeError("--noise-multiplier > 0 needs --noise-mode per_client or sum")
-        if self.noise_multiplier > 0 and not math.isfinite(self.clip):
-            raise FedscopeError("--noise-multiplier > 0 needs a finite --clip")
+from fedscope_jax.train.config import FederatedConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The federated options of `fedscope train` (used by cli/train.py)."""
+    """The federated and privacy flags of `fedscope train` (and `fedscope sweep`).
+
+    Every flag defaults to None: a flag that is given overrides the `federated` / `privacy` key of the
+    --config file (train/config.py apply_flags); the defaults are those of FederatedConfig / PrivacyConfig."""
     d = FederatedConfig()
-    g = p.add_argument_group("federated (--mode federated, docs/engine.md)")
-    g.add_argument("--clients", type=int, default=d.clients, help="number of clients K")
-    g.add_argument("--scheme", default=d.scheme, help="partition scheme: uniform, dirichlet, powerlaw, domain, user")
-    g.add_argument("--sampling", choices=["fraction", "poisson"], default=d.sampling,
+    g = p.add_argument_group("federated (--mode federated; config section `federated`; docs/engine.md)")
+    g.add_argument("--clients", type=int, help=f"number of clients K (default {d.clients})")
+    g.add_argument("--scheme", help="partition scheme: uniform, dirichlet, powerlaw, domain, user "
+                   f"(default {d.scheme})")
+    g.add_argument("--sampling", choices=["fraction", "poisson"],
                    help="client sampling per round: a fixed fraction, or Poisson with rate --fraction")
-    g.add_argument("--fraction", type=float, default=d.fraction, help="sampled fraction / Poisson rate q")
-    g.add_argument("--rounds", type=int, default=d.rounds)
-    g.add_argument("--local-epochs", type=int, default=d.local_epochs)
-    g.add_argument("--client-lr", type=float, default=d.client_lr, help="local Adam learning rate")
-    g.add_argument("--server-opt", choices=["fedavg", "fedadam"], default=d.server_opt)
-    g.add_argument("--server-lr", type=float, default=d.server_lr)
-    g.add_argument("--chunk-size", type=int, default=d.chunk_size,
-                   help="clients per vmapped chunk per device (0: time candidates and pick)")
-    g.add_argument("--clip", type=float, default=d.clip, help="per-client clipping bound C_k (default inf: off)")
-    g.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier, help="z_k (default 0: off)")
-    g.add_argument("--noise-mode", choices=["off", "per_client", "sum"], default=None,
+    g.add_argument("--fraction", type=float, help=f"sampled fraction / Poisson rate q (default {d.fraction:g})")
+    g.add_argument("--rounds", type=int, help=f"(default {d.rounds})")
+    g.add_argument("--local-epochs", type=int, help=f"(default {d.local_epochs})")
+    g.add_argument("--client-lr", type=float, help=f"local Adam learning rate (default {d.client_lr:g})")
+    g.add_argument("--server-opt", choices=["fedavg", "fedadam"], help=f"(default {d.server_opt})")
+    g.add_argument("--server-lr", type=float, help=f"(default {d.server_lr:g})")
+    g.add_argument("--chunk-size", type=int, help="clients per vmapped chunk per device (default 0: time "
+                   "candidates and pick)")
+    g.add_argument("--clip", type=float, help="raw per-client clipping bound (only with --privacy off; "
+                   "default inf: off)")
+    g.add_argument("--noise-multiplier", type=float, help="raw z (only with --privacy off; default 0: off)")
+    g.add_argument("--noise-mode", choices=["off", "per_client", "sum"],
                    help="how the raw --noise-multiplier is drawn (only with --privacy off; default off)")
-    g.add_argument("--max-buckets", type=int, default=d.max_buckets, help="client size buckets (default 4)")
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N rounds")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--max-buckets", type=int, help=f"client size buckets (default {d.max_buckets})")
+    g.add_argument("--eval-every", type=int, help=f"validate every N rounds (default {d.eval_every})")
+    g.add_argument("--checkpoint-every", type=int, help=f"(default {d.checkpoint_every})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     from fedscope_jax.privacy.config import add_privacy_arguments
 
     add_privacy_arguments(p)
 
 
-def config_from_args(args: argparse.Namespace, seed: int) -> FederatedConfig:
-    return FederatedConfig(clients=args.clients, scheme=args.scheme, sampling=args.sampling,
-                           fraction=args.fraction, rounds=args.rounds, local_epochs=args.local_epochs,
-                           client_lr=args.client_lr, server_opt=args.server_opt, server_lr=args.server_lr,
-                           chunk_size=args.chunk_size, clip=args.clip, noise_multiplier=args.noise_multiplier,
-                           noise_mode=args.noise_mode or "off", max_buckets=args.max_buckets, eval_every=args.eval_every,
-                           checkpoint_every=args.checkpoint_every, seed=seed)
+def check_privacy_knobs(cfg: Any) -> None:
+    """The raw engine knobs (federated.clip / noise_multiplier / noise_mode) are for `privacy.mode off` only."""
+    from fedscope_jax.privacy.session import check_engine_flags
+
+    f = cfg.federated
+    check_engine_flags(cfg.privacy.mode, f.clip, f.noise_multiplier, None if f.noise_mode == "off" else f.noise_mode)
 
 
 # ---- the generic round loop (any params / loss / client data source) -------------------------------------
@@ -287,26 +257,23 @@ def _norms_of(metrics: Any, ids: Any) -> Any:
 
 # ---- the FedSCOPE model on a canonical dataset (`fedscope train --mode federated`) ---------------------
 
-def privacy_config_from_args(args: argparse.Namespace) -> Any:
-    """The run's PrivacyConfig: --privacy-config FILE, then the privacy flags; checks the engine's raw
-    --clip / --noise-multiplier / --noise-mode, which only --privacy off may set."""
-    from fedscope_jax.privacy.config import PrivacyConfig, config_from_args as privacy_from_args
-    from fedscope_jax.privacy.session import check_engine_flags
+def check_resume_config(path: Path, resolved: dict[str, Any]) -> None:
+    """--resume must continue the same run: its resolved config must equal the stored config.json
+    (the chunk size and checkpoint cadence excepted: they do not change the results)."""
+    from fedscope_jax.utils.io import read_json
 
-    base = None
-    path = getattr(args, "privacy_config", None)
-    if path:
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FedscopeError(f"{p}: cannot read the privacy config ({exc})") from None
-        if isinstance(data, dict) and isinstance(data.get("privacy"), dict):
-            data = data["privacy"]
-        base = PrivacyConfig.from_mapping(data, where=f"{p}: privacy")
-    pcfg = privacy_from_args(args, base)
-    check_engine_flags(pcfg.mode, args.clip, args.noise_multiplier, args.noise_mode)
-    return pcfg
+    stored = read_json(path)
+    free = {"federated.chunk_size", "federated.checkpoint_every"}
+
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(tree, dict):
+            return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: tree}
+    old, new = flat(json.loads(json.dumps(stored))), flat(json.loads(json.dumps(resolved)))
+    for key in sorted(set(old) | set(new)):
+        if key not in free and old.get(key) != new.get(key):
+            raise FedscopeError(f"--resume: {key} is {new.get(key)!r} here but {old.get(key)!r} in {path}; "
+                                "resume with the options of the interrupted run")
 
 
 def _prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
@@ -323,6 +290,25 @@ def _prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
 
 def run(args: argparse.Namespace, cfg: Any, ds: Any, semantic: Any, extra: dict[str, Any]) -> int:
     """Entry point of `fedscope train --mode federated` (called by cli/train.py)."""
+    summary = train_federated(ds, cfg, args.out, semantic, extra, resume=getattr(args, "resume", False),
+                              force=args.force)
+    privacy_facts, pcfg = summary["privacy"], cfg.privacy
+    if pcfg.mode != "off":
+        print(f"privacy ({pcfg.mode}): eps_spent min {privacy_facts['eps_spent_min']:.3g} / median "
+              f"{privacy_facts['eps_spent_median']:.3g} / max {privacy_facts['eps_spent_max']:.3g} "
+              f"(nominal {pcfg.epsilon:g}, delta {pcfg.delta:g}); "
+              f"{len(privacy_facts['stopped_clients'])} clients stopped by their budget")
+    print(f"run written to {args.out} ({cfg.federated.rounds} rounds, chunk {summary['federated']['chunk_size']}, "
+          "test " + ", ".join(f"{d} NDCG@10 {m.get('NDCG@10', float('nan')):.4f}"
+                              for d, m in summary["test"].items()) + ")")
+    return 0
+
+
+def train_federated(ds: Any, cfg: Any, out: str | Path, semantic: Any = None, extra: dict[str, Any] | None = None,
+                    resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Federated training of the FedSCOPE model on a canonical dataset; writes the run directory `out`.
+
+    cfg: a train.config.RunConfig (all five sections). Returns summary.json's content."""
     import functools
 
     import jax
@@ -340,10 +326,11 @@ def run(args: argparse.Namespace, cfg: Any, ds: Any, semantic: Any, extra: dict[
     from fedscope_jax.train.config import to_dict
     from fedscope_jax.utils.io import write_json
 
-    mc, tc, ec = cfg.model, cfg.train, cfg.eval
-    fcfg = config_from_args(args, tc.seed)
-    out = Path(args.out)
-    _prepare_run_dir(out, getattr(args, "resume", False), args.force)
+    mc, tc, ec, fcfg, pcfg = cfg.model, cfg.train, cfg.eval, cfg.federated, cfg.privacy
+    check_privacy_knobs(cfg)
+    extra = dict(extra or {})
+    out = Path(out)
+    _prepare_run_dir(out, resume, force)
     t_start = time.time()
     seqs = train_sequences(ds, mc.max_len)
     part = partition(ds, fcfg.clients, fcfg.scheme, fcfg.seed)
@@ -370,7 +357,6 @@ def run(args: argparse.Namespace, cfg: Any, ds: Any, semantic: Any, extra: dict[
         metrics, _ = evaluate(params, mc, valid_set, ds.domains, ec.ks, semantic, ec.batch_size)
         return {"select": selection_score(metrics, tc.select_metric), **metrics["sampled"]}
 
-    pcfg = privacy_config_from_args(args)
     session = None
     if pcfg.mode != "off":
         from fedscope_jax.privacy.session import PrivacySession
@@ -380,11 +366,13 @@ def run(args: argparse.Namespace, cfg: Any, ds: Any, semantic: Any, extra: dict[
     client_cfg = ClientConfig(functools.partial(loss_fn, config=mc, train=True, semantic=semantic),
                               optax.adam(fcfg.client_lr), local_epochs=1)  # the batches hold the local epochs
     params = init_params(jax.random.key(tc.seed), mc, ds.n_items, semantic)
-    if not args.resume:
-        write_json({**to_dict(cfg), "federated": dataclasses.asdict(fcfg), "privacy": pcfg.to_dict(), **extra},
-                   out / "config.json")
+    resolved = {**to_dict(cfg), **extra}
+    if resume:
+        check_resume_config(out / "config.json", resolved)
+    else:
+        write_json(resolved, out / "config.json")
     state, records, facts = run_rounds(out, source, n_clients, params, client_cfg, fcfg, eval_fn=eval_fn,
-                                       resume=args.resume, privacy=session)
+                                       resume=resume, privacy=session)
     privacy_facts = facts.pop("privacy", {"mode": "off"})
     params = jax.device_get(state.params)
     valid, _ = evaluate(params, mc, valid_set, ds.domains, ec.ks, semantic, ec.batch_size)
@@ -405,11 +393,4 @@ def run(args: argparse.Namespace, cfg: Any, ds: Any, semantic: Any, extra: dict[
     }
     (out / "params.msgpack").write_bytes(serialization.to_bytes(params))
     write_json(summary, out / "summary.json")
-    if session is not None:
-        print(f"privacy ({pcfg.mode}): eps_spent min {privacy_facts['eps_spent_min']:.3g} / median "
-              f"{privacy_facts['eps_spent_median']:.3g} / max {privacy_facts['eps_spent_max']:.3g} "
-              f"(nominal {pcfg.epsilon:g}, delta {pcfg.delta:g}); "
-              f"{len(privacy_facts['stopped_clients'])} clients stopped by their budget")
-    print(f"run written to {out} ({fcfg.rounds} rounds, chunk {facts['chunk_size']}, test "
-          + ", ".join(f"{d} NDCG@10 {m.get('NDCG@10', float('nan')):.4f}" for d, m in test["sampled"].items()) + ")")
-    return 0
+    return summary
