@@ -60,6 +60,7 @@ def test_cli_personalized_run_writes_a_recomputable_ledger(tmp_path: Path):
     rows = read_ledger(path)
     assert len(rows) == 4 and all(r["accountant"] == "rdp" and r["delta"] == 1e-5 for r in rows)
     assert all(r["rounds_participated"] == 3 for r in rows)  # fraction 1: every client every round
+    assert all(r["rounds_accounted"] == r["rounds_participated"] for r in rows)  # no amplification
     eps = np.array([r["eps_spent"] for r in rows])
     assert np.all(eps <= np.array([r["eps_target"] for r in rows]) * (1 + 1e-9))
     sizes = np.array([r["n_examples"] for r in rows])

@@ -49,25 +49,24 @@ LEDGER_SCHEMA = pa.schema([
     ("sampling_rate", pa.float64()),
     ("accountant", pa.string()),
     ("amplification", pa.bool_()),
+    ("rounds_accounted", pa.int64()),
 ])
 LEDGER_COLUMNS = tuple(LEDGER_SCHEMA.names)
 
 
 def accounted_events(row: Mapping[str, Any]) -> int:
-    """How many events a ledger row's eps_spent composes: rounds_participated, or (amplification) the
-    rounds the client was in the sampled population, kept in the file's metadata as `rounds_accounted`."""
-    if not bool(row["amplification"]):
-        return int(row["rounds_participated"])
+    """How many events a ledger row's eps_spent composes (its `rounds_accounted` column): rounds_participated,
+    or (amplification) the rounds the client was in the sampled population, participating or not."""
     if row.get("rounds_accounted") is None:
-        raise FedscopeError("privacy ledger row with amplification=true needs `rounds_accounted` "
-                            "(read the row with read_ledger, which takes it from the file's metadata)")
+        raise FedscopeError("privacy ledger row without `rounds_accounted`: expected the column of that name "
+                            "(the number of accounted events)")
     return int(row["rounds_accounted"])
 
 
 def recompute_eps(row: Mapping[str, Any]) -> float:
     """eps_spent of one ledger row, recomputed with dp-accounting from the row's own columns.
 
-    Without amplification: `rounds_participated` compositions of GaussianDpEvent(noise_multiplier) under the
+    Without amplification: `rounds_accounted` (= rounds_participated) compositions of GaussianDpEvent(noise_multiplier) under the
     row's accountant (RDP, or PLD with value_discretization_interval=1e-3), epsilon at `delta`. With
     amplification: `rounds_accounted` compositions of PoissonSampledDpEvent(sampling_rate, GaussianDpEvent(z)).
     """
@@ -216,8 +215,9 @@ class PrivacyLedger:
             "clip_norm": self.clip_norms, "rounds_participated": self.participations,
             "sampling_rate": np.asarray(p.sampling_rates, dtype=np.float64),
             "accountant": pa.array([p.accountant_name] * c, pa.string()),
-            "amplification": np.full(c, p.amplification)}, schema=LEDGER_SCHEMA)
-        meta = {"mode": p.mode, "rounds_run": self.rounds_run, "rounds_accounted": self.events.tolist(),
+            "amplification": np.full(c, p.amplification),
+            "rounds_accounted": np.asarray(self.events, dtype=np.int64)}, schema=LEDGER_SCHEMA)
+        meta = {"mode": p.mode, "rounds_run": self.rounds_run,
                 "neighboring_relation": "add_or_remove_one (zero-out of one client's whole data)",
                 "pld_value_discretization_interval": accounting.PLD_DISCRETIZATION,
                 "update_noise_multiplier": np.asarray(p.update_noise_multipliers).tolist(),
@@ -233,17 +233,12 @@ class PrivacyLedger:
 
 
 def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a privacy_ledger.arrow as dicts (with `rounds_accounted` from the file's metadata)."""
+    """Rows of a privacy_ledger.arrow as dicts."""
     table = read_arrow(path)
     missing = [c for c in LEDGER_COLUMNS if c not in table.column_names]
     if missing:
         raise FedscopeError(f"{path}: not a privacy ledger (missing columns {missing})")
-    meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
-    accounted = meta.get("rounds_accounted")
-    rows = table.to_pylist()
-    for i, row in enumerate(rows):
-        row["rounds_accounted"] = accounted[i] if accounted is not None else None
-    return rows
+    return table.to_pylist()
 
 
 def check_ledger(path: str | os.PathLike, rtol: float = 1e-6) -> list[int]:
