@@ -9,7 +9,8 @@ from fedscope_jax.errors import FedscopeError
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Next-item loss and IIDCL weights. Total = L_rec + alpha * (lambda_intra * L_intra + lambda_inter * L_inter).
+    """Next-item loss and IIDCL weights. Total = L_rec + alpha * (lambda_intra * L_intra + lambda_inter * L_inter)
+    + seqcl_weight * L_seqcl (the CL4SRec-style baseline term, losses/seqcl.py; off by default).
 
     rec: "sampled" (uniform negatives shared by the batch), "in_batch" (negatives drawn from the batch's own
     targets, i.e. by popularity) or "full" (softmax over every item of the domain; memory B*L*N floats).
@@ -25,6 +26,11 @@ class LossConfig:
     tau_inter: float = 0.2
     rho: float = 0.02          # intra positives: K = min(ceil(rho * N), k_max), N = valid users in the batch
     k_max: int = 50
+    seqcl_weight: float = 0.0  # CL4SRec-style sequence contrastive term (the FedCL4SRec baseline); 0 = off
+    seqcl_tau: float = 1.0
+    seqcl_crop: float = 0.6    # eta: share of the items a crop keeps
+    seqcl_mask: float = 0.3    # gamma: share of the items a mask hides
+    seqcl_reorder: float = 0.6  # beta: share of the items a reorder shuffles
 
     def __post_init__(self) -> None:
         if self.rec not in ("sampled", "in_batch", "full"):
@@ -35,6 +41,11 @@ class LossConfig:
             raise FedscopeError("model.loss.tau_intra and model.loss.tau_inter must be > 0")
         if not 0 < self.rho <= 1:
             raise FedscopeError(f"model.loss.rho={self.rho}; expected 0 < rho <= 1")
+        if self.seqcl_weight < 0 or self.seqcl_tau <= 0:
+            raise FedscopeError("model.loss.seqcl_weight must be >= 0 and model.loss.seqcl_tau > 0")
+        for name in ("seqcl_crop", "seqcl_mask", "seqcl_reorder"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise FedscopeError(f"model.loss.{name}={getattr(self, name)}; expected a share in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

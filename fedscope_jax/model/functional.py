@@ -46,13 +46,15 @@ def init_params(key: jax.Array, config: ModelConfig, n_items: Sequence[int], sem
 
 
 def encode(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, semantic: Semantic = None,
-           key: jax.Array | None = None, train: bool = False) -> jnp.ndarray:
-    """float32 [B, L, dim]: domain d's encoder outputs for left-padded shifted ids [B, L] (key: dropout)."""
+           key: jax.Array | None = None, train: bool = False, keep: jnp.ndarray | None = None) -> jnp.ndarray:
+    """float32 [B, L, dim]: domain d's encoder outputs for left-padded shifted ids [B, L] (key: dropout).
+
+    keep: optional bool [B, L], False where an item is masked (zero mask token; losses/seqcl.py)."""
     tower = _tower(params, config, d)
     rngs = {"dropout": key} if train else {}
     if train and key is None:
         raise ValueError("encode(train=True) needs a dropout key")
-    return tower.apply({"params": params[domain_key(d)]}, seq, _sem(semantic, d), train, rngs=rngs,
+    return tower.apply({"params": params[domain_key(d)]}, seq, _sem(semantic, d), train, keep, rngs=rngs,
                        method=DomainTower.encode)
 
 

@@ -87,13 +87,20 @@ class DomainTower(nn.Module):
         """float32 [N+1, d]: every item's representation (row 0 is padding)."""
         return self.items(jnp.arange(self.n_items + 1), semantic)
 
-    def encode(self, seq: jnp.ndarray, semantic: SemanticTable | None, train: bool) -> jnp.ndarray:
-        """float32 [B, L, d] outputs of a left-padded sequence batch [B, L]; zero at padding positions."""
+    def encode(self, seq: jnp.ndarray, semantic: SemanticTable | None, train: bool,
+               keep: jnp.ndarray | None = None) -> jnp.ndarray:
+        """float32 [B, L, d] outputs of a left-padded sequence batch [B, L]; zero at padding positions.
+
+        keep (bool [B, L], optional): False marks a masked item (CL4SRec's item mask): its position stays in the
+        sequence but its item vector is replaced by the zero mask token.
+        """
         length = seq.shape[-1]
         if length > self.cfg.max_len:
             raise ValueError(f"sequence length {length} > model.max_len {self.cfg.max_len}")
         valid = seq > 0
         x = self.items(seq, semantic) * math.sqrt(self.cfg.dim)
+        if keep is not None:
+            x = x * keep[..., None].astype(x.dtype)
         x = x + self.pos_emb[length - 1 - jnp.arange(length)]
         x = self.emb_dropout(x, deterministic=not train) * valid[..., None]
         mask = attention_mask(valid)

@@ -1,4 +1,5 @@
-"""The training objective of one mini-batch: L_rec + alpha * (lambda_intra * L_intra + lambda_inter * L_inter).
+"""The training objective of one mini-batch: L_rec + alpha * (lambda_intra * L_intra + lambda_inter * L_inter)
++ seqcl_weight * L_seqcl (the CL4SRec-style baseline term; off, i.e. absent from the program, by default).
 
 batch = {"seq": int32 [B, D, L], "target": int32 [B, D, L], ...}: per user and domain, the left-padded input
 sequence of shifted item ids and, at each position, the next item (0 = none). Extra keys (masks) are ignored:
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 
 from fedscope_jax.losses.iidcl import inter_loss, intra_loss
 from fedscope_jax.losses.rec import next_item_loss
+from fedscope_jax.losses.seqcl import augment, nt_xent
 from fedscope_jax.model.config import ModelConfig
 from fedscope_jax.model.functional import Params, Semantic, all_item_repr, domain_key, encode, item_repr
 
@@ -31,6 +33,23 @@ def _candidates(params: Params, config: ModelConfig, d: int, target: jnp.ndarray
         flat = target.reshape(-1)
         ids = flat[jax.random.randint(key, (lc.num_negatives,), 0, flat.shape[0])]
     return ids, item_repr(params, config, d, ids, semantic)
+
+
+# Purpose tag of the sequence-contrastive key: folded into the batch key, so turning the term on leaves the
+# dropout and negative-sampling keys (and with them every other term) exactly as they are without it.
+_SEQCL_PURPOSE = 0x5EC1
+
+
+def seqcl_loss(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, key: jax.Array, train: bool,
+               semantic: Semantic) -> jnp.ndarray:
+    """CL4SRec term of domain d: two augmented views of each user's sequence [B, L], NT-Xent over the batch."""
+    lc = config.loss
+    k_aug1, k_aug2, k_drop1, k_drop2 = jax.random.split(key, 4)
+    views = []
+    for k_aug, k_drop in ((k_aug1, k_drop1), (k_aug2, k_drop2)):
+        aug, keep = augment(seq, k_aug, lc.seqcl_crop, lc.seqcl_mask, lc.seqcl_reorder)
+        views.append(encode(params, config, d, aug, semantic, k_drop, train, keep=keep)[:, -1])
+    return nt_xent(views[0], views[1], seq[:, -1] > 0, lc.seqcl_tau)
 
 
 def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, config: ModelConfig,
@@ -58,6 +77,11 @@ def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, confi
         for a in range(n_dom):
             for b in range(a + 1, n_dom):
                 inter = inter + inter_loss(users[a], users[b], valid[a], valid[b], lc.tau_inter)
-    total = rec + lc.alpha * (lc.lambda_intra * intra + lc.lambda_inter * inter)
-    aux: dict[str, Any] = {"rec": rec, "intra": intra, "inter": inter, "targets": jnp.sum(target > 0)}
+    seqcl = jnp.zeros(())
+    if lc.seqcl_weight:
+        for d, k in enumerate(jax.random.split(jax.random.fold_in(key, _SEQCL_PURPOSE), n_dom)):
+            seqcl = seqcl + seqcl_loss(params, config, d, seq[:, d], k, train, semantic)
+    total = rec + lc.alpha * (lc.lambda_intra * intra + lc.lambda_inter * inter) + lc.seqcl_weight * seqcl
+    aux: dict[str, Any] = {"rec": rec, "intra": intra, "inter": inter, "seqcl": seqcl,
+                           "targets": jnp.sum(target > 0)}
     return total, aux
