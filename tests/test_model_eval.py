@@ -99,3 +99,77 @@ def test_model_ranks_by_brute_force_and_summaries(tiny):
     for d in ds.domains:
         assert sum(c["targets"] for c in cs["sampled"][d].values()) == summ["sampled"][d]["targets"]
         assert set(next(iter(cs["sampled"][d].values()))) == {"targets", "model", "popularity"}
+
+
+def _hand_dataset(path):
+    """Domain A (10 items), train counts: item 0 x3, items 1 and 2 x2, items 3, 4, 6, 7, 8 x1; domain B (8 items)."""
+    from fedscope_jax.data.canonical import TEST, TRAIN, VALID, DatasetWriter, items_table, load_dataset
+
+    users = {0: ("A", [0, 1, 2], 3, 5), 1: ("A", [0, 1, 4], 6, 2), 2: ("A", [0, 2, 3], 7, 1),
+             3: ("A", [6, 7, 8], 9, 0), 4: ("B", [0, 1], 2, 3)}
+    cols = {k: [] for k in ("user", "domain", "item", "position", "split")}
+    for u, (dom, train, valid, test) in users.items():
+        items = [*train, valid, test]
+        cols["user"] += [u] * len(items)
+        cols["domain"] += [0 if dom == "A" else 1] * len(items)
+        cols["item"] += items
+        cols["position"] += list(range(len(items)))
+        cols["split"] += [TRAIN] * len(train) + [VALID, TEST]
+    path.mkdir(parents=True)
+    w = DatasetWriter(path, "hand", "test", ("A", "B"), (10, 8))
+    w.add(*(np.asarray(cols[k]) for k in ("user", "domain", "item", "position", "split")))
+    dom = np.array([0] * 10 + [1] * 8)
+    ids = np.concatenate([np.arange(10), np.arange(8)])
+    w.close(items_table(("A", "B"), dom, ids, [f"s{d}{i}" for d, i in zip(dom, ids)], [None] * 18))
+    return load_dataset(path)
+
+
+def test_long_tail_split_hand_computed(tmp_path):
+    from fedscope_jax.eval.protocol import head_items, long_tail
+
+    ds = _hand_dataset(tmp_path / "hand")
+    heads = head_items(ds, 0.2)
+    # A: ceil(0.2 * 10) = 2 head items: item 0 (3) and item 1 (2; tied with item 2, the smaller id wins)
+    assert np.flatnonzero(heads[0]).tolist() == [1, 2]                  # shifted ids
+    assert np.flatnonzero(heads[1]).tolist() == [1, 2]                  # B: ceil(1.6) = 2, items 0 and 1
+    cfg = EvalConfig(num_negatives=3, head_share=0.2)
+    es = eval_set(ds, "test", 5, cfg)
+    assert es.user.tolist() == [0, 1, 2, 3, 4] and es.target.tolist() == [6, 3, 2, 1, 4]
+    ranks = {"sampled": np.array([4, 0, 11, 2, 7]), "full": np.array([50, 3, 0, 9, 1])}
+    lt = long_tail(es, ranks, ds, cfg)
+    a = lt["sampled"]["A"]
+    assert a["targets"] == {"head": 2, "tail": 2} and a["items"] == {"head": 2, "tail": 8}
+    assert a["head_train_share"] == pytest.approx(5 / 12)
+    # head: users 2 (rank 11) and 3 (rank 2); tail: users 0 (rank 4) and 1 (rank 0)
+    assert a["head"]["HR@10"] == 0.5 and a["head"]["NDCG@10"] == pytest.approx(0.5 / 2)
+    assert a["head"]["MRR"] == pytest.approx((1 / 12 + 1 / 3) / 2)
+    assert a["tail"]["HR@1"] == 0.5 and a["tail"]["HR@10"] == 1.0
+    assert a["tail"]["NDCG@10"] == pytest.approx((1 / np.log2(6) + 1) / 2)
+    b = lt["full"]["B"]
+    assert b["targets"] == {"head": 0, "tail": 1} and np.isnan(b["head"]["HR@10"])
+    assert b["tail"]["MRR"] == pytest.approx(1 / 2) and b["head_train_share"] == 1.0
+    assert lt["full"]["A"]["head"]["HR@1"] == 0.5                       # user 2's full rank is 0
+    with pytest.raises(FedscopeError, match="eval.head_share"):
+        EvalConfig(head_share=1.0)
+
+
+def test_final_metrics_sections(tiny):
+    from fedscope_jax.train.config import RunConfig
+    from fedscope_jax.train.final_eval import final_metrics
+
+    cfg = RunConfig(model=ModelConfig(dim=8, blocks=1, heads=2, max_len=5),
+                    eval=EvalConfig(num_negatives=15, buckets=(2, 4)))
+    params = init_params(jax.random.key(0), cfg.model, tiny.n_items)
+    m = final_metrics(params, tiny, cfg)
+    assert {"valid", "valid_full", "test", "test_full", "baselines", "cold_start", "long_tail",
+            "protocol"} <= set(m)
+    es = eval_set(tiny, "test", 5, cfg.eval)
+    ranks = model_ranks(params, cfg.model, es)
+    assert m["test"] == summarize(es, ranks, tiny.domains, cfg.eval.ks)["sampled"]
+    for proto, key in (("sampled", "test"), ("full", "test_full")):
+        for d in tiny.domains:
+            lt = m["long_tail"][proto][d]
+            assert lt["targets"]["head"] + lt["targets"]["tail"] == m[key][d]["targets"]
+            # the pooled metric is the targets-weighted mean of the head and tail ones
+            parts = [(lt[g]["HR@10"], lt["targets"][g]) for g in ("head", "tail") if lt["targets"][g]]
+            assert sum(v * n for v, n in parts) / m[key][d]["targets"] == pytest.approx(m[key][d]["HR@10"])

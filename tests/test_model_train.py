@@ -70,6 +70,9 @@ def test_centralized_run_directory_and_determinism(tiny, capsys):
         assert set(s[section]["domA"]) == {"HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR", "targets"}
     assert set(s["baselines"]) == {"popularity", "popularity_full"}
     assert list(s["cold_start"]["sampled"]["domB"]) == ["0-1", "2-3", ">3"]
+    lt = s["long_tail"]["full"]["domA"]
+    assert lt["targets"]["head"] + lt["targets"]["tail"] == s["test_full"]["domA"]["targets"]
+    assert all(x["seqcl"] == 0.0 for x in lines)                       # the baseline term is off by default
     best = s["training"]["best_epoch"]
     assert lines[best - 1]["select"] == pytest.approx(s["training"]["best_valid_select"])
     # the summary's valid metrics are the best epoch's (the kept parameters)

@@ -30,17 +30,22 @@ PROTOCOLS = ("sampled", "full")
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """num_negatives: sampled-protocol negatives per target; seed: of those negatives; buckets: lower edges
-    of the cold-start history-length buckets (e.g. (1, 3, 6, 11) -> 0, 1-2, 3-5, 6-10, >10)."""
+    of the cold-start history-length buckets (e.g. (1, 3, 6, 11) -> 0, 1-2, 3-5, 6-10, >10); head_share: the
+    share of each domain's items, most popular first by train interactions, that forms the long-tail study's
+    head (0.2: the Pareto "short head"; every other item, unseen ones included, is the tail)."""
 
     num_negatives: int = 999
     seed: int = 0
     ks: tuple[int, ...] = (1, 5, 10)
     buckets: tuple[int, ...] = (1, 3, 6, 11)
     batch_size: int = 512
+    head_share: float = 0.2
 
     def __post_init__(self) -> None:
         if self.num_negatives < 1 or self.batch_size < 1 or not self.ks or min(self.ks) < 1:
             raise FedscopeError("eval.num_negatives, eval.batch_size and eval.ks must be >= 1")
+        if not 0.0 < self.head_share < 1.0:
+            raise FedscopeError(f"eval.head_share={self.head_share}; expected a share of the items in (0, 1)")
         if list(self.buckets) != sorted(set(self.buckets)) or (self.buckets and self.buckets[0] < 1):
             raise FedscopeError(f"eval.buckets={list(self.buckets)}; expected increasing lower edges >= 1")
 
@@ -60,6 +65,11 @@ class EvalSet:
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
+
+    def subset(self, rows: np.ndarray) -> "EvalSet":
+        """The targets at `rows` (e.g. one client's users), every array sliced alike."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)
+                                            if f.name != "split"})
 
 
 def _sample_negatives(user: np.ndarray, n_items: int, seen_keys: np.ndarray, m: int,
@@ -228,4 +238,48 @@ def cold_start(es: EvalSet, ranks_by_method: dict[str, dict[str, np.ndarray]], d
                 for method, ranks in ranks_by_method.items():
                     cell[method] = ranking_metrics(ranks[proto][sel], cfg.ks)
                 out[proto][name][label] = cell
+    return out
+
+
+def head_items(ds: CanonicalDataset, share: float) -> list[np.ndarray]:
+    """Per domain bool [N+1] by shifted id: the ceil(share * N) items with the most train interactions.
+
+    Ties in the count are broken by the smaller item id, so the head has exactly that many items; row 0
+    (padding) is False. Items never seen in train are always tail (unless the head needs them to be full).
+    """
+    out = []
+    for d, n in enumerate(ds.n_items):
+        sel = (ds.domain == d) & (ds.split == TRAIN)
+        counts = np.bincount(ds.item[sel], minlength=n)
+        order = np.lexsort((np.arange(n), -counts))          # most popular first, then smaller id
+        head = np.zeros(n + 1, bool)
+        head[order[:int(np.ceil(share * n))] + 1] = True
+        out.append(head)
+    return out
+
+
+def long_tail(es: EvalSet, ranks: dict[str, np.ndarray], ds: CanonicalDataset,
+              cfg: EvalConfig) -> dict[str, Any]:
+    """{protocol: {domain: {"head": metrics, "tail": metrics, "targets": {...}, "items": {...}, "head_train_share"}}}.
+
+    Targets are split by whether the target item is in its domain's head (`head_items`, eval.head_share);
+    `head_train_share` is the share of the domain's train interactions that fall on head items.
+    """
+    heads = head_items(ds, cfg.head_share)
+    out: dict[str, Any] = {}
+    for proto in PROTOCOLS:
+        out[proto] = {}
+        for d, name in enumerate(ds.domains):
+            in_d = es.domain == d
+            head_target = heads[d][np.where(in_d, es.target, 0)]     # other domains' ids may be out of range
+            is_head, is_tail = head_target & in_d, ~head_target & in_d
+            sel = (ds.domain == d) & (ds.split == TRAIN)
+            train_head = int(heads[d][ds.item[sel] + 1].sum())
+            out[proto][name] = {
+                "head": ranking_metrics(ranks[proto][is_head], cfg.ks),
+                "tail": ranking_metrics(ranks[proto][is_tail], cfg.ks),
+                "targets": {"head": int(is_head.sum()), "tail": int(is_tail.sum())},
+                "items": {"head": int(heads[d].sum()), "tail": int(ds.n_items[d] - heads[d].sum())},
+                "head_train_share": train_head / max(int(sel.sum()), 1),
+            }
     return out

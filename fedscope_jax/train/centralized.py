@@ -22,10 +22,10 @@ from flax import serialization
 from fedscope_jax.data.batching import make_batches, train_sequences
 from fedscope_jax.data.canonical import CanonicalDataset
 from fedscope_jax.errors import FedscopeError
-from fedscope_jax.eval.protocol import (EvalSet, cold_start, eval_set, model_ranks, popularity_ranks,
-                                        popularity_scores, summarize)
+from fedscope_jax.eval.protocol import EvalSet, model_ranks, summarize
 from fedscope_jax.model import ModelConfig, Params, Semantic, init_params, loss_fn
 from fedscope_jax.train.config import RunConfig, to_dict
+from fedscope_jax.train.final_eval import eval_sets, final_metrics
 from fedscope_jax.utils.io import atomic_output_dir, write_json
 from fedscope_jax.utils.progress import progress
 
@@ -73,8 +73,8 @@ def train_centralized(ds: CanonicalDataset, cfg: RunConfig, out: str | Path, sem
     seqs = train_sequences(ds, mc.max_len)
     if not len(seqs.user):
         raise FedscopeError(f"{ds.path}: no user has two training interactions in one domain; nothing to train")
-    valid_set = eval_set(ds, "valid", mc.max_len, ec)
-    test_set = eval_set(ds, "test", mc.max_len, ec)
+    sets = eval_sets(ds, cfg)
+    valid_set = sets["valid"]
     key_init, key_train = jax.random.split(jax.random.key(tc.seed))
     semantic = None if semantic is None else jax.device_put(semantic)   # once, not on every step
     params = init_params(key_init, mc, ds.n_items, semantic)
@@ -92,16 +92,17 @@ def train_centralized(ds: CanonicalDataset, cfg: RunConfig, out: str | Path, sem
         for epoch in range(1, tc.epochs + 1):
             t0 = time.time()
             batches = make_batches(seqs, rows, tc.batch_size, 1, rng)
-            sums = np.zeros(4)
+            sums = np.zeros(5)
             for s in range(batches["seq"].shape[0]):
                 batch = {"seq": batches["seq"][s], "target": batches["target"][s]}
                 params, opt_state, loss, aux = step(params, opt_state, batch,
                                                     jax.random.fold_in(key_train, global_step), semantic)
                 global_step += 1
-                sums += np.array([float(loss), float(aux["rec"]), float(aux["intra"]), float(aux["inter"])])
+                sums += np.array([float(loss), *(float(aux[k]) for k in ("rec", "intra", "inter", "seqcl"))])
             n = batches["seq"].shape[0]
             record: dict[str, Any] = {"epoch": epoch, "step": global_step, "loss": sums[0] / n, "rec": sums[1] / n,
-                                      "intra": sums[2] / n, "inter": sums[3] / n, "train_seconds": time.time() - t0}
+                                      "intra": sums[2] / n, "inter": sums[3] / n, "seqcl": sums[4] / n,
+                                      "train_seconds": time.time() - t0}
             if not np.isfinite(sums[0]):
                 log.write(json.dumps(record) + "\n")
                 raise FedscopeError(f"training diverged at epoch {epoch} (loss {sums[0] / n}); lower train.lr")
@@ -123,21 +124,8 @@ def train_centralized(ds: CanonicalDataset, cfg: RunConfig, out: str | Path, sem
         bar.close()
         log.close()
         params = best[2]
-        valid, _ = evaluate(params, mc, valid_set, ds.domains, ec.ks, semantic, ec.batch_size)
-        test, test_ranks = evaluate(params, mc, test_set, ds.domains, ec.ks, semantic, ec.batch_size)
-        pop = popularity_scores(ds)
-        pop_test = popularity_ranks(test_set, pop)
-        pop_summary = summarize(test_set, pop_test, ds.domains, ec.ks)
         summary = {
-            "test": test["sampled"],
-            "test_full": test["full"],
-            "valid": valid["sampled"],
-            "valid_full": valid["full"],
-            "baselines": {"popularity": pop_summary["sampled"], "popularity_full": pop_summary["full"]},
-            "cold_start": cold_start(test_set, {"model": test_ranks, "popularity": pop_test}, ds.domains, ec),
-            "protocol": {"sampled_negatives": ec.num_negatives, "negatives_seed": ec.seed,
-                         "ties": "pessimistic", "history": "in-domain, last model.max_len items",
-                         "candidates": "items the user never interacted with in the target's domain"},
+            **final_metrics(params, ds, cfg, semantic, sets=sets),
             "training": {"mode": "centralized", "epochs_run": epoch, "best_epoch": best[1],
                          "best_valid_select": best[0], "select_metric": tc.select_metric, "steps": global_step,
                          "seconds": time.time() - t_start, "users_trained": int(len(seqs.user)),
