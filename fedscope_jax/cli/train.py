@@ -1,7 +1,8 @@
 """`fedscope train`: train the FedSCOPE model and write a run directory (docs/model.md).
 
---mode centralized pools every client's data (the non-private upper bound). --mode federated runs the
-vectorized federated engine (fedscope_jax/train/federated.py, docs/engine.md).
+--mode centralized pools every client's data (the non-private upper bound). --mode local trains one model per
+client of the federated partition with no communication (the lower bound, fedscope_jax/train/local.py).
+--mode federated runs the vectorized federated engine (fedscope_jax/train/federated.py, docs/engine.md).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from fedscope_jax.errors import FedscopeError
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("train", help="train a model and write a run directory",
                               description="Train the FedSCOPE model on a prepared dataset (docs/model.md).")
-    p.add_argument("--mode", choices=["centralized", "federated"], default="centralized",
-                   help="centralized: all clients' data pooled; federated: the vectorized engine")
+    p.add_argument("--mode", choices=["centralized", "local", "federated"], default="centralized",
+                   help="centralized: all clients' data pooled; local: one model per client (--clients, "
+                        "--scheme), no communication; federated: the vectorized engine")
     p.add_argument("--data", required=True, metavar="DIR", help="prepared dataset (fedscope data prepare)")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory to write")
     p.add_argument("--config", metavar="FILE", help="JSON config with sections model/train/eval/federated/privacy "
@@ -65,14 +67,24 @@ def run(args: argparse.Namespace) -> int:
             raise FedscopeError("--mode federated: the federated engine (fedscope_jax/train/federated.py) "
                                 "is not installed in this checkout") from None
         return int(federated.run(args, cfg, ds, semantic, extra) or 0)
-    from fedscope_jax.train.centralized import train_centralized
+    if args.mode == "local":
+        from fedscope_jax.train.local import train_local
 
-    summary = train_centralized(ds, cfg, args.out, semantic=semantic, force=args.force, extra_config=extra)
+        summary = train_local(ds, cfg, args.out, semantic=semantic, force=args.force, extra_config=extra)
+    else:
+        from fedscope_jax.train.centralized import train_centralized
+
+        summary = train_centralized(ds, cfg, args.out, semantic=semantic, force=args.force, extra_config=extra)
     print_table([("model", "sampled", summary["test"]), ("popularity", "sampled", summary["baselines"]["popularity"]),
                  ("model", "full", summary["test_full"]),
                  ("popularity", "full", summary["baselines"]["popularity_full"])])
-    print(f"run written to {args.out} ({summary['training']['epochs_run']} epochs, best "
-          f"{summary['training']['best_epoch']}, {summary['training']['seconds']:.0f} s)")
+    tr = summary["training"]
+    if args.mode == "local":
+        print(f"run written to {args.out} ({tr['clients']} clients, {tr['steps']} steps, up to "
+              f"{tr['epochs_run_max']} epochs per client, {tr['seconds']:.0f} s)")
+    else:
+        print(f"run written to {args.out} ({tr['epochs_run']} epochs, best {tr['best_epoch']}, "
+              f"{tr['seconds']:.0f} s)")
     return 0
 
 
