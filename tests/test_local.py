@@ -35,6 +35,8 @@ def test_local_run_pools_each_clients_own_ranking(tiny, capsys):
             "--scheme", "powerlaw", *[a for s in SETTINGS for a in ("--set", s)]]
     assert main(args) == 0
     assert "3 clients" in capsys.readouterr().out
+    assert main(["evaluate", "--run", str(root / "run")]) == 2                 # no parameters to re-score
+    assert "keeps no parameters" in capsys.readouterr().err
     run = root / "run"
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "summary.json"}
     s = json.loads((run / "summary.json").read_text())

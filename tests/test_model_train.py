@@ -85,6 +85,7 @@ def test_centralized_run_directory_and_determinism(tiny, capsys):
     ev = json.loads(capsys.readouterr().out)
     assert ev["model"]["sampled"] == s["test"] and ev["model"]["full"] == s["test_full"]
     assert ev["popularity"]["sampled"] == s["baselines"]["popularity"]
+    assert ev["long_tail"] == s["long_tail"]
 
 
 def test_semantic_attributes_feed_the_fusion_mlp(tiny, capsys):

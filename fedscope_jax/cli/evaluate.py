@@ -1,4 +1,5 @@
-"""`fedscope evaluate`: score a trained run's parameters on a split, both protocols, with the popularity anchor."""
+"""`fedscope evaluate`: score a trained run's parameters on a split, both protocols, with the popularity anchor
+(and, on the test split, the long-tail breakdown by the target item's train popularity)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     from fedscope_jax.cli.train import print_table
     from fedscope_jax.data.canonical import load_dataset
-    from fedscope_jax.eval.protocol import eval_set, model_ranks, popularity_ranks, popularity_scores, summarize
+    from fedscope_jax.eval.protocol import (eval_set, long_tail, model_ranks, popularity_ranks, popularity_scores,
+                                            summarize)
     from fedscope_jax.model import init_params
     from fedscope_jax.train.config import from_dict, RunConfig
     from fedscope_jax.utils.io import read_json
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         semantic, _ = load_semantic(attributes, ds.domains, ds.n_items)
     target = init_params(jax.random.key(0), cfg.model, ds.n_items, semantic)
     blob = (run_dir / "params.msgpack")
+    if raw.get("mode") == "local" and not blob.is_file():
+        raise FedscopeError(f"{run_dir}: a local-only run keeps no parameters (one model per client); its metrics "
+                            "are in summary.json")
     if not blob.is_file():
         raise FedscopeError(f"{blob}: file not found (expected the run's parameters)")
     try:
@@ -64,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     pop = summarize(es, popularity_ranks(es, popularity_scores(ds)), ds.domains, cfg.eval.ks)
     result = {"split": args.split, "model": model, "popularity": pop,
               "seconds": {"build_targets": t1 - t0, "score": t2 - t1}, "targets": len(es)}
+    if args.split == "test":
+        result["long_tail"] = long_tail(es, ranks, ds, cfg.eval)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
