@@ -1,0 +1,63 @@
+"""`fedscope reproduce`: run the paper's studies (experiments/configs/*.json) and write the report.
+
+See docs/experiments.md. Heavy imports happen inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("reproduce", help="run the paper's studies and write tables, plots and report.md",
+                              description="Prepare the datasets, run every cell of the chosen studies (finished "
+                              "cells are skipped, so a killed run resumes), then write the report "
+                              "(docs/experiments.md).")
+    p.add_argument("--profile", choices=["quick", "full"], default="quick",
+                   help="quick: reduced, sized for a 2-core CPU (< 30 min); full: paper-like, sized for one GPU")
+    p.add_argument("--studies", help="comma-separated study names (default: every file in --configs)")
+    p.add_argument("--configs", metavar="DIR", help="study files (default: experiments/configs of this checkout)")
+    p.add_argument("--datasets", help="comma-separated dataset names: run only their cells (default: each study's)")
+    p.add_argument("--data-root", metavar="DIR", help="folder holding the shared dataset folders (default: "
+                   "$FEDSCOPE_SHARED_DATA, else ../shared/data beside this checkout)")
+    p.add_argument("--attributes-root", metavar="DIR", help="enrichment outputs, one folder per dataset holding "
+                   "item_embeddings.arrow; without it FedSCOPE runs ID-only and the report says so")
+    p.add_argument("--dry-run", action="store_true", help="check every cell's config and run each study's cells "
+                   "with a tiny budget (1 round / 1 epoch, tiny model, 120 users, one seed) under OUT/dry-run")
+    p.add_argument("--smoke", action="store_true", help="run only the first cell of each study's methods (with "
+                   "--dry-run: the fastest plumbing check)")
+    p.add_argument("--benchmark", metavar="FILE", help="benchmark.json (fedscope benchmark) for the scaling plot")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (data cache, runs, report)")
+    p.set_defaults(func=run)
+
+
+def default_data_root() -> Path:
+    import os
+
+    env = os.environ.get("FEDSCOPE_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedscope_jax.experiments.report import write_report
+    from fedscope_jax.experiments.runner import Options, reproduce
+    from fedscope_jax.experiments.spec import load_studies
+
+    names = [n.strip() for n in args.studies.split(",") if n.strip()] if args.studies else None
+    all_studies = {s.name: s for s in load_studies(None, args.configs)}
+    studies = load_studies(names, args.configs)
+    opts = Options(args.profile, Path(args.out), Path(args.data_root) if args.data_root else default_data_root(),
+                   Path(args.attributes_root) if args.attributes_root else None, args.dry_run,
+                   tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else None,
+                   args.smoke)
+    record = reproduce(studies, all_studies, opts)
+    root = opts.out / "dry-run" if opts.dry_run else opts.out
+    report = write_report(root, root / "report", benchmark=args.benchmark)
+    print(f"{sum(len(s['cells']) for s in record['studies'].values())} cells in "
+          f"{record['seconds_this_process']:.0f} s; report: {report}")
+    return 0
+
+
+__all__ = ["add_parser", "run"]

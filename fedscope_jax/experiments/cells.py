@@ -1,0 +1,123 @@
+"""Expanding studies into cells: one training run each (dataset x method x DP x variant x seed).
+
+A cell's RunConfig is built from --set style overrides in this order: profile, dry-run budget, variant, DP
+setting, method, seed. Its directory is `runs/<dataset>/<method>/<dp>[-<variant>]-seed<s>-<hash>`, the hash
+taken over everything that defines the run, so studies that need the same run share one directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.experiments.methods import METHODS
+from fedscope_jax.experiments.spec import DPSetting, Study, Variant
+
+# --dry-run: a tiny budget on top of the profile, so that plumbing errors show in seconds; never mixed
+# with real results (own directory tree, marked in every cell.json and in the report).
+DRY_RUN_USERS = 120
+DRY_RUN_OVERRIDES = ("model.dim=8", "model.blocks=1", "model.heads=1", "model.max_len=8", "model.fusion_hidden=8",
+                     "federated.rounds=1", "federated.eval_every=1", "federated.local_epochs=1",
+                     "federated.max_buckets=1", "federated.chunk_size=1", "train.epochs=1", "train.eval_every=1",
+                     "train.batch_size=32", "eval.num_negatives=49", "model.loss.num_negatives=8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of a study (or, for a sweep study, one program: `dp` is None and sweep_* say what it covers)."""
+
+    study: str
+    dataset: str
+    method: str
+    dp: DPSetting | None
+    variant: Variant
+    seed: int
+    overrides: tuple[str, ...]
+    profile: str
+    dry_run: bool
+    sweep_modes: tuple[str, ...] = ()
+    sweep_epsilons: tuple[float, ...] = ()
+
+    @property
+    def mode(self) -> str:
+        return "sweep" if self.dp is None else METHODS[self.method].mode
+
+    def key(self, dataset_dir: str, attributes: str) -> str:
+        ident = {"dataset_dir": Path(dataset_dir).name, "method": self.method, "mode": self.mode,
+                 "overrides": sorted(self.overrides), "attributes": attributes, "dry_run": self.dry_run,
+                 "sweep": [list(self.sweep_modes), [repr(e) for e in self.sweep_epsilons]]}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+
+    def relative_dir(self, dataset_dir: str, attributes: str) -> str:
+        if self.dp is None:
+            return f"{self.dataset}/{self.method}/sweep-seed{self.seed}-{self.key(dataset_dir, attributes)}"
+        variant = "" if self.variant.name == "base" else f"-{_slug(self.variant.name)}"
+        return (f"{self.dataset}/{self.method}/{self.dp.label}{variant}-seed{self.seed}-"
+                f"{self.key(dataset_dir, attributes)}")
+
+    def identity(self) -> dict[str, Any]:
+        """cell.json's description of the cell (what the report groups by)."""
+        return {"dataset": self.dataset, "method": self.method, "label": METHODS[self.method].label,
+                "mode": METHODS[self.method].mode,
+                "dp": "n/a" if METHODS[self.method].dp == "none" else (self.dp.label if self.dp else None),
+                "privacy_mode": self.dp.mode if self.dp else None,
+                "epsilon": None if self.dp is None or self.dp.mode == "off" else self.dp.epsilon,
+                "variant": self.variant.name, "variant_axis": self.variant.axis, "variant_value": self.variant.value,
+                "seed": self.seed, "profile": self.profile, "dry_run": self.dry_run}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in text)
+
+
+def expand(study: Study, profile: str, dry_run: bool) -> list[Cell]:
+    """The cells of one study (none for a derived study) under a profile; dry-run keeps the first seed."""
+    prof = study.profile(profile)
+    seeds = prof.seeds[:1] if dry_run else prof.seeds
+    base = prof.overrides + (DRY_RUN_OVERRIDES if dry_run else ())
+    cells: list[Cell] = []
+    if study.kind == "derived":
+        return cells
+    for dataset in study.datasets_for(profile):
+        for name in study.methods:
+            method = METHODS[name]
+            if study.kind == "sweep":
+                for seed in seeds:
+                    ov = base + method.settings() + (f"train.seed={seed}",)
+                    cells.append(Cell(study.name, dataset, name, None, Variant(), seed, ov, profile, dry_run,
+                                      study.privacy_modes, study.epsilons))
+                continue
+            dps = [d for d in study.dp if _dp_applies(method.dp, d)]
+            if method.dp == "none":
+                dps = [DPSetting()]
+            if method.dp_mode:
+                dps = [d if d.mode == "off" else dataclasses.replace(d, mode=method.dp_mode) for d in dps]
+            for dp in dps:
+                for variant in study.variants or (Variant(),):
+                    for seed in seeds:
+                        ov = base + variant.overrides + dp.overrides() + method.settings() + (f"train.seed={seed}",)
+                        cells.append(Cell(study.name, dataset, name, dp, variant, seed, ov, profile, dry_run))
+    return cells
+
+
+def _dp_applies(rule: str, dp: DPSetting) -> bool:
+    return rule == "any" or (rule == "required" and dp.mode != "off")
+
+
+def run_config(cell: Cell, where: str) -> Any:
+    """The cell's RunConfig; a FedscopeError naming the study file, the cell and the key otherwise."""
+    from fedscope_jax.train.config import load_config
+
+    try:
+        return load_config(None, cell.overrides)
+    except FedscopeError as exc:
+        hint = ""
+        if "seqcl_weight" in str(exc):
+            hint = (" (the FedCL4SRec baseline needs LossConfig model.loss.seqcl_weight, which this checkout "
+                    "does not have yet)")
+        raise FedscopeError(f"{where}: cell {cell.dataset}/{cell.method}/"
+                            f"{cell.dp.label if cell.dp else 'sweep'}/{cell.variant.name}: {exc}{hint}") from None

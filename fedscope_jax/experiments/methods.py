@@ -1,0 +1,70 @@
+"""The compared methods, defined once: how each one trains (mode) and what it changes in the RunConfig.
+
+A study config names methods; a cell's RunConfig is profile overrides + DP setting + the method's overrides.
+`attributes`: whether the method reads the LLM attribute vectors (item_embeddings.arrow) when they exist.
+`dp_mode`: the FedAvg baselines and the uniform-DP ablation run DP with one budget for every client
+(privacy mode "uniform", i.e. DP-FedAvg with local noise) at the cell's epsilon; FedSCOPE uses the cell's mode.
+`dp`: "any" (federated: runs with and without DP), "none" (DP does not apply: local-only training shares
+nothing, and the centralized upper bound pools raw data; tables say "n/a"), "required" (a DP ablation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fedscope_jax.errors import FedscopeError
+
+MODES = ("federated", "local", "centralized")
+DP_RULES = ("any", "none", "required")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One compared method: training mode, RunConfig overrides (dotted keys), attribute use, DP applicability."""
+
+    name: str
+    label: str
+    mode: str
+    overrides: tuple[tuple[str, str], ...] = ()
+    attributes: bool = True
+    dp: str = "any"
+    dp_mode: str | None = None   # the privacy mode this method uses when a cell has DP on (None: the cell's)
+    note: str = ""
+
+    def settings(self) -> tuple[str, ...]:
+        """The overrides as `--set` strings."""
+        return tuple(f"{k}={v}" for k, v in self.overrides)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES or self.dp not in DP_RULES:
+            raise ValueError(f"method {self.name}: bad mode {self.mode!r} or dp {self.dp!r}")
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("fedscope", "FedSCOPE", "federated",
+           note="federated, LLM attributes (when enriched), intra + inter contrastive terms, personalized DP"),
+    Method("local", "Local-only", "local",
+           dp="none", note="the FedSCOPE model trained by each client on its own data alone; nothing is shared"),
+    Method("fedsasrec", "FedSASRec", "federated", (("model.loss.alpha", "0"),), attributes=False, dp_mode="uniform",
+           note="FedAvg of SASRec: no attributes, no contrastive terms"),
+    Method("fedcl4srec", "FedCL4SRec", "federated",
+           (("model.loss.alpha", "0"), ("model.loss.seqcl_weight", "0.1")), attributes=False, dp_mode="uniform",
+           note="FedSASRec plus the CL4SRec-style sequence contrastive term (weight 0.1)"),
+    Method("centralized", "Centralized SASRec", "centralized", (("model.loss.alpha", "0"),), attributes=False,
+           dp="none", note="SASRec on the pooled data: the non-private upper bound"),
+    Method("fedscope_wo_llm", "w/o LLM", "federated", attributes=False,
+           note="FedSCOPE without the attribute vectors (ID embeddings only)"),
+    Method("fedscope_wo_intra", "w/o intra", "federated", (("model.loss.lambda_intra", "0"),),
+           note="FedSCOPE without the intra-domain contrastive term"),
+    Method("fedscope_wo_inter", "w/o inter", "federated", (("model.loss.lambda_inter", "0"),),
+           note="FedSCOPE without the inter-domain contrastive term"),
+    Method("fedscope_uniform_dp", "uniform DP", "federated", dp="required", dp_mode="uniform",
+           note="FedSCOPE with one budget for every client instead of personalized budgets"),
+)}
+
+
+def get_method(name: str, where: str = "methods") -> Method:
+    """The method called `name`; a FedscopeError naming `where` and the known methods otherwise."""
+    if name not in METHODS:
+        raise FedscopeError(f"{where}: unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[name]

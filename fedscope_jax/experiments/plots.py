@@ -1,0 +1,180 @@
+"""PNG plots (matplotlib, Agg backend): privacy-utility, convergence, cold-start bars, variants, engine scaling.
+
+Every function takes aggregated groups (tables.Group) and a file name, draws mean over seeds with the sample
+std as error bars / bands, and returns the path written (None when there is nothing to draw).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from fedscope_jax.experiments.tables import Group, mean_std
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def privacy_utility(groups: Sequence[Group], path: Path, title: str) -> Path | None:
+    """NDCG@10 (sampled, mean over domains) against epsilon, one line per privacy mode; eps inf = no DP (dashed)."""
+    by_mode: dict[str, list[tuple[float, float, float]]] = {}
+    nodp: list[tuple[float, float]] = []
+    for g in groups:
+        m, s = mean_std(g.mean_over_domains("NDCG@10"))
+        eps, mode = g.cell.get("epsilon"), g.cell.get("privacy_mode")
+        if mode in (None, "off") or eps is None:
+            nodp.append((m, s))
+        else:
+            by_mode.setdefault(mode, []).append((float(eps), m, s))
+    if not by_mode and not nodp:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for mode, pts in sorted(by_mode.items()):
+        pts.sort()
+        x, y, e = (np.array(v) for v in zip(*pts))
+        ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=mode)
+    for m, s in nodp[:1]:
+        ax.axhline(m, ls="--", color="k", label="no DP (eps inf)")
+        if not math.isnan(s):
+            ax.axhspan(m - s, m + s, color="k", alpha=0.08)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epsilon (per client, whole run)")
+    ax.set_ylabel("test NDCG@10 (sampled, mean of domains)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _curve(run: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(x, validation score) of one run: rounds (federated) or epochs; score = 'select' (mean NDCG@10)."""
+    xs, ys = [], []
+    for rec in run.metrics():
+        valid = rec.get("valid")
+        score = rec.get("select")
+        if score is None and isinstance(valid, dict):
+            score = valid.get("select")
+        if score is None:
+            continue
+        xs.append(rec.get("round", rec.get("epoch", len(xs) + 1)))
+        ys.append(float(score))
+    return np.array(xs, float), np.array(ys, float)
+
+
+def convergence(groups: Sequence[Group], path: Path, title: str) -> Path | None:
+    """Validation metric per round / epoch, one line per group (mean over seeds, band = min..max)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
+    for g in groups:
+        curves = [_curve(r) for r in g.runs]
+        curves = [c for c in curves if c[0].size]
+        if not curves:
+            continue
+        n = min(c[0].size for c in curves)
+        x = curves[0][0][:n]
+        y = np.stack([c[1][:n] for c in curves])
+        label = f"{g.cell.get('label', g.cell.get('method'))} ({g.cell.get('dp')})"
+        ax.plot(x, y.mean(0), marker="." if n < 40 else None, label=label)
+        if len(curves) > 1:
+            ax.fill_between(x, y.min(0), y.max(0), alpha=0.15)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("round (federated) / epoch (local, centralized)")
+    ax.set_ylabel("validation NDCG@10 (sampled, mean of domains)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def breakdown_bars(rows: Sequence[dict[str, Any]], path: Path, title: str, metric: str = "NDCG@10") -> Path | None:
+    """Grouped bars: one panel per domain, buckets on x, one bar per (method, dp)."""
+    if not rows:
+        return None
+    plt = _plt()
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 3.8), squeeze=False)
+    for ax, dom in zip(axes[0], domains):
+        sub = [r for r in rows if r["domain"] == dom]
+        buckets = list(dict.fromkeys(r["bucket"] for r in sub))
+        series = list(dict.fromkeys(f"{r['method']} ({r['dp']})" for r in sub))
+        width = 0.8 / max(len(series), 1)
+        for i, name in enumerate(series):
+            vals = {r["bucket"]: r[metric] for r in sub if f"{r['method']} ({r['dp']})" == name}
+            m = np.array([vals.get(b, (math.nan, math.nan))[0] for b in buckets])
+            s = np.array([vals.get(b, (math.nan, math.nan))[1] for b in buckets])
+            ax.bar(np.arange(len(buckets)) + i * width, np.nan_to_num(m), width, yerr=np.nan_to_num(s), capsize=2,
+                   label=name)
+        targets = {r["bucket"]: r["targets"] for r in sub}
+        ax.set_xticks(np.arange(len(buckets)) + 0.4 - width / 2)
+        ax.set_xticklabels([f"{b}\n(n={targets[b]})" for b in buckets], fontsize=8)
+        ax.set_title(f"{title}: {dom}")
+        ax.set_ylabel(f"test {metric} (sampled)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def variants(groups: Sequence[Group], path: Path, title: str) -> Path | None:
+    """NDCG@10 against the varied key of each variant axis (one panel per axis, e.g. clients / fraction)."""
+    by_axis: dict[str, list[tuple[float, float, float]]] = {}
+    for g in groups:
+        axis, value = g.cell.get("variant_axis"), g.cell.get("variant_value")
+        if not axis or value is None:
+            continue
+        m, s = mean_std(g.mean_over_domains("NDCG@10"))
+        by_axis.setdefault(axis, []).append((float(value), m, s))
+    if not by_axis:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(by_axis), figsize=(5 * len(by_axis), 3.6), squeeze=False)
+    for ax, (axis, pts) in zip(axes[0], sorted(by_axis.items())):
+        pts.sort()
+        x, y, e = (np.array(v) for v in zip(*pts))
+        ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3)
+        ax.set_xlabel(axis)
+        ax.set_ylabel("test NDCG@10 (sampled, mean of domains)")
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def engine_scaling(bench: dict[str, Any], path: Path) -> Path | None:
+    """Speedup of the vectorized engine over the sequential reference against the number of clients."""
+    results = [r for r in bench.get("results", []) if "clients" in r and "speedup" in r]
+    if not results:
+        return None
+    plt = _plt()
+    results.sort(key=lambda r: r["clients"])
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot([r["clients"] for r in results], [r["speedup"] for r in results], marker="o")
+    ax.axhline(1.0, ls="--", color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("clients per round")
+    ax.set_ylabel("speedup vs sequential reference")
+    ax.set_title(f"engine scaling ({bench.get('device', '?')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

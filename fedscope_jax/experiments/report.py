@@ -1,0 +1,170 @@
+"""report.md: one section per study (tables + plots), with the profile, hardware and attribute status stated.
+
+Input: a `fedscope reproduce` output (plan.json names the studies and their cells) or any folder of run
+directories (single runs and sweeps: one table of every group of runs differing only in the seed, plus the
+privacy-utility and convergence plots when the runs allow them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.experiments import plots
+from fedscope_jax.experiments.runner import PLAN_FILE
+from fedscope_jax.experiments.tables import (Group, breakdown_rows, find_runs, group_runs, load_run, metric_rows,
+                                             run_dirs, write_tables)
+from fedscope_jax.utils.io import read_json
+
+COLUMNS = ("dataset", "method", "dp", "variant", "domain", "HR@10", "NDCG@10", "MRR", "NDCG@10 (full)",
+           "eps_spent (median)", "seeds", "attributes")
+
+
+def _study_groups(root: Path, cells: list[str]) -> tuple[list[Group], list[str]]:
+    runs, missing, seen = [], [], set()
+    for rel in cells:
+        if rel in seen:
+            continue
+        seen.add(rel)
+        dirs = run_dirs(root / rel)
+        if not dirs:
+            missing.append(rel)
+        runs += [load_run(d) for d in dirs]
+    return group_runs(runs), missing
+
+
+def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None = None) -> Path:
+    """Writes tables (md, csv), plots (png) and report.md under `out`; returns report.md's path."""
+    root, out = Path(runs), Path(out)
+    if not root.is_dir():
+        raise FedscopeError(f"--runs {root}: not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = read_json(root / PLAN_FILE) if (root / PLAN_FILE).is_file() else None
+    lines: list[str] = []
+    if plan is not None:
+        hw = plan.get("hardware", {})
+        lines += ["# FedSCOPE reproduction report", ""]
+        if plan.get("dry_run"):
+            lines += ["> **DRY RUN**: every cell ran with a tiny budget (1 round / 1 epoch, tiny model, 120 users, "
+                      "one seed) to check the plumbing. These numbers mean nothing.", ""]
+        lines += [f"- profile: **{plan['profile']}**" + (" (dry run)" if plan.get("dry_run") else ""),
+                  f"- hardware: {hw.get('device', '?')} ({hw.get('platform', '?')}, {hw.get('devices', '?')} "
+                  f"device(s), {hw.get('cpu_cores', '?')} CPU cores), jax {hw.get('jax', '?')}",
+                  f"- status: {plan.get('status', '?')}"
+                  + (f", {plan['seconds_this_process']:.0f} s in the last `fedscope reproduce` process"
+                     if plan.get("seconds_this_process") else ""),
+                  f"- attributes root: {plan.get('attributes_root') or 'none given: FedSCOPE ran ID-only '}"
+                  + ("" if plan.get("attributes_root") else "(column 'attributes' = none)"), "",
+                  "Metrics: test split, leave-one-out; HR@10 / NDCG@10 / MRR rank the target against 999 sampled "
+                  "negatives (the 'sampled' protocol; `eval.num_negatives`), '(full)' against every item the user "
+                  "never interacted with in the domain. Cells: mean ± sample std over seeds. DP 'n/a': DP does "
+                  "not apply (local-only training shares nothing; centralized training pools raw data and is the "
+                  "non-private upper bound). eps_spent: the median client's spent epsilon (dp-accounting).", ""]
+        for name, info in plan["studies"].items():
+            lines += _study_section(root, out, name, info, plan)
+    else:
+        lines += _generic_section(root, out)
+    if benchmark:
+        bench = read_json(benchmark)
+        png = plots.engine_scaling(bench, out / "engine_scaling.png")
+        lines += ["## Engine scaling", "", f"From {benchmark} (device: {bench.get('device', '?')}).", ""]
+        lines += [f"![engine scaling]({png.name})", ""] if png else ["_no clients/speedup results in the file_", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan: dict[str, Any]) -> list[str]:
+    lines = [f"## {info.get('title', name)} (`{name}`)", "", info.get("description", ""), ""]
+    if info.get("kind") == "derived":
+        source = plan["studies"].get(info.get("reads"), {})
+        groups, missing = _study_groups(root, source.get("cells", []))
+        groups = [g for g in groups if g.cell.get("dataset") in info.get("datasets", [])]
+        lines.append(f"Reads the runs of the `{info.get('reads')}` study.")
+        lines.append("")
+    else:
+        groups, missing = _study_groups(root, info.get("cells", []))
+    seconds = info.get("seconds_this_process")
+    if seconds is not None:
+        lines += [f"Time (last `fedscope reproduce` process, cells shared with earlier studies not counted): "
+                  f"{seconds:.0f} s.", ""]
+    if missing:
+        lines += [f"**{len(missing)} cell(s) not finished**: " + ", ".join(f"`{m}`" for m in missing[:10])
+                  + (" ..." if len(missing) > 10 else ""), ""]
+    if name == "cold_start":
+        return lines + _breakdowns(out, name, groups)
+    if name == "convergence":
+        return lines + _convergence(out, name, groups)
+    text = write_tables(metric_rows(groups), out / name, COLUMNS)
+    lines += [text, f"Table: [{name}.md]({name}.md), [{name}.csv]({name}.csv)", ""]
+    if info.get("kind") == "sweep":
+        for ds in sorted({g.cell.get("dataset") for g in groups}):
+            png = plots.privacy_utility([g for g in groups if g.cell.get("dataset") == ds],
+                                        out / f"{name}_{ds}.png", f"privacy-utility: {ds}")
+            if png:
+                lines += [f"![privacy-utility {ds}]({png.name})", ""]
+    png = plots.variants(groups, out / f"{name}_variants.png", info.get("title", name))
+    if png:
+        lines += [f"![{name}]({png.name})", ""]
+    return lines
+
+
+def _breakdowns(out: Path, name: str, groups: list[Group]) -> list[str]:
+    lines = []
+    for section, label in (("cold_start", "cold-start users (in-domain history length)"),
+                           ("long_tail", "long-tail items (target item popularity)")):
+        rows = breakdown_rows(groups, section)
+        without = [g for g in groups if any(section not in r.summary for r in g.runs)]
+        lines += [f"### {label}", ""]
+        if without:
+            lines += [f"{len(without)} group(s) have no `{section}` breakdown in their summary.json (trainer "
+                      "without final_metrics): " + ", ".join(sorted({str(g.cell.get('label')) for g in without})),
+                      ""]
+        text = write_tables(rows, out / f"{name}_{section}")
+        lines += [text, f"Table: [{name}_{section}.md]({name}_{section}.md), "
+                  f"[{name}_{section}.csv]({name}_{section}.csv)", ""]
+        for ds in sorted({r["dataset"] for r in rows}):
+            png = plots.breakdown_bars([r for r in rows if r["dataset"] == ds], out / f"{name}_{section}_{ds}.png",
+                                       ds)
+            if png:
+                lines += [f"![{section} {ds}]({png.name})", ""]
+    return lines
+
+
+def _convergence(out: Path, name: str, groups: list[Group]) -> list[str]:
+    lines = []
+    for ds in sorted({g.cell.get("dataset") for g in groups}):
+        png = plots.convergence([g for g in groups if g.cell.get("dataset") == ds], out / f"{name}_{ds}.png",
+                                f"convergence: {ds}")
+        if png:
+            lines += [f"![convergence {ds}]({png.name})", ""]
+    return lines or ["_no validation curves in the runs' metrics.jsonl_", ""]
+
+
+def _generic_section(root: Path, out: Path) -> list[str]:
+    dirs = find_runs(root)
+    if not dirs:
+        raise FedscopeError(f"--runs {root}: no run directory (a folder with summary.json) found")
+    runs = [load_run(d) for d in dirs]
+    groups = group_runs(runs)
+    devices = sorted({str(r.summary.get("training", {}).get("device")) for r in runs})
+    lines = ["# Run report", "", f"- {len(runs)} runs under `{root}` in {len(groups)} groups "
+             "(runs whose configs differ only in the seed)", f"- device(s): {', '.join(devices)}",
+             "- no plan.json: not a `fedscope reproduce` output; profile unknown", ""]
+    if any(r.cell.get("dry_run") for r in runs):
+        lines += ["> **contains DRY-RUN cells** (tiny budget, meaningless numbers; grouped apart)", ""]
+    text = write_tables(metric_rows(groups), out / "runs", COLUMNS)
+    lines += ["## Runs", "", text, "Table: [runs.md](runs.md), [runs.csv](runs.csv)", ""]
+    dp_groups = [g for g in groups if g.cell.get("mode") == "federated"]
+    if len({g.cell.get("epsilon") for g in dp_groups}) > 1:
+        for ds in sorted({g.cell.get("dataset") for g in dp_groups}):
+            png = plots.privacy_utility([g for g in dp_groups if g.cell.get("dataset") == ds],
+                                        out / f"privacy_utility_{ds}.png", f"privacy-utility: {ds}")
+            if png:
+                lines += [f"![privacy-utility {ds}]({png.name})", ""]
+    lines += ["## Convergence", ""] + _convergence(out, "convergence", groups)
+    return lines
+
+
+__all__ = ["write_report"]

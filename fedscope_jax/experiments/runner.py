@@ -1,0 +1,260 @@
+"""`fedscope reproduce`: prepare the datasets, expand the studies into cells, run them in-process, report.
+
+Layout of the output directory (`--out OUT`; a dry run writes OUT/dry-run/ instead, never mixed with OUT):
+  data/                 prepared datasets and their per-profile user subsets (cache, reused)
+  runs/<dataset>/...    one run directory per cell (config.json, metrics.jsonl, summary.json, cell.json)
+  plan.json             the studies, their cells' directories, the profile, hardware, timings per study
+  report/               `fedscope report` output (report.md, tables, plots)
+A cell whose summary.json exists is skipped, so a killed reproduction resumes where it stopped (a federated
+cell with checkpoints resumes from its last round).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.experiments.cells import DRY_RUN_USERS, Cell, expand, run_config
+from fedscope_jax.experiments.datasets import DATASETS, dataset_for, semantic_for
+from fedscope_jax.experiments.methods import METHODS
+from fedscope_jax.experiments.spec import Study
+
+CELL_FILE = "cell.json"
+PLAN_FILE = "plan.json"
+SWEEP_DONE = "sweep.done"
+
+# What each training mode needs, as (module, function, who builds it): a missing one is a clear error.
+TRAINERS = {
+    "federated": ("fedscope_jax.train.federated", "train_federated", "the federated engine"),
+    "centralized": ("fedscope_jax.train.centralized", "train_centralized", "centralized training"),
+    "local": ("fedscope_jax.train.local", "train_local", "the local-only baseline (train/local.py)"),
+    "sweep": ("fedscope_jax.train.sweep", "run_sweep", "the sweep axis (train/sweep.py)"),
+}
+
+
+def trainer(mode: str) -> Callable[..., Any]:
+    """The training function of `mode`; a FedscopeError naming the missing module otherwise."""
+    module, func, what = TRAINERS[mode]
+    try:
+        fn = getattr(importlib.import_module(module), func, None)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        fn = None
+    if fn is None:
+        raise FedscopeError(f"{what}: {module}.{func} is not in this checkout; the cells of mode {mode!r} "
+                            "cannot run (no result is faked)")
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    profile: str
+    out: Path
+    data_root: Path
+    attributes_root: Path | None = None
+    dry_run: bool = False
+    datasets: tuple[str, ...] | None = None    # restrict every study to these datasets (None: the study's)
+    smoke: bool = False    # keep only the first cell of each (study, method): a fast plumbing check
+
+
+def plan(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> dict[str, list[Cell]]:
+    """{study: cells}; a derived study also pulls in the cells of the study it reads. Checks every cell's
+    RunConfig and that every training mode it needs exists (before anything runs)."""
+    names = [s.name for s in studies]
+    for s in studies:
+        if s.reads and s.reads not in names:
+            names.insert(names.index(s.name), s.reads)
+    out: dict[str, list[Cell]] = {}
+    for name in names:
+        study = all_studies[name]
+        cells = expand(study, opts.profile, opts.dry_run)
+        if opts.datasets is not None:
+            unknown = [d for d in opts.datasets if d not in DATASETS]
+            if unknown:
+                raise FedscopeError(f"--datasets: unknown dataset {unknown[0]!r}; expected among {', '.join(DATASETS)}")
+            cells = [c for c in cells if c.dataset in opts.datasets]
+        if opts.smoke:
+            first: dict[str, Cell] = {}
+            for c in cells:
+                first.setdefault(c.method, c)
+            cells = list(first.values())
+        for cell in cells:
+            run_config(cell, str(study.path))
+            trainer(cell.mode)
+        out[name] = cells
+    return out
+
+
+def _max_users(study: Study, opts: Options) -> int:
+    users = study.profile(opts.profile).max_users
+    return min(users or DRY_RUN_USERS, DRY_RUN_USERS) if opts.dry_run else users
+
+
+def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> dict[str, Any]:
+    """Runs every cell (skipping finished ones) and writes plan.json; returns the plan."""
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.utils.io import read_json, write_json
+
+    root = opts.out / "dry-run" if opts.dry_run else opts.out
+    root.mkdir(parents=True, exist_ok=True)
+    plan_path = root / PLAN_FILE
+    if plan_path.is_file():
+        old = read_json(plan_path)
+        if old.get("profile") != opts.profile:
+            raise FedscopeError(f"{plan_path}: holds a reproduction with profile {old.get('profile')!r}; use "
+                                f"another --out for profile {opts.profile!r}")
+    cells_of = plan(studies, all_studies, opts)
+    loaded: dict[tuple[str, int], tuple[Path, Any, Any, Any, str]] = {}
+
+    def data(study: Study, name: str):
+        users = _max_users(study, opts)
+        if (name, users) not in loaded:
+            path = dataset_for(name, opts.data_root, opts.out / "data", users)
+            ds = load_dataset(path)
+            semantic, coverage, label = semantic_for(path, ds, opts.attributes_root, name)
+            loaded[(name, users)] = (path, ds, semantic, coverage, label)
+        return loaded[(name, users)]
+
+    record: dict[str, Any] = {"profile": opts.profile, "dry_run": opts.dry_run, "data_root": str(opts.data_root),
+                              "attributes_root": str(opts.attributes_root) if opts.attributes_root else None,
+                              "hardware": hardware(), "studies": {}}
+    todo = []
+    for name, cells in cells_of.items():
+        study = all_studies[name]
+        record["studies"][name] = {"title": study.title, "kind": study.kind, "reads": study.reads,
+                                   "file": str(study.path), "description": study.description,
+                                   "datasets": [d for d in study.datasets_for(opts.profile)
+                                                if opts.datasets is None or d in opts.datasets], "cells": []}
+        for cell in cells:
+            path, ds, semantic, coverage, label = data(study, cell.dataset)
+            cell_dir = root / "runs" / cell.relative_dir(str(path), label)
+            record["studies"][name]["cells"].append(str(cell_dir.relative_to(root)))
+            todo.append((study, cell, cell_dir, (ds, semantic, coverage, label, path)))
+    record["status"] = "running"
+    write_json(record, plan_path)   # a report of a partial reproduction shows what is missing
+    with _quick_compiles(opts.dry_run):
+        _run_all(todo, record, opts)
+    write_json(record, plan_path)
+    return record
+
+
+@contextlib.contextmanager
+def _quick_compiles(enabled: bool):
+    """A dry run checks plumbing, not speed: XLA skips most optimizations while it runs (compiles faster)."""
+    import jax
+
+    if not enabled:
+        yield
+        return
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _run_all(todo: list[Any], record: dict[str, Any], opts: Options) -> None:
+    from fedscope_jax.utils.progress import progress
+
+    bar = progress(total=len(todo), desc="reproduce" + (" (dry run)" if opts.dry_run else ""), unit="cell")
+    seconds: dict[str, float] = {}
+    done_dirs: set[Path] = set()
+    t_all = time.time()
+    for study, cell, cell_dir, (ds, semantic, coverage, label, path) in todo:
+        bar.set_postfix_str(f"{study.name}: {cell.dataset}/{cell.method}"
+                            + (f"/{cell.dp.label}" if cell.dp else "/sweep") + f"/seed{cell.seed}")
+        t0 = time.time()
+        if cell_dir not in done_dirs:
+            run_cell(cell, cell_dir, ds, semantic, coverage, label, path, study)
+            done_dirs.add(cell_dir)
+        seconds[study.name] = seconds.get(study.name, 0.0) + time.time() - t0
+        bar.update(1)
+    bar.close()
+    for name, s in seconds.items():
+        record["studies"][name]["seconds_this_process"] = s
+    record["seconds_this_process"] = time.time() - t_all
+    record["status"] = "complete"
+
+
+def hardware() -> dict[str, Any]:
+    import os
+
+    import jax
+
+    dev = jax.devices()[0]
+    return {"device": dev.device_kind, "platform": dev.platform, "devices": jax.device_count(),
+            "cpu_cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+            "jax": jax.__version__}
+
+
+def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, label: str, dataset_dir: Path,
+             study: Study) -> None:
+    """Trains one cell into `cell_dir` unless its summary.json exists; writes cell.json last."""
+    from fedscope_jax.utils.io import write_json
+
+    cfg = run_config(cell, str(study.path))
+    method = METHODS[cell.method]
+    sem = semantic if method.attributes else None
+    attributes = label if method.attributes else "none (method uses no attributes)"
+    ident = {**cell.identity(), "attributes": attributes, "semantic_coverage": coverage if sem is not None else None,
+             "dataset_dir": str(dataset_dir), "overrides": list(cell.overrides)}
+    if cell.mode == "sweep":
+        _run_sweep(cell, cell_dir, ds, cfg, sem, ident)
+        return
+    if (cell_dir / "summary.json").is_file():
+        return
+    extra = {"data": str(dataset_dir), "attributes": attributes, "semantic_coverage": ident["semantic_coverage"],
+             "mode": method.mode, "experiment": ident}
+    fn = trainer(cell.mode)
+    if cell.mode == "federated":
+        resume = (cell_dir / "checkpoints").is_dir() and (cell_dir / "config.json").is_file()
+        try:
+            fn(ds, cfg, cell_dir, sem, extra, resume=resume, force=not resume)
+        except FedscopeError as exc:
+            if not resume or "--resume" not in str(exc):
+                raise
+            fn(ds, cfg, cell_dir, sem, extra, resume=False, force=True)   # config changed: start over
+    else:
+        fn(ds, cfg, cell_dir, semantic=sem, force=True, extra_config=extra)
+    write_json(ident, cell_dir / CELL_FILE)
+
+
+def _run_sweep(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ident: dict[str, Any]) -> None:
+    """One run_sweep program for the cell's seed (modes x epsilons); cell.json written into each of its runs."""
+    import re
+
+    from fedscope_jax.utils.io import write_json
+
+    done = sweep_dir / SWEEP_DONE
+    if done.is_file():
+        return
+    extra = {"attributes": ident["attributes"], "semantic_coverage": ident["semantic_coverage"],
+             "mode": "federated", "experiment": ident}
+    trainer("sweep")(ds, cfg, list(cell.sweep_modes), list(cell.sweep_epsilons), [cell.seed], sweep_dir,
+                     semantic=sem, force=sweep_dir.exists(), extra=extra)
+    runs = sorted(p for p in sweep_dir.glob(f"*-seed{cell.seed}") if (p / "summary.json").is_file())
+    if not runs:
+        raise FedscopeError(f"{sweep_dir}: run_sweep wrote no run directory *-seed{cell.seed}")
+    for run in runs:
+        m = re.fullmatch(r"(?P<mode>.+)-eps(?P<eps>[^-]+)-seed(?P<seed>\d+)", run.name)
+        if m is None:
+            raise FedscopeError(f"{run}: unexpected sweep run name (expected <mode>-eps<eps>-seed<seed>)")
+        eps = float(m["eps"])
+        mode = m["mode"] if math.isfinite(eps) else "off"
+        write_json({**ident, "dp": "off" if mode == "off" else f"{mode}-eps{eps:g}", "privacy_mode": mode,
+                    "sweep_mode": m["mode"], "epsilon": eps if math.isfinite(eps) else None,
+                    "seed": int(m["seed"])}, run / CELL_FILE)
+    done.write_text("ok\n", encoding="utf-8")
+
+
+def dataset_names() -> list[str]:
+    return list(DATASETS)

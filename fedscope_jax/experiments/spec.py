@@ -1,0 +1,267 @@
+"""Study specs: experiments/configs/<study>.json parsed into frozen dataclasses, every key checked.
+
+A study file names its datasets, methods, DP settings, seeds and per-profile (`quick`, `full`) RunConfig
+overrides and data limits. Three kinds:
+- "cells": one run per dataset x method x DP setting x variant x seed (main, ablation, clients_sampling);
+- "sweep": the privacy-utility grid, one `run_sweep` program per (dataset, method, seed);
+- "derived": no runs of its own; reads the cells of the study named in `reads` (cold_start, convergence).
+Errors name the file and the key at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.experiments.datasets import DATASETS
+from fedscope_jax.experiments.methods import get_method
+
+KINDS = ("cells", "sweep", "derived")
+PROFILES = ("quick", "full")
+PRIVACY_MODES = ("personalized", "uniform", "central")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSetting:
+    """A DP setting of a cell: mode off, or a privacy mode at a budget epsilon (and delta)."""
+
+    mode: str = "off"
+    epsilon: float = math.inf
+    delta: float = 1e-5
+
+    @property
+    def label(self) -> str:
+        return "off" if self.mode == "off" else f"{self.mode}-eps{self.epsilon:g}"
+
+    def overrides(self) -> tuple[str, ...]:
+        if self.mode == "off":
+            return ("privacy.mode=off",)
+        return (f"privacy.mode={self.mode}", f"privacy.epsilon={self.epsilon!r}", f"privacy.delta={self.delta!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A named set of extra overrides (e.g. clients=10); the empty variant is "base"."""
+
+    name: str = "base"
+    overrides: tuple[str, ...] = ()
+    axis: str = ""          # the varied key, for plots (e.g. federated.clients)
+    value: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Per-profile settings: seeds, a data limit (users kept per dataset; 0 = all) and RunConfig overrides."""
+
+    seeds: tuple[int, ...]
+    max_users: int
+    overrides: tuple[str, ...]
+    datasets: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    name: str
+    path: Path
+    title: str
+    kind: str
+    description: str
+    datasets: tuple[str, ...]
+    methods: tuple[str, ...]
+    dp: tuple[DPSetting, ...]
+    variants: tuple[Variant, ...]
+    privacy_modes: tuple[str, ...]
+    epsilons: tuple[float, ...]
+    reads: str | None
+    profiles: dict[str, Profile]
+
+    def profile(self, name: str) -> Profile:
+        if name not in self.profiles:
+            raise FedscopeError(f"{self.path}: no profile {name!r} (has {', '.join(self.profiles)})")
+        return self.profiles[name]
+
+    def datasets_for(self, profile: str) -> tuple[str, ...]:
+        return self.profile(profile).datasets or self.datasets
+
+
+STUDY_KEYS = {"study", "title", "kind", "description", "datasets", "methods", "dp", "variants", "privacy_modes",
+              "epsilons", "reads", "seeds", "profiles", "notes"}
+PROFILE_KEYS = {"seeds", "max_users", "set", "datasets"}
+
+
+def _err(path: Path, key: str, msg: str) -> FedscopeError:
+    return FedscopeError(f"{path}: key {key!r}: {msg}")
+
+
+def _list(raw: dict[str, Any], key: str, path: Path, required: bool = True) -> list[Any]:
+    value = raw.get(key)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list) or (required and not value):
+        raise _err(path, key, "expected a non-empty list")
+    return value
+
+
+def _epsilon(value: Any, path: Path, key: str) -> float:
+    if value in ("inf", "Infinity"):
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise _err(path, key, f"expected a positive number or \"inf\", got {value!r}")
+    return float(value)
+
+
+def _dp(item: Any, path: Path, key: str) -> DPSetting:
+    if not isinstance(item, dict) or set(item) - {"mode", "epsilon", "delta"}:
+        raise _err(path, key, f"expected {{\"mode\": ..., \"epsilon\": ...}}, got {item!r}")
+    mode = item.get("mode", "off")
+    if mode == "off":
+        return DPSetting()
+    if mode not in PRIVACY_MODES:
+        raise _err(path, key + ".mode", f"expected off or one of {', '.join(PRIVACY_MODES)}, got {mode!r}")
+    eps = _epsilon(item.get("epsilon"), path, key + ".epsilon")
+    if not math.isfinite(eps):
+        raise _err(path, key + ".epsilon", "a DP setting needs a finite epsilon (use mode off for no DP)")
+    return DPSetting(mode, eps, float(item.get("delta", 1e-5)))
+
+
+def _overrides(mapping: Any, path: Path, key: str) -> tuple[str, ...]:
+    """{dotted key: value} -> ("k=v", ...), each checked against RunConfig (the error names file and key)."""
+    from fedscope_jax.train.config import load_config
+
+    if not isinstance(mapping, dict):
+        raise _err(path, key, "expected an object of dotted RunConfig keys, e.g. {\"model.dim\": 32}")
+    out = tuple(f"{k}={_text(v)}" for k, v in mapping.items())
+    try:
+        load_config(None, out)
+    except FedscopeError as exc:
+        raise _err(path, key, str(exc)) from None
+    return out
+
+
+def _text(value: Any) -> str:
+    """A JSON value as a `--set` string (lists comma-separated, booleans lower-case)."""
+    if isinstance(value, list):
+        return ",".join(_text(v) for v in value)
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return str(value)
+
+
+def _variant(item: Any, path: Path, key: str) -> Variant:
+    if not isinstance(item, dict) or set(item) - {"name", "set"} or "set" not in item:
+        raise _err(path, key, f"expected {{\"name\": ..., \"set\": {{...}}}}, got {item!r}")
+    sets = item["set"]
+    ov = _overrides(sets, path, key + ".set")
+    name = str(item.get("name") or ",".join(f"{k.split('.')[-1]}={v}" for k, v in sets.items()))
+    axis, value = "", None
+    if len(sets) == 1:
+        (axis, raw), = sets.items()
+        value = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
+    return Variant(name, ov, axis, value)
+
+
+def load_study(path: str | Path) -> Study:
+    """Parses and checks one study file; every error names the file and the key."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FedscopeError(f"{path}: study file not found") from None
+    except json.JSONDecodeError as exc:
+        raise FedscopeError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise FedscopeError(f"{path}: expected a JSON object")
+    unknown = sorted(set(raw) - STUDY_KEYS)
+    if unknown:
+        raise _err(path, unknown[0], f"unknown key; expected one of {', '.join(sorted(STUDY_KEYS))}")
+    name = raw.get("study")
+    if not isinstance(name, str) or not name:
+        raise _err(path, "study", "expected the study's name")
+    kind = raw.get("kind", "cells")
+    if kind not in KINDS:
+        raise _err(path, "kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
+    datasets = tuple(_list(raw, "datasets", path))
+    for i, d in enumerate(datasets):
+        if d not in DATASETS:
+            raise _err(path, f"datasets[{i}]", f"unknown dataset {d!r}; expected one of {', '.join(DATASETS)}")
+    methods = tuple(_list(raw, "methods", path))
+    for i, m in enumerate(methods):
+        get_method(m, f"{path}: key 'methods[{i}]'")
+    dp = tuple(_dp(x, path, f"dp[{i}]") for i, x in enumerate(_list(raw, "dp", path, kind == "cells")))
+    variants = tuple(_variant(x, path, f"variants[{i}]") for i, x in enumerate(_list(raw, "variants", path, False)))
+    modes = tuple(_list(raw, "privacy_modes", path, kind == "sweep"))
+    for i, m in enumerate(modes):
+        if m not in PRIVACY_MODES:
+            raise _err(path, f"privacy_modes[{i}]", f"expected one of {', '.join(PRIVACY_MODES)}, got {m!r}")
+    epsilons = tuple(_epsilon(e, path, f"epsilons[{i}]")
+                     for i, e in enumerate(_list(raw, "epsilons", path, kind == "sweep")))
+    reads = raw.get("reads")
+    if kind == "derived" and not isinstance(reads, str):
+        raise _err(path, "reads", "a derived study names the study whose runs it reads")
+    if kind == "sweep":
+        for m in methods:
+            if get_method(m).mode != "federated":
+                raise _err(path, "methods", f"a sweep trains federated methods only; {m!r} is not one")
+    seeds = _seeds(raw.get("seeds"), path, "seeds")
+    profiles_raw = raw.get("profiles")
+    if not isinstance(profiles_raw, dict) or set(profiles_raw) != set(PROFILES):
+        raise _err(path, "profiles", f"expected an object with exactly the profiles {', '.join(PROFILES)}")
+    profiles = {}
+    for pname, praw in profiles_raw.items():
+        key = f"profiles.{pname}"
+        if not isinstance(praw, dict):
+            raise _err(path, key, "expected an object")
+        bad = sorted(set(praw) - PROFILE_KEYS)
+        if bad:
+            raise _err(path, f"{key}.{bad[0]}", f"unknown key; expected one of {', '.join(sorted(PROFILE_KEYS))}")
+        max_users = praw.get("max_users", 0)
+        if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 0:
+            raise _err(path, f"{key}.max_users", f"expected an integer >= 0 (0 = every user), got {max_users!r}")
+        pds = praw.get("datasets")
+        if pds is not None:
+            if not isinstance(pds, list) or not pds or any(d not in datasets for d in pds):
+                raise _err(path, f"{key}.datasets", f"expected a non-empty subset of {list(datasets)}")
+            pds = tuple(pds)
+        profiles[pname] = Profile(_seeds(praw.get("seeds", seeds), path, f"{key}.seeds"), max_users,
+                                  _overrides(praw.get("set", {}), path, f"{key}.set"), pds)
+    study = Study(name, path, str(raw.get("title", name)), kind, str(raw.get("description", "")), datasets,
+                  methods, dp, variants, modes, epsilons, reads, profiles)
+    for m in methods:  # a method that needs DP must have a DP setting to run under
+        if get_method(m).dp == "required" and kind == "cells" and not any(d.mode != "off" for d in dp):
+            raise _err(path, "dp", f"method {m!r} needs a DP setting, but every entry is mode off")
+    return study
+
+
+def _seeds(value: Any, path: Path, key: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or any(isinstance(s, bool) or not isinstance(s, int) for s in value):
+        raise _err(path, key, f"expected a non-empty list of integer seeds, got {value!r}")
+    return tuple(value)
+
+
+def default_config_dir() -> Path:
+    """experiments/configs of the source tree (the repository root is two levels above this package)."""
+    return Path(__file__).resolve().parents[2] / "experiments" / "configs"
+
+
+def load_studies(names: list[str] | None = None, config_dir: str | Path | None = None) -> list[Study]:
+    """The studies in `config_dir` (default experiments/configs), all or the ones named, in file order."""
+    root = Path(config_dir) if config_dir else default_config_dir()
+    files = sorted(root.glob("*.json"))
+    if not files:
+        raise FedscopeError(f"{root}: no study files (*.json)")
+    studies = [load_study(f) for f in files]
+    by_name = {s.name: s for s in studies}
+    for s in studies:
+        if s.reads is not None and s.reads not in by_name:
+            raise FedscopeError(f"{s.path}: key 'reads': no study named {s.reads!r} in {root}")
+    if names:
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise FedscopeError(f"--studies: unknown study {missing[0]!r}; expected among {', '.join(by_name)}")
+        studies = [by_name[n] for n in names]
+    order = ["main", "ablation", "privacy_utility", "cold_start", "clients_sampling", "convergence"]
+    return sorted(studies, key=lambda s: order.index(s.name) if s.name in order else len(order))

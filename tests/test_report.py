@@ -1,0 +1,137 @@
+"""fedscope report: tables hold the mean and sample std over seeds of the summaries' numbers; plots and
+report.md are written, for a reproduce output (plan.json) and for a plain folder of single runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedscope_jax.cli import main
+from fedscope_jax.errors import FedscopeError
+
+
+def _metrics(ndcg: float) -> dict[str, float]:
+    return {"HR@10": 2 * ndcg, "NDCG@10": ndcg, "MRR": ndcg / 2, "targets": 10}
+
+
+def _run(root: Path, rel: str, cell: dict | None, ndcgs: tuple[float, float], seed: int, mode: str = "federated",
+         privacy: tuple[str, float] = ("off", 8.0), eps_spent: float | None = None,
+         cold: bool = False) -> Path:
+    d = root / rel
+    d.mkdir(parents=True)
+    summary = {"test": {"food": _metrics(ndcgs[0]), "kitchen": _metrics(ndcgs[1])},
+               "test_full": {"food": _metrics(ndcgs[0] / 10), "kitchen": _metrics(ndcgs[1] / 10)},
+               "training": {"mode": mode, "device": "cpu"}, "dataset": {"name": "toy"},
+               "privacy": {"eps_spent_median": eps_spent} if eps_spent is not None else {"mode": "off"}}
+    if cold:
+        summary["cold_start"] = {"sampled": {dom: {"1-2": {"targets": 4, "model": _metrics(v)},
+                                                   ">10": {"targets": 6, "model": _metrics(2 * v)}}
+                                             for dom, v in zip(("food", "kitchen"), ndcgs)}}
+    config = {"train": {"seed": seed}, "federated": {"seed": seed, "clients": 4}, "mode": mode,
+              "privacy": {"mode": privacy[0], "epsilon": privacy[1]}, "model": {"dim": 8}}
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "config.json").write_text(json.dumps(config))
+    key = "round" if mode == "federated" else "epoch"
+    (d / "metrics.jsonl").write_text("".join(json.dumps({key: r, "valid": {"select": 0.01 * r * (1 + seed)}}) + "\n"
+                                             for r in (1, 2, 3)))
+    if cell is not None:
+        (d / "cell.json").write_text(json.dumps({**cell, "seed": seed}))
+    return d
+
+
+def _cell(method: str, dp: str, mode: str = "federated", eps: float | None = None, pmode: str | None = None) -> dict:
+    return {"dataset": "toy", "method": method, "label": method.upper(), "mode": mode, "dp": dp,
+            "privacy_mode": pmode, "epsilon": eps, "variant": "base", "variant_axis": "", "variant_value": None,
+            "profile": "quick", "dry_run": False, "attributes": "none (no --attributes-root)"}
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_of_a_reproduce_output(tmp_path):
+    root = tmp_path / "rep"
+    values = {0: (0.10, 0.20), 1: (0.14, 0.30), 2: (0.12, 0.10)}
+    cells = []
+    for s, v in values.items():
+        cells.append(str(_run(root, f"runs/toy/fedscope/off-seed{s}", _cell("fedscope", "off"), v, s,
+                              cold=True).relative_to(root)))
+        cells.append(str(_run(root, f"runs/toy/centralized/off-seed{s}", _cell("centralized", "n/a", "centralized"),
+                              (0.3, 0.4), s, mode="centralized").relative_to(root)))
+    sweep = root / "runs/toy/fedscope/sweep-seed0"
+    for mode in ("personalized", "uniform"):
+        for eps in (1.0, 8.0):
+            _run(sweep, f"{mode}-eps{eps:g}-seed0", _cell("fedscope", f"{mode}-eps{eps:g}", eps=eps, pmode=mode),
+                 (eps / 100, eps / 50), 0, privacy=(mode, eps), eps_spent=eps * 0.9)
+    _run(sweep, "personalized-epsinf-seed0", _cell("fedscope", "off", pmode="off"), (0.2, 0.2), 0)
+    copy = _run(sweep, "uniform-epsinf-seed0", _cell("fedscope", "off", pmode="off"), (0.2, 0.2), 0)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "sweep": {"same_as": "personalized-epsinf-seed0"}}))
+    studies = {
+        "main": {"title": "Main", "kind": "cells", "cells": cells, "datasets": ["toy"]},
+        "privacy_utility": {"title": "PU", "kind": "sweep", "cells": [str(sweep.relative_to(root))],
+                            "datasets": ["toy"]},
+        "cold_start": {"title": "Cold", "kind": "derived", "reads": "main", "cells": [], "datasets": ["toy"]},
+        "convergence": {"title": "Conv", "kind": "derived", "reads": "main", "cells": [], "datasets": ["toy"]},
+    }
+    (root / "plan.json").write_text(json.dumps({"profile": "quick", "dry_run": False, "status": "complete",
+                                                "hardware": {"device": "cpu", "cpu_cores": 2}, "studies": studies}))
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(root), "--out", str(out)]) == 0
+    rows = {(r["method"], r["domain"]): r for r in _csv(out / "main.csv")}
+    food = rows[("FEDSCOPE", "food")]
+    v = np.array([0.10, 0.14, 0.12])
+    assert float(food["NDCG@10 mean"]) == pytest.approx(v.mean())
+    assert float(food["NDCG@10 std"]) == pytest.approx(v.std(ddof=1))
+    assert float(food["HR@10 mean"]) == pytest.approx(2 * v.mean())
+    assert float(food["NDCG@10 (full) mean"]) == pytest.approx(v.mean() / 10)
+    assert food["seeds"] == "3" and food["dp"] == "off" and food["attributes"] == "none"
+    kit = rows[("FEDSCOPE", "kitchen")]
+    assert float(kit["NDCG@10 std"]) == pytest.approx(np.std([0.2, 0.3, 0.1], ddof=1))
+    cen = rows[("CENTRALIZED", "food")]
+    assert cen["dp"] == "n/a" and float(cen["NDCG@10 std"]) == 0.0
+    pu = _csv(out / "privacy_utility.csv")
+    assert len(pu) == 2 * 5                       # 5 groups (inf once: the copy is not counted) x 2 domains
+    p1 = next(r for r in pu if r["dp"] == "personalized-eps1" and r["domain"] == "food")
+    assert float(p1["NDCG@10 mean"]) == pytest.approx(0.01) and p1["NDCG@10 std"] == "nan"
+    assert float(p1["eps_spent (median) mean"]) == pytest.approx(0.9)
+    cold = {(r["method"], r["domain"], r["bucket"]): r for r in _csv(out / "cold_start_cold_start.csv")}
+    assert float(cold[("FEDSCOPE", "food", ">10")]["NDCG@10 mean"]) == pytest.approx(2 * v.mean())
+    for png in ("privacy_utility_toy.png", "convergence_toy.png", "cold_start_cold_start_toy.png"):
+        assert (out / png).stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "profile: **quick**" in report and "cpu" in report and "FedSCOPE ran ID-only" in report
+    for link in ("main.md", "main.csv", "privacy_utility_toy.png", "convergence_toy.png"):
+        assert f"({link})" in report
+    assert "long_tail" in report                  # says that the summaries have no long-tail breakdown
+
+
+def test_report_of_plain_runs_and_benchmark(tmp_path):
+    for s in (0, 1):
+        _run(tmp_path / "runs", f"a{s}", None, (0.1 + s / 10, 0.2), s)
+        _run(tmp_path / "runs", f"b{s}", None, (0.3, 0.3), s, privacy=("uniform", 4.0), eps_spent=3.9)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"device": "cpu", "peak_flops": 1e9,
+                                 "results": [{"clients": 8, "speedup": 1.1}, {"clients": 64, "speedup": 1.5}]}))
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(tmp_path / "runs"), "--out", str(out), "--benchmark", str(bench)]) == 0
+    rows = _csv(out / "runs.csv")
+    off = [r for r in rows if r["dp"] == "off" and r["domain"] == "food"]
+    assert len(off) == 1 and float(off[0]["NDCG@10 mean"]) == pytest.approx(0.15)
+    assert float(off[0]["NDCG@10 std"]) == pytest.approx(math.sqrt(2) * 0.05)
+    assert any(r["dp"] == "uniform-eps4" for r in rows)
+    assert (out / "engine_scaling.png").is_file() and (out / "privacy_utility_toy.png").is_file()
+    assert "engine_scaling.png" in (out / "report.md").read_text()
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(FedscopeError, match="no run directory"):
+        from fedscope_jax.experiments.report import write_report
+        write_report(tmp_path, tmp_path / "out")
+    assert main(["report", "--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
