@@ -135,3 +135,20 @@ def test_report_errors(tmp_path):
         from fedscope_jax.experiments.report import write_report
         write_report(tmp_path, tmp_path / "out")
     assert main(["report", "--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_long_tail_layout_is_read(tmp_path):
+    from fedscope_jax.experiments.tables import breakdown_rows, group_runs, load_run
+
+    runs = []
+    for s, head in enumerate((0.2, 0.4)):
+        d = _run(tmp_path, f"r{s}", _cell("local", "n/a", "local"), (0.1, 0.1), s, mode="local")
+        summary = json.loads((d / "summary.json").read_text())
+        summary["long_tail"] = {"sampled": {"food": {"head": _metrics(head), "tail": _metrics(head / 4),
+                                                     "targets": {"head": 3, "tail": 9}, "head_train_share": 0.4}}}
+        (d / "summary.json").write_text(json.dumps(summary))
+        runs.append(load_run(d))
+    rows = {r["bucket"]: r for r in breakdown_rows(group_runs(runs), "long_tail")}
+    assert set(rows) == {"head", "tail"} and rows["head"]["targets"] == 3 and rows["tail"]["targets"] == 9
+    assert rows["head"]["NDCG@10"][0] == pytest.approx(0.3)
+    assert rows["tail"]["NDCG@10"][1] == pytest.approx(np.std([0.05, 0.1], ddof=1))

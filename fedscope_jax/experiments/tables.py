@@ -214,23 +214,28 @@ def write_tables(rows: list[dict[str, Any]], stem: Path, columns: Sequence[str] 
 
 
 def breakdown_rows(groups: Sequence[Group], section: str, metric: str = "NDCG@10") -> list[dict[str, Any]]:
-    """Rows of summary[section] (cold_start / long_tail: {protocol: {domain: {bucket: {...}}}}), sampled
-    protocol, the model's metric per bucket (mean ± std over seeds) and the bucket's target count."""
+    """Rows of summary[section], sampled protocol: the model's metric per bucket (mean ± std over seeds) and
+    the bucket's target count. Reads both layouts: cold_start {domain: {bucket: {"targets", "model": {...}}}}
+    and long_tail {domain: {"head": {...}, "tail": {...}, "targets": {"head": n, "tail": n}}}."""
     rows = []
     for g in groups:
         parts = [r.summary.get(section) for r in g.runs]
-        if any(p is None for p in parts):
+        if any(not isinstance(p, dict) for p in parts):
             continue
         c = g.cell
         first = parts[0].get("sampled", parts[0])
         for domain, buckets in first.items():
             for bucket, entry in buckets.items():
+                if not isinstance(entry, dict) or not isinstance(entry.get("model", entry).get(metric, None),
+                                                                (int, float)):
+                    continue
                 vals = []
                 for p in parts:
                     e = p.get("sampled", p).get(domain, {}).get(bucket, {})
-                    m = e.get("model", e)
-                    vals.append(float(m.get(metric, math.nan)) if isinstance(m, dict) else math.nan)
+                    vals.append(float(e.get("model", e).get(metric, math.nan)))
+                counts = buckets.get("targets")
+                count = counts.get(bucket, "-") if isinstance(counts, dict) else entry.get("targets", "-")
                 rows.append({"dataset": c.get("dataset"), "method": c.get("label", c.get("method")),
-                             "dp": c.get("dp"), "domain": domain, "bucket": bucket,
-                             "targets": entry.get("targets", "-"), metric: mean_std(vals), "seeds": len(g.runs)})
+                             "dp": c.get("dp"), "domain": domain, "bucket": bucket, "targets": count,
+                             metric: mean_std(vals), "seeds": len(g.runs)})
     return rows
