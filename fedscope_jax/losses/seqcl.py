@@ -28,52 +28,71 @@ def _lengths(seq: jnp.ndarray) -> jnp.ndarray:
     return jnp.sum(seq > 0, axis=-1).astype(jnp.int32)
 
 
-def crop(seq: jnp.ndarray, key: jax.Array, eta: float) -> jnp.ndarray:
-    """Keeps a uniformly placed contiguous run of c = max(1, floor(eta * n)) of each row's n items (left-padded)."""
-    b, length = seq.shape
+def _start(u: jnp.ndarray, choices: jnp.ndarray) -> jnp.ndarray:
+    """Uniform integer in [0, choices) from a uniform [0, 1) draw (choices >= 1)."""
+    return jnp.minimum(jnp.floor(u * choices).astype(jnp.int32), choices - 1)
+
+
+def _crop(seq: jnp.ndarray, u_start: jnp.ndarray, eta: float) -> jnp.ndarray:
+    length = seq.shape[1]
     n = _lengths(seq)
-    c = jnp.maximum(jnp.floor(eta * n).astype(jnp.int32), 1)
-    c = jnp.minimum(c, n)
-    start = jax.random.randint(key, (b,), 0, jnp.maximum(n - c + 1, 1))          # within the n real items
+    c = jnp.minimum(jnp.maximum(jnp.floor(eta * n).astype(jnp.int32), 1), n)
+    start = _start(u_start, jnp.maximum(n - c + 1, 1))                              # within the n real items
     j = jnp.arange(length)[None, :]
     src = j - n[:, None] + start[:, None] + c[:, None]       # item start + (j - (L - c)) sits at L - n + that
     out = jnp.take_along_axis(seq, jnp.clip(src, 0, length - 1), axis=1)
     return jnp.where(j >= length - c[:, None], out, 0)
 
 
-def mask(seq: jnp.ndarray, key: jax.Array, gamma: float) -> jnp.ndarray:
-    """bool [B, L] keep mask: exactly floor(gamma * n) of each row's real items, chosen uniformly, are masked."""
-    n = _lengths(seq)
-    k = jnp.floor(gamma * n).astype(jnp.int32)
-    u = jnp.where(seq > 0, jax.random.uniform(key, seq.shape), 2.0)
+def _mask(seq: jnp.ndarray, u_pos: jnp.ndarray, gamma: float) -> jnp.ndarray:
+    k = jnp.floor(gamma * _lengths(seq)).astype(jnp.int32)
+    u = jnp.where(seq > 0, u_pos, 2.0)
     rank = jnp.argsort(jnp.argsort(u, axis=1), axis=1)        # 0 = smallest draw; padding ranks last
     return (seq > 0) & ~(rank < k[:, None])
 
 
-def reorder(seq: jnp.ndarray, key: jax.Array, beta: float) -> jnp.ndarray:
-    """Shuffles a uniformly placed contiguous run of r = floor(beta * n) of each row's n items."""
-    b, length = seq.shape
+def _reorder(seq: jnp.ndarray, u_start: jnp.ndarray, u_pos: jnp.ndarray, beta: float) -> jnp.ndarray:
+    length = seq.shape[1]
     n = _lengths(seq)
     r = jnp.floor(beta * n).astype(jnp.int32)
-    k_start, k_perm = jax.random.split(key)
-    start = length - n + jax.random.randint(k_start, (b,), 0, jnp.maximum(n - r + 1, 1))
+    start = length - n + _start(u_start, jnp.maximum(n - r + 1, 1))
     j = jnp.arange(length)[None, :]
     inside = (j >= start[:, None]) & (j < (start + r)[:, None])
     # inside keys in [start, start + r - 1] (never crossing an outside integer key), so only the run moves
-    u = jax.random.uniform(k_perm, seq.shape)
-    sort_key = jnp.where(inside, start[:, None] + u * jnp.maximum(r - 1, 0)[:, None], j.astype(u.dtype))
+    sort_key = jnp.where(inside, start[:, None] + u_pos * jnp.maximum(r - 1, 0)[:, None], j.astype(u_pos.dtype))
     return jnp.take_along_axis(seq, jnp.argsort(sort_key, axis=1), axis=1)
+
+
+def crop(seq: jnp.ndarray, key: jax.Array, eta: float) -> jnp.ndarray:
+    """Keeps a uniformly placed contiguous run of c = max(1, floor(eta * n)) of each row's n items (left-padded)."""
+    return _crop(seq, jax.random.uniform(key, seq.shape[:1]), eta)
+
+
+def mask(seq: jnp.ndarray, key: jax.Array, gamma: float) -> jnp.ndarray:
+    """bool [B, L] keep mask: exactly floor(gamma * n) of each row's real items, chosen uniformly, are masked."""
+    return _mask(seq, jax.random.uniform(key, seq.shape), gamma)
+
+
+def reorder(seq: jnp.ndarray, key: jax.Array, beta: float) -> jnp.ndarray:
+    """Shuffles a uniformly placed contiguous run of r = floor(beta * n) of each row's n items."""
+    u = jax.random.uniform(key, (seq.shape[0], seq.shape[1] + 1))
+    return _reorder(seq, u[:, 0], u[:, 1:], beta)
 
 
 def augment(seq: jnp.ndarray, key: jax.Array, eta: float, gamma: float,
             beta: float) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(augmented seq [B, L], keep [B, L]): each row gets one of crop / mask / reorder, chosen uniformly."""
-    k_op, k_crop, k_mask, k_reorder = jax.random.split(key, 4)
-    op = jax.random.randint(k_op, (seq.shape[0],), 0, 3)[:, None]
-    cropped = crop(seq, k_crop, eta)
-    reordered = reorder(seq, k_reorder, beta)
+    """(augmented seq [B, L], keep [B, L]): each row gets one of crop / mask / reorder, chosen uniformly.
+
+    One uniform draw per row feeds everything (a row uses one augmentation, so mask and reorder may share
+    their per-position draws): one random-bits call keeps the compiled program small.
+    """
+    u = jax.random.uniform(key, (seq.shape[0], seq.shape[1] + 2))
+    op = jnp.minimum(jnp.floor(u[:, :1] * 3).astype(jnp.int32), 2)
+    u_start, u_pos = u[:, 1], u[:, 2:]
+    cropped = _crop(seq, u_start, eta)
+    reordered = _reorder(seq, u_start, u_pos, beta)
     out = jnp.where(op == CROP, cropped, jnp.where(op == REORDER, reordered, seq))
-    keep = jnp.where(op == MASK, mask(seq, k_mask, gamma), out > 0)
+    keep = jnp.where(op == MASK, _mask(seq, u_pos, gamma), out > 0)
     return out, keep
 
 

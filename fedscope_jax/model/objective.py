@@ -42,14 +42,16 @@ _SEQCL_PURPOSE = 0x5EC1
 
 def seqcl_loss(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, key: jax.Array, train: bool,
                semantic: Semantic) -> jnp.ndarray:
-    """CL4SRec term of domain d: two augmented views of each user's sequence [B, L], NT-Xent over the batch."""
+    """CL4SRec term of domain d: two augmented views of each user's sequence [B, L], NT-Xent over the batch.
+
+    Both views go through the encoder as one [2B, L] batch (one traced encoder, not two: half the program).
+    """
     lc = config.loss
-    k_aug1, k_aug2, k_drop1, k_drop2 = jax.random.split(key, 4)
-    views = []
-    for k_aug, k_drop in ((k_aug1, k_drop1), (k_aug2, k_drop2)):
-        aug, keep = augment(seq, k_aug, lc.seqcl_crop, lc.seqcl_mask, lc.seqcl_reorder)
-        views.append(encode(params, config, d, aug, semantic, k_drop, train, keep=keep)[:, -1])
-    return nt_xent(views[0], views[1], seq[:, -1] > 0, lc.seqcl_tau)
+    k_aug, k_drop = jax.random.split(key)
+    b = seq.shape[0]
+    aug, keep = augment(jnp.concatenate([seq, seq]), k_aug, lc.seqcl_crop, lc.seqcl_mask, lc.seqcl_reorder)
+    z = encode(params, config, d, aug, semantic, k_drop, train, keep=keep)[:, -1]
+    return nt_xent(z[:b], z[b:], seq[:, -1] > 0, lc.seqcl_tau)
 
 
 def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, config: ModelConfig,
