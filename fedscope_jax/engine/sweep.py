@@ -1,0 +1,146 @@
+"""The sweep axis: one federated round for several configurations at once (vmap over a leading config axis).
+
+A sweep trains configurations that share everything a round's *data* derives from (the seed: partition,
+client sampling, local batches) and differ only in per-client privacy vectors (clip C_k, noise multiplier
+z_k, aggregation weight w_k: 0 where a client is out of budget in that configuration). So the round is
+`vmap(round_step)` over a leading config axis of (server state, the cohorts' weight / clip / noise vectors,
+keys), with the cohorts' data shared (in_axes None: one copy, not one per config). Each config's clients
+train from that config's parameters, so the per-client matmuls of all configs run as one batched program.
+
+Configs with no participating client in a round keep their state (only the round counter advances), as a
+single run skips such a round. A config's noise mode (and secure aggregation) is static: configs whose
+`EngineConfig` differs form separate groups, i.e. separate programs (train/federated.py groups them).
+
+Devices: the config axis is laid on a 1-D mesh axis "configs" (`jax.shard_map`), each device running its
+configs' rounds with the clients unsharded; the config count is padded to a multiple of the devices with
+inactive copies (weight 0) whose results are dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from fedscope_jax.engine.client import ClientConfig
+from fedscope_jax.engine.round import Cohort, EngineConfig, RoundMetrics, round_step
+from fedscope_jax.engine.server import ServerState
+from fedscope_jax.errors import FedscopeError
+
+CONFIG_AXIS = "configs"
+
+
+def config_in_axes(cohorts: Sequence[Cohort]) -> tuple[Cohort, ...]:
+    """vmap in_axes of sweep cohorts: data and client ids shared, privacy vectors per config."""
+    return tuple(Cohort(None, None, 0, 0, 0) for _ in cohorts)
+
+
+def sweep_round_step(states: ServerState, cohorts: Sequence[Cohort], keys: jax.Array, client_cfg: ClientConfig,
+                     server_opt: optax.GradientTransformation,
+                     engine_cfg: EngineConfig) -> tuple[ServerState, RoundMetrics]:
+    """One round of every config (traceable). states / keys / the cohorts' weight, clip and noise_multiplier
+    have a leading config axis [n]; the cohorts' data and client ids have none."""
+    cohorts = tuple(cohorts)
+
+    def one(state: ServerState, config_cohorts: tuple[Cohort, ...], key: jax.Array):
+        new, metrics = round_step(state, config_cohorts, key, client_cfg, server_opt, engine_cfg)
+        active = sum(jnp.sum(c.weight) for c in config_cohorts) > 0
+        skipped = state._replace(round=state.round + 1)
+        new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, skipped)
+        return new, metrics
+
+    return jax.vmap(one, in_axes=(0, config_in_axes(cohorts), 0))(states, cohorts, keys)
+
+
+def config_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis "configs" over `devices` (all local devices by default)."""
+    devices = list(devices if devices is not None else jax.devices())
+    return Mesh(np.array(devices), (CONFIG_AXIS,))
+
+
+@functools.lru_cache(maxsize=16)
+def make_sweep_round_fn(client_cfg: ClientConfig, server_opt: optax.GradientTransformation,
+                        engine_cfg: EngineConfig, mesh: Mesh | None = None,
+                        donate: bool = True) -> Callable[[ServerState, Sequence[Cohort], jax.Array],
+                                                         tuple[ServerState, RoundMetrics]]:
+    """The jitted sweep round: (states, cohorts, keys) -> (states, metrics), all with a leading config axis.
+
+    With `mesh` (axis "configs"), the config axis is sharded over its devices: the config count must be a
+    multiple of the device count (`pad_configs`). Cached on its (hashable) arguments."""
+    fn = functools.partial(sweep_round_step, client_cfg=client_cfg, server_opt=server_opt, engine_cfg=engine_cfg)
+    if mesh is not None:
+        inner = fn
+
+        def fn(states, cohorts, keys):  # noqa: F811  (the sharded form of the same step)
+            specs = tuple(Cohort(P(), P(), P(CONFIG_AXIS), P(CONFIG_AXIS), P(CONFIG_AXIS)) for _ in cohorts)
+            sharded = jax.shard_map(inner, mesh=mesh, in_specs=(P(CONFIG_AXIS), specs, P(CONFIG_AXIS)),
+                                    out_specs=P(CONFIG_AXIS), check_vma=False)
+            return sharded(states, tuple(cohorts), keys)
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+
+def stack_states(states: Sequence[ServerState]) -> ServerState:
+    """[n] leading axis over the configs' server states."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack(tree: Any, index: int) -> Any:
+    """Config `index` of a tree with a leading config axis."""
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def pad_configs(n: int, devices: int) -> int:
+    """Config count padded up to a multiple of `devices`."""
+    if n < 1 or devices < 1:
+        raise FedscopeError(f"sweep: expected >= 1 configs and devices, got {n} configs, {devices} devices")
+    return -(-n // devices) * devices
+
+
+def config_vectors(cohorts: Sequence[Cohort], n_clients: int,
+                   per_config: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                   stacked: bool) -> tuple[Cohort, ...]:
+    """The cohorts with per-config privacy vectors.
+
+    per_config: for each config, (ids, clip, z) of its participating clients (other cohort rows get weight 0,
+    clip inf, z 0: they take no part in that config). stacked: give the vectors a leading config axis [n]
+    (a sweep program); otherwise there must be one config and the vectors stay [C] (a single-run program)."""
+    if not stacked and len(per_config) != 1:
+        raise FedscopeError(f"a single-run program takes one config's vectors, got {len(per_config)}")
+    lookups = []
+    for ids, clip, z in per_config:
+        ids = np.asarray(ids, np.int64)
+        w_all = np.zeros(n_clients, np.float32)
+        c_all = np.full(n_clients, np.inf, np.float32)
+        z_all = np.zeros(n_clients, np.float32)
+        w_all[ids], c_all[ids], z_all[ids] = 1.0, clip, z
+        lookups.append((w_all, c_all, z_all))
+    out = []
+    for cohort in cohorts:
+        rows = np.asarray(cohort.client_id)
+        real = rows >= 0
+        idx = np.where(real, rows, 0)
+        vecs = [tuple(np.where(real, v[idx], fill).astype(np.float32) for v, fill in zip(lk, (0.0, np.inf, 0.0)))
+                for lk in lookups]
+        if stacked:
+            w, c, z = (np.stack([v[i] for v in vecs]) for i in range(3))
+        else:
+            w, c, z = vecs[0]
+        out.append(cohort._replace(weight=w, clip=c, noise_multiplier=z))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=32)
+def round_program(client_cfg: ClientConfig, server_opt: optax.GradientTransformation, engine_cfg: EngineConfig,
+                  sweep: bool, mesh: Mesh | None = None) -> Any:
+    """The ahead-of-time compiled round (`round.CompiledFn`): a sweep program (leading config axis) or the
+    single-run program. Cached, so runs and seeds with equal settings and shapes reuse the executables."""
+    from fedscope_jax.engine.round import CompiledFn, make_round_fn
+
+    if sweep:
+        return CompiledFn(make_sweep_round_fn(client_cfg, server_opt, engine_cfg, mesh))
+    return CompiledFn(make_round_fn(client_cfg, server_opt, engine_cfg, mesh))
