@@ -52,7 +52,9 @@ def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None
                   f"- hardware: {hw.get('device', '?')} ({hw.get('platform', '?')}, {hw.get('devices', '?')} "
                   f"device(s), {hw.get('cpu_cores', '?')} CPU cores), jax {hw.get('jax', '?')}",
                   f"- status: {plan.get('status', '?')}"
-                  + (f", {plan['seconds_this_process']:.0f} s in the last `fedscope reproduce` process"
+                  + (f", {plan['seconds_this_process']:.0f} s wall / {plan.get('cpu_seconds_this_process', 0):.0f} "
+                     f"s CPU in the last `fedscope reproduce` process (load average at its end: "
+                     f"{', '.join(f'{x:.1f}' for x in plan.get('load_average_at_end', []))})"
                      if plan.get("seconds_this_process") else ""),
                   f"- attributes root: {plan.get('attributes_root') or 'none given: FedSCOPE ran ID-only '}"
                   + ("" if plan.get("attributes_root") else "(column 'attributes' = none)"), "",
@@ -87,8 +89,8 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
         groups, missing = _study_groups(root, info.get("cells", []))
     seconds = info.get("seconds_this_process")
     if seconds is not None:
-        lines += [f"Time (last `fedscope reproduce` process, cells shared with earlier studies not counted): "
-                  f"{seconds:.0f} s.", ""]
+        lines += [f"Time (last `fedscope reproduce` process; cells shared with earlier studies not counted): "
+                  f"{seconds:.0f} s wall, {info.get('cpu_seconds_this_process', 0):.0f} s CPU.", ""]
     if missing:
         lines += [f"**{len(missing)} cell(s) not finished**: " + ", ".join(f"`{m}`" for m in missing[:10])
                   + (" ..." if len(missing) > 10 else ""), ""]

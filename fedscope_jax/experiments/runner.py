@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import importlib
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -166,28 +167,40 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options) -> None:
     from fedscope_jax.utils.progress import progress
 
     bar = progress(total=len(todo), desc="reproduce" + (" (dry run)" if opts.dry_run else ""), unit="cell")
-    seconds: dict[str, float] = {}
+    seconds: dict[str, list[float]] = {}
     done_dirs: set[Path] = set()
-    t_all = time.time()
+    t_all, c_all = time.time(), _cpu_seconds()
     for study, cell, cell_dir, (ds, semantic, coverage, label, path) in todo:
         bar.set_postfix_str(f"{study.name}: {cell.dataset}/{cell.method}"
                             + (f"/{cell.dp.label}" if cell.dp else "/sweep") + f"/seed{cell.seed}")
-        t0 = time.time()
+        t0, c0 = time.time(), _cpu_seconds()
         if cell_dir not in done_dirs:
             run_cell(cell, cell_dir, ds, semantic, coverage, label, path, study)
             done_dirs.add(cell_dir)
-        seconds[study.name] = seconds.get(study.name, 0.0) + time.time() - t0
+        acc = seconds.setdefault(study.name, [0.0, 0.0])
+        acc[0] += time.time() - t0
+        acc[1] += _cpu_seconds() - c0
         bar.update(1)
     bar.close()
-    for name, s in seconds.items():
-        record["studies"][name]["seconds_this_process"] = s
+    for name, (wall, cpu) in seconds.items():
+        record["studies"][name]["seconds_this_process"] = wall
+        record["studies"][name]["cpu_seconds_this_process"] = cpu
     record["seconds_this_process"] = time.time() - t_all
+    record["cpu_seconds_this_process"] = _cpu_seconds() - c_all
+    record["load_average_at_end"] = list(os.getloadavg())
     record["status"] = "complete"
 
 
-def hardware() -> dict[str, Any]:
-    import os
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads): on a shared machine, the wall time an unshared
+    one would need is at most this (XLA uses both cores, so usually less)."""
+    import resource
 
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def hardware() -> dict[str, Any]:
     import jax
 
     dev = jax.devices()[0]
