@@ -27,7 +27,7 @@ class LossConfig:
     rho: float = 0.02          # intra positives: K = min(ceil(rho * N), k_max), N = valid users in the batch
     k_max: int = 50
     seqcl_weight: float = 0.0  # CL4SRec-style sequence contrastive term (the FedCL4SRec baseline); 0 = off
-    seqcl_tau: float = 1.0
+    seqcl_tau: float = 0.2     # with cosine similarity (in [-1, 1]) a temperature of 1 barely separates views
     seqcl_crop: float = 0.6    # eta: share of the items a crop keeps
     seqcl_mask: float = 0.3    # gamma: share of the items a mask hides
     seqcl_reorder: float = 0.6  # beta: share of the items a reorder shuffles
