@@ -98,6 +98,9 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
         return lines + _breakdowns(out, name, groups)
     if name == "convergence":
         return lines + _convergence(out, name, groups)
+    if info.get("kind") == "sweep":   # by privacy mode, then epsilon (no DP last)
+        groups.sort(key=lambda g: (str(g.cell.get("dataset")), str(g.cell.get("privacy_mode")),
+                                   g.cell.get("epsilon") or float("inf")))
     text = write_tables(metric_rows(groups), out / name, COLUMNS)
     lines += [text, f"Table: [{name}.md]({name}.md), [{name}.csv]({name}.csv)", ""]
     if info.get("kind") == "sweep":

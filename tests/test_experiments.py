@@ -1,0 +1,122 @@
+"""Study configs (experiments/configs/*.json): parsing, cell expansion, clear errors, and a dry run of every
+study on a real shared dataset (fedscope reproduce --profile quick --dry-run)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import real_dataset
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.experiments.cells import expand, run_config
+from fedscope_jax.experiments.methods import METHODS
+from fedscope_jax.experiments.spec import default_config_dir, load_studies, load_study
+
+STUDIES = ("main", "ablation", "privacy_utility", "cold_start", "clients_sampling", "convergence")
+
+
+def test_every_study_parses_and_every_cell_config_is_valid():
+    studies = load_studies()
+    assert [s.name for s in studies] == list(STUDIES)
+    for study in studies:
+        for profile in ("quick", "full"):
+            for dry in (False, True):
+                for cell in expand(study, profile, dry):
+                    cfg = run_config(cell, str(study.path))
+                    assert cfg.train.seed == cell.seed
+                    if dry:
+                        assert cfg.federated.rounds == 1 and cfg.train.epochs == 1 and cfg.model.dim == 8
+
+
+def test_main_cells_dp_rules_and_methods():
+    main = load_study(default_config_dir() / "main.json")
+    assert len(expand(main, "quick", False)) == 3 * (3 * 2 + 2)       # quick: one seed
+    cells = expand(main, "full", False)
+    # 3 datasets x (3 federated methods x 2 DP settings + local + centralized) x 3 seeds
+    assert len(cells) == 3 * (3 * 2 + 2) * 3
+    by = {(c.dataset, c.method, c.dp.label, c.seed): c for c in cells}
+    assert by[("abxi-food-kitchen", "fedscope", "personalized-eps8", 0)]
+    assert by[("abxi-food-kitchen", "fedsasrec", "uniform-eps8", 1)]          # baselines: one uniform budget
+    assert ("abxi-food-kitchen", "local", "personalized-eps8", 0) not in by   # DP does not apply
+    assert by[("abxi-food-kitchen", "centralized", "off", 0)].identity()["dp"] == "n/a"
+    sas = run_config(by[("abxi-food-kitchen", "fedsasrec", "off", 0)], "main")
+    assert sas.model.loss.alpha == 0 and sas.privacy.mode == "off"
+    dp = run_config(by[("abxi-food-kitchen", "fedscope", "personalized-eps8", 1)], "main")
+    assert dp.privacy.mode == "personalized" and dp.privacy.epsilon == 8 and dp.train.seed == 1
+    assert not METHODS["fedsasrec"].attributes and METHODS["fedscope"].attributes
+
+
+def test_ablation_and_clients_variants():
+    abl = expand(load_study(default_config_dir() / "ablation.json"), "full", False)
+    uni = [c for c in abl if c.method == "fedscope_uniform_dp"]
+    assert uni and all(c.dp.mode == "uniform" for c in uni)                      # needs DP: no 'off' cell
+    intra = run_config(next(c for c in abl if c.method == "fedscope_wo_intra"), "ablation")
+    assert intra.model.loss.lambda_intra == 0 and intra.model.loss.lambda_inter == 1
+    cs = expand(load_study(default_config_dir() / "clients_sampling.json"), "quick", False)
+    got = sorted((run_config(c, "cs").federated.clients, run_config(c, "cs").federated.fraction) for c in cs)
+    assert got == [(10, 1.0), (20, 1.0), (50, 0.1), (50, 0.2), (50, 0.5), (50, 1.0), (100, 1.0)]
+    pu = load_study(default_config_dir() / "privacy_utility.json")
+    assert pu.epsilons == (1, 2, 4, 8, 16, math.inf) and pu.privacy_modes == ("personalized", "uniform", "central")
+
+
+def _write(tmp_path: Path, **changes) -> Path:
+    raw = json.loads((default_config_dir() / "main.json").read_text())
+    raw.update(changes)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_bad_configs_name_file_and_key(tmp_path):
+    with pytest.raises(FedscopeError, match=r"bad\.json: key 'methods\[1\]': unknown method 'fedfoo'"):
+        load_study(_write(tmp_path, methods=["fedscope", "fedfoo"]))
+    with pytest.raises(FedscopeError, match=r"bad\.json: key 'colour': unknown key"):
+        load_study(_write(tmp_path, colour="red"))
+    raw = json.loads((default_config_dir() / "main.json").read_text())
+    raw["profiles"]["quick"]["set"]["model.dimm"] = 3
+    with pytest.raises(FedscopeError, match=r"bad\.json: key 'profiles\.quick\.set': unknown config key 'model\.dimm'"):
+        load_study(_write(tmp_path, profiles=raw["profiles"]))
+    raw["profiles"]["quick"]["set"] = {"federated.rounds": "many"}
+    with pytest.raises(FedscopeError, match=r"profiles\.quick\.set.*federated\.rounds"):
+        load_study(_write(tmp_path, profiles=raw["profiles"]))
+    with pytest.raises(FedscopeError, match=r"bad\.json: key 'datasets\[0\]': unknown dataset"):
+        load_study(_write(tmp_path, datasets=["nope"]))
+    with pytest.raises(FedscopeError, match=r"key 'dp\[1\]\.epsilon'"):
+        load_study(_write(tmp_path, dp=[{"mode": "off"}, {"mode": "uniform", "epsilon": "inf"}]))
+    with pytest.raises(FedscopeError, match="--studies: unknown study 'mian'"):
+        load_studies(["mian"])
+
+
+def test_dry_run_every_study(tmp_path):
+    """fedscope reproduce --profile quick --dry-run --smoke on abxi-food-kitchen: every study's config, the
+    first cell of each of its methods trained with the tiny budget, then the report."""
+    from fedscope_jax.cli import main
+
+    data_root = real_dataset("abxi-food-kitchen").parent
+    out = tmp_path / "rep"
+    assert main(["reproduce", "--profile", "quick", "--dry-run", "--smoke", "--datasets", "abxi-food-kitchen",
+                 "--data-root", str(data_root), "--out", str(out)]) == 0
+    root = out / "dry-run"
+    plan = json.loads((root / "plan.json").read_text())
+    assert plan["dry_run"] and plan["status"] == "complete" and set(plan["studies"]) == set(STUDIES)
+    assert not (out / "runs").exists()                      # dry-run results never mix with real ones
+    main_cells = plan["studies"]["main"]["cells"]
+    assert len(main_cells) == 5
+    for rel in main_cells:
+        cell = json.loads((root / rel / "cell.json").read_text())
+        assert cell["dry_run"] and cell["attributes"].startswith("none")
+        assert (root / rel / "summary.json").is_file()
+    sweep_runs = list((root / plan["studies"]["privacy_utility"]["cells"][0]).glob("*-seed0"))
+    assert len(sweep_runs) == 3 * 6                          # modes x epsilons (inf copies included)
+    report = (root / "report" / "report.md").read_text()
+    assert "DRY RUN" in report and "profile: **quick** (dry run)" in report
+    assert (root / "report" / "privacy_utility_abxi-food-kitchen.png").is_file()
+    assert (root / "report" / "convergence_abxi-food-kitchen.png").is_file()
+    # finished cells are skipped: a second reproduction trains nothing and gives the same plan
+    before = {p: p.stat().st_mtime for p in root.rglob("summary.json")}
+    assert main(["reproduce", "--profile", "quick", "--dry-run", "--smoke", "--datasets", "abxi-food-kitchen",
+                 "--data-root", str(data_root), "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime for p in root.rglob("summary.json")} == before
