@@ -59,18 +59,21 @@ def privacy_utility(groups: Sequence[Group], path: Path, title: str) -> Path | N
 
 
 def _curve(run: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(x, validation score) of one run: rounds (federated) or epochs; score = 'select' (mean NDCG@10)."""
-    xs, ys = [], []
+    """(x, validation score) of one run: rounds (federated) or epochs; score = 'select' (mean NDCG@10).
+    Local-only runs log one line per (client, epoch) on the client's own validation users: the curve is
+    the mean over the clients that reached that epoch (they stop early at different epochs)."""
+    points: dict[float, list[float]] = {}
     for rec in run.metrics():
         valid = rec.get("valid")
         score = rec.get("select")
         if score is None and isinstance(valid, dict):
             score = valid.get("select")
-        if score is None:
+        if score is None or not np.isfinite(float(score)):
             continue
-        xs.append(rec.get("round", rec.get("epoch", len(xs) + 1)))
-        ys.append(float(score))
-    return np.array(xs, float), np.array(ys, float)
+        x = rec.get("round", rec.get("epoch", len(points) + 1))
+        points.setdefault(float(x), []).append(float(score))
+    xs = sorted(points)
+    return np.array(xs, float), np.array([np.mean(points[x]) for x in xs], float)
 
 
 def convergence(groups: Sequence[Group], path: Path, title: str) -> Path | None:
