@@ -120,3 +120,45 @@ def test_dry_run_every_study(tmp_path):
     assert main(["reproduce", "--profile", "quick", "--dry-run", "--smoke", "--datasets", "abxi-food-kitchen",
                  "--data-root", str(data_root), "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime for p in root.rglob("summary.json")} == before
+
+
+def test_subset_keeps_whole_users_and_attribute_vectors_follow_the_items(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.data.synth import SynthConfig, synthesize
+    from fedscope_jax.experiments.datasets import semantic_for, subset_users, write_subset
+    from fedscope_jax.utils.io import write_arrow
+
+    synthesize(SynthConfig(users=60, items=(40, 50), min_length=6, max_length=12, mean_length=8.0, min_per_domain=3, topics=4),
+               tmp_path / "full")
+    full = load_dataset(tmp_path / "full")
+    users = subset_users(full, 20, seed=0)
+    assert len(users) == 20 and np.all(np.diff(users) > 0)
+    sub = load_dataset(write_subset(full, users, tmp_path / "sub"))
+    assert sub.n_users == 20 and sub.n_interactions == int(np.isin(full.user, users).sum())
+    assert all(n <= m for n, m in zip(sub.n_items, full.n_items))
+    # enrichment output of the FULL dataset: vector = (domain index, item id, 1, 1), item 3 of domain A failed
+    rows = [(d, i) for d, n in enumerate(full.n_items) for i in range(n)]
+    table = pa.table({"item_id": pa.array([i for _, i in rows], pa.int32()),
+                      "domain": pa.array([full.domains[d] for d, _ in rows]),
+                      "vector": pa.FixedSizeListArray.from_arrays(
+                          pa.array(np.array([[d, i, 1, 1] for d, i in rows], np.float32).ravel()), 4),
+                      "status": pa.array(["failed" if (d, i) == (0, 3) else "ok" for d, i in rows])})
+    (tmp_path / "attrs" / "toy").mkdir(parents=True)
+    write_arrow(table, tmp_path / "attrs" / "toy" / "item_embeddings.arrow")
+    tables, coverage, label = semantic_for(tmp_path / "sub", sub, tmp_path / "attrs", "toy")
+    assert label.endswith("item_embeddings.arrow")
+    first_user = np.flatnonzero(full.user == users[0])
+    for row in first_user:   # the subset's re-indexed item carries the vector of the same source item
+        d, item = full.domain[row], full.item[row]
+        new = np.flatnonzero(sub.user == 0)[list(first_user).index(row)]
+        assert sub.domain[new] == d
+        vec = tables[d]["vectors"][sub.item[new] + 1]
+        assert tables[d]["mask"][sub.item[new] + 1] == (0.0 if (d, item) == (0, 3) else 1.0)
+        if (d, item) != (0, 3):
+            assert vec.tolist() == [d, item, 1, 1]
+    assert coverage[full.domains[1]]["items"] == sub.n_items[1]
+    none, _, why = semantic_for(tmp_path / "sub", sub, tmp_path / "attrs", "other")
+    assert none is None and why.startswith("none (") and "item_embeddings.arrow missing" in why
