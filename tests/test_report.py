@@ -128,6 +128,11 @@ def test_report_of_plain_runs_and_benchmark(tmp_path):
     assert any(r["dp"] == "uniform-eps4" for r in rows)
     assert (out / "engine_scaling.png").is_file() and (out / "privacy_utility_toy.png").is_file()
     assert "engine_scaling.png" in (out / "report.md").read_text()
+    bench.write_text(json.dumps({"device": "cpu", "configs": 12, "sweep_seconds": 10.0, "one_by_one_seconds": 30.0,
+                                 "sweep_speedup": 3.0}))
+    assert main(["report", "--runs", str(tmp_path / "runs"), "--out", str(out), "--benchmark", str(bench)]) == 0
+    assert "Sweep of 12 configurations as one program: 10.0 s against 30.0 s one by one (speedup 3.00x" in \
+        (out / "report.md").read_text()
 
 
 def test_report_errors(tmp_path):

@@ -71,7 +71,15 @@ def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None
         bench = read_json(benchmark)
         png = plots.engine_scaling(bench, out / "engine_scaling.png")
         lines += ["## Engine scaling", "", f"From {benchmark} (device: {bench.get('device', '?')}).", ""]
-        lines += [f"![engine scaling]({png.name})", ""] if png else ["_no clients/speedup results in the file_", ""]
+        if "sweep_speedup" in bench:   # fedscope benchmark --sweep
+            lines += [f"Sweep of {bench.get('configs', '?')} configurations as one program: "
+                      f"{bench.get('sweep_seconds', float('nan')):.1f} s against "
+                      f"{bench.get('one_by_one_seconds', float('nan')):.1f} s one by one "
+                      f"(speedup {bench['sweep_speedup']:.2f}x, compile time apart).", ""]
+        if png:
+            lines += [f"![engine scaling]({png.name})", ""]
+        elif "sweep_speedup" not in bench:
+            lines += ["_no clients/speedup results in the file_", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
