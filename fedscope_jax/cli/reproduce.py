@@ -6,6 +6,7 @@ See docs/experiments.md. Heavy imports happen inside `run`.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(root, root / "report", benchmark=args.benchmark)
     print(f"{sum(len(s['cells']) for s in record['studies'].values())} cells in "
           f"{record['seconds_this_process']:.0f} s; report: {report}")
+    if record.get("failed"):
+        print(f"{len(record['failed'])} cell(s) failed (listed in the report): " + "; ".join(
+            f"{k}: {v}" for k, v in record["failed"].items()), file=sys.stderr)
+        return 1
     return 0
 
 

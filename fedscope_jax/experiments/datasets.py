@@ -2,7 +2,8 @@
 
 Prepared datasets and subsets are cached under the reproduction's output (`<out>/data/`), never in the
 repository. A subset keeps whole users (their every interaction) chosen by a seeded draw and re-indexes the
-items that remain (compact item tables keep the small profiles fast); `item_map.arrow` beside the subset
+items that remain, topped up with the most popular other items to at least 2,000 per domain (compact item
+tables keep the small profiles fast; the top-up leaves the 999-negative protocol enough candidates); `item_map.arrow` beside the subset
 records each kept item's id in the full prepared dataset, so LLM attribute vectors can follow it.
 """
 
@@ -75,7 +76,24 @@ def subset_users(ds: Any, max_users: int, seed: int) -> np.ndarray:
     return np.sort(chosen)
 
 
-def write_subset(ds: Any, users: np.ndarray, out: str | Path) -> Path:
+MIN_ITEMS = 2000
+
+
+def _kept_items(ds: Any, dom: np.ndarray, item: np.ndarray, d: int, min_items: int) -> np.ndarray:
+    """Sorted item ids of domain d kept in a subset: the subset's own items, topped up with the full dataset's
+    most popular other items to at least min(min_items, all items), so the sampled evaluation protocol
+    (999 negatives among the items a user never interacted with) still has enough candidates."""
+    own = np.unique(item[dom == d])
+    target = min(min_items, ds.n_items[d])
+    if len(own) >= target:
+        return own
+    counts = np.bincount(ds.item[ds.domain == d], minlength=ds.n_items[d])
+    counts[own] = -1
+    order = np.argsort(-counts, kind="stable")
+    return np.sort(np.concatenate([own, order[:target - len(own)]]))
+
+
+def write_subset(ds: Any, users: np.ndarray, out: str | Path, min_items: int = MIN_ITEMS) -> Path:
     """Writes the canonical dataset of `users` (renumbered 0..), items re-indexed per domain, plus item_map.arrow."""
     import pyarrow as pa
 
@@ -85,7 +103,7 @@ def write_subset(ds: Any, users: np.ndarray, out: str | Path) -> Path:
     rows = np.flatnonzero(np.isin(ds.user, users))
     new_user = np.searchsorted(users, ds.user[rows])
     dom, item = ds.domain[rows], ds.item[rows]
-    kept = [np.unique(item[dom == d]) for d in range(len(ds.domains))]
+    kept = [_kept_items(ds, dom, item, d, min_items) for d in range(len(ds.domains))]
     new_item = np.zeros(len(rows), np.int32)
     for d, k in enumerate(kept):
         sel = dom == d

@@ -99,6 +99,9 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
     if seconds is not None:
         lines += [f"Time (last `fedscope reproduce` process; cells shared with earlier studies not counted): "
                   f"{seconds:.0f} s wall, {info.get('cpu_seconds_this_process', 0):.0f} s CPU.", ""]
+    failed = {k: v for k, v in plan.get("failed", {}).items() if k in set(info.get("cells", []))}
+    if failed:
+        lines += [f"**{len(failed)} cell(s) FAILED**:", ""] + [f"- `{k}`: {v}" for k, v in failed.items()] + [""]
     if missing:
         lines += [f"**{len(missing)} cell(s) not finished**: " + ", ".join(f"`{m}`" for m in missing[:10])
                   + (" ..." if len(missing) > 10 else ""), ""]

@@ -17,6 +17,7 @@ import importlib
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -168,6 +169,7 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options) -> None:
 
     bar = progress(total=len(todo), desc="reproduce" + (" (dry run)" if opts.dry_run else ""), unit="cell")
     seconds: dict[str, list[float]] = {}
+    failed: dict[str, str] = record.setdefault("failed", {})
     done_dirs: set[Path] = set()
     t_all, c_all = time.time(), _cpu_seconds()
     for study, cell, cell_dir, (ds, semantic, coverage, label, path) in todo:
@@ -175,8 +177,12 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options) -> None:
                             + (f"/{cell.dp.label}" if cell.dp else "/sweep") + f"/seed{cell.seed}")
         t0, c0 = time.time(), _cpu_seconds()
         if cell_dir not in done_dirs:
-            run_cell(cell, cell_dir, ds, semantic, coverage, label, path, study)
             done_dirs.add(cell_dir)
+            try:
+                run_cell(cell, cell_dir, ds, semantic, coverage, label, path, study)
+            except FedscopeError as exc:   # recorded, reported and in the exit code; the other cells still run
+                failed[str(cell_dir.relative_to(cell_dir.parents[3]))] = str(exc)
+                print(f"cell failed: {cell_dir}: {exc}", file=sys.stderr)
         acc = seconds.setdefault(study.name, [0.0, 0.0])
         acc[0] += time.time() - t0
         acc[1] += _cpu_seconds() - c0
@@ -188,7 +194,7 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options) -> None:
     record["seconds_this_process"] = time.time() - t_all
     record["cpu_seconds_this_process"] = _cpu_seconds() - c_all
     record["load_average_at_end"] = list(os.getloadavg())
-    record["status"] = "complete"
+    record["status"] = "complete" if not failed else f"{len(failed)} cell(s) failed"
 
 
 def _cpu_seconds() -> float:
