@@ -1,4 +1,5 @@
-"""`fedscope benchmark`: the vectorized federated engine vs its sequential reference (docs/engine.md)."""
+"""`fedscope benchmark`: the vectorized federated engine vs its sequential reference, or (--sweep) a privacy
+sweep as one vmapped program vs its configurations one by one (docs/engine.md, docs/sweep.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 from typing import Any
 
 from fedscope_jax.errors import FedscopeError
+
+ENGINE_DEFAULTS = {"max_len": 32, "dim": 32, "batch_size": 32, "local_epochs": 1}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -19,41 +22,90 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("benchmark", help="client-updates/s of the vectorized engine vs sequential",
+    p = subparsers.add_parser("benchmark", help="engine speed: vectorized vs sequential; --sweep: sweep vs one by one",
                               description="Times federated rounds of the vectorized engine and of the sequential "
                               "reference side by side on synthetic data sized like abxi-food-kitchen; prints a "
-                              "table and writes JSON (docs/engine.md).")
-    p.add_argument("--clients", type=_ints, default=(8, 32, 128, 512), metavar="C1,C2,...",
-                   help="client counts to measure (default 8,32,128,512)")
+                              "table and writes JSON (docs/engine.md). With --sweep: trains the privacy sweep "
+                              "(6 epsilons x personalized, uniform) of the FedSCOPE model on --data as one vmapped "
+                              "program and one configuration after another, side by side (docs/sweep.md).")
+    p.add_argument("--clients", type=_ints, metavar="C1,C2,...",
+                   help="client counts to measure (default 8,32,128,512); with --sweep: the number of clients K "
+                   "(default: the config's federated.clients)")
     p.add_argument("--out", metavar="FILE.json", help="write the JSON report here")
-    p.add_argument("--data", metavar="DIR", help="a prepared dataset (not supported yet: synthetic only)")
+    p.add_argument("--data", metavar="DIR", help="a prepared dataset (--sweep only; the engine benchmark is synthetic)")
     p.add_argument("--users", type=int, default=7144, help="synthetic users (default: abxi-food-kitchen's 7144)")
-    p.add_argument("--max-len", type=int, default=32, help="sequence length (default 32)")
-    p.add_argument("--dim", type=int, default=32, help="model width (default 32)")
-    p.add_argument("--batch-size", type=int, default=32, help="users per local step (default 32)")
-    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--max-len", type=int, help="sequence length (default 32; --sweep: model.max_len)")
+    p.add_argument("--dim", type=int, help="model width (default 32; --sweep: model.dim)")
+    p.add_argument("--batch-size", type=int, help="users per local step (default 32; --sweep: train.batch_size)")
+    p.add_argument("--local-epochs", type=int, help="(default 1; --sweep: federated.local_epochs)")
     p.add_argument("--repeats", type=int, default=4, help="timed rounds per engine, alternating, best kept (default 4)")
     p.add_argument("--noise-mode", choices=["off", "per_client", "sum"], default="sum")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="(default 0; --sweep: train.seed)")
+    s = p.add_argument_group("sweep benchmark (--sweep)")
+    s.add_argument("--sweep", action="store_true", help="time the sweep program against one-by-one runs")
+    s.add_argument("--rounds", type=int, help="federated rounds per configuration (default: federated.rounds)")
+    s.add_argument("--fraction", type=float, help="sampled fraction of clients per round (default: federated.fraction)")
+    s.add_argument("--chunk-size", type=int, help="clients per vmapped chunk (default: federated.chunk_size; 0 = tune)")
+    s.add_argument("--epsilons", default="1,2,4,8,16,inf", metavar="E1,E2", help="(default 1,2,4,8,16,inf)")
+    s.add_argument("--privacy", default="personalized,uniform", metavar="M1,M2", help="(default personalized,uniform)")
+    s.add_argument("--config", metavar="FILE", help="JSON run config (sections model/train/eval/federated/privacy)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.blocks=1 (repeatable)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.data:
-        raise FedscopeError(f"--data {args.data}: benchmarking on a prepared dataset is not implemented yet; "
-                            "run without --data for the synthetic abxi-food-kitchen-sized workload")
-    from fedscope_jax.engine.benchmark import BenchmarkConfig, format_table, run_benchmark
     from fedscope_jax.utils.io import write_json
 
-    cfg = BenchmarkConfig(clients=args.clients, users=args.users, max_len=args.max_len, dim=args.dim,
-                          batch_size=args.batch_size, local_epochs=args.local_epochs, repeats=args.repeats,
-                          noise_mode=args.noise_mode, seed=args.seed)
-    report = run_benchmark(cfg)
-    print(format_table(report))
+    if args.sweep:
+        report, table = _run_sweep(args)
+    else:
+        if args.data:
+            raise FedscopeError(f"--data {args.data}: the engine benchmark is synthetic; a prepared dataset is "
+                                "used with --sweep (or run without --data)")
+        for flag in ("rounds", "fraction", "chunk_size", "config"):
+            if getattr(args, flag) is not None:
+                raise FedscopeError(f"--{flag.replace('_', '-')}: only with --sweep")
+        from fedscope_jax.engine.benchmark import BenchmarkConfig, format_table, run_benchmark
+
+        opts = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in ENGINE_DEFAULTS.items()}
+        cfg = BenchmarkConfig(clients=args.clients or (8, 32, 128, 512), users=args.users, repeats=args.repeats,
+                              noise_mode=args.noise_mode, seed=args.seed or 0, **opts)
+        report = run_benchmark(cfg)
+        table = format_table(report)
+    print(table)
     if args.out:
         write_json(report, args.out)
         print(f"written to {args.out}")
     return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """`--sweep`: the run config from --config / --set / the flags given, then the side-by-side timing."""
+    import dataclasses
+
+    if not args.data:
+        raise FedscopeError("--sweep needs --data DIR (a prepared dataset, e.g. fedscope data prepare --format abxi)")
+    if args.clients is not None and len(args.clients) != 1:
+        raise FedscopeError(f"--clients with --sweep: expected one number of clients, got {list(args.clients)}")
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.engine.benchmark import format_sweep_table, run_sweep_benchmark
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.sweep import parse_epsilons, parse_modes
+
+    modes = parse_modes(args.privacy, "--privacy")
+    epsilons = parse_epsilons(args.epsilons, "--epsilons")
+    cfg = load_config(args.config, args.overrides)
+    fed = {k: v for k, v in {"clients": args.clients[0] if args.clients else None, "rounds": args.rounds,
+                             "fraction": args.fraction, "chunk_size": args.chunk_size,
+                             "local_epochs": args.local_epochs}.items() if v is not None}
+    model = {k: v for k, v in {"dim": args.dim, "max_len": args.max_len}.items() if v is not None}
+    train = {k: v for k, v in {"batch_size": args.batch_size, "seed": args.seed}.items() if v is not None}
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model),
+                              train=dataclasses.replace(cfg.train, **train),
+                              federated=dataclasses.replace(cfg.federated, **fed))
+    report = run_sweep_benchmark(load_dataset(args.data), cfg, modes, epsilons)
+    return report, format_sweep_table(report)
 
 
 __all__ = ["add_parser", "run"]

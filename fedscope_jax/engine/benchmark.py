@@ -187,3 +187,103 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{r['flops_utilization']:>6.1%} {r['peak_memory_bytes'] / 2**20:>8.1f} "
                      f"{r['max_abs_diff_vs_sequential']:>8.1e}")
     return "\n".join(lines)
+
+
+# ---- the sweep benchmark: one vmapped program for all configurations vs one run after another ------------
+
+def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personalized", "uniform"),
+                        epsilons: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, float("inf")),
+                        workdir: Any = None) -> dict[str, Any]:
+    """Trains the configurations modes x epsilons (one seed: cfg.train.seed) of the FedSCOPE model on `ds`
+    twice, side by side in this process: as one sweep (`run_tracks` with every configuration: the vmapped
+    program) and one by one (`run_tracks` per configuration: the single-run program, compiled once and
+    reused for each). Compile seconds are reported apart from the training seconds (rounds only: no
+    validation during the rounds, one checkpoint at the end). Configurations that are the same run
+    (eps inf under each mode) are trained once on both sides. Returns the JSON report."""
+    import json
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from fedscope_jax.train.config import to_dict
+    from fedscope_jax.train.federated import Track, run_tracks, seed_context
+    from fedscope_jax.train.sweep import sweep_points
+
+    fcfg = dataclasses.replace(cfg.federated, checkpoint_every=cfg.federated.rounds,
+                               eval_every=cfg.federated.rounds)
+    cfg = dataclasses.replace(cfg, federated=fcfg)
+    points = sweep_points(cfg, modes, epsilons, [cfg.train.seed])
+    unique: dict[str, Any] = {}
+    for p in points:
+        unique.setdefault(json.dumps(to_dict(p.cfg), sort_keys=True), p)
+    trained = list(unique.values())
+    ctx = seed_context(ds, cfg, None)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        root = Path(tmp)
+
+        def tracks(prefix: str, pts: list[Any]) -> list[Any]:
+            out = []
+            for p in pts:
+                (root / prefix / p.name).mkdir(parents=True)
+                out.append(Track(root / prefix / p.name, ctx.session(p.cfg.privacy)))
+            return out
+
+        t0 = time.perf_counter()
+        sweep_states, _, sweep_facts = run_tracks(tracks("sweep", trained), ctx.source, ctx.n_clients, ctx.params,
+                                                  ctx.client_cfg, fcfg, desc=f"sweep ({len(trained)} configs)")
+        sweep_wall = time.perf_counter() - t0
+        single_timing, single_states, single_facts = [], [], []
+        t0 = time.perf_counter()
+        for p in progress(trained, desc="one by one", unit="config"):
+            states, _, facts = run_tracks(tracks("single", [p]), ctx.source, ctx.n_clients, ctx.params,
+                                          ctx.client_cfg, fcfg, desc=p.name)
+            single_states.append(states[0])
+            single_facts.append(facts[0])
+            single_timing.append(facts[0]["timing"])
+        single_wall = time.perf_counter() - t0
+    diffs = {p.name: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(s.params),
+                                                                       jax.tree.leaves(o.params)))
+             for p, s, o in zip(trained, sweep_states, single_states)}
+    sweep_t = sweep_facts[0]["timing"]
+    sweep_seconds = sweep_t["train_seconds"]
+    one_by_one_seconds = sum(t["train_seconds"] for t in single_timing)
+    device = jax.devices()[0]
+    mc = cfg.model
+    return {
+        "device": f"{device.platform}:{device.device_kind}",
+        "device_count": jax.device_count(),
+        "configs": [p.name for p in points],
+        "configs_trained": [p.name for p in trained],
+        "sweep_seconds": sweep_seconds,
+        "one_by_one_seconds": one_by_one_seconds,
+        "sweep_speedup": one_by_one_seconds / sweep_seconds,
+        "sweep_compile_seconds": sweep_t["compile_seconds"],
+        "one_by_one_compile_seconds": sum(t["compile_seconds"] for t in single_timing),
+        "sweep_wall_seconds": sweep_wall, "one_by_one_wall_seconds": single_wall,
+        "sweep_programs": sorted({json.dumps(f["program"], sort_keys=True) for f in sweep_facts}),
+        "sweep_chunk_sizes": sorted({f["chunk_size"] for f in sweep_facts}),
+        "one_by_one_chunk_sizes": sorted({f["chunk_size"] for f in single_facts}),
+        "max_abs_param_diff_vs_one_by_one": diffs,
+        "workload": {"dataset": str(ds.path), "users": int(ds.n_users),
+                     "n_items": list(ds.n_items), "rounds": fcfg.rounds, "clients": fcfg.clients,
+                     "fraction": fcfg.fraction, "sampling": fcfg.sampling, "local_epochs": fcfg.local_epochs,
+                     "batch_size": cfg.train.batch_size, "model": {"dim": mc.dim, "blocks": mc.blocks,
+                                                                   "max_len": mc.max_len},
+                     "seed": cfg.train.seed},
+        "timing_note": "seconds of the rounds only (sampling, batches, cohorts, privacy bookkeeping and the "
+                       "compiled rounds), compile seconds apart; both sides in this process, one after the other",
+    }
+
+
+def format_sweep_table(report: dict[str, Any]) -> str:
+    """A plain-text summary of the sweep benchmark."""
+    n, k = len(report["configs"]), len(report["configs_trained"])
+    return "\n".join([
+        f"device {report['device']} x{report['device_count']}; {n} configurations ({k} distinct runs), "
+        f"{report['workload']['rounds']} rounds, {report['workload']['clients']} clients",
+        f"{'':<12} {'train s':>9} {'compile s':>10}",
+        f"{'sweep':<12} {report['sweep_seconds']:>9.2f} {report['sweep_compile_seconds']:>10.2f}",
+        f"{'one by one':<12} {report['one_by_one_seconds']:>9.2f} {report['one_by_one_compile_seconds']:>10.2f}",
+        f"sweep_speedup {report['sweep_speedup']:.2f}x (one-by-one train s / sweep train s); max |param diff| "
+        f"{max(report['max_abs_param_diff_vs_one_by_one'].values()):.1e}",
+    ])

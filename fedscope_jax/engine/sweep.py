@@ -4,7 +4,9 @@ A sweep trains configurations that share everything a round's *data* derives fro
 client sampling, local batches) and differ only in per-client privacy vectors (clip C_k, noise multiplier
 z_k, aggregation weight w_k: 0 where a client is out of budget in that configuration). So the round is
 `vmap(round_step)` over a leading config axis of (server state, the cohorts' weight / clip / noise vectors,
-keys), with the cohorts' data shared (in_axes None: one copy, not one per config). Each config's clients
+keys), with the cohorts' data shared (in_axes None: one copy, not one per config). The key derives from the
+seed, so the configs of a seed share it (in_axes None too): random draws that do not depend on the
+parameters (negatives, dropout masks, the aggregate's noise before scaling) are made once per round. Each config's clients
 train from that config's parameters, so the per-client matmuls of all configs run as one batched program.
 
 Configs with no participating client in a round keep their state (only the round counter advances), as a
@@ -43,9 +45,12 @@ def config_in_axes(cohorts: Sequence[Cohort]) -> tuple[Cohort, ...]:
 def sweep_round_step(states: ServerState, cohorts: Sequence[Cohort], keys: jax.Array, client_cfg: ClientConfig,
                      server_opt: optax.GradientTransformation,
                      engine_cfg: EngineConfig) -> tuple[ServerState, RoundMetrics]:
-    """One round of every config (traceable). states / keys / the cohorts' weight, clip and noise_multiplier
-    have a leading config axis [n]; the cohorts' data and client ids have none."""
+    """One round of every config (traceable). states and the cohorts' weight, clip and noise_multiplier have
+    a leading config axis [n]; the cohorts' data and client ids have none. `keys`: one key (shape ()) shared
+    by every config (configs of one seed: the draws of negatives, dropout and noise are then made once, not
+    once per config), or a key per config ([n])."""
     cohorts = tuple(cohorts)
+    key_axis = 0 if keys.ndim == 1 else None
 
     def one(state: ServerState, config_cohorts: tuple[Cohort, ...], key: jax.Array):
         new, metrics = round_step(state, config_cohorts, key, client_cfg, server_opt, engine_cfg)
@@ -54,7 +59,7 @@ def sweep_round_step(states: ServerState, cohorts: Sequence[Cohort], keys: jax.A
         new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, skipped)
         return new, metrics
 
-    return jax.vmap(one, in_axes=(0, config_in_axes(cohorts), 0))(states, cohorts, keys)
+    return jax.vmap(one, in_axes=(0, config_in_axes(cohorts), key_axis))(states, cohorts, keys)
 
 
 def config_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -78,7 +83,8 @@ def make_sweep_round_fn(client_cfg: ClientConfig, server_opt: optax.GradientTran
 
         def fn(states, cohorts, keys):  # noqa: F811  (the sharded form of the same step)
             specs = tuple(Cohort(P(), P(), P(CONFIG_AXIS), P(CONFIG_AXIS), P(CONFIG_AXIS)) for _ in cohorts)
-            sharded = jax.shard_map(inner, mesh=mesh, in_specs=(P(CONFIG_AXIS), specs, P(CONFIG_AXIS)),
+            key_spec = P(CONFIG_AXIS) if keys.ndim == 1 else P()
+            sharded = jax.shard_map(inner, mesh=mesh, in_specs=(P(CONFIG_AXIS), specs, key_spec),
                                     out_specs=P(CONFIG_AXIS), check_vma=False)
             return sharded(states, tuple(cohorts), keys)
     return jax.jit(fn, donate_argnums=(0,) if donate else ())

@@ -252,7 +252,7 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
             return shard_cohorts(out, g.mesh) if g.mesh is not None else out, key
         empty = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
         per = per + [empty] * (g.n_slots - len(per))  # inactive padding configs (config mesh)
-        return config_vectors(cohorts, n_clients, per, stacked=True), jax.numpy.stack([key] * g.n_slots)
+        return config_vectors(cohorts, n_clients, per, stacked=True), key  # one key: every config has the seed's
 
     def init_group_state(g: "_Group", member_states: Sequence[Any]) -> Any:
         if not g.sweep:
