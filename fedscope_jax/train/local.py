@@ -164,7 +164,8 @@ def train_local(ds: CanonicalDataset, cfg: RunConfig, out: str | Path, semantic:
                       "partition": part.summary(ds), "per_client": per_client,
                       "untrained_clients": [p["client"] for p in per_client if not p["trained"]],
                       "init": "every client starts from the centralized run's initialization (train.seed)",
-                      "ranking": "each valid/test target is ranked by the model of the client that holds it"},
+                      "ranking": "each valid/test target is ranked by the model of the client that holds it",
+                      "privacy": "none applied: nothing leaves a client, so the privacy section is not used"},
         }
         write_json(summary, tmp / "summary.json")
     return summary
