@@ -83,9 +83,10 @@ def test_vmapped_configs_equal_their_single_runs(tmp_path: Path):
     tracks = _tracks(tmp_path / "sweep", fcfg, sizes)
     groups = group_tracks(tracks, fcfg)
     assert [(k[0], members) for k, members in groups] == [("sum", [0, 1, 2, 4]), ("central", [3])]
-    states, records, facts = run_tracks(tracks, source, 6, params, ccfg, fcfg)
-    assert facts[0]["program"] == {"noise_mode": "sum", "configs": 4, "sweep": True}
-    assert facts[3]["program"] == {"noise_mode": "central", "configs": 1, "sweep": False}
+    # 4 configs vmapped 2 at a time: a lax.map over 2 chunks of 2 vmapped configs
+    states, records, facts = run_tracks(tracks, source, 6, params, ccfg, fcfg, config_chunk=2)
+    assert facts[0]["program"] == {"noise_mode": "sum", "configs": 4, "sweep": True, "config_chunk": 2}
+    assert facts[3]["program"] == {"noise_mode": "central", "configs": 1, "sweep": False, "config_chunk": 1}
     clients = np.array([[r["clients"] for r in recs] for recs in records])
     # the configs really differ in who takes part: some round has a config without participants beside one with
     assert np.any((clients == 0).any(axis=0) & (clients > 0).any(axis=0)), clients
@@ -124,15 +125,18 @@ SHARDED = textwrap.dedent("""
     source, params, ccfg, sizes = _linear_setup(n_clients=6)
     fcfg = FederatedConfig(clients=6, fraction=1.0, rounds=3, chunk_size=1, max_buckets=1, seed=1,
                            server_opt="fedadam", server_lr=0.1, clip=0.5, noise_multiplier=0.3, noise_mode="sum")
-    names = ["a", "b", "c"]  # 3 configs on 2 devices: padded to 4 slots
-    for n in names:
-        (root / n).mkdir(parents=True)
-    states, _, facts = run_tracks([Track(root / n) for n in names], source, 6, params, ccfg, fcfg)
-    assert facts[0]["program"]["sweep"] and facts[0]["devices"] == 2
     (root / "single").mkdir()
     state, _, _ = run_rounds(root / "single", source, 6, params, ccfg, fcfg)
-    for s in states:
-        assert _max_diff(s.params, state.params) < 1e-5, _max_diff(s.params, state.params)
+    for cc in (1, 2):  # 3 configs on 2 devices: padded to 4 slots, 2 per device, vmapped 1 or 2 at a time
+        names = [str(cc) + x for x in "abc"]
+        for n in names:
+            (root / n).mkdir(parents=True)
+        states, _, facts = run_tracks([Track(root / n) for n in names], source, 6, params, ccfg, fcfg,
+                                      config_chunk=cc)
+        assert facts[0]["program"]["sweep"] and facts[0]["devices"] == 2
+        assert facts[0]["program"]["config_chunk"] == cc
+        for s in states:
+            assert _max_diff(s.params, state.params) < 1e-5, _max_diff(s.params, state.params)
     print("SHARDED_SWEEP_OK")
 """)
 
@@ -217,7 +221,8 @@ def test_cli_sweep_equals_single_runs(tmp_path: Path):
     names = ["personalized-eps2-seed0", "personalized-epsinf-seed0", "uniform-eps2-seed0", "uniform-epsinf-seed0"]
     assert [c["name"] for c in report["configs"]] == names
     assert report["configs"][3]["trained_as"] == "personalized-epsinf-seed0"
-    assert report["configs"][0]["program"] == {"noise_mode": "sum", "configs": 3, "sweep": True}
+    assert report["configs"][0]["program"] == {"noise_mode": "sum", "configs": 3, "sweep": True,
+                                               "config_chunk": 1}  # the CPU default: a loop over configs
     assert report["compile_seconds"] > 0 and report["train_seconds"] > 0
     for name in names:
         files = {p.name for p in (out / name).iterdir()}

@@ -21,6 +21,16 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _ints0(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    return values
+
+
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("benchmark", help="engine speed: vectorized vs sequential; --sweep: sweep vs one by one",
                               description="Times federated rounds of the vectorized engine and of the sequential "
@@ -38,7 +48,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--dim", type=int, help="model width (default 32; --sweep: model.dim)")
     p.add_argument("--batch-size", type=int, help="users per local step (default 32; --sweep: train.batch_size)")
     p.add_argument("--local-epochs", type=int, help="(default 1; --sweep: federated.local_epochs)")
-    p.add_argument("--repeats", type=int, default=4, help="timed rounds per engine, alternating, best kept (default 4)")
+    p.add_argument("--repeats", type=int, help="timed rounds per engine, alternating, best kept (default 4); "
+                   "--sweep: alternating repeats of both sides, best kept (default 2)")
     p.add_argument("--noise-mode", choices=["off", "per_client", "sum"], default="sum")
     p.add_argument("--seed", type=int, help="(default 0; --sweep: train.seed)")
     s = p.add_argument_group("sweep benchmark (--sweep)")
@@ -46,6 +57,9 @@ def add_parser(subparsers: Any) -> None:
     s.add_argument("--rounds", type=int, help="federated rounds per configuration (default: federated.rounds)")
     s.add_argument("--fraction", type=float, help="sampled fraction of clients per round (default: federated.fraction)")
     s.add_argument("--chunk-size", type=int, help="clients per vmapped chunk (default: federated.chunk_size; 0 = tune)")
+    s.add_argument("--config-chunk", type=_ints0, default=(0,), metavar="N1,N2",
+                   help="configurations vectorized at once in the sweep program; several values are each timed "
+                   "(the first is reported as sweep_seconds); 0 = all on an accelerator, 1 on CPU (default 0)")
     s.add_argument("--epsilons", default="1,2,4,8,16,inf", metavar="E1,E2", help="(default 1,2,4,8,16,inf)")
     s.add_argument("--privacy", default="personalized,uniform", metavar="M1,M2", help="(default personalized,uniform)")
     s.add_argument("--config", metavar="FILE", help="JSON run config (sections model/train/eval/federated/privacy)")
@@ -69,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         from fedscope_jax.engine.benchmark import BenchmarkConfig, format_table, run_benchmark
 
         opts = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in ENGINE_DEFAULTS.items()}
-        cfg = BenchmarkConfig(clients=args.clients or (8, 32, 128, 512), users=args.users, repeats=args.repeats,
+        cfg = BenchmarkConfig(clients=args.clients or (8, 32, 128, 512), users=args.users,
+                              repeats=args.repeats if args.repeats is not None else 4,
                               noise_mode=args.noise_mode, seed=args.seed or 0, **opts)
         report = run_benchmark(cfg)
         table = format_table(report)
@@ -104,7 +119,8 @@ def _run_sweep(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model),
                               train=dataclasses.replace(cfg.train, **train),
                               federated=dataclasses.replace(cfg.federated, **fed))
-    report = run_sweep_benchmark(load_dataset(args.data), cfg, modes, epsilons)
+    report = run_sweep_benchmark(load_dataset(args.data), cfg, modes, epsilons, config_chunks=args.config_chunk,
+                                 repeats=args.repeats if args.repeats is not None else 2)
     return report, format_sweep_table(report)
 
 

@@ -35,6 +35,9 @@ def add_parser(subparsers: Any) -> None:
                    help="epsilons of the whole run per client; inf = no DP (default 1,2,4,8,16,inf)")
     g.add_argument("--seeds", dest="sweep_seeds", type=int, default=1, metavar="N",
                    help="number of seeds: train.seed, train.seed+1, ... (default 1)")
+    g.add_argument("--config-chunk", type=int, default=0, metavar="N",
+                   help="configurations vectorized at once in the sweep program (0 = all on an accelerator, "
+                   "1 = a loop over configurations inside the program on CPU; default 0)")
     g.add_argument("--epsilon", dest="single_epsilon", help=argparse.SUPPRESS)
     g.add_argument("--resume", dest="sweep_resume", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -46,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep_resume:
         raise FedscopeError("--resume: a sweep cannot be resumed; rerun it with --force (or run the missing "
                             "configuration with `fedscope train --mode federated --resume`)")
+    if args.config_chunk < 0:
+        raise FedscopeError(f"--config-chunk {args.config_chunk}: expected >= 0 (0 = the device's default)")
     if args.sweep_seeds < 1:
         raise FedscopeError(f"--seeds {args.sweep_seeds}: expected a number of seeds >= 1")
     from fedscope_jax.train.sweep import parse_epsilons, parse_modes
@@ -67,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"data": str(args.data), "attributes": args.attributes, "semantic_coverage": coverage,
              "mode": "federated"}
     summaries = run_sweep(ds, cfg, modes, epsilons, seeds, args.out, semantic=semantic, force=args.force,
-                          extra=extra)
+                          extra=extra, config_chunk=args.config_chunk)
     from fedscope_jax.train.sweep import sweep_points
     from fedscope_jax.utils.io import read_json
 

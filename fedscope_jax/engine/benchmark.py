@@ -193,13 +193,19 @@ def format_table(report: dict[str, Any]) -> str:
 
 def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personalized", "uniform"),
                         epsilons: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, float("inf")),
-                        workdir: Any = None) -> dict[str, Any]:
+                        workdir: Any = None, config_chunks: tuple[int, ...] = (0,),
+                        repeats: int = 2) -> dict[str, Any]:
     """Trains the configurations modes x epsilons (one seed: cfg.train.seed) of the FedSCOPE model on `ds`
-    twice, side by side in this process: as one sweep (`run_tracks` with every configuration: the vmapped
-    program) and one by one (`run_tracks` per configuration: the single-run program, compiled once and
-    reused for each). Compile seconds are reported apart from the training seconds (rounds only: no
-    validation during the rounds, one checkpoint at the end). Configurations that are the same run
-    (eps inf under each mode) are trained once on both sides. Returns the JSON report."""
+    as one sweep (`run_tracks` with every configuration: the sweep program) and one by one (`run_tracks` per
+    configuration: the single-run program, compiled once and reused for each), side by side in this process.
+
+    Both sides are run `repeats` times, alternating (sweep first in even repeats, one-by-one first in odd
+    ones) so that a load change on a shared machine hits both; the best repeat of each side is reported.
+    Compiles happen in the first repeat and are reported apart from the training seconds (the round loops:
+    sampling, batches, cohorts, privacy bookkeeping, rounds; no validation during the rounds, one checkpoint
+    at the end). Configurations that are the same run (eps inf under each mode) are trained once on both
+    sides. config_chunks: the sweep is timed per value (configs vectorized at once; 0 = the default for the
+    device); the first is the reported `sweep_seconds`, all are in `sweep_by_config_chunk`."""
     import json
     import tempfile
     import time
@@ -218,6 +224,9 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
         unique.setdefault(json.dumps(to_dict(p.cfg), sort_keys=True), p)
     trained = list(unique.values())
     ctx = seed_context(ds, cfg, None)
+    sweeps: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(config_chunks))}
+    singles: list[dict[str, Any]] = []
+    sweep_states = single_states = sweep_facts = single_facts = None
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = Path(tmp)
 
@@ -228,25 +237,45 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
                 out.append(Track(root / prefix / p.name, ctx.session(p.cfg.privacy)))
             return out
 
-        t0 = time.perf_counter()
-        sweep_states, _, sweep_facts = run_tracks(tracks("sweep", trained), ctx.source, ctx.n_clients, ctx.params,
-                                                  ctx.client_cfg, fcfg, desc=f"sweep ({len(trained)} configs)")
-        sweep_wall = time.perf_counter() - t0
-        single_timing, single_states, single_facts = [], [], []
-        t0 = time.perf_counter()
-        for p in progress(trained, desc="one by one", unit="config"):
-            states, _, facts = run_tracks(tracks("single", [p]), ctx.source, ctx.n_clients, ctx.params,
-                                          ctx.client_cfg, fcfg, desc=p.name)
-            single_states.append(states[0])
-            single_facts.append(facts[0])
-            single_timing.append(facts[0]["timing"])
-        single_wall = time.perf_counter() - t0
+        def sweep_side(rep: int) -> None:
+            nonlocal sweep_states, sweep_facts
+            for i, cc in enumerate(config_chunks):
+                t0 = time.perf_counter()
+                states, recs, facts = run_tracks(tracks(f"sweep{i}-{rep}", trained), ctx.source, ctx.n_clients,
+                                                 ctx.params, ctx.client_cfg, fcfg, config_chunk=cc,
+                                                 desc=f"sweep c={cc} ({len(trained)} configs)")
+                sweeps[i].append({"config_chunk": facts[0]["program"]["config_chunk"],
+                                  "wall_seconds": time.perf_counter() - t0, **facts[0]["timing"],
+                                  "round_seconds": [r["seconds"] for r in recs[0]]})
+                if i == 0:
+                    sweep_states, sweep_facts = states, facts
+
+        def single_side(rep: int) -> None:
+            nonlocal single_states, single_facts
+            t0 = time.perf_counter()
+            states, facts = [], []
+            for p in progress(trained, desc="one by one", unit="config"):
+                s, _, f = run_tracks(tracks(f"single-{rep}", [p]), ctx.source, ctx.n_clients, ctx.params,
+                                     ctx.client_cfg, fcfg, desc=p.name)
+                states.append(s[0])
+                facts.append(f[0])
+            singles.append({"wall_seconds": time.perf_counter() - t0,
+                            **{k: sum(f["timing"][k] for f in facts) for k in facts[0]["timing"]}})
+            single_states, single_facts = states, facts
+
+        for rep in range(max(1, repeats)):
+            for side in ((sweep_side, single_side) if rep % 2 == 0 else (single_side, sweep_side)):
+                side(rep)
     diffs = {p.name: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(s.params),
                                                                        jax.tree.leaves(o.params)))
              for p, s, o in zip(trained, sweep_states, single_states)}
-    sweep_t = sweep_facts[0]["timing"]
-    sweep_seconds = sweep_t["train_seconds"]
-    one_by_one_seconds = sum(t["train_seconds"] for t in single_timing)
+    one_by_one_seconds = min(s["train_seconds"] for s in singles)
+    by_chunk = [{"config_chunk": runs[0]["config_chunk"], "train_seconds": min(r["train_seconds"] for r in runs),
+                 "compile_seconds": sum(r["compile_seconds"] for r in runs),
+                 "train_seconds_per_repeat": [r["train_seconds"] for r in runs],
+                 "round_seconds_per_repeat": [r["round_seconds"] for r in runs]} for runs in sweeps.values()]
+    for b in by_chunk:
+        b["speedup"] = one_by_one_seconds / b["train_seconds"]
     device = jax.devices()[0]
     mc = cfg.model
     return {
@@ -254,24 +283,29 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
         "device_count": jax.device_count(),
         "configs": [p.name for p in points],
         "configs_trained": [p.name for p in trained],
-        "sweep_seconds": sweep_seconds,
+        "sweep_seconds": by_chunk[0]["train_seconds"],
         "one_by_one_seconds": one_by_one_seconds,
-        "sweep_speedup": one_by_one_seconds / sweep_seconds,
-        "sweep_compile_seconds": sweep_t["compile_seconds"],
-        "one_by_one_compile_seconds": sum(t["compile_seconds"] for t in single_timing),
-        "sweep_wall_seconds": sweep_wall, "one_by_one_wall_seconds": single_wall,
+        "sweep_speedup": one_by_one_seconds / by_chunk[0]["train_seconds"],
+        "sweep_compile_seconds": by_chunk[0]["compile_seconds"],
+        "one_by_one_compile_seconds": sum(s["compile_seconds"] for s in singles),
+        "sweep_config_chunk": by_chunk[0]["config_chunk"],
+        "sweep_by_config_chunk": by_chunk,
+        "one_by_one_train_seconds_per_repeat": [s["train_seconds"] for s in singles],
+        "repeats": max(1, repeats),
         "sweep_programs": sorted({json.dumps(f["program"], sort_keys=True) for f in sweep_facts}),
         "sweep_chunk_sizes": sorted({f["chunk_size"] for f in sweep_facts}),
         "one_by_one_chunk_sizes": sorted({f["chunk_size"] for f in single_facts}),
         "max_abs_param_diff_vs_one_by_one": diffs,
-        "workload": {"dataset": str(ds.path), "users": int(ds.n_users),
-                     "n_items": list(ds.n_items), "rounds": fcfg.rounds, "clients": fcfg.clients,
-                     "fraction": fcfg.fraction, "sampling": fcfg.sampling, "local_epochs": fcfg.local_epochs,
-                     "batch_size": cfg.train.batch_size, "model": {"dim": mc.dim, "blocks": mc.blocks,
-                                                                   "max_len": mc.max_len},
+        "workload": {"dataset": str(ds.path), "users": int(ds.n_users), "n_items": list(ds.n_items),
+                     "rounds": fcfg.rounds, "clients": fcfg.clients, "fraction": fcfg.fraction,
+                     "sampling": fcfg.sampling, "scheme": fcfg.scheme, "local_epochs": fcfg.local_epochs,
+                     "batch_size": cfg.train.batch_size,
+                     "model": {"dim": mc.dim, "blocks": mc.blocks, "max_len": mc.max_len,
+                               "num_negatives": mc.loss.num_negatives},
                      "seed": cfg.train.seed},
-        "timing_note": "seconds of the rounds only (sampling, batches, cohorts, privacy bookkeeping and the "
-                       "compiled rounds), compile seconds apart; both sides in this process, one after the other",
+        "timing_note": "train seconds: the round loops (sampling, batches, cohorts, privacy bookkeeping, the "
+                       "compiled rounds, one final checkpoint per configuration), compiles apart; best of "
+                       "`repeats` alternating repeats per side, in this process",
     }
 
 
@@ -282,8 +316,10 @@ def format_sweep_table(report: dict[str, Any]) -> str:
         f"device {report['device']} x{report['device_count']}; {n} configurations ({k} distinct runs), "
         f"{report['workload']['rounds']} rounds, {report['workload']['clients']} clients",
         f"{'':<12} {'train s':>9} {'compile s':>10}",
-        f"{'sweep':<12} {report['sweep_seconds']:>9.2f} {report['sweep_compile_seconds']:>10.2f}",
+        *[f"{'sweep c=' + str(b['config_chunk']):<12} {b['train_seconds']:>9.2f} {b['compile_seconds']:>10.2f}"
+          for b in report["sweep_by_config_chunk"]],
         f"{'one by one':<12} {report['one_by_one_seconds']:>9.2f} {report['one_by_one_compile_seconds']:>10.2f}",
-        f"sweep_speedup {report['sweep_speedup']:.2f}x (one-by-one train s / sweep train s); max |param diff| "
+        f"sweep_speedup {report['sweep_speedup']:.2f}x (one-by-one train s / sweep c={report['sweep_config_chunk']} "
+        f"train s); max |param diff| "
         f"{max(report['max_abs_param_diff_vs_one_by_one'].values()):.1e}",
     ])

@@ -43,12 +43,14 @@ def config_in_axes(cohorts: Sequence[Cohort]) -> tuple[Cohort, ...]:
 
 
 def sweep_round_step(states: ServerState, cohorts: Sequence[Cohort], keys: jax.Array, client_cfg: ClientConfig,
-                     server_opt: optax.GradientTransformation,
-                     engine_cfg: EngineConfig) -> tuple[ServerState, RoundMetrics]:
+                     server_opt: optax.GradientTransformation, engine_cfg: EngineConfig,
+                     config_chunk: int = 0) -> tuple[ServerState, RoundMetrics]:
     """One round of every config (traceable). states and the cohorts' weight, clip and noise_multiplier have
     a leading config axis [n]; the cohorts' data and client ids have none. `keys`: one key (shape ()) shared
     by every config (configs of one seed: the draws of negatives, dropout and noise are then made once, not
-    once per config), or a key per config ([n])."""
+    once per config), or a key per config ([n]).
+    config_chunk: configs vectorized at once (0 = all); the config axis is a `lax.map` over chunks of that
+    many vmapped configs, so 1 is a loop over configs inside the one program (n must be a multiple)."""
     cohorts = tuple(cohorts)
     key_axis = 0 if keys.ndim == 1 else None
 
@@ -59,7 +61,26 @@ def sweep_round_step(states: ServerState, cohorts: Sequence[Cohort], keys: jax.A
         new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, skipped)
         return new, metrics
 
-    return jax.vmap(one, in_axes=(0, config_in_axes(cohorts), key_axis))(states, cohorts, keys)
+    vmapped = jax.vmap(one, in_axes=(0, config_in_axes(cohorts), key_axis))
+    n = int(states.round.shape[0])
+    chunk = n if config_chunk <= 0 else min(config_chunk, n)
+    if chunk == n:
+        return vmapped(states, cohorts, keys)
+    if n % chunk:
+        raise FedscopeError(f"sweep: {n} configs per device are not a multiple of config_chunk {chunk}; "
+                            "pad them (pad_configs)")
+    split = lambda x: x.reshape((n // chunk, chunk) + x.shape[1:])  # noqa: E731
+    per_config = (states, tuple((c.weight, c.clip, c.noise_multiplier) for c in cohorts),
+                  keys if key_axis == 0 else None)
+
+    def body(xs):
+        st, vectors, k = xs
+        chunk_cohorts = tuple(c._replace(weight=w, clip=cl, noise_multiplier=z)
+                              for c, (w, cl, z) in zip(cohorts, vectors))
+        return vmapped(st, chunk_cohorts, keys if k is None else k)
+
+    out = jax.lax.map(body, jax.tree.map(split, per_config))
+    return jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), out)
 
 
 def config_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -70,14 +91,15 @@ def config_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 @functools.lru_cache(maxsize=16)
 def make_sweep_round_fn(client_cfg: ClientConfig, server_opt: optax.GradientTransformation,
-                        engine_cfg: EngineConfig, mesh: Mesh | None = None,
-                        donate: bool = True) -> Callable[[ServerState, Sequence[Cohort], jax.Array],
-                                                         tuple[ServerState, RoundMetrics]]:
+                        engine_cfg: EngineConfig, mesh: Mesh | None = None, donate: bool = True,
+                        config_chunk: int = 0) -> Callable[[ServerState, Sequence[Cohort], jax.Array],
+                                                           tuple[ServerState, RoundMetrics]]:
     """The jitted sweep round: (states, cohorts, keys) -> (states, metrics), all with a leading config axis.
 
     With `mesh` (axis "configs"), the config axis is sharded over its devices: the config count must be a
-    multiple of the device count (`pad_configs`). Cached on its (hashable) arguments."""
-    fn = functools.partial(sweep_round_step, client_cfg=client_cfg, server_opt=server_opt, engine_cfg=engine_cfg)
+    multiple of devices x config_chunk (`pad_configs`). Cached on its (hashable) arguments."""
+    fn = functools.partial(sweep_round_step, client_cfg=client_cfg, server_opt=server_opt, engine_cfg=engine_cfg,
+                           config_chunk=config_chunk)
     if mesh is not None:
         inner = fn
 
@@ -100,8 +122,16 @@ def unstack(tree: Any, index: int) -> Any:
     return jax.tree.map(lambda x: x[index], tree)
 
 
+def default_config_chunk(n: int, platform: str | None = None) -> int:
+    """Configs vectorized at once when not given: all of them on an accelerator; one at a time (a loop over
+    configs inside the program) on CPU, where the vmapped dense per-config tables lost to the loop
+    (docs/sweep.md, measured)."""
+    platform = platform or jax.devices()[0].platform
+    return 1 if platform == "cpu" else n
+
+
 def pad_configs(n: int, devices: int) -> int:
-    """Config count padded up to a multiple of `devices`."""
+    """Config count padded up to a multiple of `devices` (devices x config chunk)."""
     if n < 1 or devices < 1:
         raise FedscopeError(f"sweep: expected >= 1 configs and devices, got {n} configs, {devices} devices")
     return -(-n // devices) * devices
@@ -142,11 +172,12 @@ def config_vectors(cohorts: Sequence[Cohort], n_clients: int,
 
 @functools.lru_cache(maxsize=32)
 def round_program(client_cfg: ClientConfig, server_opt: optax.GradientTransformation, engine_cfg: EngineConfig,
-                  sweep: bool, mesh: Mesh | None = None) -> Any:
-    """The ahead-of-time compiled round (`round.CompiledFn`): a sweep program (leading config axis) or the
-    single-run program. Cached, so runs and seeds with equal settings and shapes reuse the executables."""
+                  sweep: bool, mesh: Mesh | None = None, config_chunk: int = 0) -> Any:
+    """The ahead-of-time compiled round (`round.CompiledFn`): a sweep program (leading config axis, vmapped
+    `config_chunk` configs at a time, 0 = all) or the single-run program. Cached, so runs and seeds with equal
+    settings and shapes reuse the executables."""
     from fedscope_jax.engine.round import CompiledFn, make_round_fn
 
     if sweep:
-        return CompiledFn(make_sweep_round_fn(client_cfg, server_opt, engine_cfg, mesh))
+        return CompiledFn(make_sweep_round_fn(client_cfg, server_opt, engine_cfg, mesh, config_chunk=config_chunk))
     return CompiledFn(make_round_fn(client_cfg, server_opt, engine_cfg, mesh))

@@ -158,7 +158,7 @@ def run_rounds(run_dir: str | Path, source: ClientSource, n_clients: int, params
 
 def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, params: Any, client_cfg: Any,
                fcfg: FederatedConfig, table_rows: Mapping[str, int] | None = None, resume: bool = False,
-               desc: str = "train (federated)"
+               desc: str = "train (federated)", config_chunk: int = 0
                ) -> tuple[list[Any], list[list[dict[str, Any]]], list[dict[str, Any]]]:
     """The round loop of one or several configurations that share their data (same fcfg, seed, source).
 
@@ -167,6 +167,7 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
     (`group_tracks`): a group of one track runs the single-run program, a larger group the sweep program
     (engine/sweep.py: vmap over a leading config axis; a client that does not take part in a config has
     weight 0 there). Each track writes its own metrics.jsonl, checkpoints/, ledger.
+    config_chunk: configurations a sweep program vectorizes at once (0: `engine.sweep.default_config_chunk`).
     Returns per track: (final server state, records, facts); facts["timing"] holds the loop's compile and
     training seconds (the same for every track of the call).
     """
@@ -225,7 +226,7 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
     devices = jax.device_count()
     key = jax.random.fold_in(jax.random.key(fcfg.seed), 0xE6)
     largest = int(np.bincount([plan.bucket_of(steps_of[c]) for c in trainable]).max())
-    groups = [_Group(settings, members, devices) for settings, members in group_tracks(tracks, fcfg)]
+    groups = [_Group(settings, members, devices, config_chunk) for settings, members in group_tracks(tracks, fcfg)]
 
     def participants(round_index: int, eligible: Sequence[Any]) -> tuple[list[Any], Any]:
         sampled = sample_clients(fcfg.seed, round_index, n_clients, fcfg.sampling, fcfg.fraction)
@@ -261,6 +262,16 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
         return stack_states([jax.tree.map(lambda x: jax.numpy.array(x, copy=True), s) for s in padded])
 
     # Programs and chunk sizes (time candidates on the first round's cohorts when fcfg.chunk_size is 0).
+    # Programs are cached across runs: count the compile seconds this call adds to each program it uses.
+    used: dict[int, tuple[Any, float]] = {}
+
+    def use(program: Any) -> Any:
+        used.setdefault(id(program), (program, program.compile_seconds))
+        return program
+
+    def compiled_here() -> float:
+        return sum(p.compile_seconds - before for p, before in used.values())
+
     probe = jax.tree.map(np.asarray, init)
     first_ids, first_union = participants(start, [None] * len(tracks))
     for g in groups:
@@ -270,7 +281,7 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
         chunk, tuning = fcfg.chunk_size, {}
         if chunk == 0:
             def thunk_for(c: int, g=g):
-                program = g.program(client_cfg, server_opt, c)
+                program = use(g.program(client_cfg, server_opt, c))
                 cohorts, _ = cohorts_for(start, first_union, g.multiple(c))
                 inputs, k = group_inputs(g, cohorts, first_ids)
                 holder = [init_group_state(g, [init_server_state(probe.params, server_opt)] * len(g.members))]
@@ -284,10 +295,10 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
                 candidates = [c for c in candidates if c >= 2] or [2]
             chunk, tuning = autotune_chunk_size(thunk_for, candidates)
         g.chunk, g.tuning = chunk, tuning
-        g.fn = g.program(client_cfg, server_opt, chunk)
+        g.fn = use(g.program(client_cfg, server_opt, chunk))
         g.state = init_group_state(g, [states[i] for i in g.members])
     multiple = math.lcm(*(g.multiple(g.chunk) for g in groups))
-    compile_before = sum(g.fn.compile_seconds for g in groups)
+    compile_before = compiled_here()
     t_rounds = time.perf_counter()
 
     logs = [open(t.run_dir / "metrics.jsonl", "a", encoding="utf-8") for t in tracks]
@@ -350,11 +361,10 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
             log.close()
         for ckpt in ckpts:
             ckpt.close()
-    compile_seconds = sum(g.fn.compile_seconds for g in groups) - compile_before
+    compile_seconds = compiled_here() - compile_before
     loop_seconds = time.perf_counter() - t_rounds
-    timing = {"compile_seconds": compile_seconds, "train_seconds": loop_seconds - compile_seconds,
-              "setup_seconds": t_rounds - t_loop,
-              "chunk_tuning_compile_seconds": compile_before}
+    timing = {"compile_seconds": compile_seconds + compile_before, "train_seconds": loop_seconds - compile_seconds,
+              "setup_seconds": t_rounds - t_loop, "chunk_tuning_compile_seconds": compile_before}
     finals, facts = [], []
     for i, t in enumerate(tracks):
         g = next(g for g in groups if i in g.members)
@@ -362,7 +372,8 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
         f = {"chunk_size": g.chunk, "chunk_tuning_seconds": {str(k): v for k, v in g.tuning.items()},
              "buckets": [{"steps": s, "vocab": dict(v)} for s, v in zip(plan.steps, plan.vocab_sizes)],
              "devices": devices, "trainable_clients": len(trainable), "start_round": start,
-             "program": {"noise_mode": g.settings[0], "configs": len(g.members), "sweep": g.sweep},
+             "program": {"noise_mode": g.settings[0], "configs": len(g.members), "sweep": g.sweep,
+                         "config_chunk": g.config_chunk if g.sweep else 1},
              "timing": timing}
         if t.privacy is not None:
             f["privacy"] = t.privacy.finish(t.run_dir)
@@ -375,13 +386,16 @@ class _Group:
     "clients" mesh over several devices) or the sweep program (several; the config axis on the "configs"
     mesh, padded to a multiple of the devices with inactive slots)."""
 
-    def __init__(self, settings: tuple[str, float, int | None], members: list[int], devices: int):
+    def __init__(self, settings: tuple[str, float, int | None], members: list[int], devices: int,
+                 config_chunk: int = 0):
         from fedscope_jax.engine.round import client_mesh
-        from fedscope_jax.engine.sweep import config_mesh, pad_configs
+        from fedscope_jax.engine.sweep import config_mesh, default_config_chunk, pad_configs
 
         self.settings, self.members = settings, members
         self.sweep = len(members) > 1
-        self.n_slots = pad_configs(len(members), devices) if self.sweep else 1
+        per_device = -(-len(members) // devices)
+        self.config_chunk = min(config_chunk or default_config_chunk(per_device), per_device)
+        self.n_slots = pad_configs(len(members), devices * self.config_chunk) if self.sweep else 1
         self.devices = devices
         if devices > 1:
             self.mesh = config_mesh() if self.sweep else client_mesh()
@@ -399,7 +413,8 @@ class _Group:
 
         mode, bound, neighbors = self.settings
         ecfg = EngineConfig(chunk, mode, bound, neighbors if neighbors is not None else 16)
-        return round_program(client_cfg, server_opt, ecfg, self.sweep, self.mesh)
+        return round_program(client_cfg, server_opt, ecfg, self.sweep, self.mesh,
+                             self.config_chunk if self.sweep else 0)
 
     def state_of(self, track: int) -> Any:
         """The server state of track `track` (a member)."""

@@ -131,12 +131,13 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 def run_sweep(ds: Any, cfg: Any, modes: Sequence[str], epsilons: Sequence[float], seeds: Sequence[int],
               out: str | Path, semantic: Any = None, force: bool = False,
-              extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+              extra: dict[str, Any] | None = None, config_chunk: int = 0) -> list[dict[str, Any]]:
     """Trains every configuration (modes x epsilons x seeds) of `cfg`; returns their summaries in that order.
 
     cfg: a train.config.RunConfig; each configuration is `cfg` with privacy.mode / privacy.epsilon
     (mode "off" for epsilon inf) and train.seed replaced (`sweep_points`). extra: keys added to each
-    config.json (like `train_federated`'s extra)."""
+    config.json (like `train_federated`'s extra). config_chunk: configurations vectorized at once in a sweep
+    program (0: all on an accelerator, 1 on CPU; `engine.sweep.default_config_chunk`)."""
     from fedscope_jax.train.config import to_dict
     from fedscope_jax.train.federated import Track, client_config, finish_run, run_tracks, seed_context
     from fedscope_jax.utils.io import write_json
@@ -166,7 +167,8 @@ def run_sweep(ds: Any, cfg: Any, modes: Sequence[str], epsilons: Sequence[float]
             tracks.append(Track(run_dir, ctx.session(p.cfg.privacy), ctx.eval_fn))
         states, records, facts = run_tracks(tracks, ctx.source, ctx.n_clients, ctx.params, ctx.client_cfg,
                                             trained[0].cfg.federated,
-                                            desc=f"sweep seed {seed} ({len(trained)} configs)")
+                                            desc=f"sweep seed {seed} ({len(trained)} configs)",
+                                            config_chunk=config_chunk)
         for p, state, recs, fct in zip(trained, states, records, facts):
             summaries[p.name] = finish_run(ctx, p.cfg, out / p.name, state, recs, fct, t_start)
         for p in mine:
