@@ -62,7 +62,12 @@ def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None
                   "negatives (the 'sampled' protocol; `eval.num_negatives`), '(full)' against every item the user "
                   "never interacted with in the domain. Cells: mean ± sample std over seeds. DP 'n/a': DP does "
                   "not apply (local-only training shares nothing; centralized training pools raw data and is the "
-                  "non-private upper bound). eps_spent: the median client's spent epsilon (dp-accounting).", ""]
+                  "non-private upper bound). eps_spent: the median client's spent epsilon (dp-accounting). "
+                  "A random ranking scores HR@10 = 0.010 and NDCG@10 ~ 0.0046 under 999 sampled negatives.", ""]
+        if plan["profile"] == "quick" and not plan.get("dry_run"):
+            lines += ["> **quick profile**: a few hundred users per dataset, a small model and 20 rounds, sized for "
+                      "a 2-core CPU. It runs every study end to end; its numbers are far below the paper's setting "
+                      "(the `full` profile) and differences within a table are mostly noise.", ""]
         for name, info in plan["studies"].items():
             lines += _study_section(root, out, name, info, plan)
     else:
@@ -95,10 +100,11 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
         lines.append("")
     else:
         groups, missing = _study_groups(root, info.get("cells", []))
-    seconds = info.get("seconds_this_process")
-    if seconds is not None:
-        lines += [f"Time (last `fedscope reproduce` process; cells shared with earlier studies not counted): "
-                  f"{seconds:.0f} s wall, {info.get('cpu_seconds_this_process', 0):.0f} s CPU.", ""]
+    if info.get("seconds_total") is not None:
+        lines += [f"Time spent on this study's cells by the `fedscope reproduce` processes that wrote this folder "
+                  f"(cells shared with an earlier study not counted again; finished cells skipped by a resumed "
+                  f"process cost nothing): {info['seconds_total']:.0f} s wall, "
+                  f"{info.get('cpu_seconds_total', 0):.0f} s CPU.", ""]
     failed = {k: v for k, v in plan.get("failed", {}).items() if k in set(info.get("cells", []))}
     if failed:
         lines += [f"**{len(failed)} cell(s) FAILED**:", ""] + [f"- `{k}`: {v}" for k, v in failed.items()] + [""]

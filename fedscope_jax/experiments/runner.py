@@ -108,6 +108,7 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
     root = opts.out / "dry-run" if opts.dry_run else opts.out
     root.mkdir(parents=True, exist_ok=True)
     plan_path = root / PLAN_FILE
+    old: dict[str, Any] = {}
     if plan_path.is_file():
         old = read_json(plan_path)
         if old.get("profile") != opts.profile:
@@ -144,6 +145,10 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
     write_json(record, plan_path)   # a report of a partial reproduction shows what is missing
     with _quick_compiles(opts.dry_run):
         _run_all(todo, record, opts)
+    for name, info in record["studies"].items():   # totals over every process that worked on this folder
+        before = old.get("studies", {}).get(name, {})
+        for key in ("seconds", "cpu_seconds"):
+            info[f"{key}_total"] = before.get(f"{key}_total", 0.0) + info.get(f"{key}_this_process", 0.0)
     write_json(record, plan_path)
     return record
 
