@@ -279,6 +279,3 @@ def _run_sweep(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ident: 
                     "seed": int(m["seed"])}, run / CELL_FILE)
     done.write_text("ok\n", encoding="utf-8")
 
-
-def dataset_names() -> list[str]:
-    return list(DATASETS)
