@@ -69,9 +69,17 @@ def sweep_round_step(states: ServerState, cohorts: Sequence[Cohort], keys: jax.A
     if n % chunk:
         raise FedscopeError(f"sweep: {n} configs per device are not a multiple of config_chunk {chunk}; "
                             "pad them (pad_configs)")
-    split = lambda x: x.reshape((n // chunk, chunk) + x.shape[1:])  # noqa: E731
     per_config = (states, tuple((c.weight, c.clip, c.noise_multiplier) for c in cohorts),
                   keys if key_axis == 0 else None)
+    if chunk == 1:  # a loop over configs running the unbatched round (no vmap of size 1)
+        def body_one(xs):
+            st, vectors, k = xs
+            config_cohorts = tuple(c._replace(weight=w, clip=cl, noise_multiplier=z)
+                                   for c, (w, cl, z) in zip(cohorts, vectors))
+            return one(st, config_cohorts, keys if k is None else k)
+
+        return jax.lax.map(body_one, per_config)
+    split = lambda x: x.reshape((n // chunk, chunk) + x.shape[1:])  # noqa: E731
 
     def body(xs):
         st, vectors, k = xs
