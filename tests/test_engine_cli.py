@@ -35,6 +35,7 @@ def test_federated_run_directory(tiny_dataset: Path, tmp_path: Path, capsys):
     fed = summary["federated"]
     assert fed["clients"] == 3 and fed["chunk_size"] == 1 and fed["rounds"] == 2 and fed["devices"] >= 1
     assert set(summary["test"]) == {"A", "B"} and 0 <= summary["test"]["A"]["NDCG@10"] <= 1
+    assert {"cold_start", "long_tail", "baselines"} <= set(summary)   # the shared final evaluation
     assert (run / "checkpoints").is_dir() and (run / "params.msgpack").is_file()
     # without --resume the existing run is refused
     assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "3",

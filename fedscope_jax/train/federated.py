@@ -588,19 +588,17 @@ def finish_run(ctx: SeedContext, cfg: Any, out: Path, state: Any, records: list[
     from flax import serialization
 
     from fedscope_jax.eval.protocol import eval_set
-    from fedscope_jax.train.centralized import evaluate
+    from fedscope_jax.train.final_eval import final_metrics
     from fedscope_jax.utils.io import write_json
 
     mc, ec, fcfg, ds, semantic = cfg.model, cfg.eval, cfg.federated, ctx.ds, ctx.semantic
     facts = dict(facts)
     privacy_facts = facts.pop("privacy", {"mode": "off"})
     params = jax.device_get(state.params)
-    valid, _ = evaluate(params, mc, ctx.valid_set, ds.domains, ec.ks, semantic, ec.batch_size)
-    test_set = eval_set(ds, "test", mc.max_len, ec)
-    test, _ = evaluate(params, mc, test_set, ds.domains, ec.ks, semantic, ec.batch_size)
+    sets = {"valid": ctx.valid_set, "test": eval_set(ds, "test", mc.max_len, ec)}
     trained = [r for r in records if r.get("clients", 0) > 0]
     summary = {
-        "test": test["sampled"], "test_full": test["full"], "valid": valid["sampled"], "valid_full": valid["full"],
+        **final_metrics(params, ds, cfg, semantic, sets=sets),
         "training": {"mode": "federated", "rounds": fcfg.rounds, "seconds_this_process": time.time() - t_start,
                      "device": jax.devices()[0].device_kind, "final_loss": trained[-1]["loss"] if trained else None},
         "federated": {**dataclasses.asdict(fcfg), **facts, "partition": ctx.part.summary(ds),
