@@ -12,28 +12,7 @@ import pytest
 
 from fedscope_jax.errors import FedscopeError
 
-SETTINGS = ["model.dim=8", "model.blocks=1", "model.max_len=6", "model.fusion_hidden=8",
-            "model.loss.num_negatives=5", "train.batch_size=16", "eval.num_negatives=20", "eval.buckets=2,4"]
-
-
-def _linear_setup(n_clients: int = 6, dim: int = 5, seed: int = 0):
-    """A dense linear-regression client population: (source, params, client config)."""
-    import jax.numpy as jnp
-    import optax
-
-    from fedscope_jax.engine.client import ClientConfig
-    from fedscope_jax.engine.cohort import ClientShard
-
-    rng = np.random.default_rng(seed)
-    steps = [1 + (c % 3) for c in range(n_clients)]
-    data = {c: ClientShard({"x": rng.normal(size=(steps[c], 4, dim)).astype(np.float32),
-                            "y": rng.normal(size=(steps[c], 4)).astype(np.float32)}) for c in range(n_clients)}
-
-    def loss(params, batch, key):
-        return jnp.mean((batch["x"] @ params["w"] + params["b"] - batch["y"]) ** 2), {}
-
-    params = {"w": jnp.zeros(dim), "b": jnp.zeros(())}
-    return (lambda r, c: data[c]), params, ClientConfig(loss, optax.sgd(0.5)), np.array(steps) * 40
+from conftest import SETTINGS, linear_setup as _linear_setup
 
 
 def _session(mode: str, sizes, fcfg, **kw):
