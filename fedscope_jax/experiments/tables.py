@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from fedscope_jax.errors import FedscopeError
+from fedscope_jax.train.config import flatten
 from fedscope_jax.utils.io import read_json
 
 METRICS = (("HR@10", "sampled"), ("NDCG@10", "sampled"), ("MRR", "sampled"), ("NDCG@10", "full"))
@@ -49,12 +50,6 @@ def _hashable(v: Any) -> Any:
     return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
-
-
 IGNORED_FOR_GROUPING = ("train.seed", "federated.seed", "federated.chunk_size", "federated.checkpoint_every")
 
 
@@ -64,7 +59,7 @@ def infer_cell(config: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any
     privacy = config.get("privacy", {}) if mode == "federated" else {}
     pmode = privacy.get("mode", "off")
     dp = "n/a" if mode != "federated" else ("off" if pmode == "off" else f"{pmode}-eps{privacy.get('epsilon'):g}")
-    flat = {k: v for k, v in _flat(config).items() if k not in IGNORED_FOR_GROUPING and not k.startswith("experiment")
+    flat = {k: v for k, v in flatten(config).items() if k not in IGNORED_FOR_GROUPING and not k.startswith("experiment")
             and k not in ("privacy.mode", "privacy.epsilon")}
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:6]
     attributes = config.get("attributes")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import types
 import typing
 from pathlib import Path
@@ -20,6 +19,7 @@ from fedscope_jax.errors import FedscopeError
 from fedscope_jax.eval.protocol import EvalConfig
 from fedscope_jax.model.config import ModelConfig
 from fedscope_jax.privacy.config import PrivacyConfig
+from fedscope_jax.train.federated_config import FederatedConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,43 +42,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.patience < 1 or self.eval_every < 1:
             raise FedscopeError("train.lr, batch_size, epochs, patience, eval_every must be positive")
-
-
-@dataclasses.dataclass(frozen=True)
-class FederatedConfig:
-    """Federated training options: the `federated` section (CLI flags of the same names, docs/engine.md).
-
-    `seed` is not a key of its own: it is train.seed (load_config copies it)."""
-
-    clients: int = 8
-    scheme: str = "powerlaw"         # data.partition scheme (uniform, dirichlet, powerlaw, domain, user)
-    sampling: str = "fraction"       # fraction (fixed cohort size) or poisson (each client with prob. rate)
-    fraction: float = 1.0            # the fraction / Poisson rate q
-    rounds: int = 20
-    local_epochs: int = 1
-    client_lr: float = 1e-2          # local Adam (1e-3 barely moves the model in 20 rounds; docs/privacy.md)
-    server_opt: str = "fedavg"       # fedavg | fedadam
-    server_lr: float = 1.0
-    chunk_size: int = 0              # clients per vmapped chunk per device; 0 = measure and pick
-    clip: float = math.inf           # C_k for every client (inf = no clipping)
-    noise_multiplier: float = 0.0    # z_k for every client (0 = no noise)
-    noise_mode: str = "off"          # off | per_client | sum (secure-aggregation view)
-    max_buckets: int = 4
-    eval_every: int = 5
-    checkpoint_every: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.clients < 1 or self.rounds < 1 or self.local_epochs < 1:
-            raise FedscopeError("--clients, --rounds, --local-epochs: expected >= 1")
-        if not 0.0 < self.fraction <= 1.0:
-            raise FedscopeError(f"--fraction {self.fraction}: expected 0 < fraction <= 1")
-        if self.chunk_size < 0 or self.eval_every < 1 or self.checkpoint_every < 1:
-            raise FedscopeError("--chunk-size >= 0, --eval-every >= 1, --checkpoint-every >= 1 expected")
-        if self.noise_multiplier > 0 and self.noise_mode == "off":
-            raise FedscopeError("--noise-multiplier > 0 needs --noise-mode per_client or sum")
-        if self.noise_multiplier > 0 and not math.isfinite(self.clip):
-            raise FedscopeError("--noise-multiplier > 0 needs a finite --clip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +144,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         return from_dict(RunConfig, data)
     except FedscopeError as exc:
         raise FedscopeError(where + str(exc)) from None
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {dotted key: leaf} (the keys of `--set`), e.g. {"model.loss.alpha": 0.1}."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

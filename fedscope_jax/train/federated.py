@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from fedscope_jax.errors import FedscopeError
-from fedscope_jax.train.config import FederatedConfig
+from fedscope_jax.train.federated_config import FederatedConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -440,16 +440,11 @@ def _norms_of(metrics: Any, ids: Any) -> Any:
 def check_resume_config(path: Path, resolved: dict[str, Any]) -> None:
     """--resume must continue the same run: its resolved config must equal the stored config.json
     (the chunk size and checkpoint cadence excepted: they do not change the results)."""
+    from fedscope_jax.train.config import flatten
     from fedscope_jax.utils.io import read_json
 
-    stored = read_json(path)
     free = {"federated.chunk_size", "federated.checkpoint_every"}
-
-    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(tree, dict):
-            return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: tree}
-    old, new = flat(json.loads(json.dumps(stored))), flat(json.loads(json.dumps(resolved)))
+    old, new = flatten(read_json(path)), flatten(json.loads(json.dumps(resolved)))   # tuples -> lists
     for key in sorted(set(old) | set(new)):
         if key not in free and old.get(key) != new.get(key):
             raise FedscopeError(f"--resume: {key} is {new.get(key)!r} here but {old.get(key)!r} in {path}; "
