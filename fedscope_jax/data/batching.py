@@ -9,6 +9,7 @@ client's local epochs are a single array that lax.scan can walk; padded steps/us
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,14 @@ class TrainSequences:
         """Row indices of the given user ids; users without training targets are dropped."""
         users = np.asarray(users, np.int64)
         return np.searchsorted(self.user, users[np.isin(users, self.user)])
+
+    def client_rows(self, part: Any) -> list[np.ndarray]:
+        """Row indices of each client of a data.partition Partition. Under the `domain` scheme (client d
+        holds every user's domain-d data, the FedDCSR setting) every client gets every row; the trainer masks
+        the other domains."""
+        if part.scheme == "domain":
+            return [np.arange(len(self.user)) for _ in range(part.n_clients)]
+        return [self.rows_of(part.users_of(c)) for c in range(part.n_clients)]
 
 
 def group_order(ds: CanonicalDataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -554,10 +554,7 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
     seqs = train_sequences(ds, mc.max_len)
     part = partition(ds, fcfg.clients, fcfg.scheme, fcfg.seed)
     n_clients = part.n_clients
-    if fcfg.scheme == "domain":   # client d holds every user's domain-d data (FedDCSR setting)
-        rows_of = [np.arange(len(seqs.user)) for _ in range(n_clients)]
-    else:
-        rows_of = [seqs.rows_of(part.users_of(c)) for c in range(n_clients)]
+    rows_of = seqs.client_rows(part)
 
     def source(round_index: int, client: int) -> ClientShard:
         rng = np.random.default_rng([fcfg.seed, round_index, client])

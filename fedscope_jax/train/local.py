@@ -117,7 +117,7 @@ def train_local(ds: CanonicalDataset, cfg: RunConfig, out: str | Path, semantic:
     part = partition(ds, fc.clients, fc.scheme, tc.seed)
     n_clients = part.n_clients
     by_domain = part.scheme == "domain"
-    rows_of = [np.arange(len(seqs.user)) if by_domain else seqs.rows_of(part.users_of(c)) for c in range(n_clients)]
+    rows_of = seqs.client_rows(part)
     sets = eval_sets(ds, cfg)
     owner = {split: owner_of_targets(part, sets[split]) for split in SPLITS}
     ranks = {split: {p: np.zeros(len(sets[split]), np.int64) for p in ("sampled", "full")} for split in SPLITS}
