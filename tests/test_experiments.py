@@ -33,7 +33,10 @@ def test_every_study_parses_and_every_cell_config_is_valid():
 
 def test_main_cells_dp_rules_and_methods():
     main = load_study(default_config_dir() / "main.json")
-    assert len(expand(main, "quick", False)) == 3 * (3 * 2 + 2)       # quick: one seed
+    assert len(expand(main, "quick", False)) == 3 * (3 * 2 + 2) * 3   # quick: three seeds too
+    assert len(expand(main, "quick", True)) == 3 * (3 * 2 + 2)        # a dry run keeps the first seed
+    quick = main.profile("quick")
+    assert quick.max_items == 1000 and quick.users_for("abxi-food-kitchen") == 3000
     cells = expand(main, "full", False)
     # 3 datasets x (3 federated methods x 2 DP settings + local + centralized) x 3 seeds
     assert len(cells) == 3 * (3 * 2 + 2) * 3
@@ -57,7 +60,7 @@ def test_ablation_and_clients_variants():
     assert intra.model.loss.lambda_intra == 0 and intra.model.loss.lambda_inter == 1
     cs = expand(load_study(default_config_dir() / "clients_sampling.json"), "quick", False)
     got = sorted((run_config(c, "cs").federated.clients, run_config(c, "cs").federated.fraction) for c in cs)
-    assert got == [(10, 1.0), (20, 1.0), (50, 0.1), (50, 0.2), (50, 0.5), (50, 1.0), (100, 1.0)]
+    assert got == sorted([(10, 1.0), (20, 1.0), (50, 0.1), (50, 0.2), (50, 0.5), (50, 1.0), (100, 1.0)] * 3)
     pu = load_study(default_config_dir() / "privacy_utility.json")
     assert pu.epsilons == (1, 2, 4, 8, 16, math.inf) and pu.privacy_modes == ("personalized", "uniform", "central")
 
@@ -86,6 +89,19 @@ def test_bad_configs_name_file_and_key(tmp_path):
         load_study(_write(tmp_path, datasets=["nope"]))
     with pytest.raises(FedscopeError, match=r"key 'dp\[1\]\.epsilon'"):
         load_study(_write(tmp_path, dp=[{"mode": "off"}, {"mode": "uniform", "epsilon": "inf"}]))
+    raw = json.loads((default_config_dir() / "main.json").read_text())
+    raw["profiles"]["quick"]["max_users"] = {"abxi-food-kitchen": 10, "llmcdsr-food-kitchen": 10}
+    with pytest.raises(FedscopeError, match=r"key 'profiles\.quick\.max_users': expected one count per dataset.*"
+                                            r"'c2dsr-movie-book' is missing"):
+        load_study(_write(tmp_path, profiles=raw["profiles"]))
+    raw["profiles"]["quick"]["max_users"] = {"abxi-food-kitchen": 10, "llmcdsr-food-kitchen": -1,
+                                             "c2dsr-movie-book": 0}
+    with pytest.raises(FedscopeError, match=r"key 'profiles\.quick\.max_users\.llmcdsr-food-kitchen': expected an "
+                                            r"integer >= 0"):
+        load_study(_write(tmp_path, profiles=raw["profiles"]))
+    raw["profiles"]["quick"]["max_users"], raw["profiles"]["quick"]["max_items"] = 10, "all"
+    with pytest.raises(FedscopeError, match=r"key 'profiles\.quick\.max_items': expected an integer >= 0"):
+        load_study(_write(tmp_path, profiles=raw["profiles"]))
     with pytest.raises(FedscopeError, match="--studies: unknown study 'mian'"):
         load_studies(["mian"])
 
@@ -162,3 +178,40 @@ def test_subset_keeps_whole_users_and_attribute_vectors_follow_the_items(tmp_pat
     assert coverage[full.domains[1]]["items"] == sub.n_items[1]
     none, _, why = semantic_for(tmp_path / "sub", sub, tmp_path / "attrs", "other")
     assert none is None and why.startswith("none (") and "item_embeddings.arrow missing" in why
+
+
+def test_item_core_keeps_the_most_trained_items_and_renumbers_positions(tmp_path):
+    import numpy as np
+
+    from fedscope_jax.data.canonical import TRAIN, load_dataset
+    from fedscope_jax.data.synth import SynthConfig, synthesize
+    from fedscope_jax.experiments.datasets import ITEM_MAP_FILE, core_items, write_subset
+    from fedscope_jax.utils.io import read_arrow
+
+    synthesize(SynthConfig(users=80, items=(40, 50), min_length=6, max_length=12, mean_length=8.0, min_per_domain=3,
+                           topics=4), tmp_path / "full")
+    full = load_dataset(tmp_path / "full")
+    core = core_items(full, 10)
+    for d, kept in enumerate(core):      # hand-check: no dropped item has more train interactions than a kept one
+        counts = np.bincount(full.item[(full.domain == d) & (full.split == TRAIN)], minlength=full.n_items[d])
+        dropped = np.setdiff1d(np.arange(full.n_items[d]), kept)
+        assert len(kept) == 10 and counts[kept].min() >= counts[dropped].max()
+    sub = load_dataset(write_subset(full, np.arange(full.n_users), tmp_path / "core", max_items=10))
+    assert sub.n_items == (10, 10)
+    in_core = np.zeros(len(full.user), bool)
+    for d, kept in enumerate(core):
+        in_core |= (full.domain == d) & np.isin(full.item, kept)
+    assert sub.n_interactions == int(in_core.sum())
+    assert sub.n_users == len(np.unique(full.user[in_core]))          # users left with nothing are dropped
+    for u in range(sub.n_users):                                     # positions renumbered 0..n-1, order kept
+        assert sub.position[sub.user == u].tolist() == list(range(int((sub.user == u).sum())))
+    imap = read_arrow(tmp_path / "core" / ITEM_MAP_FILE)
+    src = imap["source_item_id"].to_numpy()
+    for d in range(2):                                               # ids map back to the source items
+        assert src[imap["domain"].to_numpy() == d].tolist() == core[d].tolist()
+    # the kept rows are the full dataset's core rows, in order, with their split labels
+    first = np.unique(full.user[in_core])[0]
+    rows = np.flatnonzero(in_core & (full.user == first))
+    assert [int(core[full.domain[r]][sub.item[i]]) for i, r in zip(np.flatnonzero(sub.user == 0), rows)] == \
+        full.item[rows].tolist()
+    assert sub.split[sub.user == 0].tolist() == full.split[rows].tolist()

@@ -169,3 +169,12 @@ def test_local_curve_is_the_mean_over_clients(tmp_path):
     (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     x, y = _curve(load_run(d))
     assert x.tolist() == [1, 2, 3] and y == pytest.approx([1.05, 2.05, 5.0])
+
+
+def test_random_ranking_matches_hand_computed_values():
+    from fedscope_jax.experiments.report import random_ranking
+
+    ideal = sum(1 / math.log2(r + 1) for r in range(1, 11))          # 4.5436 for ranks 1..10
+    assert random_ranking(99) == pytest.approx((0.1, ideal / 100))
+    assert random_ranking(999) == pytest.approx((0.01, 0.0045436), rel=1e-4)
+    assert random_ranking(4) == pytest.approx((1.0, sum(1 / math.log2(r + 1) for r in range(1, 6)) / 5))

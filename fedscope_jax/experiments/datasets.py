@@ -1,9 +1,11 @@
 """The studies' datasets: where each comes from, how it is prepared, and the per-profile user subsets.
 
 Prepared datasets and subsets are cached under the reproduction's output (`<out>/data/`), never in the
-repository. A subset keeps whole users (their every interaction) chosen by a seeded draw and re-indexes the
-items that remain, topped up with the most popular other items to at least 2,000 per domain (compact item
-tables keep the small profiles fast; the top-up leaves the 999-negative protocol enough candidates); `item_map.arrow` beside the subset
+repository. A user subset keeps whole users (their every interaction) chosen by a seeded draw and re-indexes
+the items that remain, topped up with the most popular other items to at least 2,000 per domain (compact item
+tables keep the small profiles fast; the top-up leaves the 999-negative protocol enough candidates). An item
+core (`max_items`) keeps only each domain's N most-trained items and drops every other interaction: denser
+data on which a small model learns in a few rounds (the quick profile). `item_map.arrow` beside a subset
 records each kept item's id in the full prepared dataset, so LLM attribute vectors can follow it.
 """
 
@@ -93,17 +95,44 @@ def _kept_items(ds: Any, dom: np.ndarray, item: np.ndarray, d: int, min_items: i
     return np.sort(np.concatenate([own, order[:target - len(own)]]))
 
 
-def write_subset(ds: Any, users: np.ndarray, out: str | Path, min_items: int = MIN_ITEMS) -> Path:
-    """Writes the canonical dataset of `users` (renumbered 0..), items re-indexed per domain, plus item_map.arrow."""
+def core_items(ds: Any, max_items: int) -> list[np.ndarray]:
+    """Sorted ids of each domain's `max_items` items with the most train interactions (ties: lower id)."""
+    from fedscope_jax.data.canonical import TRAIN
+
+    out = []
+    for d in range(len(ds.domains)):
+        sel = (ds.domain == d) & (ds.split == TRAIN)
+        counts = np.bincount(ds.item[sel], minlength=ds.n_items[d])
+        out.append(np.sort(np.argsort(-counts, kind="stable")[:min(max_items, ds.n_items[d])]))
+    return out
+
+
+def write_subset(ds: Any, users: np.ndarray, out: str | Path, min_items: int = MIN_ITEMS,
+                 max_items: int = 0) -> Path:
+    """Writes the canonical dataset of `users` (renumbered 0..), items re-indexed per domain, plus item_map.arrow.
+
+    max_items > 0: an item core. Only each domain's `max_items` most-trained items are kept and every
+    interaction with another item is dropped (positions renumbered, split labels kept: a held-out target on a
+    dropped item is gone); users left without interactions are dropped too."""
     import pyarrow as pa
 
     from fedscope_jax.data.canonical import DatasetWriter
     from fedscope_jax.utils.io import atomic_output_dir, write_arrow
 
     rows = np.flatnonzero(np.isin(ds.user, users))
+    if max_items > 0:
+        core = core_items(ds, max_items)
+        keys = np.concatenate([d * max(ds.n_items) + c for d, c in enumerate(core)])
+        rows = rows[np.isin(ds.domain[rows].astype(np.int64) * max(ds.n_items) + ds.item[rows], keys)]
+        users = np.unique(ds.user[rows])
     new_user = np.searchsorted(users, ds.user[rows])
     dom, item = ds.domain[rows], ds.item[rows]
-    kept = [_kept_items(ds, dom, item, d, min_items) for d in range(len(ds.domains))]
+    if max_items > 0:
+        kept = core
+    else:
+        kept = [_kept_items(ds, dom, item, d, min_items) for d in range(len(ds.domains))]
+    starts = np.flatnonzero(np.r_[True, np.diff(new_user) != 0])
+    position = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
     new_item = np.zeros(len(rows), np.int32)
     for d, k in enumerate(kept):
         sel = dom == d
@@ -124,11 +153,12 @@ def write_subset(ds: Any, users: np.ndarray, out: str | Path, min_items: int = M
                              pa.array(np.concatenate(new_ids).astype(np.int32)))
     meta = {k: v for k, v in ds.meta.items() if k not in ("name", "format", "users", "interactions",
                                                           "overlap_users", "domains", "splits")}
-    meta["subset"] = {"source": str(ds.path), "users": int(len(users)), "of_users": int(ds.n_users)}
+    meta["subset"] = {"source": str(ds.path), "users": int(len(users)), "of_users": int(ds.n_users),
+                      "max_items": int(max_items), "interactions": int(len(rows)), "of_interactions": int(len(ds.user))}
     with atomic_output_dir(out, force=True) as tmp:
         writer = DatasetWriter(tmp, ds.meta.get("name", "dataset"), ds.meta.get("format", "subset"), ds.domains,
                                [len(k) for k in kept], meta)
-        writer.add(new_user, dom, new_item, ds.position[rows], ds.split[rows],
+        writer.add(new_user, dom, new_item, position, ds.split[rows],
                    None if np.all(ts < 0) else ts)
         writer.close(items)
         write_arrow(pa.table({"domain": pa.array(np.concatenate(doms).astype(np.int8)),
@@ -138,20 +168,22 @@ def write_subset(ds: Any, users: np.ndarray, out: str | Path, min_items: int = M
     return Path(out)
 
 
-def dataset_for(name: str, data_root: str | Path, cache: str | Path, max_users: int, seed: int = 0) -> Path:
-    """The prepared dataset `name`, or its cached subset of `max_users` users (0 = the whole dataset)."""
+def dataset_for(name: str, data_root: str | Path, cache: str | Path, max_users: int, seed: int = 0,
+                max_items: int = 0) -> Path:
+    """The prepared dataset `name`, or its cached subset: `max_users` users (0 = all) on the item core of
+    `max_items` items per domain (0 = every item; see write_subset)."""
     from fedscope_jax.data.canonical import load_dataset
 
     full = prepare_dataset(name, data_root, cache)
-    if max_users <= 0:
+    if max_users <= 0 and max_items <= 0:
         return full
-    out = Path(cache) / f"{name}-u{max_users}-s{seed}"
+    out = Path(cache) / (f"{name}-u{max_users}" + (f"-i{max_items}" if max_items > 0 else "") + f"-s{seed}")
     if (out / "dataset.json").is_file():
         return out
     ds = load_dataset(full)
-    if max_users >= ds.n_users:
+    if (max_users <= 0 or max_users >= ds.n_users) and (max_items <= 0 or max_items >= max(ds.n_items)):
         return full
-    return write_subset(ds, subset_users(ds, max_users, seed), out)
+    return write_subset(ds, subset_users(ds, max_users, seed), out, max_items=max_items)
 
 
 def semantic_for(dataset_dir: str | Path, ds: Any, attributes_root: str | Path | None,

@@ -95,9 +95,11 @@ def plan(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> 
     return out
 
 
-def _max_users(study: Study, opts: Options) -> int:
-    users = study.profile(opts.profile).max_users
-    return min(users or DRY_RUN_USERS, DRY_RUN_USERS) if opts.dry_run else users
+def _limits(study: Study, dataset: str, opts: Options) -> tuple[int, int]:
+    """(users, items per domain) kept of `dataset` under the study's profile (0 = all)."""
+    prof = study.profile(opts.profile)
+    users = prof.users_for(dataset)
+    return (min(users or DRY_RUN_USERS, DRY_RUN_USERS) if opts.dry_run else users), prof.max_items
 
 
 def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> dict[str, Any]:
@@ -115,20 +117,23 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
             raise FedscopeError(f"{plan_path}: holds a reproduction with profile {old.get('profile')!r}; use "
                                 f"another --out for profile {opts.profile!r}")
     cells_of = plan(studies, all_studies, opts)
-    loaded: dict[tuple[str, int], tuple[Path, Any, Any, Any, str]] = {}
+    loaded: dict[tuple[str, int, int], tuple[Path, Any, Any, Any, str]] = {}
 
     def data(study: Study, name: str):
-        users = _max_users(study, opts)
-        if (name, users) not in loaded:
-            path = dataset_for(name, opts.data_root, opts.out / "data", users)
+        users, items = _limits(study, name, opts)
+        if (name, users, items) not in loaded:
+            path = dataset_for(name, opts.data_root, opts.out / "data", users, max_items=items)
             ds = load_dataset(path)
             semantic, coverage, label = semantic_for(path, ds, opts.attributes_root, name)
-            loaded[(name, users)] = (path, ds, semantic, coverage, label)
-        return loaded[(name, users)]
+            loaded[(name, users, items)] = (path, ds, semantic, coverage, label)
+            record["data"][path.name] = {"dataset": name, "users": int(ds.n_users),
+                                         "items": [int(n) for n in ds.n_items], "interactions": int(len(ds.user)),
+                                         "max_users": users, "max_items": items}
+        return loaded[(name, users, items)]
 
     record: dict[str, Any] = {"profile": opts.profile, "dry_run": opts.dry_run, "data_root": str(opts.data_root),
                               "attributes_root": str(opts.attributes_root) if opts.attributes_root else None,
-                              "hardware": hardware(), "studies": {}}
+                              "hardware": hardware(), "data": {}, "studies": {}}
     todo = []
     for name, cells in cells_of.items():
         study = all_studies[name]

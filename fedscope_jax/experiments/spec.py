@@ -55,12 +55,21 @@ class Variant:
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """Per-profile settings: seeds, a data limit (users kept per dataset; 0 = all) and RunConfig overrides."""
+    """Per-profile settings: seeds, data limits and RunConfig overrides.
+
+    max_users: users kept per dataset (0 = all); `users` instead when the file gives one count per dataset;
+    max_items: an item core, each domain's N most-trained items (0 = every item; experiments/datasets.py)."""
 
     seeds: tuple[int, ...]
     max_users: int
     overrides: tuple[str, ...]
     datasets: tuple[str, ...] | None = None
+    max_items: int = 0
+    users: tuple[tuple[str, int], ...] = ()
+
+    def users_for(self, dataset: str) -> int:
+        """Users kept of `dataset` (0 = all)."""
+        return dict(self.users).get(dataset, self.max_users)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +99,7 @@ class Study:
 
 STUDY_KEYS = {"study", "title", "kind", "description", "datasets", "methods", "dp", "variants", "privacy_modes",
               "epsilons", "reads", "seeds", "profiles", "notes"}
-PROFILE_KEYS = {"seeds", "max_users", "set", "datasets"}
+PROFILE_KEYS = {"seeds", "max_users", "max_items", "set", "datasets"}
 
 
 def _err(path: Path, key: str, msg: str) -> FedscopeError:
@@ -218,22 +227,38 @@ def load_study(path: str | Path) -> Study:
         bad = sorted(set(praw) - PROFILE_KEYS)
         if bad:
             raise _err(path, f"{key}.{bad[0]}", f"unknown key; expected one of {', '.join(sorted(PROFILE_KEYS))}")
-        max_users = praw.get("max_users", 0)
-        if isinstance(max_users, bool) or not isinstance(max_users, int) or max_users < 0:
-            raise _err(path, f"{key}.max_users", f"expected an integer >= 0 (0 = every user), got {max_users!r}")
+        max_users, users = praw.get("max_users", 0), ()
+        if isinstance(max_users, dict):
+            unknown = sorted(set(max_users) ^ set(datasets))
+            if unknown:
+                raise _err(path, f"{key}.max_users", f"expected one count per dataset of this study "
+                           f"{list(datasets)}; {unknown[0]!r} " + ("is not one" if unknown[0] in max_users
+                                                                  else "is missing"))
+            for d, n in max_users.items():
+                _count(n, path, f"{key}.max_users.{d}", "0 = every user")
+            users, max_users = tuple(sorted(max_users.items())), 0
+        else:
+            _count(max_users, path, f"{key}.max_users", "0 = every user; or an object {dataset: users}")
+        max_items = _count(praw.get("max_items", 0), path, f"{key}.max_items", "0 = every item")
         pds = praw.get("datasets")
         if pds is not None:
             if not isinstance(pds, list) or not pds or any(d not in datasets for d in pds):
                 raise _err(path, f"{key}.datasets", f"expected a non-empty subset of {list(datasets)}")
             pds = tuple(pds)
         profiles[pname] = Profile(_seeds(praw.get("seeds", seeds), path, f"{key}.seeds"), max_users,
-                                  _overrides(praw.get("set", {}), path, f"{key}.set"), pds)
+                                  _overrides(praw.get("set", {}), path, f"{key}.set"), pds, max_items, users)
     study = Study(name, path, str(raw.get("title", name)), kind, str(raw.get("description", "")), datasets,
                   methods, dp, variants, modes, epsilons, reads, profiles)
     for m in methods:  # a method that needs DP must have a DP setting to run under
         if get_method(m).dp == "required" and kind == "cells" and not any(d.mode != "off" for d in dp):
             raise _err(path, "dp", f"method {m!r} needs a DP setting, but every entry is mode off")
     return study
+
+
+def _count(value: Any, path: Path, key: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _err(path, key, f"expected an integer >= 0 ({what}), got {value!r}")
+    return value
 
 
 def _seeds(value: Any, path: Path, key: str) -> tuple[int, ...]:
