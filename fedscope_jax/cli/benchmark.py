@@ -34,7 +34,8 @@ def _ints0(text: str) -> tuple[int, ...]:
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("benchmark", help="engine speed: vectorized vs sequential; --sweep: sweep vs one by one",
                               description="Times federated rounds of the vectorized engine and of the sequential "
-                              "reference side by side on synthetic data sized like abxi-food-kitchen; prints a "
+                              "reference side by side on synthetic data sized like abxi-food-kitchen, or on the "
+                              "real users of a prepared two-domain dataset (--data); prints a "
                               "table and writes JSON (docs/engine.md). With --sweep: trains the privacy sweep "
                               "(6 epsilons x personalized, uniform) of the FedSCOPE model on --data as one vmapped "
                               "program and one configuration after another, side by side (docs/sweep.md).")
@@ -42,8 +43,9 @@ def add_parser(subparsers: Any) -> None:
                    help="client counts to measure (default 8,32,128,512); with --sweep: the number of clients K "
                    "(default: the config's federated.clients)")
     p.add_argument("--out", metavar="FILE.json", help="write the JSON report here")
-    p.add_argument("--data", metavar="DIR", help="a prepared dataset (--sweep only; the engine benchmark is synthetic)")
-    p.add_argument("--users", type=int, default=7144, help="synthetic users (default: abxi-food-kitchen's 7144)")
+    p.add_argument("--data", metavar="DIR", help="a prepared two-domain dataset (fedscope data prepare): benchmark "
+                   "its real train sequences instead of synthetic users (required by --sweep)")
+    p.add_argument("--users", type=int, help="synthetic users (default: abxi-food-kitchen's 7144); not with --data")
     p.add_argument("--max-len", type=int, help="sequence length (default 32; --sweep: model.max_len)")
     p.add_argument("--dim", type=int, help="model width (default 32; --sweep: model.dim)")
     p.add_argument("--batch-size", type=int, help="users per local step (default 32; --sweep: train.batch_size)")
@@ -74,16 +76,17 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep:
         report, table = _run_sweep(args)
     else:
-        if args.data:
-            raise FedscopeError(f"--data {args.data}: the engine benchmark is synthetic; a prepared dataset is "
-                                "used with --sweep (or run without --data)")
+        if args.data and args.users is not None:
+            raise FedscopeError(f"--users: only for synthetic data (--data {args.data} benchmarks that dataset's "
+                                "users)")
         for flag in ("rounds", "fraction", "chunk_size", "config"):
             if getattr(args, flag) is not None:
                 raise FedscopeError(f"--{flag.replace('_', '-')}: only with --sweep")
         from fedscope_jax.engine.benchmark import BenchmarkConfig, format_table, run_benchmark
 
         opts = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in ENGINE_DEFAULTS.items()}
-        cfg = BenchmarkConfig(clients=args.clients or (8, 32, 128, 512), users=args.users,
+        cfg = BenchmarkConfig(clients=args.clients or (8, 32, 128, 512),
+                              users=args.users if args.users is not None else 7144, data=args.data,
                               repeats=args.repeats if args.repeats is not None else 4,
                               noise_mode=args.noise_mode, seed=args.seed or 0, **opts)
         report = run_benchmark(cfg)

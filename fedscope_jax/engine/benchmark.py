@@ -1,7 +1,8 @@
 """`fedscope benchmark`: client-updates/s of the vectorized round vs the sequential reference, side by side.
 
-Synthetic data sized like abxi-food-kitchen (7,144 users; 11,837 + 16,258 items; Zipf popularity), split
-over C clients with power-law sizes, trained with the engine's reference model (two domain towers,
+Synthetic data sized like abxi-food-kitchen (7,144 users; 11,837 + 16,258 items; Zipf popularity), or the
+real users of a prepared two-domain dataset (`BenchmarkConfig.data`), split over C clients with power-law
+sizes, trained with the engine's reference model (two domain towers,
 100 sampled negatives shared by each mini-batch, local vocabularies), clipping and noise on.
 For each C: the chunk size is chosen by timing candidates; then vectorized and sequential rounds are timed
 alternately (best of `repeats`), both from the same cohorts; FLOPs come from XLA's cost analysis of one
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import platform
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedscope_jax.data.partition import powerlaw_sizes
+from fedscope_jax.data.batching import TrainSequences, make_batches, pad_steps, train_sequences
+from fedscope_jax.data.canonical import DATASET_FILE, TRAIN, CanonicalDataset, load_dataset
+from fedscope_jax.data.partition import partition, powerlaw_sizes
 from fedscope_jax.engine import reference_model as rm
 from fedscope_jax.engine.client import ClientConfig, SparseTable
 from fedscope_jax.engine.cohort import ClientShard, build_cohorts, localize_batch, plan_buckets
@@ -28,6 +32,7 @@ from fedscope_jax.engine.round import EngineConfig, SequentialRunner, make_round
 from fedscope_jax.engine.server import init_server_state, server_optimizer
 from fedscope_jax.engine.tune import (autotune_chunk_size, block, candidate_chunks, matmul_peak_flops, step_flops,
                                       timed)
+from fedscope_jax.errors import FedscopeError
 from fedscope_jax.utils.progress import progress
 
 FIELDS = {"a": ["seq_a", "pos_a", "neg_a"], "b": ["seq_b", "pos_b", "neg_b"]}
@@ -36,12 +41,16 @@ TABLES = (SparseTable(("item_emb_a",), "a"), SparseTable(("item_emb_b",), "b"))
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkConfig:
-    """Workload of the benchmark (defaults: abxi-food-kitchen sizes, a reduced model for a 2-core CPU)."""
+    """Workload of the benchmark (defaults: abxi-food-kitchen sizes, a reduced model for a 2-core CPU).
+
+    data: a prepared two-domain dataset directory whose real users are benchmarked; None = synthetic users
+    (`users`, `items_a`, `items_b` size them and are ignored when `data` is set)."""
 
     clients: tuple[int, ...] = (8, 32, 128, 512)
     users: int = 7144
     items_a: int = 11837
     items_b: int = 16258
+    data: str | None = None
     max_len: int = 32
     dim: int = 32
     batch_size: int = 32
@@ -64,6 +73,68 @@ def synthetic_clients(cfg: BenchmarkConfig, n_clients: int, model: rm.ReferenceC
                                                                   cfg.negatives), FIELDS)) for n in sizes]
 
 
+def load_benchmark_data(path: str) -> CanonicalDataset:
+    """The prepared dataset of `--data`, checked to be one the two-tower reference model can train."""
+    if not (Path(path) / DATASET_FILE).is_file():
+        raise FedscopeError(f"--data {path}: no {DATASET_FILE} there; expected a prepared dataset directory "
+                            "(make one with `fedscope data prepare`)")
+    ds = load_dataset(path)
+    if len(ds.domains) != 2:
+        raise FedscopeError(f"--data {path}: the benchmark's reference model has two domain towers; this dataset "
+                            f"has {len(ds.domains)} domain(s) {list(ds.domains)}")
+    return ds
+
+
+def left_align(seq: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Moves the padding of left-padded rows (batching's layout) to the end (the reference model's layout).
+
+    seq and target are padded at the same positions (a target exists exactly where an input does), so one
+    stable order per row serves both."""
+    order = np.argsort(seq == 0, axis=-1, kind="stable")
+    return np.take_along_axis(seq, order, -1), np.take_along_axis(target, order, -1)
+
+
+def real_user_batches(seqs: TrainSequences, rows: np.ndarray, n_items: tuple[int, int], batch_size: int,
+                      n_neg: int, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One client's real users as `rm.synthetic_user_batches` lays them out (domain 0 -> a, 1 -> b), plus its
+    step mask: users shuffled into mini-batches by `make_batches` (one epoch), sequences left-aligned, negatives
+    uniform over each domain's items. A client without training rows gets one padding step (step_mask False)."""
+    b = make_batches(seqs, rows, batch_size, 1, rng)
+    b = pad_steps(b, max(1, b["step_mask"].shape[0]))
+    steps = b["step_mask"].shape[0]
+    out: dict[str, np.ndarray] = {}
+    for d, (name, n) in enumerate(zip("ab", n_items)):
+        out[f"seq_{name}"], out[f"pos_{name}"] = left_align(b["seq"][:, :, d], b["target"][:, :, d])
+        out[f"neg_{name}"] = rng.integers(1, n + 1, size=(steps, n_neg), dtype=np.int32)
+    out["user_mask"] = b["user_mask"].astype(np.float32)
+    return out, b["step_mask"]
+
+
+def real_clients(ds: CanonicalDataset, cfg: BenchmarkConfig, n_clients: int,
+                 model: rm.ReferenceConfig) -> list[ClientShard]:
+    """The dataset's users split over power-law sized clients (data.partition, exponent cfg.size_alpha, seeded
+    by cfg.seed), each client's train sequences batched and localized like `synthetic_clients`. Users without
+    a training target (fewer than 2 train items in every domain) carry no data and are left out."""
+    part = partition(ds, n_clients, "powerlaw", cfg.seed, alpha=cfg.size_alpha)
+    seqs = train_sequences(ds, model.max_len)
+    rng = np.random.default_rng([cfg.seed, n_clients])
+    shards = []
+    for rows in seqs.client_rows(part):
+        batch, step_mask = real_user_batches(seqs, rows, (model.n_items_a, model.n_items_b), cfg.batch_size,
+                                             cfg.negatives, rng)
+        shards.append(ClientShard(*localize_batch(batch, FIELDS), step_mask=step_mask))
+    return shards
+
+
+def data_facts(cfg: BenchmarkConfig, ds: CanonicalDataset | None) -> dict[str, Any]:
+    """What was measured, for the report: the dataset (path, name, sizes) or the synthetic sizes."""
+    if ds is None:
+        return {"source": "synthetic", "users": cfg.users, "items": [cfg.items_a, cfg.items_b]}
+    return {"source": "dataset", "path": str(ds.path), "name": ds.meta.get("name", ds.path.name),
+            "users": int(ds.n_users), "items": [int(n) for n in ds.n_items],
+            "train_interactions": int(np.sum(ds.split == TRAIN))}
+
+
 def _memory(compiled) -> tuple[int, str]:
     stats = jax.devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
@@ -73,12 +144,17 @@ def _memory(compiled) -> tuple[int, str]:
     return int(total), "XLA memory_analysis (arguments + outputs + temporaries)"
 
 
-def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float) -> dict[str, Any]:
-    """One row of the benchmark: C = n_clients, all clients in the round."""
-    model = rm.ReferenceConfig(n_items_a=cfg.items_a, n_items_b=cfg.items_b, dim=cfg.dim, max_len=cfg.max_len)
-    shards = synthetic_clients(cfg, n_clients, model)
+def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float,
+                  ds: CanonicalDataset | None = None) -> dict[str, Any]:
+    """One row of the benchmark: C = n_clients, all clients in the round; the real users of `ds` (loaded from
+    cfg.data when not given) or, without data, synthetic ones."""
+    if ds is None and cfg.data is not None:
+        ds = load_benchmark_data(cfg.data)
+    n_a, n_b = (cfg.items_a, cfg.items_b) if ds is None else ds.n_items
+    model = rm.ReferenceConfig(n_items_a=n_a, n_items_b=n_b, dim=cfg.dim, max_len=cfg.max_len)
+    shards = synthetic_clients(cfg, n_clients, model) if ds is None else real_clients(ds, cfg, n_clients, model)
     plan = plan_buckets(shards, cfg.max_buckets)
-    rows = {"a": cfg.items_a + 1, "b": cfg.items_b + 1}
+    rows = {"a": n_a + 1, "b": n_b + 1}
     ccfg = ClientConfig(functools.partial(rm.loss_fn, config=model), optax.adam(1e-3), cfg.local_epochs, TABLES)
     sopt = server_optimizer("fedavg")
     params = rm.init_params(jax.random.key(cfg.seed), model)
@@ -156,12 +232,15 @@ def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float) -> dict[str
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
-    """The whole benchmark: matmul peak, then one row per client count."""
+    """The whole benchmark: the data (cfg.data, checked first), matmul peak, then one row per client count."""
+    ds = load_benchmark_data(cfg.data) if cfg.data is not None else None
+    if ds is not None:  # the workload record then states the dataset's sizes, not the synthetic defaults
+        cfg = dataclasses.replace(cfg, users=int(ds.n_users), items_a=ds.n_items[0], items_b=ds.n_items[1])
     device = jax.devices()[0]
     peak = matmul_peak_flops()
     results = []
     for c in progress(cfg.clients, desc="benchmark", unit="C"):
-        results.append(bench_clients(cfg, c, peak))
+        results.append(bench_clients(cfg, c, peak, ds))
     return {
         "device": f"{device.platform}:{device.device_kind}",
         "device_count": jax.device_count(),
@@ -170,8 +249,18 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         "peak_flops": peak,
         "peak_flops_source": "best of 5 jitted 2048x2048 fp32 matmuls, same process",
         "workload": dataclasses.asdict(cfg),
+        "data": data_facts(cfg, ds),
         "results": results,
     }
+
+
+def describe_data(data: dict[str, Any] | None) -> str:
+    """One line naming the data a report measured."""
+    if not data or data.get("source") != "dataset":
+        sizes = f": {data['users']} users, {data['items'][0]} + {data['items'][1]} items" if data else ""
+        return f"data: synthetic{sizes}"
+    return (f"data: {data['name']} ({data['path']}): {data['users']} users, {data['items'][0]} + "
+            f"{data['items'][1]} items, {data['train_interactions']} train interactions")
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -179,7 +268,7 @@ def format_table(report: dict[str, Any]) -> str:
     head = (f"{'C':>5} {'vmap upd/s':>11} {'seq upd/s':>10} {'speedup':>8} {'rounds/s':>9} {'chunk':>6} "
             f"{'waste':>6} {'GFLOP/rnd':>10} {'util':>6} {'mem MiB':>8} {'maxdiff':>8}")
     lines = [f"device {report['device']} x{report['device_count']}, matmul peak "
-             f"{report['peak_flops'] / 1e9:.1f} GFLOP/s", head]
+             f"{report['peak_flops'] / 1e9:.1f} GFLOP/s", describe_data(report.get("data")), head]
     for r in report["results"]:
         lines.append(f"{r['clients']:>5} {r['vmap_updates_per_s']:>11.1f} {r['sequential_updates_per_s']:>10.1f} "
                      f"{r['speedup']:>8.2f} {r['vmap_rounds_per_s']:>9.3f} {r['chunk_size']:>6} "

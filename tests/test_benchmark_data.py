@@ -1,0 +1,118 @@
+"""`fedscope benchmark --data DIR`: the engine benchmark on the real users of a prepared dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedscope_jax.data.canonical import TRAIN, load_dataset
+from fedscope_jax.data.synth import SynthConfig, synthesize
+from fedscope_jax.errors import FedscopeError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 30-user, two-domain prepared dataset."""
+    path = tmp_path_factory.mktemp("bench-data") / "tiny"
+    synthesize(SynthConfig(users=30, items=(20, 25), min_length=6, max_length=12, mean_length=8.0, min_per_domain=3,
+                           topics=3, name="tiny"), path)
+    return path
+
+
+def _expected(ds, user: int, domain: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """seq / pos of one user in one domain, straight from the interactions: last max_len + 1 train items."""
+    rows = (ds.user == user) & (ds.domain == domain) & (ds.split == TRAIN)
+    items = ds.item[rows][np.argsort(ds.position[rows])][-(max_len + 1):] + 1
+    seq, pos = np.zeros(max_len, np.int32), np.zeros(max_len, np.int32)
+    n = max(len(items) - 1, 0)
+    seq[:n], pos[:n] = items[:-1][:n], items[1:]
+    return seq, pos
+
+
+def test_real_clients_give_each_user_to_one_client_with_its_train_items(tiny):
+    from fedscope_jax.data.batching import train_sequences
+    from fedscope_jax.data.partition import partition
+    from fedscope_jax.engine import reference_model as rm
+    from fedscope_jax.engine.benchmark import BenchmarkConfig, real_clients, real_user_batches
+
+    ds = load_dataset(tiny)
+    cfg = BenchmarkConfig(clients=(3,), dim=8, max_len=8, batch_size=4, negatives=5, data=str(tiny))
+    model = rm.ReferenceConfig(n_items_a=ds.n_items[0], n_items_b=ds.n_items[1], dim=8, max_len=8)
+    shards = real_clients(ds, cfg, 3, model)
+    part = partition(ds, 3, "powerlaw", cfg.seed, alpha=cfg.size_alpha)
+    seqs = train_sequences(ds, 8)
+    counts = [int(s.batch["user_mask"].sum()) for s in shards]
+    assert counts == [len(seqs.rows_of(part.users_of(c))) for c in range(3)]
+    assert sum(counts) == len(seqs.user) == ds.n_users          # every user, each on exactly one client
+    assert counts[0] >= counts[1] >= counts[2]                   # power-law sizes, client 0 the largest
+    for shard in shards:                                         # localized: ids index the client's vocabulary
+        for name in "ab":
+            assert shard.batch[f"seq_{name}"].max() < len(shard.vocab[name]) and shard.vocab[name][0] == 0
+            assert shard.batch[f"neg_{name}"].shape == (shard.n_steps, 5)
+        assert shard.batch["seq_a"].shape == (shard.n_steps, 4, 8)
+        pad = shard.batch["user_mask"] == 0                      # padding users: all-zero rows
+        assert all(not shard.batch[k][pad].any() for k in ("seq_a", "pos_a", "seq_b", "pos_b"))
+
+    # hand-picked users, batched alone (max_len 3: longer histories are cut to their last 4 items): their train
+    # items, 1-based, shifted by one, padding at the end; a domain with a single train item stays empty
+    seqs3 = train_sequences(ds, 3)
+    per = np.zeros((ds.n_users, 2), np.int64)
+    np.add.at(per, (ds.user[ds.split == TRAIN], ds.domain[ds.split == TRAIN]), 1)
+    longest, short = int(np.argmax(per.min(1))), int(np.argmin(per.min(1)))
+    assert per[longest].max() > 4 and per[short].min() == 1
+    for user in (longest, short):
+        batch, step_mask = real_user_batches(seqs3, seqs3.rows_of([user]), ds.n_items, 4, 5,
+                                             np.random.default_rng(0))
+        assert step_mask.tolist() == [True] and batch["user_mask"].tolist() == [[1.0, 0.0, 0.0, 0.0]]
+        for d, name in enumerate("ab"):
+            seq, pos = _expected(ds, user, d, 3)
+            np.testing.assert_array_equal(batch[f"seq_{name}"][0, 0], seq)
+            np.testing.assert_array_equal(batch[f"pos_{name}"][0, 0], pos)
+            assert not batch[f"seq_{name}"][0, 1:].any() and not batch[f"pos_{name}"][0, 1:].any()
+            negs = batch[f"neg_{name}"]
+            assert negs.shape == (1, 5) and negs.min() >= 1 and negs.max() <= ds.n_items[d]
+    assert (_expected(ds, longest, int(np.argmax(per[longest])), 3)[0] > 0).sum() == 3   # cut to max_len
+
+
+def test_benchmark_cli_on_a_prepared_dataset(tiny, tmp_path, capsys):
+    from fedscope_jax.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--data", str(tiny), "--clients", "2", "--dim", "8", "--max-len", "8",
+                 "--batch-size", "8", "--repeats", "1", "--out", str(out)]) == 0
+    assert f"data: tiny ({tiny}): 30 users, 20 + 25 items" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    for key in ("device", "peak_flops"):
+        assert key in report
+    assert report["data"]["source"] == "dataset" and report["data"]["users"] == 30
+    assert report["data"]["items"] == [20, 25] and report["data"]["path"] == str(tiny)
+    assert report["data"]["train_interactions"] == int((load_dataset(tiny).split == TRAIN).sum())
+    assert report["workload"]["users"] == 30 and report["workload"]["data"] == str(tiny)
+    row = report["results"][0]
+    for key in ("clients", "vmap_updates_per_s", "sequential_updates_per_s", "speedup", "flops_per_round",
+                "flops_utilization", "padding_waste", "peak_memory_bytes"):
+        assert key in row
+    assert row["clients"] == 2 and row["flops_per_round"] > 0
+    assert row["max_abs_diff_vs_sequential"] < 1e-4
+
+
+def test_benchmark_data_errors(tiny, tmp_path, capsys):
+    from fedscope_jax.cli import main
+
+    assert main(["benchmark", "--data", str(tiny), "--users", "10"]) == 2
+    assert "--users: only for synthetic data" in capsys.readouterr().err
+    missing = tmp_path / "nowhere"
+    assert main(["benchmark", "--data", str(missing), "--clients", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {missing}: no dataset.json" in err and "fedscope data prepare" in err
+    from fedscope_jax.engine.benchmark import load_benchmark_data
+
+    with pytest.raises(FedscopeError, match="no dataset.json"):
+        load_benchmark_data(str(missing))
+    three = tmp_path / "three"
+    synthesize(SynthConfig(users=6, items=(5, 5, 5), domains=("A", "B", "C"), min_length=6, max_length=9,
+                           mean_length=7.0, min_per_domain=2, topics=2), three)
+    with pytest.raises(FedscopeError, match=f"--data {three}: .*two domain towers.*3 domain"):
+        load_benchmark_data(str(three))
