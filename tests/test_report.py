@@ -27,7 +27,10 @@ def _run(root: Path, rel: str, cell: dict | None, ndcgs: tuple[float, float], se
     summary = {"test": {"food": _metrics(ndcgs[0]), "kitchen": _metrics(ndcgs[1])},
                "test_full": {"food": _metrics(ndcgs[0] / 10), "kitchen": _metrics(ndcgs[1] / 10)},
                "training": {"mode": mode, "device": "cpu"}, "dataset": {"name": "toy"},
-               "privacy": {"eps_spent_median": eps_spent} if eps_spent is not None else {"mode": "off"}}
+               "privacy": {"eps_spent_median": eps_spent} if eps_spent is not None else {"mode": "off"},
+               "baselines": {"popularity": {"food": _metrics(0.05), "kitchen": _metrics(0.07)},
+                             "popularity_full": {"food": _metrics(0.005), "kitchen": _metrics(0.007)}},
+               "protocol": {"sampled_negatives": 99}}
     if cold:
         summary["cold_start"] = {"sampled": {dom: {"1-2": {"targets": 4, "model": _metrics(v)},
                                                    ">10": {"targets": 6, "model": _metrics(2 * v)}}
@@ -81,7 +84,10 @@ def test_report_of_a_reproduce_output(tmp_path):
         "convergence": {"title": "Conv", "kind": "derived", "reads": "main", "cells": [], "datasets": ["toy"]},
     }
     (root / "plan.json").write_text(json.dumps({"profile": "quick", "dry_run": False, "status": "complete",
-                                                "hardware": {"device": "cpu", "cpu_cores": 2}, "studies": studies}))
+                                                "hardware": {"device": "cpu", "cpu_cores": 2}, "studies": studies,
+                                                "data": {"toy-u30-i10-s0": {"dataset": "toy", "users": 28,
+                                                                            "items": [10, 10], "interactions": 300,
+                                                                            "max_users": 30, "max_items": 10}}}))
     out = tmp_path / "report"
     assert main(["report", "--runs", str(root), "--out", str(out)]) == 0
     rows = {(r["method"], r["domain"]): r for r in _csv(out / "main.csv")}
@@ -94,6 +100,9 @@ def test_report_of_a_reproduce_output(tmp_path):
     assert food["seeds"] == "3" and food["dp"] == "off" and food["attributes"] == "none"
     kit = rows[("FEDSCOPE", "kitchen")]
     assert float(kit["NDCG@10 std"]) == pytest.approx(np.std([0.2, 0.3, 0.1], ddof=1))
+    pop = rows[("Popularity (reference)", "kitchen")]    # one reference row per domain, from the baselines
+    assert float(pop["NDCG@10 mean"]) == pytest.approx(0.07) and float(pop["NDCG@10 (full) mean"]) == 0.007
+    assert pop["seeds"] == "-" and sum(r["method"] == "Popularity (reference)" for r in rows.values()) == 2
     cen = rows[("CENTRALIZED", "food")]
     assert cen["dp"] == "n/a" and float(cen["NDCG@10 std"]) == 0.0
     pu = _csv(out / "privacy_utility.csv")
@@ -107,6 +116,8 @@ def test_report_of_a_reproduce_output(tmp_path):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "profile: **quick**" in report and "cpu" in report and "FedSCOPE ran ID-only" in report
+    assert "`toy-u30-i10-s0`: 28 users, 10 + 10 items, 300 interactions (30 users drawn; item core of 10" in report
+    assert "against 99 sampled negatives" in report and "HR@10 = 0.100 and NDCG@10 ~ 0.0454" in report
     for link in ("main.md", "main.csv", "privacy_utility_toy.png", "convergence_toy.png"):
         assert f"({link})" in report
     assert "long_tail" in report                  # says that the summaries have no long-tail breakdown

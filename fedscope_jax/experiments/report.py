@@ -14,7 +14,7 @@ from fedscope_jax.errors import FedscopeError
 from fedscope_jax.experiments import plots
 from fedscope_jax.experiments.runner import PLAN_FILE
 from fedscope_jax.experiments.tables import (Group, breakdown_rows, find_runs, group_runs, load_run, metric_rows,
-                                             run_dirs, write_tables)
+                                             popularity_rows, run_dirs, write_tables)
 from fedscope_jax.utils.io import read_json
 
 COLUMNS = ("dataset", "method", "dp", "variant", "domain", "HR@10", "NDCG@10", "MRR", "NDCG@10 (full)",
@@ -158,7 +158,10 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
     if info.get("kind") == "sweep":   # by privacy mode, then epsilon (no DP last)
         groups.sort(key=lambda g: (str(g.cell.get("dataset")), str(g.cell.get("privacy_mode")),
                                    g.cell.get("epsilon") or float("inf")))
-    text = write_tables(metric_rows(groups), out / name, COLUMNS)
+    rows = metric_rows(groups)
+    if info.get("kind") == "cells":
+        rows += popularity_rows(groups)
+    text = write_tables(rows, out / name, COLUMNS)
     lines += [text, f"Table: [{name}.md]({name}.md), [{name}.csv]({name}.csv)", ""]
     if info.get("kind") == "sweep":
         for ds in sorted({g.cell.get("dataset") for g in groups}):

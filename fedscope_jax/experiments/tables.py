@@ -169,6 +169,28 @@ def metric_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
     return rows
 
 
+def popularity_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
+    """One reference row per (dataset, domain): the popularity ranking (train interaction counts) on the same
+    test targets and candidates, read from a run's summary `baselines` (equal in every run of the dataset)."""
+    rows, seen = [], set()
+    for g in groups:
+        ds = g.cell.get("dataset")
+        base = g.runs[0].summary.get("baselines", {})
+        if ds in seen or "popularity" not in base:
+            continue
+        seen.add(ds)
+        for domain in g.domains():
+            row: dict[str, Any] = {"dataset": ds, "method": "Popularity (reference)", "dp": "n/a", "variant": "-",
+                                   "domain": domain, "attributes": "-", "seeds": "-"}
+            for metric, proto in METRICS:
+                name = metric if proto == "sampled" else f"{metric} (full)"
+                section = base.get("popularity" if proto == "sampled" else "popularity_full", {})
+                row[name] = (float(section.get(domain, {}).get(metric, math.nan)), math.nan)
+            row["eps_spent (median)"] = (math.nan, math.nan)
+            rows.append(row)
+    return rows
+
+
 def _short_attr(attr: Any) -> str:
     if not attr:
         return "none"
