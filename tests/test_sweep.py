@@ -165,7 +165,8 @@ def test_cli_errors_name_the_flag(tmp_path: Path, capsys):
              (["--out", str(tmp_path / "b"), "--privacy", "personalized,laplace"], "--privacy"),
              (["--out", str(tmp_path / "c"), "--epsilon", "3"], "--epsilons"),
              (["--out", str(tmp_path / "d"), "--seeds", "0"], "--seeds"),
-             (["--out", str(tmp_path / "e"), "--resume"], "--resume")]
+             (["--out", str(tmp_path / "e"), "--resume", "--force"], "--resume"),   # one or the other
+             (["--out", str(tmp_path / "e"), "--resume"], "--resume")]   # nothing to continue
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "x").write_text("keep")
     cases.append((["--out", str(tmp_path / "exists")], "--out"))

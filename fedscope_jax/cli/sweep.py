@@ -39,16 +39,16 @@ def add_parser(subparsers: Any) -> None:
                    help="configurations vectorized at once in the sweep program (0 = all on an accelerator, "
                    "1 = a loop over configurations inside the program on CPU; default 0)")
     g.add_argument("--epsilon", dest="single_epsilon", help=argparse.SUPPRESS)
-    g.add_argument("--resume", dest="sweep_resume", action="store_true", help=argparse.SUPPRESS)
+    # replaces the single-run --resume of the federated flags (conflict_handler="resolve")
+    p.add_argument("--resume", dest="sweep_resume", action="store_true",
+                   help="continue a killed sweep in --out from its checkpoints; finished seeds are kept (the "
+                   "options must be those of the killed sweep; not with --force)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.single_epsilon is not None:
         raise FedscopeError("--epsilon: a sweep takes a list: use --epsilons, e.g. --epsilons 1,2,4,8,16,inf")
-    if args.sweep_resume:
-        raise FedscopeError("--resume: a sweep cannot be resumed; rerun it with --force (or run the missing "
-                            "configuration with `fedscope train --mode federated --resume`)")
     if args.config_chunk < 0:
         raise FedscopeError(f"--config-chunk {args.config_chunk}: expected >= 0 (0 = the device's default)")
     if args.sweep_seeds < 1:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"data": str(args.data), "attributes": args.attributes, "semantic_coverage": coverage,
              "mode": "federated"}
     summaries = run_sweep(ds, cfg, modes, epsilons, seeds, args.out, semantic=semantic, force=args.force,
-                          extra=extra, config_chunk=args.config_chunk)
+                          extra=extra, config_chunk=args.config_chunk, resume=args.sweep_resume)
     from fedscope_jax.train.sweep import sweep_points
     from fedscope_jax.utils.io import read_json
 

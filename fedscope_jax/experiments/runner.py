@@ -258,7 +258,11 @@ def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, 
 
 
 def _run_sweep(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ident: dict[str, Any]) -> None:
-    """One run_sweep program for the cell's seed (modes x epsilons); cell.json written into each of its runs."""
+    """One run_sweep program for the cell's seed (modes x epsilons); cell.json written into each of its runs.
+
+    An existing sweep directory (a killed reproduction) is resumed; one whose config no longer matches the
+    cell's is trained again from scratch (as run_cell does for a federated cell)."""
+    import functools
     import re
 
     from fedscope_jax.utils.io import write_json
@@ -268,8 +272,15 @@ def _run_sweep(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ident: 
         return
     extra = {"attributes": ident["attributes"], "semantic_coverage": ident["semantic_coverage"],
              "mode": "federated", "experiment": ident}
-    trainer("sweep")(ds, cfg, list(cell.sweep_modes), list(cell.sweep_epsilons), [cell.seed], sweep_dir,
-                     semantic=sem, force=sweep_dir.exists(), extra=extra)
+    sweep = functools.partial(trainer("sweep"), ds, cfg, list(cell.sweep_modes), list(cell.sweep_epsilons),
+                              [cell.seed], sweep_dir, semantic=sem, extra=extra)
+    resume = sweep_dir.exists()
+    try:
+        sweep(resume=resume, force=False)
+    except FedscopeError as exc:
+        if not resume or "--resume" not in str(exc):
+            raise
+        sweep(resume=False, force=True)   # config changed: start over
     runs = sorted(p for p in sweep_dir.glob(f"*-seed{cell.seed}") if (p / "summary.json").is_file())
     if not runs:
         raise FedscopeError(f"{sweep_dir}: run_sweep wrote no run directory *-seed{cell.seed}")

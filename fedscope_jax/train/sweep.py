@@ -12,6 +12,11 @@ directory.
 Output: out/<mode>-eps<eps:g>-seed<seed>/ holds exactly what `train_federated` writes (config.json,
 metrics.jsonl, summary.json, privacy_ledger.arrow when DP, params.msgpack, checkpoints/), and out/sweep.json
 the configurations, compile and training seconds and test NDCG@10 per configuration.
+
+Resuming (`resume=True`, `fedscope sweep --resume`): a seed whose trained configurations all have summary.json
+is kept; a seed whose configurations all have checkpoints at the same round continues from them (run_tracks
+resume: the same result as an uninterrupted sweep); any other seed is trained again from scratch. A stored
+config.json that differs from the sweep's settings is an error (`check_resume_config`), never a silent retrain.
 """
 
 from __future__ import annotations
@@ -118,10 +123,19 @@ def sweep_points(cfg: Any, modes: Sequence[str], epsilons: Sequence[float],
     return points
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+def _prepare_out(out: Path, force: bool, resume: bool = False) -> None:
+    """Creates `out` (emptied with `force`); with `resume` it must be an existing sweep directory, kept as is."""
+    if resume:
+        if force:
+            raise FedscopeError("--resume and --force: pick one (--resume continues the sweep in --out, "
+                                "--force replaces it)")
+        if not out.is_dir():
+            raise FedscopeError(f"--resume: {out} is not a sweep directory to continue; run without --resume "
+                                "to start the sweep")
+        return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
-            raise FedscopeError(f"--out {out}: output exists; pass --force to replace it")
+            raise FedscopeError(f"--out {out}: output exists; pass --force to replace it or --resume to continue it")
         if out.is_dir():
             shutil.rmtree(out)
         else:
@@ -129,59 +143,152 @@ def _prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _dedupe(mine: Sequence[SweepPoint]) -> tuple[list[SweepPoint], dict[str, str]]:
+    """(the configurations to train, {name: name it is trained as}): identical RunConfigs train once."""
+    from fedscope_jax.train.config import to_dict
+
+    unique: dict[str, SweepPoint] = {}
+    trained_as = {}
+    for p in mine:
+        first = unique.setdefault(json.dumps(to_dict(p.cfg), sort_keys=True), p)
+        trained_as[p.name] = first.name
+    return list(unique.values()), trained_as
+
+
+def _run_config(p: SweepPoint, extra: dict[str, Any] | None, same_as: str | None = None) -> dict[str, Any]:
+    """The config.json of configuration `p` (`same_as`: the directory it is a copy of)."""
+    from fedscope_jax.train.config import to_dict
+
+    info = p.info() if same_as is None else {**p.info(), "same_as": same_as}
+    return {**to_dict(p.cfg), **dict(extra or {}), "sweep": info}
+
+
+def _checkpoint_round(run_dir: Path) -> int | None:
+    """The round of the latest checkpoint under run_dir/checkpoints (None: none)."""
+    from fedscope_jax.engine.checkpoint import Checkpointer
+
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    try:
+        return ckpt.latest_round()
+    finally:
+        ckpt.close()
+
+
+def _seed_status(out: Path, trained: Sequence[SweepPoint], extra: dict[str, Any] | None) -> str:
+    """How a resumed sweep continues one seed: "kept" (every trained configuration has summary.json),
+    "resumed" (all have checkpoints at one round) or "trained" (anything else: again from scratch).
+    A stored config.json other than this sweep's is a FedscopeError naming the file and key."""
+    from fedscope_jax.train.federated import check_resume_config
+
+    dirs = [out / p.name for p in trained]
+    for p, run_dir in zip(trained, dirs):
+        if (run_dir / "config.json").is_file():
+            check_resume_config(run_dir / "config.json", _run_config(p, extra))
+    if all((d / "summary.json").is_file() and (d / "config.json").is_file() for d in dirs):
+        return "kept"
+    if not all((d / "config.json").is_file() for d in dirs):
+        return "trained"
+    rounds = {_checkpoint_round(d) for d in dirs}
+    return "resumed" if len(rounds) == 1 and None not in rounds else "trained"
+
+
+def _kept_timing(summaries: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[str], int]:
+    """(timing, programs as JSON strings, start round) of a seed trained earlier, from its summaries (what
+    finish_run stores under "federated")."""
+    fed = summaries[0]["federated"]
+    programs = sorted({json.dumps(s["federated"]["program"], sort_keys=True) for s in summaries})
+    return dict(fed["timing"]), programs, int(fed["start_round"])
+
+
+def _copy_run(src: Path, dst: Path, config: dict[str, Any]) -> None:
+    """(Re)makes `dst` as a copy of the run directory `src` with its own config.json."""
+    from fedscope_jax.utils.io import write_json
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    write_json(config, dst / "config.json")
+
+
+def _new_run_dirs(out: Path, mine: Sequence[SweepPoint], trained: Sequence[SweepPoint],
+                  extra: dict[str, Any] | None) -> None:
+    """Removes whatever a seed's run directories hold and writes the config.json of each one to train."""
+    from fedscope_jax.utils.io import write_json
+
+    for p in mine:
+        if (out / p.name).exists():
+            shutil.rmtree(out / p.name)
+    for p in trained:
+        (out / p.name).mkdir(parents=True)
+        write_json(_run_config(p, extra), out / p.name / "config.json")
+
+
+def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any, client_cfg: Any, resume: bool,
+                config_chunk: int, t_start: float, summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trains (or, with `resume`, continues from their checkpoints) one seed's distinct configurations in one
+    run_tracks loop; puts each summary into `summaries`, returns the loop's facts per configuration."""
+    from fedscope_jax.train.federated import Track, finish_run, run_tracks, seed_context
+
+    ctx = seed_context(ds, trained[0].cfg, semantic, client_cfg)
+    tracks = [Track(out / p.name, ctx.session(p.cfg.privacy), ctx.eval_fn) for p in trained]
+    states, records, facts = run_tracks(tracks, ctx.source, ctx.n_clients, ctx.params, ctx.client_cfg,
+                                        trained[0].cfg.federated, resume=resume,
+                                        desc=f"sweep seed {trained[0].seed} ({len(trained)} configs)",
+                                        config_chunk=config_chunk)
+    for p, state, recs, fct in zip(trained, states, records, facts):
+        summaries[p.name] = finish_run(ctx, p.cfg, out / p.name, state, recs, fct, t_start)
+    return facts
+
+
 def run_sweep(ds: Any, cfg: Any, modes: Sequence[str], epsilons: Sequence[float], seeds: Sequence[int],
               out: str | Path, semantic: Any = None, force: bool = False,
-              extra: dict[str, Any] | None = None, config_chunk: int = 0) -> list[dict[str, Any]]:
+              extra: dict[str, Any] | None = None, config_chunk: int = 0,
+              resume: bool = False) -> list[dict[str, Any]]:
     """Trains every configuration (modes x epsilons x seeds) of `cfg`; returns their summaries in that order.
 
     cfg: a train.config.RunConfig; each configuration is `cfg` with privacy.mode / privacy.epsilon
     (mode "off" for epsilon inf) and train.seed replaced (`sweep_points`). extra: keys added to each
     config.json (like `train_federated`'s extra). config_chunk: configurations vectorized at once in a sweep
-    program (0: all on an accelerator, 1 on CPU; `engine.sweep.default_config_chunk`)."""
-    from fedscope_jax.train.config import to_dict
-    from fedscope_jax.train.federated import Track, client_config, finish_run, run_tracks, seed_context
-    from fedscope_jax.utils.io import write_json
+    program (0: all on an accelerator, 1 on CPU; `engine.sweep.default_config_chunk`).
+    resume: continue the sweep in `out` (`_seed_status`: finished seeds kept, checkpoints resumed, the rest
+    retrained); every seed is checked before anything trains or is removed."""
+    from fedscope_jax.train.federated import client_config
+    from fedscope_jax.utils.io import read_json, write_json
 
     points = sweep_points(cfg, modes, epsilons, seeds)
     out = Path(out)
-    _prepare_out(out, force)
+    _prepare_out(out, force, resume)
     t_start = time.time()
-    client_cfg = client_config(cfg, semantic)  # one object: the compiled programs are reused across seeds
     summaries: dict[str, dict[str, Any]] = {}
     trained_as: dict[str, str] = {}
-    per_seed = []
+    plans = []
     for seed in dict.fromkeys(p.seed for p in points):
         mine = [p for p in points if p.seed == seed]
-        unique: dict[str, SweepPoint] = {}
-        for p in mine:
-            key = json.dumps(to_dict(p.cfg), sort_keys=True)
-            first = unique.setdefault(key, p)
-            trained_as[p.name] = first.name
-        trained = list(unique.values())
-        ctx = seed_context(ds, trained[0].cfg, semantic, client_cfg)
-        tracks = []
-        for p in trained:
-            run_dir = out / p.name
-            run_dir.mkdir(parents=True)
-            write_json({**to_dict(p.cfg), **dict(extra or {}), "sweep": p.info()}, run_dir / "config.json")
-            tracks.append(Track(run_dir, ctx.session(p.cfg.privacy), ctx.eval_fn))
-        states, records, facts = run_tracks(tracks, ctx.source, ctx.n_clients, ctx.params, ctx.client_cfg,
-                                            trained[0].cfg.federated,
-                                            desc=f"sweep seed {seed} ({len(trained)} configs)",
-                                            config_chunk=config_chunk)
-        for p, state, recs, fct in zip(trained, states, records, facts):
-            summaries[p.name] = finish_run(ctx, p.cfg, out / p.name, state, recs, fct, t_start)
+        trained, names = _dedupe(mine)
+        trained_as.update(names)
+        plans.append((seed, mine, trained, _seed_status(out, trained, extra) if resume else "trained"))
+    client_cfg = client_config(cfg, semantic)  # one object: the compiled programs are reused across seeds
+    per_seed = []
+    for seed, mine, trained, status in plans:
+        if status == "kept":
+            for p in trained:
+                summaries[p.name] = read_json(out / p.name / "summary.json")
+            timing, programs, start = _kept_timing([summaries[p.name] for p in trained])
+        else:
+            if status == "trained":
+                _new_run_dirs(out, mine, trained, extra)
+            facts = _train_seed(ds, out, trained, semantic, client_cfg, status == "resumed", config_chunk,
+                                t_start, summaries)
+            timing, start = facts[0]["timing"], facts[0]["start_round"]
+            programs = sorted({json.dumps(f["program"], sort_keys=True) for f in facts})
         for p in mine:
             if trained_as[p.name] != p.name:  # the same run under another name: copy its directory
-                shutil.copytree(out / trained_as[p.name], out / p.name)
-                write_json({**to_dict(p.cfg), **dict(extra or {}), "sweep": {**p.info(),
-                            "same_as": trained_as[p.name]}}, out / p.name / "config.json")
+                _copy_run(out / trained_as[p.name], out / p.name, _run_config(p, extra, trained_as[p.name]))
                 summaries[p.name] = summaries[trained_as[p.name]]
-        timing = facts[0]["timing"]
-        per_seed.append({"seed": seed, "configs_trained": len(trained),
-                         "programs": sorted({json.dumps(f["program"], sort_keys=True) for f in facts}), **timing})
-    for entry in per_seed:
-        entry["programs"] = [json.loads(x) for x in entry["programs"]]
+        per_seed.append({"seed": seed, "status": status, "start_round": start, "configs_trained": len(trained),
+                         "programs": [json.loads(x) for x in programs], **timing})
     result = [summaries[p.name] for p in points]
     report = {
         "configs": [{**p.info(), "dir": p.name, "trained_as": trained_as[p.name],
