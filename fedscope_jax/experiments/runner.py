@@ -6,7 +6,7 @@ Layout of the output directory (`--out OUT`; a dry run writes OUT/dry-run/ inste
   plan.json             the studies, their cells' directories, the profile, hardware, timings per study
   report/               `fedscope report` output (report.md, tables, plots)
 A cell whose summary.json exists is skipped, so a killed reproduction resumes where it stopped (a federated
-cell with checkpoints resumes from its last round).
+cell with checkpoints resumes from its last round; a sweep cell keeps its finished seeds and resumes the rest).
 """
 
 from __future__ import annotations
