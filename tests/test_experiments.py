@@ -215,3 +215,23 @@ def test_item_core_keeps_the_most_trained_items_and_renumbers_positions(tmp_path
     assert [int(core[full.domain[r]][sub.item[i]]) for i, r in zip(np.flatnonzero(sub.user == 0), rows)] == \
         full.item[rows].tolist()
     assert sub.split[sub.user == 0].tolist() == full.split[rows].tolist()
+
+
+def test_release_programs_drops_every_cached_program():
+    """Between cells the reproduction drops compiled programs (a process holding ~45 cells' programs hits
+    vm.max_map_count and crashes in LLVM); the trainers' caches and JAX's jit caches are emptied."""
+    import jax
+    import jax.numpy as jnp
+
+    from fedscope_jax.engine.sweep import round_program
+    from fedscope_jax.experiments.runner import release_programs
+    from fedscope_jax.model.config import ModelConfig
+    from fedscope_jax.train.centralized import make_train_step
+
+    double = jax.jit(lambda x: 2 * x)
+    double(jnp.ones(3))
+    make_train_step(ModelConfig(dim=8, blocks=1, heads=1, max_len=4), 1e-3, 0.0)   # cached, not compiled
+    assert double._cache_size() == 1 and make_train_step.cache_info().currsize >= 1
+    release_programs()
+    assert double._cache_size() == 0
+    assert make_train_step.cache_info().currsize == 0 and round_program.cache_info().currsize == 0

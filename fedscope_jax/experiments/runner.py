@@ -182,12 +182,17 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options) -> None:
     failed: dict[str, str] = record.setdefault("failed", {})
     done_dirs: set[Path] = set()
     t_all, c_all = time.time(), _cpu_seconds()
+    last_group = None
     for study, cell, cell_dir, (ds, semantic, coverage, label, path) in todo:
         bar.set_postfix_str(f"{study.name}: {cell.dataset}/{cell.method}"
                             + (f"/{cell.dp.label}" if cell.dp else "/sweep") + f"/seed{cell.seed}")
         t0, c0 = time.time(), _cpu_seconds()
         if cell_dir not in done_dirs:
             done_dirs.add(cell_dir)
+            group = (study.name, cell.dataset, cell.method, cell.dp, cell.variant)
+            if last_group is not None and group != last_group:
+                release_programs()   # the seeds of one cell share programs; the next cell compiles its own
+            last_group = group
             try:
                 run_cell(cell, cell_dir, ds, semantic, coverage, label, path, study)
             except FedscopeError as exc:   # recorded, reported and in the exit code; the other cells still run
@@ -205,6 +210,28 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options) -> None:
     record["cpu_seconds_this_process"] = _cpu_seconds() - c_all
     record["load_average_at_end"] = list(os.getloadavg())
     record["status"] = "complete" if not failed else f"{len(failed)} cell(s) failed"
+
+
+def release_programs() -> None:
+    """Drops every compiled program this process holds (the trainers' program caches and JAX's own).
+
+    Each XLA:CPU executable maps ~1,400 memory regions; a process that keeps the programs of ~45 different
+    cells reaches Linux's default vm.max_map_count (65,530), and LLVM then fails ("Cannot allocate memory")
+    and the process crashes. The reproduction releases them between cells (never between the seeds of a
+    cell, which reuse them)."""
+    import gc
+
+    import jax
+
+    from fedscope_jax.engine import round as engine_round
+    from fedscope_jax.engine import sweep as engine_sweep
+    from fedscope_jax.train import centralized, federated
+
+    for cached in (engine_round.make_round_fn, engine_sweep.make_sweep_round_fn, engine_sweep.round_program,
+                   federated._client_config, centralized.make_train_step):
+        cached.cache_clear()
+    jax.clear_caches()
+    gc.collect()
 
 
 def _cpu_seconds() -> float:
