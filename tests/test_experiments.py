@@ -235,3 +235,21 @@ def test_release_programs_drops_every_cached_program():
     release_programs()
     assert double._cache_size() == 0
     assert make_train_step.cache_info().currsize == 0 and round_program.cache_info().currsize == 0
+
+
+def test_seeds_with_the_same_semantic_tables_share_one_client_config():
+    """The seeds of a cell reuse its compiled programs, which are keyed on the ClientConfig object: the same
+    settings and the same semantic tables object give the same object; other tables (even equal) another."""
+    import numpy as np
+
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.federated import client_config
+
+    cfg = load_config(None, ["model.dim=8", "train.seed=0"])
+    other_seed = load_config(None, ["model.dim=8", "train.seed=1"])
+    tables = [{"vectors": np.zeros((3, 4), np.float32), "mask": np.ones(3, np.float32)}]
+    copy = [dict(t) for t in tables]
+    assert client_config(cfg, tables) is client_config(other_seed, tables)
+    assert client_config(cfg, copy) is not client_config(cfg, tables)
+    assert client_config(cfg) is client_config(other_seed) is not client_config(cfg, tables)
+    assert client_config(load_config(None, ["model.dim=16"]), tables) is not client_config(cfg, tables)

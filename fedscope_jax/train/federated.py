@@ -513,13 +513,25 @@ class SeedContext:
                               f.rounds, f.seed)
 
 
+class _Same:
+    """Hashes and compares by identity: a cache key for an unhashable object (the semantic tables)."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
 def client_config(cfg: Any, semantic: Any = None) -> Any:
     """How a client trains the FedSCOPE model (loss, local Adam). Programs compiled for one ClientConfig
-    object are reused by every run given that object, so without semantic vectors the object is shared by
-    all runs of equal model settings and client lr in this process (a sweep passes one to all its seeds)."""
-    if semantic is None:
-        return _client_config(cfg.model, float(cfg.federated.client_lr))
-    return _make_client_config(cfg.model, float(cfg.federated.client_lr), semantic)
+    object are reused by every run given that object, so the object is shared by all runs of equal model
+    settings and client lr given the same semantic tables object (or none) in this process: the seeds of a
+    reproduction cell, a sweep's seeds."""
+    return _client_config(cfg.model, float(cfg.federated.client_lr), _Same(semantic))
 
 
 def _make_client_config(model_cfg: Any, client_lr: float, semantic: Any) -> Any:
@@ -535,8 +547,8 @@ def _make_client_config(model_cfg: Any, client_lr: float, semantic: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def _client_config(model_cfg: Any, client_lr: float) -> Any:
-    return _make_client_config(model_cfg, client_lr, None)
+def _client_config(model_cfg: Any, client_lr: float, semantic: _Same) -> Any:
+    return _make_client_config(model_cfg, client_lr, semantic.obj)
 
 
 def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None) -> SeedContext:
