@@ -4,6 +4,7 @@ sweep as one vmapped program vs its configurations one by one (docs/engine.md, d
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any
 
 from fedscope_jax.errors import FedscopeError
@@ -11,24 +12,20 @@ from fedscope_jax.errors import FedscopeError
 ENGINE_DEFAULTS = {"max_len": 32, "dim": 32, "batch_size": 32, "local_epochs": 1}
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _int_list(text: str, minimum: int) -> tuple[int, ...]:
+    """Comma-separated integers, each >= minimum (an argparse type)."""
+    what = "positive integers" if minimum == 1 else f"integers >= {minimum}"
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return values
 
 
-def _ints0(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
-    return values
+_ints = functools.partial(_int_list, minimum=1)
+_ints0 = functools.partial(_int_list, minimum=0)
 
 
 def add_parser(subparsers: Any) -> None:
