@@ -253,3 +253,68 @@ def test_seeds_with_the_same_semantic_tables_share_one_client_config():
     assert client_config(cfg, copy) is not client_config(cfg, tables)
     assert client_config(cfg) is client_config(other_seed) is not client_config(cfg, tables)
     assert client_config(load_config(None, ["model.dim=16"]), tables) is not client_config(cfg, tables)
+
+
+def test_plan_json_keeps_the_time_of_finished_cells_when_the_process_dies(tmp_path, monkeypatch):
+    """plan.json is rewritten after every cell: the seconds of the cells a killed reproduction finished are on
+    disk, its status stays 'running', and the next process adds its own time to the totals (never counting
+    the first process's time twice, nor a skipped finished cell)."""
+    import time
+
+    from fedscope_jax.cli import main
+    from fedscope_jax.experiments import report, runner
+
+    out = tmp_path / "rep"
+    plan_path = out / "dry-run" / "plan.json"
+    args = ["reproduce", "--profile", "quick", "--dry-run", "--smoke", "--studies", "main", "--datasets",
+            "abxi-food-kitchen", "--data-root", str(real_dataset("abxi-food-kitchen").parent), "--out", str(out)]
+    seen: list[dict] = []
+
+    def fake_run_cell(cell, cell_dir, *rest, die_at=None):   # ~0.1 s wall, ~0.05 s CPU, then a summary.json
+        seen.append(json.loads(plan_path.read_text()))
+        if (cell_dir / "summary.json").is_file():
+            return False
+        if len(seen) == die_at:
+            raise RuntimeError("killed")
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.05:
+            pass
+        time.sleep(0.05)
+        cell_dir.mkdir(parents=True)
+        (cell_dir / "summary.json").write_text("{}")
+        return True
+
+    monkeypatch.setattr(runner, "release_programs", lambda: None)
+    monkeypatch.setattr(report, "write_report", lambda root, out, benchmark=None: out / "report.md")  # no runs
+    monkeypatch.setattr(runner, "run_cell", lambda *a: fake_run_cell(*a, die_at=3))
+    with pytest.raises(RuntimeError, match="killed"):     # the first process dies during its third cell
+        main(args)
+    first = json.loads(plan_path.read_text())
+    cells = first["studies"]["main"]["cells"]
+    assert len(cells) == 5 and first["status"] == "running"
+    assert set(first["cells_seconds"]) == set(cells[:2])
+    assert all(t["seconds"] >= 0.1 and t["cpu_seconds"] >= 0.05 for t in first["cells_seconds"].values())
+    assert seen[1]["cells_seconds"] == {cells[0]: seen[1]["cells_seconds"][cells[0]]}   # saved before cell 2 ran
+    study = first["studies"]["main"]
+    assert study["seconds_total"] == study["seconds_this_process"] >= 0.2
+    assert study["cpu_seconds_total"] == study["cpu_seconds_this_process"] >= 0.1
+    assert first["seconds_total"] == first["seconds_this_process"] >= study["seconds_total"]
+
+    seen.clear()    # the second process: the two finished cells are skipped, the other three trained
+    monkeypatch.setattr(runner, "run_cell", lambda *a: fake_run_cell(*a))
+    assert main(args) == 0
+    second = json.loads(plan_path.read_text())
+    assert second["status"] == "complete"
+    assert set(second["cells_seconds"]) == set(cells)
+    assert all(second["cells_seconds"][c] == first["cells_seconds"][c] for c in cells[:2])   # not re-timed
+    for key in ("seconds", "cpu_seconds"):
+        s2 = second["studies"]["main"]
+        assert s2[f"{key}_total"] == pytest.approx(study[f"{key}_total"] + s2[f"{key}_this_process"])
+        assert second[f"{key}_total"] == pytest.approx(first[f"{key}_total"] + second[f"{key}_this_process"])
+    assert second["studies"]["main"]["seconds_this_process"] >= 0.3
+
+    assert main(args) == 0    # a third process finds everything done: the totals grow by its overhead only
+    third = json.loads(plan_path.read_text())
+    assert third["cells_seconds"] == second["cells_seconds"]
+    assert third["seconds_total"] == pytest.approx(second["seconds_total"] + third["seconds_this_process"])
+    assert third["seconds_this_process"] < second["seconds_this_process"]

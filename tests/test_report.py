@@ -189,3 +189,29 @@ def test_random_ranking_matches_hand_computed_values():
     assert random_ranking(99) == pytest.approx((0.1, ideal / 100))
     assert random_ranking(999) == pytest.approx((0.01, 0.0045436), rel=1e-4)
     assert random_ranking(4) == pytest.approx((1.0, sum(1 / math.log2(r + 1) for r in range(1, 6)) / 5))
+
+
+def test_report_states_the_timings_of_a_stopped_reproduction(tmp_path):
+    """plan.json of a reproduction stopped after some cells (status still 'running'): the report states the
+    totals over every process and, per study, the median and slowest of the timed cells."""
+    root = tmp_path / "rep"
+    cells = [str(_run(root, f"runs/toy/fedscope/off-seed{s}", _cell("fedscope", "off"), (0.1, 0.2), s)
+                 .relative_to(root)) for s in (0, 1, 2)]
+    plan = {"profile": "quick", "dry_run": False, "status": "running", "hardware": {"device": "cpu"},
+            "seconds_this_process": 50.0, "cpu_seconds_this_process": 90.0, "seconds_total": 130.0,
+            "cpu_seconds_total": 250.0,
+            "cells_seconds": {cells[0]: {"seconds": 70.0, "cpu_seconds": 140.0},
+                              cells[1]: {"seconds": 20.0, "cpu_seconds": 40.0},
+                              cells[2]: {"seconds": 30.0, "cpu_seconds": 60.0},
+                              "runs/other/x": {"seconds": 999.0, "cpu_seconds": 999.0}},
+            "studies": {"main": {"title": "Main", "kind": "cells", "cells": cells, "datasets": ["toy"],
+                                 "seconds_total": 120.0, "cpu_seconds_total": 240.0}}}
+    (root / "plan.json").write_text(json.dumps(plan))
+    assert main(["report", "--runs", str(root), "--out", str(tmp_path / "out")]) == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert ("- status: running (or stopped before its end: the timings below cover its finished cells); 50 s wall "
+            "/ 90 s CPU in the last `fedscope reproduce` process; 130 s wall / 250 s CPU in every process that "
+            "worked on this folder\n") in report
+    assert "120 s wall, 240 s CPU." in report
+    assert (f"Per cell (3 trained; wall seconds in `plan.json`, `cells_seconds`): median 30 s, slowest "
+            f"`{cells[0]}` (70 s), `{cells[2]}` (30 s), `{cells[1]}` (20 s).") in report

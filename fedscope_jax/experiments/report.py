@@ -7,6 +7,7 @@ privacy-utility and convergence plots when the runs allow them).
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +54,7 @@ def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None
         lines += [f"- profile: **{plan['profile']}**" + (" (dry run)" if plan.get("dry_run") else ""),
                   f"- hardware: {hw.get('device', '?')} ({hw.get('platform', '?')}, {hw.get('devices', '?')} "
                   f"device(s), {hw.get('cpu_cores', '?')} CPU cores), jax {hw.get('jax', '?')}",
-                  f"- status: {plan.get('status', '?')}"
-                  + (f", {plan['seconds_this_process']:.0f} s wall / {plan.get('cpu_seconds_this_process', 0):.0f} "
-                     f"s CPU in the last `fedscope reproduce` process (load average at its end: "
-                     f"{', '.join(f'{x:.1f}' for x in plan.get('load_average_at_end', []))})"
-                     if plan.get("seconds_this_process") else ""),
+                  _status_line(plan),
                   f"- attributes root: {plan.get('attributes_root') or 'none given: FedSCOPE ran ID-only '}"
                   + ("" if plan.get("attributes_root") else "(column 'attributes' = none)"), "",
                   f"Metrics: test split, leave-one-out; HR@10 / NDCG@10 / MRR rank the target against {neg} sampled "
@@ -114,6 +111,35 @@ def _sampled_negatives(root: Path, plan: dict[str, Any]) -> int:
     return 999
 
 
+def _status_line(plan: dict[str, Any]) -> str:
+    """Status, the time of the last process and of every process on this folder."""
+    status = plan.get("status", "?")
+    if status == "running":
+        status = "running (or stopped before its end: the timings below cover its finished cells)"
+    line = f"- status: {status}"
+    if plan.get("seconds_this_process") is not None:
+        load = plan.get("load_average_at_end")
+        line += (f"; {plan['seconds_this_process']:.0f} s wall / {plan.get('cpu_seconds_this_process', 0):.0f} s CPU "
+                 "in the last `fedscope reproduce` process"
+                 + (f" (load average at its end: {', '.join(f'{x:.1f}' for x in load)})" if load else ""))
+    if plan.get("seconds_total") is not None:
+        line += (f"; {plan['seconds_total']:.0f} s wall / {plan.get('cpu_seconds_total', 0):.0f} s CPU in every "
+                 "process that worked on this folder")
+    return line
+
+
+def _cell_time_lines(info: dict[str, Any], plan: dict[str, Any]) -> list[str]:
+    """The study's cells that a process trained (plan.json's cells_seconds): count, median, slowest three."""
+    timed = {rel: plan["cells_seconds"][rel]["seconds"] for rel in dict.fromkeys(info.get("cells", []))
+             if rel in plan.get("cells_seconds", {})}
+    if not timed:
+        return []
+    median = statistics.median(timed.values())
+    slow = sorted(timed, key=timed.get, reverse=True)[:3]
+    return [f"Per cell ({len(timed)} trained; wall seconds in `plan.json`, `cells_seconds`): median {median:.0f} s, "
+            "slowest " + ", ".join(f"`{rel}` ({timed[rel]:.0f} s)" for rel in slow) + ".", ""]
+
+
 def _data_lines(plan: dict[str, Any]) -> list[str]:
     """One line per dataset (or subset) the reproduction trained on."""
     data = plan.get("data", {})
@@ -145,6 +171,7 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
                   f"(cells shared with an earlier study not counted again; finished cells skipped by a resumed "
                   f"process cost nothing): {info['seconds_total']:.0f} s wall, "
                   f"{info.get('cpu_seconds_total', 0):.0f} s CPU.", ""]
+    lines += _cell_time_lines(info, plan)
     failed = {k: v for k, v in plan.get("failed", {}).items() if k in set(info.get("cells", []))}
     if failed:
         lines += [f"**{len(failed)} cell(s) FAILED**:", ""] + [f"- `{k}`: {v}" for k, v in failed.items()] + [""]

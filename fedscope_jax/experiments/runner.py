@@ -3,7 +3,8 @@
 Layout of the output directory (`--out OUT`; a dry run writes OUT/dry-run/ instead, never mixed with OUT):
   data/                 prepared datasets and their per-profile user subsets (cache, reused)
   runs/<dataset>/...    one run directory per cell (config.json, metrics.jsonl, summary.json, cell.json)
-  plan.json             the studies, their cells' directories, the profile, hardware, timings per study
+  plan.json             the studies, their cells' directories, the profile, hardware, timings per study and
+                        per cell (rewritten after every cell, so a killed reproduction keeps its timings)
   report/               `fedscope report` output (report.md, tables, plots)
 A cell whose summary.json exists is skipped, so a killed reproduction resumes where it stopped (a federated
 cell with checkpoints resumes from its last round; a sweep cell keeps its finished seeds and resumes the rest).
@@ -146,16 +147,31 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
             cell_dir = root / "runs" / cell.relative_dir(str(path), label)
             record["studies"][name]["cells"].append(str(cell_dir.relative_to(root)))
             todo.append((study, cell, cell_dir, (ds, semantic, coverage, label, path)))
-    record["status"] = "running"
-    write_json(record, plan_path)   # a report of a partial reproduction shows what is missing
+    record["status"] = "running"   # until the end: a killed process leaves it so
+    record["cells_seconds"] = dict(old.get("cells_seconds", {}))   # cells trained by earlier processes
+
+    def save() -> None:   # after every cell: a killed reproduction keeps the time of its finished cells
+        _totals(record, old)
+        write_json(record, plan_path)
+
+    save()   # a report of a partial reproduction shows what is missing
     with _quick_compiles(opts.dry_run):
-        _run_all(todo, record, opts)
-    for name, info in record["studies"].items():   # totals over every process that worked on this folder
-        before = old.get("studies", {}).get(name, {})
+        _run_all(todo, record, opts, save)
+    return record
+
+
+def _totals(record: dict[str, Any], old: dict[str, Any]) -> None:
+    """The `*_total` keys: what the processes before this one recorded (`old`, the plan.json this process
+    found at its start) plus this process so far; recomputed from `old` each time, so never counted twice."""
+    old_studies = old.get("studies", {})
+    for name, info in record["studies"].items():
+        before = old_studies.get(name, {})
         for key in ("seconds", "cpu_seconds"):
             info[f"{key}_total"] = before.get(f"{key}_total", 0.0) + info.get(f"{key}_this_process", 0.0)
-    write_json(record, plan_path)
-    return record
+    for key in ("seconds", "cpu_seconds"):
+        # a plan.json from before the top-level totals: its studies' totals are what earlier processes spent
+        before = old.get(f"{key}_total", sum(s.get(f"{key}_total", 0.0) for s in old_studies.values()))
+        record[f"{key}_total"] = before + record.get(f"{key}_this_process", 0.0)
 
 
 @contextlib.contextmanager
@@ -174,12 +190,14 @@ def _quick_compiles(enabled: bool):
         jax.config.update("jax_disable_most_optimizations", old)
 
 
-def _run_all(todo: list[Any], record: dict[str, Any], opts: Options) -> None:
+def _run_all(todo: list[Any], record: dict[str, Any], opts: Options, save: Callable[[], None]) -> None:
+    """Runs the cells in order. After each: its time added to its study's and this process's seconds, and to
+    `cells_seconds` when it trained or failed (a finished cell skipped costs nothing); then `save()`."""
     from fedscope_jax.utils.progress import progress
 
     bar = progress(total=len(todo), desc="reproduce" + (" (dry run)" if opts.dry_run else ""), unit="cell")
-    seconds: dict[str, list[float]] = {}
     failed: dict[str, str] = record.setdefault("failed", {})
+    cells_seconds: dict[str, dict[str, float]] = record.setdefault("cells_seconds", {})
     done_dirs: set[Path] = set()
     t_all, c_all = time.time(), _cpu_seconds()
     last_group = None
@@ -187,6 +205,8 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options) -> None:
         bar.set_postfix_str(f"{study.name}: {cell.dataset}/{cell.method}"
                             + (f"/{cell.dp.label}" if cell.dp else "/sweep") + f"/seed{cell.seed}")
         t0, c0 = time.time(), _cpu_seconds()
+        rel = str(cell_dir.relative_to(cell_dir.parents[3]))   # as listed in the study's "cells"
+        worked = False
         if cell_dir not in done_dirs:
             done_dirs.add(cell_dir)
             group = (study.name, cell.dataset, cell.method, cell.dp, cell.variant)
@@ -194,22 +214,29 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options) -> None:
                 release_programs()   # the seeds of one cell share programs; the next cell compiles its own
             last_group = group
             try:
-                run_cell(cell, cell_dir, ds, semantic, coverage, label, path, study)
+                worked = run_cell(cell, cell_dir, ds, semantic, coverage, label, path, study)
             except FedscopeError as exc:   # recorded, reported and in the exit code; the other cells still run
-                failed[str(cell_dir.relative_to(cell_dir.parents[3]))] = str(exc)
+                worked = True
+                failed[rel] = str(exc)
                 print(f"cell failed: {cell_dir}: {exc}", file=sys.stderr)
-        acc = seconds.setdefault(study.name, [0.0, 0.0])
-        acc[0] += time.time() - t0
-        acc[1] += _cpu_seconds() - c0
+        wall, cpu = time.time() - t0, _cpu_seconds() - c0
+        info = record["studies"][study.name]
+        info["seconds_this_process"] = info.get("seconds_this_process", 0.0) + wall
+        info["cpu_seconds_this_process"] = info.get("cpu_seconds_this_process", 0.0) + cpu
+        if worked:   # a cell resumed after a kill: this process's part added to what earlier ones recorded
+            before = cells_seconds.get(rel, {})
+            cells_seconds[rel] = {"seconds": before.get("seconds", 0.0) + wall,
+                                  "cpu_seconds": before.get("cpu_seconds", 0.0) + cpu}
+        record["seconds_this_process"] = time.time() - t_all
+        record["cpu_seconds_this_process"] = _cpu_seconds() - c_all
+        save()
         bar.update(1)
     bar.close()
-    for name, (wall, cpu) in seconds.items():
-        record["studies"][name]["seconds_this_process"] = wall
-        record["studies"][name]["cpu_seconds_this_process"] = cpu
     record["seconds_this_process"] = time.time() - t_all
     record["cpu_seconds_this_process"] = _cpu_seconds() - c_all
     record["load_average_at_end"] = list(os.getloadavg())
     record["status"] = "complete" if not failed else f"{len(failed)} cell(s) failed"
+    save()
 
 
 def release_programs() -> None:
@@ -253,8 +280,9 @@ def hardware() -> dict[str, Any]:
 
 
 def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, label: str, dataset_dir: Path,
-             study: Study) -> None:
-    """Trains one cell into `cell_dir` unless its summary.json exists; writes cell.json last."""
+             study: Study) -> bool:
+    """Trains one cell into `cell_dir` unless its summary.json exists (then returns False, True otherwise);
+    writes cell.json last."""
     from fedscope_jax.utils.io import write_json
 
     cfg = run_config(cell, str(study.path))
@@ -264,10 +292,9 @@ def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, 
     ident = {**cell.identity(), "attributes": attributes, "semantic_coverage": coverage if sem is not None else None,
              "dataset_dir": str(dataset_dir), "overrides": list(cell.overrides)}
     if cell.mode == "sweep":
-        _run_sweep(cell, cell_dir, ds, cfg, sem, ident)
-        return
+        return _run_sweep(cell, cell_dir, ds, cfg, sem, ident)
     if (cell_dir / "summary.json").is_file():
-        return
+        return False
     extra = {"data": str(dataset_dir), "attributes": attributes, "semantic_coverage": ident["semantic_coverage"],
              "mode": method.mode, "experiment": ident}
     fn = trainer(cell.mode)
@@ -282,10 +309,12 @@ def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, 
     else:
         fn(ds, cfg, cell_dir, semantic=sem, force=True, extra_config=extra)
     write_json(ident, cell_dir / CELL_FILE)
+    return True
 
 
-def _run_sweep(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ident: dict[str, Any]) -> None:
+def _run_sweep(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ident: dict[str, Any]) -> bool:
     """One run_sweep program for the cell's seed (modes x epsilons); cell.json written into each of its runs.
+    False when the sweep had finished before (nothing run).
 
     An existing sweep directory (a killed reproduction) is resumed; one whose config no longer matches the
     cell's is trained again from scratch (as run_cell does for a federated cell)."""
@@ -296,7 +325,7 @@ def _run_sweep(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ident: 
 
     done = sweep_dir / SWEEP_DONE
     if done.is_file():
-        return
+        return False
     extra = {"attributes": ident["attributes"], "semantic_coverage": ident["semantic_coverage"],
              "mode": "federated", "experiment": ident}
     sweep = functools.partial(trainer("sweep"), ds, cfg, list(cell.sweep_modes), list(cell.sweep_epsilons),
@@ -321,4 +350,5 @@ def _run_sweep(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ident: 
                     "sweep_mode": m["mode"], "epsilon": eps if math.isfinite(eps) else None,
                     "seed": int(m["seed"])}, run / CELL_FILE)
     done.write_text("ok\n", encoding="utf-8")
+    return True
 
