@@ -15,8 +15,8 @@ from scipy import stats
 from fedscope_jax.engine import reference_model as rm
 from fedscope_jax.engine.aggregate import accumulate_chunk, finalize, zeros_accumulator
 from fedscope_jax.engine.client import ClientConfig, SparseTable
-from fedscope_jax.engine.cohort import (ClientShard, _best_boundaries, build_cohorts, localize_batch, nice_ceil,
-                                        plan_buckets)
+from fedscope_jax.engine.cohort import (BucketPlan, ClientShard, _best_boundaries, bucket_capacities, build_cohorts,
+                                        localize_batch, nice_ceil, plan_buckets)
 from fedscope_jax.engine.round import EngineConfig, SequentialRunner, make_round_fn
 from fedscope_jax.engine.sampling import sample_clients
 from fedscope_jax.engine.server import init_server_state, server_optimizer
@@ -115,6 +115,63 @@ def test_extra_step_padding_and_one_bucket_change_nothing(sparse_shards, privacy
     fn = make_round_fn(_client_cfg(True), opt, EngineConfig(chunk_size=2, noise_mode="per_client"))
     state, _ = _run(fn, cohorts, opt=opt)
     assert _max_diff(state.params, ref_state.params) < 1e-5
+
+
+@pytest.mark.parametrize("capacity", [(1, 2), (0, 1), (4, 4)])
+def test_fixed_bucket_slots_change_nothing(sparse_shards, privacy, reference_round, capacity):
+    """Fixed slots per bucket: clients overflowing a bucket move up, the top bucket grows, empty slots are
+    weight-0 padding; the round equals the sequential reference either way."""
+    ref_state, _ = reference_round
+    plan = plan_buckets(sparse_shards, max_buckets=2)
+    small = sum(plan.bucket_of(s.n_steps) == 0 for s in sparse_shards)
+    assert small == 4
+    cohorts, pad = build_cohorts(sparse_shards, range(len(SIZES)), plan, ROWS, clip=privacy[0],
+                                 noise_multiplier=privacy[1], capacity=capacity)
+    rows = [len(c.client_id) for c in cohorts]
+    top = max(capacity[1], nice_ceil(6 - min(capacity[0], small), 1))   # grown when it overflows
+    assert rows == ([capacity[0]] if capacity[0] else []) + [top]
+    assert sorted(np.concatenate([np.asarray(c.client_id) for c in cohorts]).tolist()) == (
+        [-1] * (sum(rows) - 6) + list(range(6)))
+    assert pad.real_steps == sum(s.n_steps for s in sparse_shards)
+    opt = server_optimizer("fedadam", 0.05)
+    fn = make_round_fn(_client_cfg(True), opt, EngineConfig(chunk_size=1, noise_mode="per_client"))
+    state, _ = _run(fn, cohorts, opt=opt)
+    assert _max_diff(state.params, ref_state.params) < 1e-5
+
+
+def test_fixed_bucket_slots_keep_the_shapes_of_sampled_rounds(sparse_shards):
+    """Sampled subsets of clients give the same cohort shapes round after round (one compiled program)."""
+    plan = plan_buckets(sparse_shards, max_buckets=2)
+    steps = [s.n_steps for s in sparse_shards]
+    capacity = bucket_capacities(plan, steps, len(SIZES), "fraction", 0.5)
+    shapes = set()
+    for r in range(12):
+        ids = sample_clients(0, r, len(SIZES), "fraction", 0.5)
+        cohorts, _ = build_cohorts(sparse_shards, ids, plan, ROWS, capacity=capacity)
+        shapes.add(tuple((c.client_id.shape, tuple(v.shape for v in c.data.vocab.values())) for c in cohorts))
+    assert len(shapes) == 1
+    # without fixed slots the per-bucket counts of these rounds give several shapes
+    loose = {tuple(c.client_id.shape for c in build_cohorts(sparse_shards, sample_clients(0, r, 6, "fraction",
+                                                                                            0.5), plan, ROWS)[0])
+             for r in range(12)}
+    assert len(loose) > 1
+
+
+def test_bucket_capacities():
+    plan = BucketPlan((2, 5, 9), ({}, {}, {}))
+    steps = [1] * 30 + [4] * 15 + [9] * 5          # 30 / 15 / 5 trainable clients of 60
+    # everybody every round: exactly each bucket's clients
+    assert bucket_capacities(plan, steps, 60, "fraction", 1.0) == (30, 15, 5)
+    assert bucket_capacities(plan, steps, 50, "poisson", 1.0) == (30, 15, 5)
+    caps = bucket_capacities(plan, steps, 60, "fraction", 0.2)   # 12 sampled, ~10 of them trainable
+    assert all(c >= 0 for c in caps) and sum(caps) <= 12
+    tail = stats.hypergeom(60, 5, 12)       # clients sampled from the top bucket: slots at its 95% quantile
+    assert caps[2] == int(tail.ppf(0.95))
+    assert bucket_capacities(plan, steps, 60, "poisson", 0.2)[2] == int(stats.binom(5, 0.2).ppf(0.95))
+    loose = bucket_capacities(plan, steps, 60, "fraction", 0.2, quantile=0.5)
+    assert loose[2] <= caps[2] and sum(loose) <= sum(caps)
+    with pytest.raises(FedscopeError, match="quantile"):
+        bucket_capacities(plan, steps, 60, "fraction", 0.2, quantile=0.0)
 
 
 def test_local_vocabulary_equals_dense_tables(dense_shards, sparse_shards):

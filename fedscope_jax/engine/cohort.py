@@ -117,9 +117,56 @@ def plan_buckets(shards: Sequence[ClientShard], max_buckets: int = 4, vocab_mult
         b = plan.bucket_of(shard.n_steps)
         for n in names:
             vocab_sizes[b][n] = max(vocab_sizes[b][n], len(shard.vocab[n]))
+    for b in range(1, len(vocab_sizes)):   # a client may move up to a bigger bucket (bucket_capacities)
+        for n in names:
+            vocab_sizes[b][n] = max(vocab_sizes[b][n], vocab_sizes[b - 1][n])
     rounded = tuple({n: int(math.ceil(v / vocab_multiple) * vocab_multiple) for n, v in vs.items()}
                     for vs in vocab_sizes)
     return BucketPlan(tuple(steps), rounded)
+
+
+def _quantile(log_pmf: np.ndarray, q: float) -> int:
+    """Smallest k with P(X <= k) >= q, for a distribution on 0..len-1 given by its log pmf."""
+    cdf = np.cumsum(np.exp(log_pmf - np.max(log_pmf)))
+    return int(np.searchsorted(cdf / cdf[-1], q - 1e-12))
+
+
+def _log_comb(n: int, k: np.ndarray) -> np.ndarray:
+    return math.lgamma(n + 1) - np.array([math.lgamma(i + 1) + math.lgamma(n - i + 1) for i in k])
+
+
+def bucket_capacities(plan: BucketPlan, client_steps: Sequence[int], n_clients: int, scheme: str, rate: float,
+                      quantile: float = 0.95) -> tuple[int, ...]:
+    """Client slots per bucket, fixed for a run, so that sampled rounds keep one program shape.
+
+    With exact per-round counts, every round's mix of per-bucket counts under client sampling is a new
+    input shape (a recompile per round in a short run). Here bucket b gets c_b slots, where
+    c_b + ... + c_top = the `quantile` of the number of sampled clients in buckets >= b (hypergeometric for a
+    fixed fraction of `n_clients`, binomial for Poisson sampling). A round's clients fill their own bucket
+    and overflow into the next bigger one (a client fits in any bucket with at least its steps); only the
+    top bucket grows when a round overflows it (about 1 - quantile of the rounds).
+    client_steps: local steps of the trainable clients (the population sampled from).
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise FedscopeError(f"quantile: expected 0 < q <= 1, got {quantile}")
+    if scheme not in ("fraction", "poisson"):
+        raise FedscopeError(f"sampling scheme: expected fraction or poisson, got {scheme!r}")
+    buckets = np.array([plan.bucket_of(int(s)) for s in client_steps], np.int64)
+    n_b = np.bincount(buckets, minlength=len(plan.steps))
+    upper = []
+    for n in (int(v) for v in np.cumsum(n_b[::-1])[::-1]):   # trainable clients in buckets >= b
+        k = np.arange(n + 1)
+        if scheme == "fraction":
+            m = min(max(1, int(round(rate * n_clients))), n_clients)
+            k = k[(k <= m) & (m - k <= n_clients - n)]
+            log_pmf = _log_comb(n, k) + _log_comb(n_clients - n, m - k)
+        elif rate >= 1.0:
+            k, log_pmf = k[-1:], np.zeros(1)
+        else:
+            log_pmf = _log_comb(n, k) + k * math.log(rate) + (n - k) * math.log1p(-rate)
+        upper.append(int(k[_quantile(log_pmf, quantile)]))
+    upper = np.maximum.accumulate(np.asarray(upper)[::-1])[::-1]   # non-increasing in b
+    return tuple(int(u - v) for u, v in zip(upper, list(upper[1:]) + [0]))
 
 
 def nice_ceil(n: int, unit: int) -> int:
@@ -148,14 +195,24 @@ def _pad_steps(x: np.ndarray, steps: int) -> np.ndarray:
     return np.pad(x, pad)
 
 
+def _any_shard(shards: Sequence[ClientShard] | Mapping[int, ClientShard]) -> ClientShard:
+    """A shard to copy array shapes from (for a bucket's all-padding cohort)."""
+    return next(iter(shards.values())) if isinstance(shards, Mapping) else shards[0]
+
+
 def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan: BucketPlan,
                   table_rows: Mapping[str, int], weights: np.ndarray | None = None,
                   clip: np.ndarray | None = None, noise_multiplier: np.ndarray | None = None,
-                  multiple: int = 1, nice: bool = True) -> tuple[tuple[Cohort, ...], PaddingStats]:
+                  multiple: int = 1, nice: bool = True, capacity: Sequence[int] | None = None
+                  ) -> tuple[tuple[Cohort, ...], PaddingStats]:
     """Stacks the clients `client_ids` (indices into `shards`) into one padded Cohort per non-empty bucket.
 
     weights / clip / noise_multiplier are per selected client (defaults 1 / inf / 0). Client counts are
     padded to a multiple of `multiple` (devices x chunk size), rounded to a nice size when `nice`.
+    capacity: fixed client slots per bucket (`bucket_capacities`) instead: every bucket with slots gives a
+    cohort of that many rows (rounded up to `multiple`) whether or not a client landed there, clients
+    beyond a bucket's slots move up to the next bucket, and the top bucket grows (to a nice size) only when
+    it overflows; buckets with 0 slots give no cohort.
     """
     ids = np.asarray(client_ids, np.int64)
     k = len(ids)
@@ -173,17 +230,36 @@ def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan
     groups: dict[int, list[int]] = {}
     for pos, cid in enumerate(ids):
         groups.setdefault(plan.bucket_of(shards[cid].n_steps), []).append(pos)
+    caps: dict[int, int] = {}
+    if capacity is not None:
+        if len(capacity) != len(plan.steps):
+            raise FedscopeError(f"capacity: expected one slot count per bucket ({len(plan.steps)}), got "
+                                f"{len(capacity)}")
+        carry: list[int] = []
+        top = len(plan.steps) - 1
+        for b, slots_b in enumerate(capacity):
+            pool = carry + groups.get(b, [])
+            cap_b = math.ceil(slots_b / multiple) * multiple
+            if b == top and len(pool) > cap_b:
+                cap_b = nice_ceil(len(pool), multiple)
+            groups[b], carry = pool[:cap_b], pool[cap_b:]
+            if cap_b:
+                caps[b] = cap_b
+        groups = {b: groups[b] for b in caps}
     cohorts, real, slots = [], 0, 0
     for b in sorted(groups):
         members = groups[b]
         steps = plan.steps[b]
-        cap = nice_ceil(len(members), multiple) if nice else math.ceil(len(members) / multiple) * multiple
-        template = shards[ids[members[0]]]
+        if b in caps:
+            cap = caps[b]
+        else:
+            cap = nice_ceil(len(members), multiple) if nice else math.ceil(len(members) / multiple) * multiple
+        template = shards[ids[members[0]]] if members else _any_shard(shards)
         batch = {key: np.zeros((cap, steps) + v.shape[1:], v.dtype) for key, v in template.batch.items()}
         mask = np.zeros((cap, steps), bool)
         # the plan's vocabulary size, grown (to a multiple of 8) if this round's data needs more rows
-        sizes = {n: max(plan.vocab_sizes[b][n], -(-max(len(shards[ids[p]].vocab[n]) for p in members) // 8) * 8)
-                 for n in template.vocab}
+        need = {n: max((len(shards[ids[p]].vocab[n]) for p in members), default=0) for n in template.vocab}
+        sizes = {n: max(plan.vocab_sizes[b][n], -(-need[n] // 8) * 8) for n in template.vocab}
         vocab = {n: np.full((cap, sizes[n]), table_rows[n], np.int32) for n in template.vocab}
         cohort_ids = np.full(cap, -1, np.int32)
         w = np.zeros(cap, np.float32)

@@ -175,7 +175,7 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
     import numpy as np
 
     from fedscope_jax.engine.checkpoint import Checkpointer
-    from fedscope_jax.engine.cohort import build_cohorts, plan_buckets
+    from fedscope_jax.engine.cohort import bucket_capacities, build_cohorts, plan_buckets
     from fedscope_jax.engine.round import shard_cohorts
     from fedscope_jax.engine.sampling import sample_clients
     from fedscope_jax.engine.server import init_server_state, server_optimizer
@@ -223,6 +223,8 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
     if not trainable:
         raise FedscopeError("no client has training data")
     plan = plan_buckets([base[c] for c in trainable], fcfg.max_buckets)
+    # fixed slots per bucket: sampled rounds (and clients leaving at their budget) keep one program shape
+    capacity = bucket_capacities(plan, [steps_of[c] for c in trainable], n_clients, fcfg.sampling, fcfg.fraction)
     devices = jax.device_count()
     key = jax.random.fold_in(jax.random.key(fcfg.seed), 0xE6)
     largest = int(np.bincount([plan.bucket_of(steps_of[c]) for c in trainable]).max())
@@ -237,7 +239,7 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
 
     def cohorts_for(round_index: int, union: Any, multiple: int):
         shards = base if round_index == 0 else {int(c): source(round_index, int(c)) for c in union}
-        return build_cohorts(shards, union, plan, table_rows, multiple=multiple)
+        return build_cohorts(shards, union, plan, table_rows, multiple=multiple, capacity=capacity)
 
     def vectors(i: int, ids: Any) -> tuple[Any, Any, Any]:
         priv = tracks[i].privacy
@@ -263,14 +265,14 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
 
     # Programs and chunk sizes (time candidates on the first round's cohorts when fcfg.chunk_size is 0).
     # Programs are cached across runs: count the compile seconds this call adds to each program it uses.
-    used: dict[int, tuple[Any, float]] = {}
+    used: dict[int, tuple[Any, float, int]] = {}
 
     def use(program: Any) -> Any:
-        used.setdefault(id(program), (program, program.compile_seconds))
+        used.setdefault(id(program), (program, program.compile_seconds, program.compiles))
         return program
 
     def compiled_here() -> float:
-        return sum(p.compile_seconds - before for p, before in used.values())
+        return sum(p.compile_seconds - before for p, before, _ in used.values())
 
     probe = jax.tree.map(np.asarray, init)
     first_ids, first_union = participants(start, [None] * len(tracks))
@@ -364,13 +366,15 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
     compile_seconds = compiled_here() - compile_before
     loop_seconds = time.perf_counter() - t_rounds
     timing = {"compile_seconds": compile_seconds + compile_before, "train_seconds": loop_seconds - compile_seconds,
-              "setup_seconds": t_rounds - t_loop, "chunk_tuning_compile_seconds": compile_before}
+              "setup_seconds": t_rounds - t_loop, "chunk_tuning_compile_seconds": compile_before,
+              "round_programs_compiled": sum(p.compiles - n for p, _, n in used.values())}
     finals, facts = [], []
     for i, t in enumerate(tracks):
         g = next(g for g in groups if i in g.members)
         finals.append(g.state_of(i))
         f = {"chunk_size": g.chunk, "chunk_tuning_seconds": {str(k): v for k, v in g.tuning.items()},
-             "buckets": [{"steps": s, "vocab": dict(v)} for s, v in zip(plan.steps, plan.vocab_sizes)],
+             "buckets": [{"steps": s, "vocab": dict(v), "slots": c}
+                         for s, v, c in zip(plan.steps, plan.vocab_sizes, capacity)],
              "devices": devices, "trainable_clients": len(trainable), "start_round": start,
              "program": {"noise_mode": g.settings[0], "configs": len(g.members), "sweep": g.sweep,
                          "config_chunk": g.config_chunk if g.sweep else 1},
