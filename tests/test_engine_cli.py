@@ -54,3 +54,16 @@ def test_client_per_domain_setting(tiny_dataset: Path, tmp_path: Path):
                  "--scheme", "domain", "--rounds", "1", *TINY]) == 0
     line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert line["clients"] == 2 and line["included"] == 2 and line["loss"] > 0
+
+
+def test_sampled_rounds_compile_one_round_program(tiny_dataset: Path, tmp_path: Path):
+    """Sampling half of 8 power-law clients per round: fixed bucket slots keep every round's shapes."""
+    run = tmp_path / "run"
+    assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "8",
+                 "--scheme", "powerlaw", "--fraction", "0.5", "--max-buckets", "3", "--rounds", "6",
+                 "--eval-every", "6", *TINY]) == 0
+    fed = json.loads((run / "summary.json").read_text())["federated"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(fed["buckets"]) >= 2 and all(r["clients"] == 4 for r in lines)
+    assert sum(b["slots"] for b in fed["buckets"]) <= 4
+    assert fed["timing"]["round_programs_compiled"] == 1
