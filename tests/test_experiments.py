@@ -299,12 +299,15 @@ def test_plan_json_keeps_the_time_of_finished_cells_when_the_process_dies(tmp_pa
     assert study["seconds_total"] == study["seconds_this_process"] >= 0.2
     assert study["cpu_seconds_total"] == study["cpu_seconds_this_process"] >= 0.1
     assert first["seconds_total"] == first["seconds_this_process"] >= study["seconds_total"]
+    cache = first["compile_cache"]    # on by default, under OUT (not under OUT/dry-run), machine-specific
+    assert cache["enabled"] and Path(cache["dir"]).parent == out / "cache" / "xla" and Path(cache["dir"]).is_dir()
+    assert set(first["xla_compiles_this_process"]) == {"programs", "seconds", "cache_hits", "cache_writes"}
 
     seen.clear()    # the second process: the two finished cells are skipped, the other three trained
     monkeypatch.setattr(runner, "run_cell", lambda *a: fake_run_cell(*a))
-    assert main(args) == 0
+    assert main(args + ["--no-compile-cache"]) == 0
     second = json.loads(plan_path.read_text())
-    assert second["status"] == "complete"
+    assert second["status"] == "complete" and not second["compile_cache"]["enabled"]
     assert set(second["cells_seconds"]) == set(cells)
     assert all(second["cells_seconds"][c] == first["cells_seconds"][c] for c in cells[:2])   # not re-timed
     for key in ("seconds", "cpu_seconds"):
@@ -318,3 +321,39 @@ def test_plan_json_keeps_the_time_of_finished_cells_when_the_process_dies(tmp_pa
     assert third["cells_seconds"] == second["cells_seconds"]
     assert third["seconds_total"] == pytest.approx(second["seconds_total"] + third["seconds_this_process"])
     assert third["seconds_this_process"] < second["seconds_this_process"]
+
+
+def test_compile_cache_reads_back_a_program_dropped_from_memory(tmp_path, monkeypatch):
+    """_compile_cache points JAX's persistent cache at the folder while it runs: a program compiled again
+    after jax.clear_caches() (what release_programs does between cells) is read from disk, also from a copy of
+    the folder elsewhere; settings restored."""
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+
+    from fedscope_jax.experiments import runner
+
+    monkeypatch.setattr(runner, "CACHE_MIN_COMPILE_SECONDS", 0.0)    # the toy program compiles in milliseconds
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_enable_xla_caches
+
+    def f(x):
+        return jnp.tanh(x @ x.T).sum(axis=0) * 3.0
+
+    x = jnp.arange(12.0).reshape(3, 4)
+    with runner._compile_cache(tmp_path / "xla") as (cache, compiles):
+        assert cache == {"enabled": True, "dir": str(tmp_path / "xla"), "min_compile_seconds": 0.0}
+        y = jax.jit(f)(x)
+        assert compiles["cache_writes"] >= 1 and any((tmp_path / "xla").iterdir())
+        jax.clear_caches()
+        hits = compiles["cache_hits"]
+        assert jnp.array_equal(jax.jit(f)(x), y)
+        assert compiles["cache_hits"] == hits + 1 and compiles["programs"] >= 2
+    assert (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_enable_xla_caches) == before
+    # a copied (or moved) cache still serves: the folder's path is not part of the entries' keys on CPU
+    shutil.copytree(tmp_path / "xla", tmp_path / "moved")
+    jax.clear_caches()
+    with runner._compile_cache(tmp_path / "moved") as (_, compiles):
+        assert jnp.array_equal(jax.jit(f)(x), y) and compiles["cache_hits"] >= 1
+    with runner._compile_cache(None) as (cache, _):
+        assert cache["enabled"] == bool(before[0])

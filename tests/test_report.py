@@ -193,13 +193,14 @@ def test_random_ranking_matches_hand_computed_values():
 
 def test_report_states_the_timings_of_a_stopped_reproduction(tmp_path):
     """plan.json of a reproduction stopped after some cells (status still 'running'): the report states the
-    totals over every process and, per study, the median and slowest of the timed cells."""
+    totals over every process, the compilation cache and, per study, the median and slowest timed cells."""
     root = tmp_path / "rep"
     cells = [str(_run(root, f"runs/toy/fedscope/off-seed{s}", _cell("fedscope", "off"), (0.1, 0.2), s)
                  .relative_to(root)) for s in (0, 1, 2)]
     plan = {"profile": "quick", "dry_run": False, "status": "running", "hardware": {"device": "cpu"},
             "seconds_this_process": 50.0, "cpu_seconds_this_process": 90.0, "seconds_total": 130.0,
-            "cpu_seconds_total": 250.0,
+            "cpu_seconds_total": 250.0, "compile_cache": {"enabled": True, "dir": "OUT/cache/xla/x86_64-abc"},
+            "xla_compiles_this_process": {"programs": 40, "seconds": 61.4, "cache_hits": 12, "cache_writes": 20},
             "cells_seconds": {cells[0]: {"seconds": 70.0, "cpu_seconds": 140.0},
                               cells[1]: {"seconds": 20.0, "cpu_seconds": 40.0},
                               cells[2]: {"seconds": 30.0, "cpu_seconds": 60.0},
@@ -211,7 +212,8 @@ def test_report_states_the_timings_of_a_stopped_reproduction(tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert ("- status: running (or stopped before its end: the timings below cover its finished cells); 50 s wall "
             "/ 90 s CPU in the last `fedscope reproduce` process; 130 s wall / 250 s CPU in every process that "
-            "worked on this folder\n") in report
+            "worked on this folder; XLA compilation cache on (`OUT/cache/xla/x86_64-abc`), that process: 40 XLA "
+            "compilations, 61 s compiling or reading them, 12 read from the cache\n") in report
     assert "120 s wall, 240 s CPU." in report
     assert (f"Per cell (3 trained; wall seconds in `plan.json`, `cells_seconds`): median 30 s, slowest "
             f"`{cells[0]}` (70 s), `{cells[2]}` (30 s), `{cells[1]}` (20 s).") in report

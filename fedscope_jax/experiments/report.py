@@ -112,7 +112,7 @@ def _sampled_negatives(root: Path, plan: dict[str, Any]) -> int:
 
 
 def _status_line(plan: dict[str, Any]) -> str:
-    """Status, the time of the last process and of every process on this folder."""
+    """Status, the time of the last process and of every process on this folder, the compilation cache."""
     status = plan.get("status", "?")
     if status == "running":
         status = "running (or stopped before its end: the timings below cover its finished cells)"
@@ -125,6 +125,12 @@ def _status_line(plan: dict[str, Any]) -> str:
     if plan.get("seconds_total") is not None:
         line += (f"; {plan['seconds_total']:.0f} s wall / {plan.get('cpu_seconds_total', 0):.0f} s CPU in every "
                  "process that worked on this folder")
+    compiles = plan.get("xla_compiles_this_process")
+    if plan.get("compile_cache") is not None:
+        cache = plan["compile_cache"]
+        line += ("; XLA compilation cache " + (f"on (`{cache.get('dir')}`)" if cache.get("enabled") else "off")
+                 + (f", that process: {compiles['programs']} XLA compilations, {compiles['seconds']:.0f} s compiling "
+                    f"or reading them, {compiles['cache_hits']} read from the cache" if compiles else ""))
     return line
 
 

@@ -6,6 +6,8 @@ Layout of the output directory (`--out OUT`; a dry run writes OUT/dry-run/ inste
   plan.json             the studies, their cells' directories, the profile, hardware, timings per study and
                         per cell (rewritten after every cell, so a killed reproduction keeps its timings)
   report/               `fedscope report` output (report.md, tables, plots)
+  cache/xla/<host>/     JAX's persistent compilation cache (unless --no-compile-cache): programs compiled by one
+                        cell, or by an earlier process, are read back instead of compiled again
 A cell whose summary.json exists is skipped, so a killed reproduction resumes where it stopped (a federated
 cell with checkpoints resumes from its last round; a sweep cell keeps its finished seeds and resumes the rest).
 """
@@ -66,6 +68,7 @@ class Options:
     dry_run: bool = False
     datasets: tuple[str, ...] | None = None    # restrict every study to these datasets (None: the study's)
     smoke: bool = False    # keep only the first cell of each (study, method): a fast plumbing check
+    compile_cache: bool = True   # JAX's persistent compilation cache under OUT/cache/xla (compile_cache_dir)
 
 
 def plan(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> dict[str, list[Cell]]:
@@ -154,8 +157,11 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
         _totals(record, old)
         write_json(record, plan_path)
 
-    save()   # a report of a partial reproduction shows what is missing
-    with _quick_compiles(opts.dry_run):
+    cache_dir = compile_cache_dir(opts.out) if opts.compile_cache else None
+    with _quick_compiles(opts.dry_run), _compile_cache(cache_dir) as (cache, compiles):
+        record["compile_cache"] = cache
+        record["xla_compiles_this_process"] = compiles   # updated in place while the cells run
+        save()   # a report of a partial reproduction shows what is missing
         _run_all(todo, record, opts, save)
     return record
 
@@ -188,6 +194,78 @@ def _quick_compiles(enabled: bool):
         yield
     finally:
         jax.config.update("jax_disable_most_optimizations", old)
+
+
+# Programs that compile faster than this are not written to the persistent cache (JAX's default: 1 s). In the
+# quick ablation (docs/experiments.md) the round programs take 7-12 s each, ~45 compilations (evaluation,
+# initialization) 0.1-1 s, and ~790 tiny ones (mostly eager operations) ~16 s together: not worth a file each.
+CACHE_MIN_COMPILE_SECONDS = 0.1
+
+
+def compile_cache_dir(out: Path) -> Path:
+    """OUT/cache/xla/<machine>-<hash of the CPU's model and feature flags>: XLA:CPU builds code for the host
+    CPU's instruction set, so an OUT copied to another machine starts a cache of its own there."""
+    import hashlib
+
+    cpu = ""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
+        cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    tag = hashlib.sha256(f"{platform.machine()}\n{platform.processor()}\n{cpu}".encode()).hexdigest()[:12]
+    return out / "cache" / "xla" / f"{platform.machine() or 'cpu'}-{tag}"
+
+
+@contextlib.contextmanager
+def _compile_cache(path: Path | None):
+    """JAX's persistent compilation cache in `path` while the block runs (None: left as it is), restored
+    after. Yields (what plan.json records about the cache, counts of this process's XLA compilations).
+
+    `jax.clear_caches()` (release_programs, between cells) empties the in-memory caches only: a program
+    compiled again later in the process, or by a later process, is read from `path` instead (still traced
+    and lowered; the key covers the program, jaxlib version, compile options and XLA flags)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    settings: dict[str, Any] = {"jax_compilation_cache_dir": str(path) if path else None,
+                                "jax_persistent_cache_min_compile_time_secs": CACHE_MIN_COMPILE_SECONDS}
+    if jax.default_backend() == "cpu":
+        # JAX also turns on XLA's GPU autotuning cache in <path>/..., and that path enters every key: a moved or
+        # copied OUT would miss every entry. It does nothing on CPU.
+        settings["jax_persistent_cache_enable_xla_caches"] = "none"
+    before = {k: getattr(jax.config, k) for k in settings}
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        for k, v in settings.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()   # the cache object is made once per process: point it at `path`
+    where = jax.config.jax_compilation_cache_dir   # with --no-compile-cache, JAX_COMPILATION_CACHE_DIR may be set
+    enabled = bool(where) and bool(jax.config.jax_enable_compilation_cache)
+    cache = {"enabled": enabled, "dir": where if enabled else None,
+             "min_compile_seconds": jax.config.jax_persistent_cache_min_compile_time_secs if enabled else None}
+    compiles = {"programs": 0, "seconds": 0.0, "cache_hits": 0, "cache_writes": 0}
+
+    def on_duration(event: str, seconds: float, **_: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":   # XLA compile, or read from the cache
+            compiles["programs"] += 1
+            compiles["seconds"] += seconds
+
+    def on_event(event: str, **_: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            compiles["cache_hits"] += 1
+        elif event == "/jax/compilation_cache/cache_misses":   # recorded when an entry is written
+            compiles["cache_writes"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        yield cache, compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)
+        if path is not None:
+            for k, v in before.items():
+                jax.config.update(k, v)
+            compilation_cache.reset_cache()
 
 
 def _run_all(todo: list[Any], record: dict[str, Any], opts: Options, save: Callable[[], None]) -> None:
@@ -245,7 +323,8 @@ def release_programs() -> None:
     Each XLA:CPU executable maps ~1,400 memory regions; a process that keeps the programs of ~45 different
     cells reaches Linux's default vm.max_map_count (65,530), and LLVM then fails ("Cannot allocate memory")
     and the process crashes. The reproduction releases them between cells (never between the seeds of a
-    cell, which reuse them)."""
+    cell, which reuse them); with the compilation cache on, a later cell reads a released program back from
+    OUT/cache/xla instead of compiling it again."""
     import gc
 
     import jax
