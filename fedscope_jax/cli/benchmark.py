@@ -9,7 +9,7 @@ from typing import Any
 
 from fedscope_jax.errors import FedscopeError
 
-ENGINE_DEFAULTS = {"max_len": 32, "dim": 32, "batch_size": 32, "local_epochs": 1}
+ENGINE_DEFAULTS = {"max_len": 50, "dim": 64, "batch_size": 32, "local_epochs": 1}
 
 
 def _int_list(text: str, minimum: int) -> tuple[int, ...]:
@@ -43,8 +43,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--data", metavar="DIR", help="a prepared two-domain dataset (fedscope data prepare): benchmark "
                    "its real train sequences instead of synthetic users (required by --sweep)")
     p.add_argument("--users", type=int, help="synthetic users (default: abxi-food-kitchen's 7144); not with --data")
-    p.add_argument("--max-len", type=int, help="sequence length (default 32; --sweep: model.max_len)")
-    p.add_argument("--dim", type=int, help="model width (default 32; --sweep: model.dim)")
+    p.add_argument("--max-len", type=int, help="sequence length (default 50; --sweep: model.max_len)")
+    p.add_argument("--dim", type=int, help="model width (default 64; --sweep: model.dim)")
     p.add_argument("--batch-size", type=int, help="users per local step (default 32; --sweep: train.batch_size)")
     p.add_argument("--local-epochs", type=int, help="(default 1; --sweep: federated.local_epochs)")
     p.add_argument("--repeats", type=int, help="timed rounds per engine, alternating, best kept (default 4); "

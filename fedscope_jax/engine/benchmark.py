@@ -41,7 +41,7 @@ TABLES = (SparseTable(("item_emb_a",), "a"), SparseTable(("item_emb_b",), "b"))
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkConfig:
-    """Workload of the benchmark (defaults: abxi-food-kitchen sizes, a reduced model for a 2-core CPU).
+    """Workload of the benchmark (defaults: abxi-food-kitchen sizes, the paper's width and sequence length).
 
     data: a prepared two-domain dataset directory whose real users are benchmarked; None = synthetic users
     (`users`, `items_a`, `items_b` size them and are ignored when `data` is set)."""
@@ -51,8 +51,8 @@ class BenchmarkConfig:
     items_a: int = 11837
     items_b: int = 16258
     data: str | None = None
-    max_len: int = 32
-    dim: int = 32
+    max_len: int = 50
+    dim: int = 64
     batch_size: int = 32
     negatives: int = 100
     size_alpha: float = 0.5      # power-law exponent of client sizes (client r holds ~ (r+1)^-alpha)
