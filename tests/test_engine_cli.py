@@ -67,3 +67,14 @@ def test_sampled_rounds_compile_one_round_program(tiny_dataset: Path, tmp_path: 
     assert len(fed["buckets"]) >= 2 and all(r["clients"] == 4 for r in lines)
     assert sum(b["slots"] for b in fed["buckets"]) <= 4
     assert fed["timing"]["round_programs_compiled"] == 1
+
+
+def test_chunk_candidates_stop_at_the_bucket_slots(tiny_dataset: Path, tmp_path: Path):
+    """With 2 of 8 clients sampled per round the one bucket has 2 slots: larger chunks are not timed."""
+    run = tmp_path / "run"
+    assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "8",
+                 "--scheme", "uniform", "--fraction", "0.25", "--max-buckets", "1", "--rounds", "2",
+                 "--eval-every", "2", *TINY, "--chunk-size", "0"]) == 0
+    fed = json.loads((run / "summary.json").read_text())["federated"]
+    assert [b["slots"] for b in fed["buckets"]] == [2]
+    assert set(fed["chunk_tuning_seconds"]) == {"1", "2"} and fed["chunk_size"] in (1, 2)
