@@ -316,8 +316,11 @@ def test_plan_json_keeps_the_time_of_finished_cells_when_the_process_dies(tmp_pa
         assert second[f"{key}_total"] == pytest.approx(first[f"{key}_total"] + second[f"{key}_this_process"])
     assert second["studies"]["main"]["seconds_this_process"] >= 0.3
 
-    assert main(args) == 0    # a third process finds everything done: the totals grow by its overhead only
+    shared = tmp_path / "shared-cache"   # a third process finds everything done: the totals grow by its overhead
+    assert main(args + ["--compile-cache", str(shared)]) == 0
     third = json.loads(plan_path.read_text())
+    assert Path(third["compile_cache"]["dir"]) == shared / Path(cache["dir"]).name   # same machine folder, in DIR
+    assert Path(third["compile_cache"]["dir"]).is_dir()
     assert third["cells_seconds"] == second["cells_seconds"]
     assert third["seconds_total"] == pytest.approx(second["seconds_total"] + third["seconds_this_process"])
     assert third["seconds_this_process"] < second["seconds_this_process"]

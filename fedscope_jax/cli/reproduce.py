@@ -30,9 +30,12 @@ def add_parser(subparsers: Any) -> None:
                    "with a tiny budget (1 round / 1 epoch, tiny model, 120 users, one seed) under OUT/dry-run")
     p.add_argument("--smoke", action="store_true", help="run only the first cell of each study's methods (with "
                    "--dry-run: the fastest plumbing check)")
-    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help="do not keep compiled "
-                   "XLA programs in OUT/cache/xla (by default a program compiled once, by an earlier cell or an "
-                   "earlier run into OUT, is read back instead of compiled again)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", metavar="DIR", help="keep compiled XLA programs under DIR instead of "
+                       "OUT/cache/xla (e.g. one cache shared by several OUT folders; a subfolder per machine)")
+    cache.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help="do not keep "
+                       "compiled XLA programs (by default a program compiled once, by an earlier cell or an "
+                       "earlier run into OUT, is read back from OUT/cache/xla instead of compiled again)")
     p.add_argument("--benchmark", metavar="FILE", help="benchmark.json (fedscope benchmark) for the scaling plot")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (data cache, runs, report)")
     p.set_defaults(func=run)
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     opts = Options(args.profile, Path(args.out), Path(args.data_root) if args.data_root else default_data_root(),
                    Path(args.attributes_root) if args.attributes_root else None, args.dry_run,
                    tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else None,
-                   args.smoke, args.compile_cache)
+                   args.smoke, args.compile_cache is not False,
+                   Path(args.compile_cache) if isinstance(args.compile_cache, str) else None)
     record = reproduce(studies, all_studies, opts)
     root = opts.out / "dry-run" if opts.dry_run else opts.out
     report = write_report(root, root / "report", benchmark=args.benchmark)

@@ -6,8 +6,9 @@ Layout of the output directory (`--out OUT`; a dry run writes OUT/dry-run/ inste
   plan.json             the studies, their cells' directories, the profile, hardware, timings per study and
                         per cell (rewritten after every cell, so a killed reproduction keeps its timings)
   report/               `fedscope report` output (report.md, tables, plots)
-  cache/xla/<host>/     JAX's persistent compilation cache (unless --no-compile-cache): programs compiled by one
-                        cell, or by an earlier process, are read back instead of compiled again
+  cache/xla/<host>/     JAX's persistent compilation cache (elsewhere with --compile-cache DIR; none with
+                        --no-compile-cache): programs compiled by one cell, or by an earlier process, are read
+                        back instead of compiled again
 A cell whose summary.json exists is skipped, so a killed reproduction resumes where it stopped (a federated
 cell with checkpoints resumes from its last round; a sweep cell keeps its finished seeds and resumes the rest).
 """
@@ -68,7 +69,8 @@ class Options:
     dry_run: bool = False
     datasets: tuple[str, ...] | None = None    # restrict every study to these datasets (None: the study's)
     smoke: bool = False    # keep only the first cell of each (study, method): a fast plumbing check
-    compile_cache: bool = True   # JAX's persistent compilation cache under OUT/cache/xla (compile_cache_dir)
+    compile_cache: bool = True   # JAX's persistent compilation cache (compile_cache_dir)
+    compile_cache_root: Path | None = None   # where that cache lives (None: OUT/cache/xla)
 
 
 def plan(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> dict[str, list[Cell]]:
@@ -157,7 +159,7 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
         _totals(record, old)
         write_json(record, plan_path)
 
-    cache_dir = compile_cache_dir(opts.out) if opts.compile_cache else None
+    cache_dir = compile_cache_dir(opts.out, opts.compile_cache_root) if opts.compile_cache else None
     with _quick_compiles(opts.dry_run), _compile_cache(cache_dir) as (cache, compiles):
         record["compile_cache"] = cache
         record["xla_compiles_this_process"] = compiles   # updated in place while the cells run
@@ -202,9 +204,10 @@ def _quick_compiles(enabled: bool):
 CACHE_MIN_COMPILE_SECONDS = 0.1
 
 
-def compile_cache_dir(out: Path) -> Path:
-    """OUT/cache/xla/<machine>-<hash of the CPU's model and feature flags>: XLA:CPU builds code for the host
-    CPU's instruction set, so an OUT copied to another machine starts a cache of its own there."""
+def compile_cache_dir(out: Path, root: Path | None = None) -> Path:
+    """<root, default OUT/cache/xla>/<machine>-<hash of the CPU's model and feature flags>: XLA:CPU builds
+    code for the host CPU's instruction set, so an OUT (or a shared root) used on another machine starts a
+    cache of its own there."""
     import hashlib
 
     cpu = ""
@@ -212,7 +215,7 @@ def compile_cache_dir(out: Path) -> Path:
         lines = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
         cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
     tag = hashlib.sha256(f"{platform.machine()}\n{platform.processor()}\n{cpu}".encode()).hexdigest()[:12]
-    return out / "cache" / "xla" / f"{platform.machine() or 'cpu'}-{tag}"
+    return (root if root is not None else out / "cache" / "xla") / f"{platform.machine() or 'cpu'}-{tag}"
 
 
 @contextlib.contextmanager
