@@ -3,14 +3,17 @@
 #
 # Prepare here (CPU), once; both paths are git-ignored and travel with the `run` tool's `carry`:
 #   .venv/bin/pip download --no-deps dp-accounting==0.6.0 attrs -d wheels/   # the device image lacks them
-#   .venv/bin/fedscope data prepare --format abxi --source ../shared/data/abxi-food-kitchen --out out/afk
+#   .venv/bin/fedscope data prepare --format abxi --input ../shared/data/abxi-food-kitchen --output out/afk
 # Then, on the device (repository root; carry ["wheels", "out/afk"]; timeout_s ~540):
 #   bash benchmarks/device_check.sh
-# It installs this package without dependencies (the image has jax/flax/optax/orbax), checks that the
-# vectorized round equals the sequential reference on the device and runs the engine benchmark
+# It puts this package on PYTHONPATH (the image has jax/flax/optax/orbax, the wheels add the rest), checks
+# that the vectorized round equals the sequential reference on the device and runs the engine benchmark
 # ($OUT/engine_benchmark.json), then times the privacy sweep against its configurations one by one
 # ($OUT/sweep_benchmark.json); the two tables are printed last. SWEEP_DATA= (empty) skips the sweep;
-# CLIENTS, SWEEP_ROUNDS, SWEEP_CLIENTS, DIM, MAX_LEN resize the workloads.
+# CLIENTS, SWEEP_ROUNDS, SWEEP_CLIENTS, SWEEP_CHUNK (clients per chunk, 0 = tune), DIM, MAX_LEN resize the
+# workloads; SWEEP_ARGS adds arguments to the sweep benchmark. Each part runs under a time limit (ENGINE_LIMIT, SWEEP_LIMIT seconds; together under the
+# call's timeout_s) and rewrites its JSON as it goes (after each client count / each repeat), so a part cut
+# short still reports what it finished.
 set -euo pipefail
 
 OUT="${OUT:-.}"
@@ -20,17 +23,33 @@ MAX_LEN="${MAX_LEN:-50}"
 SWEEP_DATA="${SWEEP_DATA-out/afk}"
 SWEEP_ROUNDS="${SWEEP_ROUNDS:-5}"
 SWEEP_CLIENTS="${SWEEP_CLIENTS:-20}"
+SWEEP_CHUNK="${SWEEP_CHUNK:-0}"
+ENGINE_LIMIT="${ENGINE_LIMIT:-270}"
+SWEEP_LIMIT="${SWEEP_LIMIT:-230}"
+read -r -a SWEEP_ARGS <<< "${SWEEP_ARGS:-}"   # extra `fedscope benchmark --sweep` arguments, e.g. --set k=v
 PY="${PYTHON:-python3}"
 
 if [ -d wheels ] && ls wheels/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps wheels/*.whl
 fi
-"$PY" -m pip install -q --no-deps --no-build-isolation -e .
+# this package from the working tree, without installing it (an editable install needs setuptools' wheel
+# support in the image's python; the package needs no installed metadata)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 status=0
-"$PY" benchmarks/engine_device.py --clients "$CLIENTS" --dim "$DIM" --max-len "$MAX_LEN" \
-    > "$OUT/engine_benchmark.txt" || status=$?
+limited() {   # limited SECONDS NAME CMD...: run CMD, stopped after SECONDS (its JSON keeps what it finished)
+    local seconds="$1" name="$2" rc=0
+    shift 2
+    timeout -k 15 "$seconds" "$@" || rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "$name: stopped at its ${seconds} s limit; what it finished is in its JSON" | tee -a "$OUT/limits.txt" >&2
+    fi
+    return "$rc"
+}
+
+limited "$ENGINE_LIMIT" engine "$PY" benchmarks/engine_device.py --clients "$CLIENTS" --dim "$DIM" \
+    --max-len "$MAX_LEN" > "$OUT/engine_benchmark.txt" || status=$?
 
 if [ -n "$SWEEP_DATA" ]; then
     if [ ! -f "$SWEEP_DATA/dataset.json" ]; then
@@ -38,16 +57,33 @@ if [ -n "$SWEEP_DATA" ]; then
         status=1
     else
         # 12 configurations: {personalized, uniform} x eps {1, 2, 4, 8, 16, inf}, all vectorized at once
-        "$PY" -m fedscope_jax benchmark --sweep --data "$SWEEP_DATA" --rounds "$SWEEP_ROUNDS" \
-            --clients "$SWEEP_CLIENTS" --fraction 0.5 --dim "$DIM" --max-len "$MAX_LEN" --batch-size 64 \
-            --config-chunk 0 --repeats 2 --out "$OUT/sweep_benchmark.json" > "$OUT/sweep_benchmark.txt" \
-            || status=$?
+        limited "$SWEEP_LIMIT" sweep "$PY" -m fedscope_jax benchmark --sweep --data "$SWEEP_DATA" \
+            --rounds "$SWEEP_ROUNDS" --clients "$SWEEP_CLIENTS" --fraction 0.5 --chunk-size "$SWEEP_CHUNK" \
+            --dim "$DIM" --max-len "$MAX_LEN" --batch-size 64 --config-chunk 0 --repeats 2 \
+            "${SWEEP_ARGS[@]}" --out "$OUT/sweep_benchmark.json" > "$OUT/sweep_benchmark.txt" || status=$?
     fi
 fi
-echo "== engine (vectorized vs sequential) =="
-cat "$OUT/engine_benchmark.txt" 2>/dev/null || true
-if [ -n "$SWEEP_DATA" ]; then
-    echo "== sweep (one program vs one by one) =="
-    cat "$OUT/sweep_benchmark.txt" 2>/dev/null || true
-fi
+# the tables, from the JSON files: a part stopped at its limit has the rows / repeats it finished
+"$PY" - "$OUT" "${SWEEP_DATA:+sweep}" <<'PY' || status=1
+import json, sys
+from pathlib import Path
+from fedscope_jax.engine.benchmark import format_sweep_table, format_table
+out = Path(sys.argv[1])
+parts = [("engine (vectorized vs sequential)", "engine_benchmark.json", format_table)]
+if sys.argv[2]:
+    parts.append(("sweep (one program vs one by one)", "sweep_benchmark.json", format_sweep_table))
+for title, name, fmt in parts:
+    print(f"== {title} ==")
+    path = out / name
+    if not path.is_file():
+        print(f"no {name}: the part failed before its first result (see its .txt and stderr)")
+        continue
+    report = json.loads(path.read_text())
+    if "repeats_done" in report:
+        print(f"repeats done: {report['repeats_done']} of {report['repeats']}")
+    elif not report.get("complete", True):
+        print("stopped early: the client counts below only")
+    print(fmt(report))
+PY
+cat "$OUT/limits.txt" 2>/dev/null || true
 exit "$status"

@@ -1,5 +1,6 @@
 """Device check of the engine for a session with a GPU: vectorized == sequential on the device, then the
-benchmark; writes $OUT/engine_benchmark.json and prints the table last.
+benchmark; writes $OUT/engine_benchmark.json and prints the table after each client count (so a run cut
+short by its time limit keeps the rows it finished).
 
 Run from the repository root on the device machine (its python already has jax/flax/optax/orbax; install
 this package with `pip install --no-deps --no-build-isolation -e .`):
@@ -30,11 +31,14 @@ def main() -> int:
     print("devices:", jax.devices(), flush=True)
     cfg = BenchmarkConfig(clients=tuple(int(c) for c in args.clients.split(",")), repeats=args.repeats,
                           dim=args.dim, max_len=args.max_len)
-    report = run_benchmark(cfg)
-    bad = [r["clients"] for r in report["results"] if r["max_abs_diff_vs_sequential"] > 1e-4]
     out = Path(os.environ.get("OUT", "."))
-    write_json(report, out / "engine_benchmark.json")
-    print(format_table(report))
+
+    def save(partial: dict) -> None:   # after each C: a run stopped by its time limit keeps the rows it finished
+        write_json(partial, out / "engine_benchmark.json")
+        print(format_table(partial), flush=True)
+
+    report = run_benchmark(cfg, on_report=save)
+    bad = [r["clients"] for r in report["results"] if r["max_abs_diff_vs_sequential"] > 1e-4]
     if bad:
         print(f"vectorized != sequential (max abs diff > 1e-4) at C = {bad}", file=sys.stderr)
         return 1

@@ -76,14 +76,31 @@ def test_real_clients_give_each_user_to_one_client_with_its_train_items(tiny):
     assert (_expected(ds, longest, int(np.argmax(per[longest])), 3)[0] > 0).sum() == 3   # cut to max_len
 
 
-def test_benchmark_cli_on_a_prepared_dataset(tiny, tmp_path, capsys):
+def _spy_writes(monkeypatch) -> list[dict]:
+    """Copies of every report the CLI writes (it imports write_json when it runs)."""
+    from fedscope_jax.utils import io
+
+    written, real = [], io.write_json
+
+    def spy(obj, path):
+        written.append(json.loads(json.dumps(obj)))
+        return real(obj, path)
+    monkeypatch.setattr(io, "write_json", spy)
+    return written
+
+
+def test_benchmark_cli_on_a_prepared_dataset(tiny, tmp_path, capsys, monkeypatch):
     from fedscope_jax.cli import main
 
     out = tmp_path / "bench.json"
-    assert main(["benchmark", "--data", str(tiny), "--clients", "2", "--dim", "8", "--max-len", "8",
+    written = _spy_writes(monkeypatch)
+    assert main(["benchmark", "--data", str(tiny), "--clients", "2,3", "--dim", "8", "--max-len", "8",
                  "--batch-size", "8", "--repeats", "1", "--out", str(out)]) == 0
     assert f"data: tiny ({tiny}): 30 users, 20 + 25 items" in capsys.readouterr().out
+    # rewritten after each client count, so a stopped benchmark keeps its finished rows; then the final report
+    assert [(len(w["results"]), w["complete"]) for w in written] == [(1, False), (2, True), (2, True)]
     report = json.loads(out.read_text())
+    assert [r["clients"] for r in report["results"]] == [2, 3]
     for key in ("device", "peak_flops"):
         assert key in report
     assert report["data"]["source"] == "dataset" and report["data"]["users"] == 30
@@ -116,3 +133,33 @@ def test_benchmark_data_errors(tiny, tmp_path, capsys):
                            mean_length=7.0, min_per_domain=2, topics=2), three)
     with pytest.raises(FedscopeError, match=f"--data {three}: .*two domain towers.*3 domain"):
         load_benchmark_data(str(three))
+
+
+def test_sweep_benchmark_cli(tiny, tmp_path, monkeypatch):
+    """`benchmark --sweep`: both sides train the distinct configurations; with one configuration at a time the
+    sweep program runs the single run's round, so the parameters are bitwise equal; the JSON is rewritten
+    after each repeat."""
+    from fedscope_jax.cli import main
+
+    out = tmp_path / "sweep.json"
+    written = _spy_writes(monkeypatch)
+    tiny_model = ["--set", "model.blocks=1", "--set", "model.heads=1", "--set", "model.loss.num_negatives=5",
+                  "--set", "eval.num_negatives=10", "--set", "federated.scheme=uniform"]
+    assert main(["benchmark", "--sweep", "--data", str(tiny), "--epsilons", "4,inf", "--rounds", "2",
+                 "--clients", "3", "--fraction", "1", "--chunk-size", "1", "--dim", "8", "--max-len", "6",
+                 "--batch-size", "8", "--config-chunk", "1,2", "--repeats", "2", *tiny_model,
+                 "--out", str(out)]) == 0
+    assert [w["repeats_done"] for w in written] == [1, 2, 2]
+    report = json.loads(out.read_text())
+    assert report["configs"] == [f"{m}-eps{e}-seed0" for m in ("personalized", "uniform") for e in ("4", "inf")]
+    assert report["configs_trained"] == ["personalized-eps4-seed0", "personalized-epsinf-seed0",
+                                         "uniform-eps4-seed0"]             # eps inf is one run, trained once
+    assert report["sweep_speedup"] == pytest.approx(report["one_by_one_seconds"] / report["sweep_seconds"])
+    chunks = report["sweep_by_config_chunk"]
+    assert [b["config_chunk"] for b in chunks] == [1, 2] and report["sweep_config_chunk"] == 1
+    assert all(len(b["train_seconds_per_repeat"]) == 2 and b["train_seconds"] == min(b["train_seconds_per_repeat"])
+               for b in chunks)
+    assert report["one_by_one_seconds"] == min(report["one_by_one_train_seconds_per_repeat"])
+    assert set(report["max_abs_param_diff_vs_one_by_one"]) == set(report["configs_trained"])
+    assert max(report["max_abs_param_diff_vs_one_by_one"].values()) == 0.0
+    assert report["workload"]["rounds"] == 2 and report["workload"]["clients"] == 3

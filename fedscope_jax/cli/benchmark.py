@@ -39,7 +39,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--clients", type=_ints, metavar="C1,C2,...",
                    help="client counts to measure (default 8,32,128,512); with --sweep: the number of clients K "
                    "(default: the config's federated.clients)")
-    p.add_argument("--out", metavar="FILE.json", help="write the JSON report here")
+    p.add_argument("--out", metavar="FILE.json", help="write the JSON report here (rewritten after each client "
+                   "count, or each --sweep repeat, with \"complete\" / \"repeats_done\": a stopped benchmark keeps "
+                   "what it finished)")
     p.add_argument("--data", metavar="DIR", help="a prepared two-domain dataset (fedscope data prepare): benchmark "
                    "its real train sequences instead of synthetic users (required by --sweep)")
     p.add_argument("--users", type=int, help="synthetic users (default: abxi-food-kitchen's 7144); not with --data")
@@ -70,8 +72,12 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedscope_jax.utils.io import write_json
 
+    def save(partial: dict[str, Any]) -> None:   # after each client count / repeat: a stopped run keeps them
+        if args.out:
+            write_json(partial, args.out)
+
     if args.sweep:
-        report, table = _run_sweep(args)
+        report, table = _run_sweep(args, save)
     else:
         if args.data and args.users is not None:
             raise FedscopeError(f"--users: only for synthetic data (--data {args.data} benchmarks that dataset's "
@@ -86,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                               users=args.users if args.users is not None else 7144, data=args.data,
                               repeats=args.repeats if args.repeats is not None else 4,
                               noise_mode=args.noise_mode, seed=args.seed or 0, **opts)
-        report = run_benchmark(cfg)
+        report = run_benchmark(cfg, on_report=save)
         table = format_table(report)
     print(table)
     if args.out:
@@ -95,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_sweep(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+def _run_sweep(args: argparse.Namespace, save: Any) -> tuple[dict[str, Any], str]:
     """`--sweep`: the run config from --config / --set / the flags given, then the side-by-side timing."""
     import dataclasses
 
@@ -120,7 +126,7 @@ def _run_sweep(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                               train=dataclasses.replace(cfg.train, **train),
                               federated=dataclasses.replace(cfg.federated, **fed))
     report = run_sweep_benchmark(load_dataset(args.data), cfg, modes, epsilons, config_chunks=args.config_chunk,
-                                 repeats=args.repeats if args.repeats is not None else 2)
+                                 repeats=args.repeats if args.repeats is not None else 2, on_report=save)
     return report, format_sweep_table(report)
 
 

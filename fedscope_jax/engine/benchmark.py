@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -231,17 +231,17 @@ def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float,
     }
 
 
-def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
-    """The whole benchmark: the data (cfg.data, checked first), matmul peak, then one row per client count."""
+def run_benchmark(cfg: BenchmarkConfig,
+                  on_report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The whole benchmark: the data (cfg.data, checked first), matmul peak, then one row per client count.
+    on_report: called with the report so far after each client count (`complete` false until the last), so
+    a caller can save the finished rows of a benchmark that is stopped early."""
     ds = load_benchmark_data(cfg.data) if cfg.data is not None else None
     if ds is not None:  # the workload record then states the dataset's sizes, not the synthetic defaults
         cfg = dataclasses.replace(cfg, users=int(ds.n_users), items_a=ds.n_items[0], items_b=ds.n_items[1])
     device = jax.devices()[0]
     peak = matmul_peak_flops()
-    results = []
-    for c in progress(cfg.clients, desc="benchmark", unit="C"):
-        results.append(bench_clients(cfg, c, peak, ds))
-    return {
+    report: dict[str, Any] = {
         "device": f"{device.platform}:{device.device_kind}",
         "device_count": jax.device_count(),
         "host": platform.processor() or platform.machine(),
@@ -250,8 +250,15 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         "peak_flops_source": "best of 5 jitted 2048x2048 fp32 matmuls, same process",
         "workload": dataclasses.asdict(cfg),
         "data": data_facts(cfg, ds),
-        "results": results,
+        "results": [],
+        "complete": False,
     }
+    for i, c in enumerate(progress(cfg.clients, desc="benchmark", unit="C")):
+        report["results"].append(bench_clients(cfg, c, peak, ds))
+        report["complete"] = i == len(cfg.clients) - 1
+        if on_report is not None:
+            on_report(report)
+    return report
 
 
 def describe_data(data: dict[str, Any] | None) -> str:
@@ -282,8 +289,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personalized", "uniform"),
                         epsilons: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, float("inf")),
-                        workdir: Any = None, config_chunks: tuple[int, ...] = (0,),
-                        repeats: int = 2) -> dict[str, Any]:
+                        workdir: Any = None, config_chunks: tuple[int, ...] = (0,), repeats: int = 2,
+                        on_report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Trains the configurations modes x epsilons (one seed: cfg.train.seed) of the FedSCOPE model on `ds`
     as one sweep (`run_tracks` with every configuration: the sweep program) and one by one (`run_tracks` per
     configuration: the single-run program, compiled once and reused for each), side by side in this process.
@@ -294,7 +301,9 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
     sampling, batches, cohorts, privacy bookkeeping, rounds; no validation during the rounds, one checkpoint
     at the end). Configurations that are the same run (eps inf under each mode) are trained once on both
     sides. config_chunks: the sweep is timed per value (configs vectorized at once; 0 = the default for the
-    device); the first is the reported `sweep_seconds`, all are in `sweep_by_config_chunk`."""
+    device); the first is the reported `sweep_seconds`, all are in `sweep_by_config_chunk`. on_report: called
+    with the report of the repeats so far after each repeat (`repeats_done`), so a caller can save the timings
+    of a benchmark that is stopped early."""
     import json
     import tempfile
     import time
@@ -339,22 +348,43 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
                 if i == 0:
                     sweep_states, sweep_facts = states, facts
 
+        single_chunks: dict[str, int] = {}   # privacy mode -> the chunk size its first single run chose
+
         def single_side(rep: int) -> None:
             nonlocal single_states, single_facts
             t0 = time.perf_counter()
             states, facts = [], []
             for p in progress(trained, desc="one by one", unit="config"):
+                # with chunk_size 0 only the first run of each privacy mode times the chunk candidates (setup, not
+                # timed, but ~1 minute a run on CPU); the others reuse its chunk, as they reuse its program
+                chunk = fcfg.chunk_size or single_chunks.get(p.cfg.privacy.mode, 0)
                 s, _, f = run_tracks(tracks(f"single-{rep}", [p]), ctx.source, ctx.n_clients, ctx.params,
-                                     ctx.client_cfg, fcfg, desc=p.name)
+                                     ctx.client_cfg, dataclasses.replace(fcfg, chunk_size=chunk), desc=p.name)
+                single_chunks.setdefault(p.cfg.privacy.mode, f[0]["chunk_size"])
                 states.append(s[0])
                 facts.append(f[0])
             singles.append({"wall_seconds": time.perf_counter() - t0,
                             **{k: sum(f["timing"][k] for f in facts) for k in facts[0]["timing"]}})
             single_states, single_facts = states, facts
 
+        report: dict[str, Any] = {}
         for rep in range(max(1, repeats)):
             for side in ((sweep_side, single_side) if rep % 2 == 0 else (single_side, sweep_side)):
                 side(rep)
+            report = _sweep_report(ds, cfg, points, trained, sweeps, singles, sweep_states, single_states,
+                                   sweep_facts, single_facts, max(1, repeats))
+            if on_report is not None:
+                on_report(report)
+    return report
+
+
+def _sweep_report(ds: Any, cfg: Any, points: list[Any], trained: list[Any], sweeps: dict[int, list[dict]],
+                  singles: list[dict[str, Any]], sweep_states: Any, single_states: Any, sweep_facts: Any,
+                  single_facts: Any, repeats: int) -> dict[str, Any]:
+    """The sweep benchmark's report from the repeats timed so far (best repeat per side)."""
+    import json
+
+    fcfg = cfg.federated
     diffs = {p.name: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(s.params),
                                                                        jax.tree.leaves(o.params)))
              for p, s, o in zip(trained, sweep_states, single_states)}
@@ -380,7 +410,8 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
         "sweep_config_chunk": by_chunk[0]["config_chunk"],
         "sweep_by_config_chunk": by_chunk,
         "one_by_one_train_seconds_per_repeat": [s["train_seconds"] for s in singles],
-        "repeats": max(1, repeats),
+        "repeats": repeats,
+        "repeats_done": len(singles),
         "sweep_programs": sorted({json.dumps(f["program"], sort_keys=True) for f in sweep_facts}),
         "sweep_chunk_sizes": sorted({f["chunk_size"] for f in sweep_facts}),
         "one_by_one_chunk_sizes": sorted({f["chunk_size"] for f in single_facts}),
