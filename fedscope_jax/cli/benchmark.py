@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from typing import Any
+from typing import Any, Callable
 
 from fedscope_jax.errors import FedscopeError
 
@@ -72,7 +72,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedscope_jax.utils.io import write_json
 
-    def save(partial: dict[str, Any]) -> None:   # after each client count / repeat: a stopped run keeps them
+    def save(partial: dict[str, Any]) -> None:   # after each client count / repeat (the last one: the report)
         if args.out:
             write_json(partial, args.out)
 
@@ -95,13 +95,13 @@ def run(args: argparse.Namespace) -> int:
         report = run_benchmark(cfg, on_report=save)
         table = format_table(report)
     print(table)
-    if args.out:
-        write_json(report, args.out)
+    if args.out:   # written by save() after the last client count / repeat
         print(f"written to {args.out}")
     return 0
 
 
-def _run_sweep(args: argparse.Namespace, save: Any) -> tuple[dict[str, Any], str]:
+def _run_sweep(args: argparse.Namespace,
+               save: Callable[[dict[str, Any]], None]) -> tuple[dict[str, Any], str]:
     """`--sweep`: the run config from --config / --set / the flags given, then the side-by-side timing."""
     import dataclasses
 

@@ -31,7 +31,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--smoke", action="store_true", help="run only the first cell of each study's methods (with "
                    "--dry-run: the fastest plumbing check)")
     cache = p.add_mutually_exclusive_group()
-    cache.add_argument("--compile-cache", metavar="DIR", help="keep compiled XLA programs under DIR instead of "
+    cache.add_argument("--compile-cache", dest="compile_cache_dir", metavar="DIR", help="keep compiled XLA programs under DIR instead of "
                        "OUT/cache/xla (e.g. one cache shared by several OUT folders; a subfolder per machine)")
     cache.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help="do not keep "
                        "compiled XLA programs (by default a program compiled once, by an earlier cell or an "
@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     opts = Options(args.profile, Path(args.out), Path(args.data_root) if args.data_root else default_data_root(),
                    Path(args.attributes_root) if args.attributes_root else None, args.dry_run,
                    tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else None,
-                   args.smoke, args.compile_cache is not False,
-                   Path(args.compile_cache) if isinstance(args.compile_cache, str) else None)
+                   args.smoke, args.compile_cache,
+                   Path(args.compile_cache_dir) if args.compile_cache_dir else None)
     record = reproduce(studies, all_studies, opts)
     root = opts.out / "dry-run" if opts.dry_run else opts.out
     report = write_report(root, root / "report", benchmark=args.benchmark)
