@@ -54,8 +54,10 @@ reproduce: $(STAMP)
 # benchmark reads a prepared abxi-food-kitchen): wheels/ and out/afk, both git-ignored, carried by the device tool.
 SHARED_DATA ?= ../shared/data
 device-inputs: $(STAMP)
-	$(PY) -m pip download --quiet --no-deps -d wheels/ "dp-accounting==$$($(PY) -c 'import importlib.metadata as m; print(m.version("dp-accounting"))')" attrs
-	test -f out/afk/dataset.json || $(VENV)/bin/fedscope data prepare --format abxi --input $(SHARED_DATA)/abxi-food-kitchen --output out/afk
+	pin=$$($(PY) -c 'import importlib.metadata as m; print(m.version("dp-accounting"))') && \
+	    $(PY) -m pip download --quiet --no-deps -d wheels/ "dp-accounting==$$pin" attrs
+	test -f out/afk/dataset.json || $(VENV)/bin/fedscope data prepare --format abxi \
+	    --input $(SHARED_DATA)/abxi-food-kitchen --output out/afk
 
 clean:
 	rm -rf $(VENV) $(ENRICH_VENV) build *.egg-info .pytest_cache

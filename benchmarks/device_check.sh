@@ -12,9 +12,9 @@
 # ($OUT/engine_benchmark.json), then times the privacy sweep against its configurations one by one
 # ($OUT/sweep_benchmark.json); the two tables are printed last. SWEEP_DATA= (empty) skips the sweep;
 # CLIENTS, SWEEP_ROUNDS, SWEEP_CLIENTS, SWEEP_CHUNK (clients per chunk, 0 = tune), DIM, MAX_LEN resize the
-# workloads; SWEEP_ARGS adds arguments to the sweep benchmark. Each part runs under a time limit (ENGINE_LIMIT, SWEEP_LIMIT seconds; together under the
-# call's timeout_s) and rewrites its JSON as it goes (after each client count / each repeat), so a part cut
-# short still reports what it finished.
+# workloads; SWEEP_ARGS adds arguments to the sweep benchmark. Each part runs under a time limit
+# (ENGINE_LIMIT, SWEEP_LIMIT seconds; together under the call's timeout_s) and rewrites its JSON as it goes
+# (after each client count / each repeat), so a part cut short still reports what it finished.
 set -euo pipefail
 
 OUT="${OUT:-.}"

@@ -31,8 +31,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--smoke", action="store_true", help="run only the first cell of each study's methods (with "
                    "--dry-run: the fastest plumbing check)")
     cache = p.add_mutually_exclusive_group()
-    cache.add_argument("--compile-cache", dest="compile_cache_dir", metavar="DIR", help="keep compiled XLA programs under DIR instead of "
-                       "OUT/cache/xla (e.g. one cache shared by several OUT folders; a subfolder per machine)")
+    cache.add_argument("--compile-cache", dest="compile_cache_dir", metavar="DIR",
+                       help="keep compiled XLA programs under DIR instead of OUT/cache/xla (e.g. one cache "
+                       "shared by several OUT folders; a subfolder per machine)")
     cache.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help="do not keep "
                        "compiled XLA programs (by default a program compiled once, by an earlier cell or an "
                        "earlier run into OUT, is read back from OUT/cache/xla instead of compiled again)")
