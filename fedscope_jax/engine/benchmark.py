@@ -144,10 +144,11 @@ def _memory(compiled) -> tuple[int, str]:
     return int(total), "XLA memory_analysis (arguments + outputs + temporaries)"
 
 
-def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float,
-                  ds: CanonicalDataset | None = None) -> dict[str, Any]:
+def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float, ds: CanonicalDataset | None = None,
+                  note: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """One row of the benchmark: C = n_clients, all clients in the round; the real users of `ds` (loaded from
-    cfg.data when not given) or, without data, synthetic ones."""
+    cfg.data when not given) or, without data, synthetic ones. note(phase) is told each phase as it starts
+    (for a progress bar)."""
     if ds is None and cfg.data is not None:
         ds = load_benchmark_data(cfg.data)
     n_a, n_b = (cfg.items_a, cfg.items_b) if ds is None else ds.n_items
@@ -179,7 +180,8 @@ def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float,
         return thunk
 
     largest = max(int(np.sum([plan.bucket_of(s.n_steps) == b for s in shards])) for b in range(len(plan.steps)))
-    best, tune_times = autotune_chunk_size(vmapped, candidate_chunks(largest))
+    note("choosing the chunk")
+    best, tune_times = autotune_chunk_size(vmapped, candidate_chunks(largest), desc=f"C={n_clients}: chunk sizes")
     compiled, cohorts, pad, vm_thunk = cache[best]
 
     seq_cohorts, _ = build_cohorts(shards, ids, plan, rows, multiple=1, nice=False, **privacy)
@@ -191,18 +193,21 @@ def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float,
         return seq_holder[0]
 
     # Agreement of one round from the same state (vectorized vs sequential).
+    note("sequential reference: compiling, agreement")
     vm_state, _ = compiled(init_server_state(params, sopt), cohorts, key)  # (donates its own copy)
     seq_state, _ = runner(init_server_state(params, sopt), seq_cohorts, key)
     diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(vm_state.params),
                                                               jax.tree.leaves(seq_state.params)))
     block(seq_thunk())  # warm (compiled per bucket shape by the agreement check already)
     t_vm, t_seq = [], []
+    note(f"timing {cfg.repeats} x (vectorized, sequential)")
     for _ in range(cfg.repeats):
         t_vm.append(timed(vm_thunk))
         t_seq.append(timed(seq_thunk))
     t_vm_best, t_seq_best = min(t_vm), min(t_seq)
 
     flops_useful = flops_executed = 0.0
+    note("FLOPs (XLA cost analysis)")
     for b, cohort in enumerate(cohorts):
         one_batch = jax.tree.map(lambda x: x[0, 0], cohort.data.batch)
         one_vocab = jax.tree.map(lambda x: x[0], cohort.data.vocab)
@@ -253,11 +258,15 @@ def run_benchmark(cfg: BenchmarkConfig,
         "results": [],
         "complete": False,
     }
-    for i, c in enumerate(progress(cfg.clients, desc="benchmark", unit="C")):
-        report["results"].append(bench_clients(cfg, c, peak, ds))
+    bar = progress(total=len(cfg.clients), desc="benchmark", unit="C")
+    for i, c in enumerate(cfg.clients):
+        report["results"].append(bench_clients(cfg, c, peak, ds,
+                                               note=lambda phase, c=c: bar.set_postfix_str(f"C={c}: {phase}")))
         report["complete"] = i == len(cfg.clients) - 1
+        bar.update(1)
         if on_report is not None:
             on_report(report)
+    bar.close()
     return report
 
 

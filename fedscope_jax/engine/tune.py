@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import optax
 
 from fedscope_jax.engine.client import ClientConfig, localize_params
+from fedscope_jax.utils.progress import progress
 
 PyTree = Any
+TUNE_DESC = "choosing the client chunk (a fixed --chunk-size skips this)"
 
 
 def block(tree: PyTree) -> PyTree:
@@ -43,17 +45,27 @@ def candidate_chunks(max_clients: int, devices: int = 1) -> list[int]:
 
 
 def autotune_chunk_size(run_round: Callable[[int], Callable[[], Any]], candidates: Sequence[int],
-                        repeats: int = 1) -> tuple[int, dict[int, float]]:
+                        repeats: int = 1, desc: str = TUNE_DESC) -> tuple[int, dict[int, float]]:
     """Chunk size with the fastest round. `run_round(chunk)` returns a thunk running one round (the first
     call compiles and is not timed). Candidates are tried in increasing order and the search stops once a
-    round takes 1.5x the best so far. Returns (best chunk, {chunk: seconds tried})."""
+    round takes 1.5x the best so far. Returns (best chunk, {chunk: seconds tried}).
+
+    Each candidate costs a compilation (seconds to minutes on a CPU), so a progress bar `desc` counts them
+    and shows each one's round time."""
     times: dict[int, float] = {}
-    for chunk in candidates:
-        thunk = run_round(chunk)
-        block(thunk())  # compile + warm up
-        times[chunk] = min(timed(thunk) for _ in range(repeats))
-        if times[chunk] > 1.5 * min(times.values()):
-            break  # round time grows past here (memory-bound per-client work): stop compiling larger chunks
+    bar = progress(total=len(candidates), desc=desc, unit="size", leave=False)
+    try:
+        for chunk in candidates:
+            bar.set_postfix_str(f"compiling chunk {chunk}")
+            thunk = run_round(chunk)
+            block(thunk())  # compile + warm up
+            times[chunk] = min(timed(thunk) for _ in range(repeats))
+            bar.update(1)
+            bar.set_postfix_str(", ".join(f"{c}: {t:.3g} s" for c, t in times.items()))
+            if times[chunk] > 1.5 * min(times.values()):
+                break  # round time grows past here (memory-bound per-client work): stop compiling larger chunks
+    finally:
+        bar.close()
     best = min(times, key=times.get)
     return best, times
 

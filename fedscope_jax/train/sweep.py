@@ -230,6 +230,7 @@ def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any
     """Trains (or, with `resume`, continues from their checkpoints) one seed's distinct configurations in one
     run_tracks loop; puts each summary into `summaries`, returns the loop's facts per configuration."""
     from fedscope_jax.train.federated import Track, finish_run, run_tracks, seed_context
+    from fedscope_jax.utils.progress import progress
 
     ctx = seed_context(ds, trained[0].cfg, semantic, client_cfg)
     tracks = [Track(out / p.name, ctx.session(p.cfg.privacy), ctx.eval_fn) for p in trained]
@@ -237,7 +238,8 @@ def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any
                                         trained[0].cfg.federated, resume=resume,
                                         desc=f"sweep seed {trained[0].seed} ({len(trained)} configs)",
                                         config_chunk=config_chunk)
-    for p, state, recs, fct in zip(trained, states, records, facts):
+    for p, state, recs, fct in zip(progress(trained, desc="final evaluation (valid + test)", unit="config",
+                                            leave=False), states, records, facts):
         summaries[p.name] = finish_run(ctx, p.cfg, out / p.name, state, recs, fct, t_start)
     return facts
 
