@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedscope_jax.cli import main
+from fedscope_jax.errors import FedscopeError
 
 TINY = ["--set", "model.dim=8", "--set", "model.blocks=1", "--set", "model.heads=1", "--set", "model.max_len=6",
         "--set", "train.batch_size=8", "--set", "model.loss.num_negatives=10", "--set", "eval.num_negatives=20",
@@ -78,3 +79,16 @@ def test_chunk_candidates_stop_at_the_bucket_slots(tiny_dataset: Path, tmp_path:
     fed = json.loads((run / "summary.json").read_text())["federated"]
     assert [b["slots"] for b in fed["buckets"]] == [2]
     assert set(fed["chunk_tuning_seconds"]) == {"1", "2"} and fed["chunk_size"] in (1, 2)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("clients", 0, "--clients 0: expected >= 1"), ("rounds", -1, "--rounds -1: expected >= 1"),
+    ("local_epochs", 0, "--local-epochs 0: expected >= 1"), ("chunk_size", -1, "--chunk-size -1: expected >= 0"),
+    ("eval_every", 0, "--eval-every 0: expected >= 1"), ("checkpoint_every", 0, "--checkpoint-every 0: expected >= 1"),
+    ("fraction", 1.5, "--fraction 1.5: expected 0 < fraction <= 1")])
+def test_federated_config_errors_name_the_one_flag_at_fault(field, value, message):
+    from fedscope_jax.train.federated_config import FederatedConfig
+
+    with pytest.raises(FedscopeError) as err:
+        FederatedConfig(**{field: value})
+    assert str(err.value) == message

@@ -40,6 +40,12 @@ def test_from_mapping_and_flags_override():
     c = config_from_args(args, base)
     assert (c.mode, c.epsilon, c.delta, c.accountant, c.amplification) == ("central", 5.0, 1e-6, "pld", True)
     assert config_from_args(parser.parse_args([]), base) == base
-    with pytest.raises(FedscopeError, match=r"command line\.delta"):
+    with pytest.raises(FedscopeError, match=r"^--delta: expected a number in \(0, 1\), got 2\.0"):
         config_from_args(parser.parse_args(["--delta", "2"]), base)
+    # a value from the config file is named by its key, one from a flag by the flag
+    adaptive = PrivacyConfig.from_mapping({"clipping": "adaptive"})
+    with pytest.raises(FedscopeError, match=r"^privacy\.clipping: the central DP-FedAvg baseline"):
+        config_from_args(parser.parse_args(["--privacy", "central"]), adaptive)
+    with pytest.raises(FedscopeError, match=r"^--clipping: the central DP-FedAvg baseline"):
+        config_from_args(parser.parse_args(["--privacy", "central", "--clipping", "adaptive"]), base)
     assert PrivacyConfig.from_mapping(c.to_dict()) == c

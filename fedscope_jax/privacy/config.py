@@ -56,10 +56,14 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self, where: str = "privacy") -> None:
-        """Raises FedscopeError naming the first field that is out of range."""
+    def validate(self, where: str = "privacy", flags: Mapping[str, str] | None = None) -> None:
+        """Raises FedscopeError naming the first field that is out of range: as `where.field`, or as its
+        command-line flag when `flags` ({field: flag}) says the value came from one."""
+        flags = flags or {}
+
         def bad(field: str, expected: str) -> FedscopeError:
-            return FedscopeError(f"{where}.{field}: expected {expected}, got {getattr(self, field)!r}")
+            name = flags.get(field, f"{where}.{field}")
+            return FedscopeError(f"{name}: expected {expected}, got {getattr(self, field)!r}")
 
         choices = {"mode": MODES, "accountant": ACCOUNTANTS, "clipping": CLIPPINGS, "normalize": NORMALIZATIONS}
         for field, allowed in choices.items():
@@ -97,12 +101,14 @@ class PrivacyConfig:
                                                   or self.secagg_neighbors < 1):
             raise bad("secagg_neighbors", "a positive integer or null")
         if self.mode == "central" and self.clipping == "adaptive":
-            raise FedscopeError(f"{where}.clipping: the central DP-FedAvg baseline uses fixed clipping; "
+            raise FedscopeError(f"{flags.get('clipping', where + '.clipping')}: the central DP-FedAvg baseline uses fixed clipping; "
                                 f"got 'adaptive' (use mode personalized or uniform)")
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any], where: str = "privacy") -> "PrivacyConfig":
-        """Builds a config from a mapping (the `privacy` section of a config file); unknown keys are errors."""
+    def from_mapping(cls, mapping: Mapping[str, Any], where: str = "privacy",
+                     flags: Mapping[str, str] | None = None) -> "PrivacyConfig":
+        """Builds a config from a mapping (the `privacy` section of a config file); unknown keys are errors.
+        flags: {field: command-line flag} for the values that came from flags (errors name the flag)."""
         if not isinstance(mapping, Mapping):
             raise FedscopeError(f"{where}: expected a mapping of privacy options, got {type(mapping).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -119,7 +125,7 @@ class PrivacyConfig:
         defaults = cls()
         for name in names:
             object.__setattr__(obj, name, values.get(name, getattr(defaults, name)))
-        obj.validate(where)
+        obj.validate(where, flags)
         return obj
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,9 +152,10 @@ def config_from_args(args: argparse.Namespace, base: PrivacyConfig | None = None
     base = base or PrivacyConfig()
     flags = {"mode": "privacy", "epsilon": "epsilon", "delta": "delta", "accountant": "accountant",
              "amplification": "amplification", "clipping": "clipping", "clip_norm": "clip_norm", "secagg": "secagg"}
-    values = base.to_dict()
+    values, given = base.to_dict(), {}
     for field, attr in flags.items():
         value = getattr(args, attr, None)
         if value is not None:
             values[field] = value
-    return PrivacyConfig.from_mapping(values, where="command line")
+            given[field] = "--" + attr.replace("_", "-")
+    return PrivacyConfig.from_mapping(values, flags=given)

@@ -34,12 +34,16 @@ class FederatedConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.clients < 1 or self.rounds < 1 or self.local_epochs < 1:
-            raise FedscopeError("--clients, --rounds, --local-epochs: expected >= 1")
+        for flag, value in (("--clients", self.clients), ("--rounds", self.rounds),
+                            ("--local-epochs", self.local_epochs)):
+            if value < 1:
+                raise FedscopeError(f"{flag} {value}: expected >= 1")
         if not 0.0 < self.fraction <= 1.0:
             raise FedscopeError(f"--fraction {self.fraction}: expected 0 < fraction <= 1")
-        if self.chunk_size < 0 or self.eval_every < 1 or self.checkpoint_every < 1:
-            raise FedscopeError("--chunk-size >= 0, --eval-every >= 1, --checkpoint-every >= 1 expected")
+        for flag, value, least in (("--chunk-size", self.chunk_size, 0), ("--eval-every", self.eval_every, 1),
+                                   ("--checkpoint-every", self.checkpoint_every, 1)):
+            if value < least:
+                raise FedscopeError(f"{flag} {value}: expected >= {least}")
         if self.noise_multiplier > 0 and self.noise_mode == "off":
             raise FedscopeError("--noise-multiplier > 0 needs --noise-mode per_client or sum")
         if self.noise_multiplier > 0 and not math.isfinite(self.clip):
