@@ -29,6 +29,8 @@ ENGINE_LIMIT="${ENGINE_LIMIT:-270}"
 SWEEP_LIMIT="${SWEEP_LIMIT:-230}"
 read -r -a SWEEP_ARGS <<< "${SWEEP_ARGS:-}"   # extra `fedscope benchmark --sweep` arguments, e.g. --set k=v
 PY="${PYTHON:-python3}"
+# no progress bars: stderr (the run tool returns the last 12,000 characters of stdout + stderr) keeps the errors
+export FEDSCOPE_NO_PROGRESS="${FEDSCOPE_NO_PROGRESS:-1}"
 
 if [ -d wheels ] && ls wheels/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps wheels/*.whl
