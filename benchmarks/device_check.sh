@@ -7,12 +7,12 @@
 #   .venv/bin/fedscope data prepare --format abxi --input ../shared/data/abxi-food-kitchen --output out/afk
 # Then, on the device (repository root; carry ["wheels", "out/afk"]; timeout_s ~540):
 #   bash benchmarks/device_check.sh
-# It puts this package on PYTHONPATH (the image has jax/flax/optax/orbax, the wheels add the rest), checks
-# that the vectorized round equals the sequential reference on the device and runs the engine benchmark
-# ($OUT/engine_benchmark.json), then times the privacy sweep against its configurations one by one
-# ($OUT/sweep_benchmark.json); the two tables are printed last. SWEEP_DATA= (empty) skips the sweep;
-# CLIENTS, SWEEP_ROUNDS, SWEEP_CLIENTS, SWEEP_CHUNK (clients per chunk, 0 = tune), DIM, MAX_LEN resize the
-# workloads; SWEEP_ARGS adds arguments to the sweep benchmark. Each part runs under a time limit
+# It puts this package on PYTHONPATH (the image has jax/flax/optax/orbax, the wheels add the rest), times the
+# privacy sweep against its configurations one by one ($OUT/sweep_benchmark.json), then checks that the
+# vectorized round equals the sequential reference on the device and runs the engine benchmark
+# ($OUT/engine_benchmark.json); the two tables are printed last. SWEEP_DATA= (empty) skips the sweep;
+# CLIENTS, SWEEP_ROUNDS, SWEEP_CLIENTS, SWEEP_FRACTION, SWEEP_CHUNK (clients per chunk, 0 = tune), DIM, MAX_LEN
+# resize the workloads; SWEEP_ARGS adds arguments to the sweep benchmark. Each part runs under a time limit
 # (ENGINE_LIMIT, SWEEP_LIMIT seconds; together under the call's timeout_s) and rewrites its JSON as it goes
 # (after each client count / each repeat), so a part cut short still reports what it finished.
 set -euo pipefail
@@ -24,9 +24,16 @@ MAX_LEN="${MAX_LEN:-50}"
 SWEEP_DATA="${SWEEP_DATA-out/afk}"
 SWEEP_ROUNDS="${SWEEP_ROUNDS:-5}"
 SWEEP_CLIENTS="${SWEEP_CLIENTS:-20}"
-SWEEP_CHUNK="${SWEEP_CHUNK:-0}"
-ENGINE_LIMIT="${ENGINE_LIMIT:-270}"
-SWEEP_LIMIT="${SWEEP_LIMIT:-230}"
+# 20 clients, all in every round, d 64, length 50, local batches of train.batch_size (256): the full profile's
+# privacy-utility cells on abxi (less validation), so the sweep's seconds per round also size that study here
+SWEEP_FRACTION="${SWEEP_FRACTION:-1.0}"
+# clients per vmapped chunk on both sides of the sweep benchmark. Fixed, not tuned (0): tuning compiles each
+# candidate (1, 2, 4 for these buckets of 13, 4, 2, 1 clients) once per privacy mode and once for the sweep,
+# ~12 round programs, more than the device call can afford; 4 is the largest candidate
+SWEEP_CHUNK="${SWEEP_CHUNK:-4}"
+# the sweep first (issue 7's figure), then the engine; together under the call's timeout_s
+SWEEP_LIMIT="${SWEEP_LIMIT:-300}"
+ENGINE_LIMIT="${ENGINE_LIMIT:-200}"
 read -r -a SWEEP_ARGS <<< "${SWEEP_ARGS:-}"   # extra `fedscope benchmark --sweep` arguments, e.g. --set k=v
 PY="${PYTHON:-python3}"
 # no progress bars: stderr (the run tool returns the last 12,000 characters of stdout + stderr) keeps the errors
@@ -51,9 +58,6 @@ limited() {   # limited SECONDS NAME CMD...: run CMD, stopped after SECONDS (its
     return "$rc"
 }
 
-limited "$ENGINE_LIMIT" engine "$PY" benchmarks/engine_device.py --clients "$CLIENTS" --dim "$DIM" \
-    --max-len "$MAX_LEN" > "$OUT/engine_benchmark.txt" || status=$?
-
 if [ -n "$SWEEP_DATA" ]; then
     if [ ! -f "$SWEEP_DATA/dataset.json" ]; then
         echo "SWEEP_DATA=$SWEEP_DATA: no prepared dataset there (carry it, see the top of this file)" >&2
@@ -61,20 +65,24 @@ if [ -n "$SWEEP_DATA" ]; then
     else
         # 12 configurations: {personalized, uniform} x eps {1, 2, 4, 8, 16, inf}, all vectorized at once
         limited "$SWEEP_LIMIT" sweep "$PY" -m fedscope_jax benchmark --sweep --data "$SWEEP_DATA" \
-            --rounds "$SWEEP_ROUNDS" --clients "$SWEEP_CLIENTS" --fraction 0.5 --chunk-size "$SWEEP_CHUNK" \
-            --dim "$DIM" --max-len "$MAX_LEN" --batch-size 64 --config-chunk 0 --repeats 2 \
+            --rounds "$SWEEP_ROUNDS" --clients "$SWEEP_CLIENTS" --fraction "$SWEEP_FRACTION" \
+            --chunk-size "$SWEEP_CHUNK" \
+            --dim "$DIM" --max-len "$MAX_LEN" --config-chunk 0 --repeats 2 \
             "${SWEEP_ARGS[@]}" --out "$OUT/sweep_benchmark.json" > "$OUT/sweep_benchmark.txt" || status=$?
     fi
 fi
+# then the engine (vectorized == sequential on the device, and its benchmark; one JSON row per client count)
+limited "$ENGINE_LIMIT" engine "$PY" benchmarks/engine_device.py --clients "$CLIENTS" --dim "$DIM" \
+    --max-len "$MAX_LEN" > "$OUT/engine_benchmark.txt" || status=$?
+
 # the tables, from the JSON files: a part stopped at its limit has the rows / repeats it finished
 "$PY" - "$OUT" "${SWEEP_DATA:+sweep}" <<'PY' || status=1
 import json, sys
 from pathlib import Path
 from fedscope_jax.engine.benchmark import format_sweep_table, format_table
 out = Path(sys.argv[1])
-parts = [("engine (vectorized vs sequential)", "engine_benchmark.json", format_table)]
-if sys.argv[2]:
-    parts.append(("sweep (one program vs one by one)", "sweep_benchmark.json", format_sweep_table))
+parts = [("sweep (one program vs one by one)", "sweep_benchmark.json", format_sweep_table)] if sys.argv[2] else []
+parts.append(("engine (vectorized vs sequential)", "engine_benchmark.json", format_table))
 for title, name, fmt in parts:
     print(f"== {title} ==")
     path = out / name
