@@ -258,15 +258,14 @@ def run_benchmark(cfg: BenchmarkConfig,
         "results": [],
         "complete": False,
     }
-    bar = progress(total=len(cfg.clients), desc="benchmark", unit="C")
-    for i, c in enumerate(cfg.clients):
-        report["results"].append(bench_clients(cfg, c, peak, ds,
-                                               note=lambda phase, c=c: bar.set_postfix_str(f"C={c}: {phase}")))
-        report["complete"] = i == len(cfg.clients) - 1
-        bar.update(1)
-        if on_report is not None:
-            on_report(report)
-    bar.close()
+    with progress(total=len(cfg.clients), desc="benchmark", unit="C") as bar:
+        for i, c in enumerate(cfg.clients):
+            report["results"].append(bench_clients(cfg, c, peak, ds,
+                                                   note=lambda phase, c=c: bar.set_postfix_str(f"C={c}: {phase}")))
+            report["complete"] = i == len(cfg.clients) - 1
+            bar.update(1)
+            if on_report is not None:
+                on_report(report)
     return report
 
 

@@ -53,8 +53,7 @@ def autotune_chunk_size(run_round: Callable[[int], Callable[[], Any]], candidate
     Each candidate costs a compilation (seconds to minutes on a CPU), so a progress bar `desc` counts them
     and shows each one's round time."""
     times: dict[int, float] = {}
-    bar = progress(total=len(candidates), desc=desc, unit="size", leave=False)
-    try:
+    with progress(total=len(candidates), desc=desc, unit="size", leave=False) as bar:
         for chunk in candidates:
             bar.set_postfix_str(f"compiling chunk {chunk}")
             thunk = run_round(chunk)
@@ -64,8 +63,6 @@ def autotune_chunk_size(run_round: Callable[[int], Callable[[], Any]], candidate
             bar.set_postfix_str(", ".join(f"{c}: {t:.3g} s" for c, t in times.items()))
             if times[chunk] > 1.5 * min(times.values()):
                 break  # round time grows past here (memory-bound per-client work): stop compiling larger chunks
-    finally:
-        bar.close()
     best = min(times, key=times.get)
     return best, times
 

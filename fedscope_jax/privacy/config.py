@@ -61,9 +61,11 @@ class PrivacyConfig:
         command-line flag when `flags` ({field: flag}) says the value came from one."""
         flags = flags or {}
 
+        def name(field: str) -> str:
+            return flags.get(field, f"{where}.{field}")
+
         def bad(field: str, expected: str) -> FedscopeError:
-            name = flags.get(field, f"{where}.{field}")
-            return FedscopeError(f"{name}: expected {expected}, got {getattr(self, field)!r}")
+            return FedscopeError(f"{name(field)}: expected {expected}, got {getattr(self, field)!r}")
 
         choices = {"mode": MODES, "accountant": ACCOUNTANTS, "clipping": CLIPPINGS, "normalize": NORMALIZATIONS}
         for field, allowed in choices.items():
@@ -101,7 +103,7 @@ class PrivacyConfig:
                                                   or self.secagg_neighbors < 1):
             raise bad("secagg_neighbors", "a positive integer or null")
         if self.mode == "central" and self.clipping == "adaptive":
-            raise FedscopeError(f"{flags.get('clipping', where + '.clipping')}: the central DP-FedAvg baseline uses fixed clipping; "
+            raise FedscopeError(f"{name('clipping')}: the central DP-FedAvg baseline uses fixed clipping; "
                                 f"got 'adaptive' (use mode personalized or uniform)")
 
     @classmethod
