@@ -7,7 +7,7 @@
 #   .venv/bin/fedscope data prepare --format abxi --input ../shared/data/abxi-food-kitchen --output out/afk
 # Then, on the device (repository root; carry ["wheels", "out/afk"]; timeout_s ~540):
 #   bash benchmarks/device_check.sh
-# It puts this package on PYTHONPATH (the image has jax/flax/optax/orbax, the wheels add the rest), times the
+# It puts this package and the unpacked wheels on PYTHONPATH (the image has jax/flax/optax/orbax), times the
 # privacy sweep against its configurations one by one ($OUT/sweep_benchmark.json), then checks that the
 # vectorized round equals the sequential reference on the device and runs the engine benchmark
 # ($OUT/engine_benchmark.json); the two tables are printed last. SWEEP_DATA= (empty) skips the sweep;
@@ -39,13 +39,18 @@ PY="${PYTHON:-python3}"
 # no progress bars: stderr (the run tool returns the last 12,000 characters of stdout + stderr) keeps the errors
 export FEDSCOPE_NO_PROGRESS="${FEDSCOPE_NO_PROGRESS:-1}"
 
-if [ -d wheels ] && ls wheels/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps wheels/*.whl
-fi
+# The carried wheels (pure Python: py3-none-any) are unpacked into a folder on PYTHONPATH rather than
+# pip-installed: the image's python may be a distribution's, marked externally managed (PEP 668), where a
+# plain `pip install` is refused, and nothing is left behind in the image.
+DEPS="$(mktemp -d)"
+for wheel in wheels/*.whl; do
+    [ -f "$wheel" ] && "$PY" -m zipfile -e "$wheel" "$DEPS"
+done
 # this package from the working tree, without installing it (an editable install needs setuptools' wheel
 # support in the image's python; the package needs no installed metadata)
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+export PYTHONPATH="$PWD:$DEPS${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import jax, dp_accounting as dpa
+print('jax', jax.__version__, jax.devices(), '| dp_accounting:', dpa.__file__)"
 
 status=0
 limited() {   # limited SECONDS NAME CMD...: run CMD, stopped after SECONDS (its JSON keeps what it finished)
