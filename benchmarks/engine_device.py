@@ -2,9 +2,9 @@
 benchmark; writes $OUT/engine_benchmark.json and prints the table after each client count (so a run cut
 short by its time limit keeps the rows it finished).
 
-Run from the repository root on the device machine (its python already has jax/flax/optax/orbax; install
-this package with `pip install --no-deps --no-build-isolation -e .`):
-    python benchmarks/engine_device.py --clients 8,32,128,512
+Run from the repository root on the device machine (its python already has jax/flax/optax/orbax; the package
+comes from the working tree on PYTHONPATH, as benchmarks/device_check.sh sets it up):
+    PYTHONPATH=$PWD python benchmarks/engine_device.py --clients 8,32,128,512
 """
 
 from __future__ import annotations
