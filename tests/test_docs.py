@@ -27,13 +27,19 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return {}
 
 
+def code_of(text: str) -> tuple[list[str], list[str]]:
+    """(fenced code blocks, inline code spans outside them) of a Markdown text."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    return re.findall(r"```[a-z]*\n(.*?)```", text, re.S), re.findall(r"(?<!`)`([^`\n]+)`(?!`)", prose)
+
+
 def command_lines(text: str) -> list[str]:
     """Command lines of fenced code blocks (continuation lines joined) and of inline code spans."""
+    blocks, spans = code_of(text)
     out = []
-    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+    for block in blocks:
         out += [ln.strip() for ln in re.sub(r"\s*\\\n\s*", " ", block).splitlines() if COMMAND.match(ln.strip())]
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    out += [s.strip() for s in re.findall(r"(?<!`)`([^`\n]+)`(?!`)", prose) if COMMAND.match(s.strip() + " ")]
+    out += [s.strip() for s in spans if COMMAND.match(s.strip() + " ")]
     return out
 
 
@@ -89,9 +95,7 @@ def test_make_targets_named_in_the_docs_exist():
     targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(encoding="utf-8"), re.M))
     named = set()
     for doc in DOCS:   # in code only (fenced blocks and inline spans), not in prose ("make one ...")
-        text = doc.read_text(encoding="utf-8")
-        code = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
-        code += re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
-        named |= {t for c in code for t in re.findall(r"(?<![\w/-])make ([a-z][a-z-]+)", c)}
+        blocks, spans = code_of(doc.read_text(encoding="utf-8"))
+        named |= {t for c in blocks + spans for t in re.findall(r"(?<![\w/-])make ([a-z][a-z-]+)", c)}
     assert named, "no make target found in the docs"
     assert named <= targets, f"targets named in the docs but not in the Makefile: {sorted(named - targets)}"
