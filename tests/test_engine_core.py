@@ -15,7 +15,7 @@ from scipy import stats
 from fedscope_jax.engine import reference_model as rm
 from fedscope_jax.engine.aggregate import accumulate_chunk, finalize, zeros_accumulator
 from fedscope_jax.engine.client import ClientConfig, SparseTable
-from fedscope_jax.engine.cohort import (BucketPlan, ClientShard, _best_boundaries, bucket_capacities, build_cohorts,
+from fedscope_jax.engine.cohort import (BucketPlan, ClientShard, best_boundaries, bucket_capacities, build_cohorts,
                                         localize_batch, nice_ceil, plan_buckets)
 from fedscope_jax.engine.round import EngineConfig, SequentialRunner, make_round_fn
 from fedscope_jax.engine.sampling import sample_clients
@@ -311,7 +311,7 @@ def test_sampling_rate_is_honoured_and_seeded():
 def test_bucket_plan_is_optimal_and_padding_small():
     rng = np.random.default_rng(0)
     sizes = np.maximum(1, (rng.pareto(1.2, size=60) * 3).astype(int))[:60]
-    best = _best_boundaries(sizes, 3)
+    best = best_boundaries(sizes, 3)
     cost = lambda bounds: sum(min(b for b in bounds if b >= s) for s in sizes)  # noqa: E731
     values = np.unique(sizes)
     brute = min(cost(sorted({int(a), int(b), int(values[-1])})) for a in values for b in values)

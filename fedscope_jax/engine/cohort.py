@@ -74,7 +74,7 @@ class BucketPlan:
         raise FedscopeError(f"client with {n_steps} steps is larger than the largest bucket ({self.steps[-1]})")
 
 
-def _best_boundaries(sizes: np.ndarray, max_buckets: int) -> list[int]:
+def best_boundaries(sizes: np.ndarray, max_buckets: int) -> list[int]:
     """Bucket step counts minimising sum over clients of (bucket steps), for clients of `sizes` steps."""
     values, counts = np.unique(sizes, return_counts=True)
     n = len(values)
@@ -107,7 +107,7 @@ def plan_buckets(shards: Sequence[ClientShard], max_buckets: int = 4, vocab_mult
     if max_buckets < 1:
         raise FedscopeError(f"max_buckets: expected >= 1, got {max_buckets}")
     sizes = np.array([s.n_steps for s in shards])
-    steps = _best_boundaries(sizes, max_buckets)
+    steps = best_boundaries(sizes, max_buckets)
     names = sorted(shards[0].vocab)
     vocab_sizes: list[dict[str, int]] = [{n: 1 for n in names} for _ in steps]
     plan = BucketPlan(tuple(steps), ())
@@ -200,6 +200,38 @@ def _any_shard(shards: Sequence[ClientShard] | Mapping[int, ClientShard]) -> Cli
     return next(iter(shards.values())) if isinstance(shards, Mapping) else shards[0]
 
 
+def fill_buckets(groups: Mapping[int, list], plan: BucketPlan, multiple: int = 1, nice: bool = True,
+                 capacity: Sequence[int] | None = None) -> tuple[dict[int, list], dict[int, int]]:
+    """(members, client slots) of each bucket that gives a cohort in a round, from the round's clients
+    grouped by their own bucket (`build_cohorts`' layout; host only, so `experiments.inventory` counts the
+    padded steps of a run without building its batches).
+
+    Without `capacity`: each non-empty bucket gets its clients, padded to a multiple of `multiple` (a nice
+    size when `nice`). With it: every bucket with slots gets that many (rounded up to `multiple`), clients
+    beyond a bucket's slots move up to the next bucket, and the top bucket grows (to a nice size) only when it
+    overflows; buckets with 0 slots give no cohort."""
+    if capacity is None:
+        out = {b: list(m) for b, m in groups.items() if len(m)}
+        return out, {b: nice_ceil(len(m), multiple) if nice else math.ceil(len(m) / multiple) * multiple
+                     for b, m in out.items()}
+    if len(capacity) != len(plan.steps):
+        raise FedscopeError(f"capacity: expected one slot count per bucket ({len(plan.steps)}), got "
+                            f"{len(capacity)}")
+    members: dict[int, list] = {}
+    caps: dict[int, int] = {}
+    carry: list = []
+    top = len(plan.steps) - 1
+    for b, slots_b in enumerate(capacity):
+        pool = carry + list(groups.get(b, []))
+        cap_b = math.ceil(slots_b / multiple) * multiple
+        if b == top and len(pool) > cap_b:
+            cap_b = nice_ceil(len(pool), multiple)
+        members[b], carry = pool[:cap_b], pool[cap_b:]
+        if cap_b:
+            caps[b] = cap_b
+    return {b: members[b] for b in caps}, caps
+
+
 def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan: BucketPlan,
                   table_rows: Mapping[str, int], weights: np.ndarray | None = None,
                   clip: np.ndarray | None = None, noise_multiplier: np.ndarray | None = None,
@@ -230,30 +262,12 @@ def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan
     groups: dict[int, list[int]] = {}
     for pos, cid in enumerate(ids):
         groups.setdefault(plan.bucket_of(shards[cid].n_steps), []).append(pos)
-    caps: dict[int, int] = {}
-    if capacity is not None:
-        if len(capacity) != len(plan.steps):
-            raise FedscopeError(f"capacity: expected one slot count per bucket ({len(plan.steps)}), got "
-                                f"{len(capacity)}")
-        carry: list[int] = []
-        top = len(plan.steps) - 1
-        for b, slots_b in enumerate(capacity):
-            pool = carry + groups.get(b, [])
-            cap_b = math.ceil(slots_b / multiple) * multiple
-            if b == top and len(pool) > cap_b:
-                cap_b = nice_ceil(len(pool), multiple)
-            groups[b], carry = pool[:cap_b], pool[cap_b:]
-            if cap_b:
-                caps[b] = cap_b
-        groups = {b: groups[b] for b in caps}
+    groups, caps = fill_buckets(groups, plan, multiple, nice, capacity)
     cohorts, real, slots = [], 0, 0
     for b in sorted(groups):
         members = groups[b]
         steps = plan.steps[b]
-        if b in caps:
-            cap = caps[b]
-        else:
-            cap = nice_ceil(len(members), multiple) if nice else math.ceil(len(members) / multiple) * multiple
+        cap = caps[b]
         template = shards[ids[members[0]]] if members else _any_shard(shards)
         batch = {key: np.zeros((cap, steps) + v.shape[1:], v.dtype) for key, v in template.batch.items()}
         mask = np.zeros((cap, steps), bool)

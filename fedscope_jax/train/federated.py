@@ -108,6 +108,8 @@ def _round_record(metrics: Any, pad: Any, ids: Any, seconds: float) -> dict[str,
         "clipped_fraction": float(np.mean(factor[inc] < 1.0)) if inc.any() else 0.0,
         "noise_std": float(metrics.noise_std),
         "padding_waste": pad.waste,
+        "real_steps": pad.real_steps,   # local steps of the round's cohorts (every config of a sweep)
+        "slot_steps": pad.slot_steps,   # the steps the round program computed, padding included
         "seconds": seconds,
     }
 
