@@ -163,3 +163,9 @@ def test_sweep_benchmark_cli(tiny, tmp_path, monkeypatch):
     assert set(report["max_abs_param_diff_vs_one_by_one"]) == set(report["configs_trained"])
     assert max(report["max_abs_param_diff_vs_one_by_one"].values()) == 0.0
     assert report["workload"]["rounds"] == 2 and report["workload"]["clients"] == 3
+    # both sides computed the same padded steps: 3 configurations x 2 rounds of the same cohorts
+    assert report["sweep_slot_steps"] == report["one_by_one_slot_steps"] > 0
+    assert report["sweep_slot_steps"] % 6 == 0
+    unit = report["unit_costs"]   # timed once, after the first repeat, and kept in every later write
+    assert written[0]["unit_costs"] == unit and unit["epoch_step_seconds"] > 0 and unit["validation_seconds"] > 0
+    assert unit["validation_target_items"] >= unit["validation_targets"] * min(report["workload"]["n_items"])

@@ -311,7 +311,8 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
     sides. config_chunks: the sweep is timed per value (configs vectorized at once; 0 = the default for the
     device); the first is the reported `sweep_seconds`, all are in `sweep_by_config_chunk`. on_report: called
     with the report of the repeats so far after each repeat (`repeats_done`), so a caller can save the timings
-    of a benchmark that is stopped early."""
+    of a benchmark that is stopped early. After the first repeat it also times `unit_costs` (a centralized
+    step, a validation pass): with the slot steps, what `fedscope reproduce --inventory --calibrate` prices."""
     import json
     import tempfile
     import time
@@ -352,7 +353,8 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
                                                  desc=f"sweep c={cc} ({len(trained)} configs)")
                 sweeps[i].append({"config_chunk": facts[0]["program"]["config_chunk"],
                                   "wall_seconds": time.perf_counter() - t0, **facts[0]["timing"],
-                                  "round_seconds": [r["seconds"] for r in recs[0]]})
+                                  "round_seconds": [r["seconds"] for r in recs[0]],
+                                  "slot_steps": len(trained) * sum(r.get("slot_steps", 0) for r in recs[0])})
                 if i == 0:
                     sweep_states, sweep_facts = states, facts
 
@@ -361,29 +363,75 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
         def single_side(rep: int) -> None:
             nonlocal single_states, single_facts
             t0 = time.perf_counter()
-            states, facts = [], []
+            states, facts, slot_steps = [], [], 0
             for p in progress(trained, desc="one by one", unit="config"):
                 # with chunk_size 0 only the first run of each privacy mode times the chunk candidates (setup, not
                 # timed, but ~1 minute a run on CPU); the others reuse its chunk, as they reuse its program
                 chunk = fcfg.chunk_size or single_chunks.get(p.cfg.privacy.mode, 0)
-                s, _, f = run_tracks(tracks(f"single-{rep}", [p]), ctx.source, ctx.n_clients, ctx.params,
-                                     ctx.client_cfg, dataclasses.replace(fcfg, chunk_size=chunk), desc=p.name)
+                s, recs, f = run_tracks(tracks(f"single-{rep}", [p]), ctx.source, ctx.n_clients, ctx.params,
+                                        ctx.client_cfg, dataclasses.replace(fcfg, chunk_size=chunk), desc=p.name)
+                slot_steps += sum(r.get("slot_steps", 0) for r in recs[0])
                 single_chunks.setdefault(p.cfg.privacy.mode, f[0]["chunk_size"])
                 states.append(s[0])
                 facts.append(f[0])
-            singles.append({"wall_seconds": time.perf_counter() - t0,
+            singles.append({"wall_seconds": time.perf_counter() - t0, "slot_steps": slot_steps,
                             **{k: sum(f["timing"][k] for f in facts) for k in facts[0]["timing"]}})
             single_states, single_facts = states, facts
 
         report: dict[str, Any] = {}
+        unit_seconds = None
         for rep in range(max(1, repeats)):
             for side in ((sweep_side, single_side) if rep % 2 == 0 else (single_side, sweep_side)):
                 side(rep)
+            if rep == 0 and unit_seconds is None:   # once, after the first repeat (the figure comes first)
+                unit_seconds = unit_costs(ctx)
             report = _sweep_report(ds, cfg, points, trained, sweeps, singles, sweep_states, single_states,
                                    sweep_facts, single_facts, max(1, repeats))
+            report["unit_costs"] = unit_seconds
             if on_report is not None:
                 on_report(report)
     return report
+
+
+def unit_costs(ctx: Any, steps: int = 8) -> dict[str, Any]:
+    """Seconds of the other work a reproduction does besides federated rounds, on this device: a centralized /
+    local-only training step (`train.centralized.make_train_step`, batches of train.batch_size, synced every
+    step as the trainers do) and a validation pass over `ctx`'s validation set (sampled and full ranking, as
+    `train.centralized.evaluate`), both after their compilation (reported apart). Per target-item: a pass
+    scores each target against its domain's items (full ranking), so `experiments.inventory` prices the
+    validations of datasets with other catalogue sizes per target x items of its domain."""
+    import time
+
+    from fedscope_jax.data.batching import make_batches, train_sequences
+    from fedscope_jax.train.centralized import evaluate, make_optimizer, make_train_step
+
+    ds, cfg = ctx.ds, ctx.cfg
+    mc, tc, ec = cfg.model, cfg.train, cfg.eval
+    seqs = train_sequences(ds, mc.max_len)
+    batches = make_batches(seqs, np.arange(len(seqs.user)), tc.batch_size, 1, np.random.default_rng(0))
+    step = make_train_step(mc, tc.lr, tc.weight_decay)
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), ctx.params)   # the step donates its inputs
+    opt_state = make_optimizer(tc.lr, tc.weight_decay).init(params)
+    key = jax.random.key(0)
+    times = []
+    for s in range(steps + 1):   # the first call compiles
+        batch = {k: batches[k][s % len(batches["seq"])] for k in ("seq", "target")}
+        t0 = time.perf_counter()
+        params, opt_state, loss, _ = step(params, opt_state, batch, jax.random.fold_in(key, s), None)
+        float(loss)
+        times.append(time.perf_counter() - t0)
+    es = ctx.valid_set
+    t0 = time.perf_counter()
+    evaluate(params, mc, es, ds.domains, ec.ks, None, ec.batch_size)   # compiles
+    compile_eval = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluate(params, mc, es, ds.domains, ec.ks, None, ec.batch_size)
+    valid_seconds = time.perf_counter() - t0
+    target_items = int(sum(np.sum(es.domain == d) * n for d, n in enumerate(ds.n_items)))
+    return {"epoch_step_seconds": float(np.median(times[1:])), "epoch_step_first_call_seconds": times[0],
+            "validation_seconds": valid_seconds, "validation_first_call_seconds": compile_eval,
+            "validation_targets": int(len(es)), "validation_target_items": target_items,
+            "seconds_per_validation_target_item": valid_seconds / max(target_items, 1)}
 
 
 def _sweep_report(ds: Any, cfg: Any, points: list[Any], trained: list[Any], sweeps: dict[int, list[dict]],
@@ -418,6 +466,10 @@ def _sweep_report(ds: Any, cfg: Any, points: list[Any], trained: list[Any], swee
         "sweep_config_chunk": by_chunk[0]["config_chunk"],
         "sweep_by_config_chunk": by_chunk,
         "one_by_one_train_seconds_per_repeat": [s["train_seconds"] for s in singles],
+        # local steps the round programs computed (padding included; a sweep counts each configuration's),
+        # so that seconds / slot steps prices a step of either program (experiments.inventory.calibration)
+        "sweep_slot_steps": sweeps[0][0]["slot_steps"],
+        "one_by_one_slot_steps": singles[0]["slot_steps"],
         "repeats": repeats,
         "repeats_done": len(singles),
         "sweep_programs": sorted({json.dumps(f["program"], sort_keys=True) for f in sweep_facts}),
@@ -450,4 +502,20 @@ def format_sweep_table(report: dict[str, Any]) -> str:
         f"sweep_speedup {report['sweep_speedup']:.2f}x (one-by-one train s / sweep c={report['sweep_config_chunk']} "
         f"train s); max |param diff| "
         f"{max(report['max_abs_param_diff_vs_one_by_one'].values()):.1e}",
+        *_unit_lines(report),
     ])
+
+
+def _unit_lines(report: dict[str, Any]) -> list[str]:
+    """The per-unit seconds a reproduction estimate uses (`fedscope reproduce --inventory --calibrate`)."""
+    lines = []
+    if report.get("one_by_one_slot_steps") and report.get("sweep_slot_steps"):
+        lines.append(f"per slot step: {report['one_by_one_seconds'] / report['one_by_one_slot_steps'] * 1e3:.2f} ms "
+                     f"one by one, {report['sweep_seconds'] / report['sweep_slot_steps'] * 1e3:.2f} ms per "
+                     f"configuration in the sweep ({report['one_by_one_slot_steps']:,} slot steps a side)")
+    unit = report.get("unit_costs")
+    if unit:
+        lines.append(f"centralized step {unit['epoch_step_seconds'] * 1e3:.2f} ms (first call "
+                     f"{unit['epoch_step_first_call_seconds']:.1f} s); validation pass {unit['validation_seconds']:.2f} s "
+                     f"for {unit['validation_targets']:,} targets (first call {unit['validation_first_call_seconds']:.1f} s)")
+    return lines
