@@ -61,6 +61,12 @@ def test_ablation_and_clients_variants():
     cs = expand(load_study(default_config_dir() / "clients_sampling.json"), "quick", False)
     got = sorted((run_config(c, "cs").federated.clients, run_config(c, "cs").federated.fraction) for c in cs)
     assert got == sorted([(10, 1.0), (20, 1.0), (50, 0.1), (50, 0.2), (50, 0.5), (50, 1.0), (100, 1.0)] * 3)
+    # the sampled variants use one size bucket in the quick profile only (a variant's `profiles.quick.set`)
+    buckets = {p: {(run_config(c, "cs").federated.fraction, run_config(c, "cs").federated.max_buckets)
+                   for c in expand(load_study(default_config_dir() / "clients_sampling.json"), p, False)
+                   if run_config(c, "cs").federated.clients == 50} for p in ("quick", "full")}
+    assert buckets["quick"] == {(0.1, 1), (0.2, 1), (0.5, 1), (1.0, 3)}
+    assert buckets["full"] == {(0.1, 4), (0.2, 4), (0.5, 4), (1.0, 4)}
     pu = load_study(default_config_dir() / "privacy_utility.json")
     assert pu.epsilons == (1, 2, 4, 8, 16, math.inf) and pu.privacy_modes == ("personalized", "uniform", "central")
 
@@ -102,6 +108,12 @@ def test_bad_configs_name_file_and_key(tmp_path):
     raw["profiles"]["quick"]["max_users"], raw["profiles"]["quick"]["max_items"] = 10, "all"
     with pytest.raises(FedscopeError, match=r"key 'profiles\.quick\.max_items': expected an integer >= 0"):
         load_study(_write(tmp_path, profiles=raw["profiles"]))
+    variant = {"name": "q", "set": {"federated.fraction": 0.5}, "profiles": {"fast": {"set": {}}}}
+    with pytest.raises(FedscopeError, match=r"key 'variants\[0\]\.profiles\.fast': unknown profile"):
+        load_study(_write(tmp_path, variants=[variant]))
+    variant["profiles"] = {"quick": {"set": {"federated.max_bucket": 1}}}
+    with pytest.raises(FedscopeError, match=r"key 'variants\[0\]\.profiles\.quick\.set': unknown config key"):
+        load_study(_write(tmp_path, variants=[variant]))
     with pytest.raises(FedscopeError, match="--studies: unknown study 'mian'"):
         load_studies(["mian"])
 

@@ -51,6 +51,11 @@ class Variant:
     overrides: tuple[str, ...] = ()
     axis: str = ""          # the varied key, for plots (e.g. federated.clients)
     value: float | None = None
+    per_profile: tuple[tuple[str, tuple[str, ...]], ...] = ()   # overrides added under one profile only
+
+    def overrides_for(self, profile: str) -> tuple[str, ...]:
+        """The variant's overrides under `profile` (its `set`, then its `profiles.<profile>.set`)."""
+        return self.overrides + dict(self.per_profile).get(profile, ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,16 +166,27 @@ def _text(value: Any) -> str:
 
 
 def _variant(item: Any, path: Path, key: str) -> Variant:
-    if not isinstance(item, dict) or set(item) - {"name", "set"} or "set" not in item:
-        raise _err(path, key, f"expected {{\"name\": ..., \"set\": {{...}}}}, got {item!r}")
+    if not isinstance(item, dict) or set(item) - {"name", "set", "profiles"} or "set" not in item:
+        raise _err(path, key, f"expected {{\"name\": ..., \"set\": {{...}}, \"profiles\": {{\"quick\": "
+                   f"{{\"set\": {{...}}}}}} (optional)}}, got {item!r}")
     sets = item["set"]
     ov = _overrides(sets, path, key + ".set")
+    per_profile = []
+    extra = item.get("profiles", {})
+    if not isinstance(extra, dict):
+        raise _err(path, key + ".profiles", f"expected an object keyed by profile ({', '.join(PROFILES)})")
+    for prof, body in extra.items():
+        if prof not in PROFILES:
+            raise _err(path, f"{key}.profiles.{prof}", f"unknown profile; expected one of {', '.join(PROFILES)}")
+        if not isinstance(body, dict) or set(body) != {"set"}:
+            raise _err(path, f"{key}.profiles.{prof}", "expected {\"set\": {dotted key: value}}")
+        per_profile.append((prof, _overrides(body["set"], path, f"{key}.profiles.{prof}.set")))
     name = str(item.get("name") or ",".join(f"{k.split('.')[-1]}={v}" for k, v in sets.items()))
     axis, value = "", None
     if len(sets) == 1:
         (axis, raw), = sets.items()
         value = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
-    return Variant(name, ov, axis, value)
+    return Variant(name, ov, axis, value, tuple(per_profile))
 
 
 def load_study(path: str | Path) -> Study:
