@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedscope_jax.errors import FedscopeError
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("reproduce", help="run the paper's studies and write tables, plots and report.md",
@@ -37,6 +39,11 @@ def add_parser(subparsers: Any) -> None:
     cache.add_argument("--no-compile-cache", dest="compile_cache", action="store_false", help="do not keep "
                        "compiled XLA programs (by default a program compiled once, by an earlier cell or an "
                        "earlier run into OUT, is read back from OUT/cache/xla instead of compiled again)")
+    p.add_argument("--inventory", action="store_true", help="train nothing: count every cell's work (runs, "
+                   "federated rounds, padded local steps, epochs, validations), print it per study and write "
+                   "OUT/inventory.json")
+    p.add_argument("--calibrate", metavar="FILE", help="with --inventory: a `fedscope benchmark --sweep` JSON "
+                   "from the machine that will run the reproduction; adds the federated cells' estimated hours")
     p.add_argument("--benchmark", metavar="FILE", help="benchmark.json (fedscope benchmark) for the scaling plot")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (data cache, runs, report)")
     p.set_defaults(func=run)
@@ -47,6 +54,25 @@ def default_data_root() -> Path:
 
     env = os.environ.get("FEDSCOPE_SHARED_DATA")
     return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def inventory(args: argparse.Namespace, studies: list[Any], all_studies: dict[str, Any], opts: Any) -> int:
+    """`--inventory`: the counted work of every cell (and its price with --calibrate); trains nothing."""
+    from fedscope_jax.experiments.inventory import calibration, format_inventory, take_inventory
+    from fedscope_jax.utils.io import read_json, write_json
+
+    cal = None
+    if args.calibrate:
+        if not Path(args.calibrate).is_file():
+            raise FedscopeError(f"--calibrate {args.calibrate}: no such file")
+        cal = calibration(read_json(args.calibrate), args.calibrate)
+    inv = take_inventory(studies, all_studies, opts, cal)
+    path = (opts.out / "dry-run" if opts.dry_run else opts.out) / "inventory.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(inv, path)
+    print(format_inventory(inv))
+    print(f"per cell: {path}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
                    tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else None,
                    args.smoke, args.compile_cache,
                    Path(args.compile_cache_dir) if args.compile_cache_dir else None)
+    if args.calibrate and not args.inventory:
+        raise FedscopeError("--calibrate FILE: only with --inventory (it prices the counted steps)")
+    if args.inventory:
+        return inventory(args, studies, all_studies, opts)
     record = reproduce(studies, all_studies, opts)
     root = opts.out / "dry-run" if opts.dry_run else opts.out
     report = write_report(root, root / "report", benchmark=args.benchmark)

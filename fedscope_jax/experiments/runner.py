@@ -108,9 +108,33 @@ def _limits(study: Study, dataset: str, opts: Options) -> tuple[int, int]:
     return (min(users or DRY_RUN_USERS, DRY_RUN_USERS) if opts.dry_run else users), prof.max_items
 
 
+class CellData:
+    """The prepared datasets (and attribute tables) of a reproduction's cells, each loaded once:
+    `get(study, dataset)` -> (dataset dir, dataset, semantic, coverage, attributes label); `facts` holds
+    what plan.json records about each one (users, items, interactions kept)."""
+
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.loaded: dict[tuple[str, int, int], tuple[Path, Any, Any, Any, str]] = {}
+        self.facts: dict[str, dict[str, Any]] = {}
+
+    def get(self, study: Study, name: str) -> tuple[Path, Any, Any, Any, str]:
+        from fedscope_jax.data.canonical import load_dataset
+
+        users, items = _limits(study, name, self.opts)
+        if (name, users, items) not in self.loaded:
+            path = dataset_for(name, self.opts.data_root, self.opts.out / "data", users, max_items=items)
+            ds = load_dataset(path)
+            semantic, coverage, label = semantic_for(path, ds, self.opts.attributes_root, name)
+            self.loaded[(name, users, items)] = (path, ds, semantic, coverage, label)
+            self.facts[path.name] = {"dataset": name, "users": int(ds.n_users),
+                                     "items": [int(n) for n in ds.n_items], "interactions": int(len(ds.user)),
+                                     "max_users": users, "max_items": items}
+        return self.loaded[(name, users, items)]
+
+
 def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> dict[str, Any]:
     """Runs every cell (skipping finished ones) and writes plan.json; returns the plan."""
-    from fedscope_jax.data.canonical import load_dataset
     from fedscope_jax.utils.io import read_json, write_json
 
     root = opts.out / "dry-run" if opts.dry_run else opts.out
@@ -123,23 +147,10 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
             raise FedscopeError(f"{plan_path}: holds a reproduction with profile {old.get('profile')!r}; use "
                                 f"another --out for profile {opts.profile!r}")
     cells_of = plan(studies, all_studies, opts)
-    loaded: dict[tuple[str, int, int], tuple[Path, Any, Any, Any, str]] = {}
-
-    def data(study: Study, name: str):
-        users, items = _limits(study, name, opts)
-        if (name, users, items) not in loaded:
-            path = dataset_for(name, opts.data_root, opts.out / "data", users, max_items=items)
-            ds = load_dataset(path)
-            semantic, coverage, label = semantic_for(path, ds, opts.attributes_root, name)
-            loaded[(name, users, items)] = (path, ds, semantic, coverage, label)
-            record["data"][path.name] = {"dataset": name, "users": int(ds.n_users),
-                                         "items": [int(n) for n in ds.n_items], "interactions": int(len(ds.user)),
-                                         "max_users": users, "max_items": items}
-        return loaded[(name, users, items)]
-
+    data = CellData(opts)
     record: dict[str, Any] = {"profile": opts.profile, "dry_run": opts.dry_run, "data_root": str(opts.data_root),
                               "attributes_root": str(opts.attributes_root) if opts.attributes_root else None,
-                              "hardware": hardware(), "data": {}, "studies": {}}
+                              "hardware": hardware(), "data": data.facts, "studies": {}}
     todo = []
     for name, cells in cells_of.items():
         study = all_studies[name]
@@ -148,7 +159,7 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
                                    "datasets": [d for d in study.datasets_for(opts.profile)
                                                 if opts.datasets is None or d in opts.datasets], "cells": []}
         for cell in cells:
-            path, ds, semantic, coverage, label = data(study, cell.dataset)
+            path, ds, semantic, coverage, label = data.get(study, cell.dataset)
             cell_dir = root / "runs" / cell.relative_dir(str(path), label)
             record["studies"][name]["cells"].append(str(cell_dir.relative_to(root)))
             todo.append((study, cell, cell_dir, (ds, semantic, coverage, label, path)))

@@ -1,0 +1,255 @@
+"""What a reproduction trains, counted without training it (`fedscope reproduce --inventory`).
+
+Per cell: training runs, federated rounds, local steps (the padded step slots the compiled programs compute,
+and the real ones), centralized / local-only epoch steps, validation passes and the targets they score. The
+counts come from the same partition, batch sizes, sampling and size buckets as the trainers (host-only numpy,
+seconds for the full profile). Priced with per-unit seconds measured on a device (`calibration`, from a
+`fedscope benchmark --sweep` JSON made there; `hours`), they size a profile for that device. Federated slot
+counts depend on the client chunk (each bucket's slots are padded up to a multiple of it) and assume every
+sampled client trains (a client out of its privacy budget trains no steps but keeps its slot). Epoch-mode
+counts are upper bounds: early stopping usually ends those runs before `train.epochs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fedscope_jax.errors import FedscopeError
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """The training work of one cell (sums over a sweep's configurations)."""
+
+    runs: int = 0               # training runs (a sweep: its distinct configurations)
+    config_rounds: int = 0      # federated rounds, summed over runs
+    slot_steps: int = 0         # local steps the programs compute, padding included (federated, chunk 1)
+    real_steps: int = 0         # of those, the steps on real batches
+    epoch_steps: int = 0        # centralized / local-only steps, at most (train.epochs; local: of every client)
+    validations: int = 0        # validation passes (local-only: one per client and epoch), at most for epoch modes
+    scored_targets: int = 0     # evaluation targets scored: validation passes and the final valid + test
+    scored_target_items: int = 0   # the same, each target times the items of its domain (full-ranking cost)
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+def client_steps(ds: Any, cfg: Any) -> tuple[np.ndarray, int]:
+    """(local steps of each client in a round, clients) under cfg's partition and batch size."""
+    from fedscope_jax.data.batching import train_sequences
+    from fedscope_jax.data.partition import partition
+
+    f = cfg.federated
+    seqs = train_sequences(ds, cfg.model.max_len)
+    part = partition(ds, f.clients, f.scheme, f.seed)
+    rows = np.array([len(r) for r in seqs.client_rows(part)], np.int64)
+    return f.local_epochs * (-(-rows // cfg.train.batch_size)), part.n_clients   # make_batches' S
+
+
+def round_steps(steps_of: np.ndarray, cfg: Any, multiple: int = 1) -> tuple[list[int], list[int]]:
+    """(real steps, slot steps) of each round of a federated run: `train.federated.run_tracks`' sampling,
+    size buckets and fixed bucket slots, with bucket slots padded to `multiple` (devices x client chunk)."""
+    from fedscope_jax.engine.cohort import BucketPlan, best_boundaries, bucket_capacities, fill_buckets
+    from fedscope_jax.engine.sampling import sample_clients
+
+    f = cfg.federated
+    trainable = np.flatnonzero(steps_of > 0)
+    if not len(trainable):
+        raise FedscopeError("no client has training data")
+    plan = BucketPlan(tuple(best_boundaries(steps_of[trainable], f.max_buckets)), ())
+    capacity = bucket_capacities(plan, steps_of[trainable], len(steps_of), f.sampling, f.fraction)
+    real, slots = [], []
+    for r in range(f.rounds):
+        sampled = [int(c) for c in sample_clients(f.seed, r, len(steps_of), f.sampling, f.fraction)
+                   if steps_of[c] > 0]
+        groups: dict[int, list[int]] = {}
+        for c in sampled:
+            groups.setdefault(plan.bucket_of(int(steps_of[c])), []).append(c)
+        members, caps = fill_buckets(groups, plan, multiple, capacity=capacity) if sampled else ({}, {})
+        real.append(int(sum(steps_of[c] for m in members.values() for c in m)))
+        slots.append(int(sum(caps[b] * plan.steps[b] for b in caps)))
+    return real, slots
+
+
+def targets(ds: Any) -> dict[str, tuple[int, int]]:
+    """{"valid", "test"}: (targets, targets x items of the target's domain) of a prepared dataset."""
+    from fedscope_jax.data.canonical import SPLITS
+
+    split, domain = np.asarray(ds.split), np.asarray(ds.domain)
+    items = np.asarray(ds.n_items, np.int64)[domain]
+    return {name: (int(np.sum(split == SPLITS.index(name))), int(np.sum(items[split == SPLITS.index(name)])))
+            for name in ("valid", "test")}
+
+
+def _scored(ds: Any, passes: int) -> dict[str, int]:
+    """Work's evaluation fields for `passes` validation passes plus the final valid + test evaluation."""
+    t = targets(ds)
+    return {"scored_targets": (passes + 1) * t["valid"][0] + t["test"][0],
+            "scored_target_items": (passes + 1) * t["valid"][1] + t["test"][1]}
+
+
+def federated_work(ds: Any, cfg: Any, configs: int = 1, multiple: int = 1) -> Work:
+    """One federated run of `cfg` (a sweep: `configs` runs sharing its data, sampling and programs), its
+    bucket slots padded to `multiple`."""
+    steps_of, _ = client_steps(ds, cfg)
+    real, slots = round_steps(steps_of, cfg, multiple)
+    f = cfg.federated
+    passes = f.rounds // f.eval_every + (1 if f.rounds % f.eval_every else 0)
+    return Work(runs=configs, config_rounds=configs * f.rounds, slot_steps=configs * sum(slots),
+                real_steps=configs * sum(real), validations=configs * passes,
+                **{k: configs * v for k, v in _scored(ds, passes).items()})
+
+
+def epoch_work(ds: Any, cfg: Any, local: bool) -> Work:
+    """A centralized run (pooled batches) or local-only run (each client alone), at most train.epochs each."""
+    from fedscope_jax.data.batching import train_sequences
+
+    tc = cfg.train
+    passes = tc.epochs // tc.eval_every + (1 if tc.epochs % tc.eval_every else 0)
+    if local:
+        per_client, _ = client_steps(ds, dataclasses.replace(cfg, federated=dataclasses.replace(
+            cfg.federated, local_epochs=1)))
+        per_epoch, models = int(per_client.sum()), int(np.sum(per_client > 0))
+    else:
+        per_epoch, models = -(-len(train_sequences(ds, cfg.model.max_len).user) // tc.batch_size), 1
+    return Work(runs=1, epoch_steps=tc.epochs * per_epoch, validations=models * passes, **_scored(ds, passes))
+
+
+def sweep_configs(modes: Sequence[str], epsilons: Sequence[float]) -> int:
+    """Distinct configurations a sweep trains (eps inf once for every mode: `train.sweep`'s dedupe)."""
+    finite = [e for e in epsilons if math.isfinite(e)]
+    return len(modes) * len(finite) + (1 if len(finite) < len(epsilons) else 0)
+
+
+def cell_work(cell: Any, ds: Any, cfg: Any, multiple: int = 1) -> Work:
+    """The work of one reproduction cell (`experiments.cells.Cell`) on its prepared dataset (federated
+    bucket slots padded to `multiple`)."""
+    if cell.mode == "sweep":
+        return federated_work(ds, cfg, sweep_configs(cell.sweep_modes, cell.sweep_epsilons), multiple)
+    if cell.mode == "federated":
+        return federated_work(ds, cfg, 1, multiple)
+    if cell.mode in ("centralized", "local"):
+        return epoch_work(ds, cfg, local=cell.mode == "local")
+    raise FedscopeError(f"inventory: unknown cell mode {cell.mode!r}")
+
+
+def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Seconds per unit of work on the benchmark's device, from a `fedscope benchmark --sweep` report (`where`
+    names it in errors): per slot step of the single-run and the sweep round programs (and the client chunk
+    each ran with), per centralized / local-only step and per validation target-item (its `unit_costs`)."""
+    keys = ("one_by_one_seconds", "sweep_seconds", "one_by_one_slot_steps", "sweep_slot_steps",
+            "one_by_one_chunk_sizes", "sweep_chunk_sizes", "unit_costs")
+    missing = [k for k in keys if not bench.get(k)]
+    if missing:
+        raise FedscopeError(f"{where}: not a `fedscope benchmark --sweep` report with slot step counts and unit "
+                            f"costs (no {', '.join(missing)}); run the sweep benchmark again with this version")
+    for side in ("one_by_one", "sweep"):
+        if not bench[f"{side}_slot_steps"] > 0 or not bench[f"{side}_seconds"] > 0:
+            raise FedscopeError(f"{where}: {side}_slot_steps and {side}_seconds: expected > 0, got "
+                                f"{bench[f'{side}_slot_steps']} and {bench[f'{side}_seconds']}")
+    unit = bench["unit_costs"]
+    return {"device": bench.get("device", "?"), "workload": bench.get("workload"),
+            "single_seconds_per_slot_step": bench["one_by_one_seconds"] / bench["one_by_one_slot_steps"],
+            "sweep_seconds_per_slot_step": bench["sweep_seconds"] / bench["sweep_slot_steps"],
+            "single_chunk": int(max(bench["one_by_one_chunk_sizes"])),
+            "sweep_chunk": int(max(bench["sweep_chunk_sizes"])),
+            "epoch_step_seconds": float(unit["epoch_step_seconds"]),
+            "seconds_per_validation_target_item": float(unit["seconds_per_validation_target_item"])}
+
+
+def hours(work: Work, mode: str, cal: Mapping[str, Any]) -> dict[str, float]:
+    """Estimated hours of a cell's work on the calibration's device: `federated` (its slot steps, counted at
+    the calibration's chunk size, x the seconds per slot step of its program), `epochs` (centralized /
+    local-only steps, at most) and `validation` (scored target-items; at most for the epoch modes).
+    Compilation is not included."""
+    per = cal["sweep_seconds_per_slot_step" if mode == "sweep" else "single_seconds_per_slot_step"]
+    return {"federated": work.slot_steps * per / 3600.0,
+            "epochs": work.epoch_steps * cal["epoch_step_seconds"] / 3600.0,
+            "validation": work.scored_target_items * cal["seconds_per_validation_target_item"] / 3600.0}
+
+
+def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts: Any,
+                   cal: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The work of every cell of `studies` (`experiments.runner.Options`: profile, datasets, data root; the
+    datasets are prepared under OUT/data as `fedscope reproduce` does). A cell shared by several studies
+    (ablation's full FedSCOPE is main's) counts once, in the first. With `cal` (`calibration`), federated
+    slots are counted at its client chunks and each cell and study gets its estimated hours (`hours`)."""
+    from fedscope_jax.experiments.runner import CellData, plan
+    from fedscope_jax.experiments.cells import run_config
+
+    cells_of = plan(list(studies), dict(all_studies), opts)
+    data = CellData(opts)
+    seen: set[str] = set()
+    out: dict[str, Any] = {"profile": opts.profile, "dry_run": opts.dry_run, "data": data.facts,
+                           "calibration": dict(cal) if cal else None, "studies": {}}
+    for name, cells in cells_of.items():
+        study = all_studies[name]
+        by_mode: dict[str, Work] = {}
+        rows, spent = [], {"federated": 0.0, "epochs": 0.0, "validation": 0.0}
+        for cell in cells:
+            path, ds, _, _, label = data.get(study, cell.dataset)
+            rel = cell.relative_dir(str(path), label)
+            if rel in seen:
+                continue
+            seen.add(rel)
+            multiple = 1 if cal is None else cal["sweep_chunk" if cell.mode == "sweep" else "single_chunk"]
+            w = cell_work(cell, ds, run_config(cell, str(study.path)), multiple)
+            by_mode[cell.mode] = by_mode.get(cell.mode, Work()) + w
+            row = {"cell": rel, "mode": cell.mode, **dataclasses.asdict(w)}
+            if cal is not None:
+                row["hours"] = hours(w, cell.mode, cal)
+                spent = {k: v + row["hours"][k] for k, v in spent.items()}
+            rows.append(row)
+        total = sum(by_mode.values(), Work())
+        out["studies"][name] = {"cells": len(cells), "new_cells": len(rows), "total": dataclasses.asdict(total),
+                                "by_mode": {m: dataclasses.asdict(w) for m, w in by_mode.items()},
+                                "hours": spent if cal is not None else None, "per_cell": rows}
+    return out
+
+
+def format_inventory(inv: Mapping[str, Any]) -> str:
+    """The inventory as a plain-text table, one row per study and a total (and the estimated hours)."""
+    cal = inv.get("calibration")
+    parts = ("federated", "epochs", "validation")
+    head = (f"{'study':<18} {'cells':>5} {'new':>4} {'runs':>5} {'fed rounds':>10} {'slot steps':>11} "
+            f"{'real steps':>11} {'epoch steps<=':>13} {'validations<=':>13}"
+            + ("".join(f" {'h ' + p[:5] + ('<=' if p != 'federated' else ''):>9}" for p in parts) if cal else ""))
+    lines = [f"profile {inv['profile']}" + (" (dry run)" if inv.get("dry_run") else "") + "; "
+             + "; ".join(f"{d}: {f['users']:,} users, {f['interactions']:,} interactions"
+                         for d, f in inv["data"].items()), head]
+    grand, grand_h = Work(), dict.fromkeys(parts, 0.0)
+
+    def row(name: str, cells: str, new: str, t: Work, h: Mapping[str, float] | None) -> str:
+        return (f"{name:<18} {cells:>5} {new:>4} {t.runs:>5} {t.config_rounds:>10,} {t.slot_steps:>11,} "
+                f"{t.real_steps:>11,} {t.epoch_steps:>13,} {t.validations:>13,}"
+                + ("".join(f" {h[p]:>9.2f}" for p in parts) if h is not None else ""))
+
+    for name, st in inv["studies"].items():
+        t = Work(**st["total"])
+        grand = grand + t
+        if st.get("hours"):
+            grand_h = {p: grand_h[p] + st["hours"][p] for p in parts}
+        lines.append(row(name, str(st["cells"]), str(st["new_cells"]), t, st.get("hours")))
+    lines.append(row("all", "", "", grand, grand_h if cal else None))
+    chunk = (f"client chunk {cal['single_chunk']} (single runs) / {cal['sweep_chunk']} (sweeps), as calibrated"
+             if cal else "client chunk 1")
+    lines.append(f"slot steps: the local steps (batches of train.batch_size users) the federated programs "
+                 f"compute, padding included ({chunk}); epoch steps (centralized, local-only) and validations: "
+                 "at most (early stopping ends most runs sooner)")
+    if cal:
+        total = sum(grand_h.values())
+        lines.append(f"hours on {cal['device']}: slot steps x {cal['single_seconds_per_slot_step'] * 1e3:.2f} ms "
+                     f"(single run) / {cal['sweep_seconds_per_slot_step'] * 1e3:.2f} ms (per configuration in "
+                     f"a sweep); epoch steps x {cal['epoch_step_seconds'] * 1e3:.2f} ms; validation "
+                     f"target-items x {cal['seconds_per_validation_target_item'] * 1e9:.2f} ns. Total at most "
+                     f"{total:.1f} h (federated {grand_h['federated']:.1f} h) plus compilation")
+    return "\n".join(lines)
+
+
+__all__ = ["Work", "calibration", "cell_work", "client_steps", "epoch_work", "federated_work", "hours",
+           "format_inventory", "round_steps", "sweep_configs", "take_inventory", "targets"]

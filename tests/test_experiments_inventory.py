@@ -1,0 +1,128 @@
+"""`fedscope reproduce --inventory`: the counted work equals what the trainers do, and its pricing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import SETTINGS
+
+from fedscope_jax.cli import main
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.experiments import inventory as inv
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from fedscope_jax.data.canonical import load_dataset
+
+    out = tmp_path_factory.mktemp("data") / "syn"
+    assert main(["data", "synth", "--out", str(out), "--users", "90", "--items-a", "80", "--items-b", "90",
+                 "--max-length", "16", "--mean-length", "12", "--min-length", "10"]) == 0
+    return load_dataset(out)
+
+
+def config(*extra: str):
+    from fedscope_jax.train.config import load_config
+
+    return load_config(None, [*SETTINGS, *extra])
+
+
+def test_federated_counts_equal_the_rounds_a_run_records(tiny, tmp_path):
+    """Sampled rounds (fraction 0.5) of power-law clients in 2 size buckets with chunks of 2: the inventory's
+    real and slot steps per round are the ones the engine's cohorts had, and its validations the run's."""
+    from fedscope_jax.train.federated import train_federated
+
+    cfg = config("federated.clients=7", "federated.fraction=0.5", "federated.max_buckets=2",
+                 "federated.chunk_size=2", "federated.rounds=5", "federated.eval_every=2", "train.batch_size=8")
+    train_federated(tiny, cfg, tmp_path / "run")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps_of, n = inv.client_steps(tiny, cfg)
+    assert n == 7 and len(set(steps_of.tolist())) > 2   # clients of several sizes: buckets matter
+    real, slots = inv.round_steps(steps_of, cfg, multiple=2)
+    assert real == [r["real_steps"] for r in records]
+    assert slots == [r["slot_steps"] for r in records]
+    assert any(s > r for s, r in zip(slots, real))   # padding is counted
+    w = inv.federated_work(tiny, cfg, multiple=2)
+    assert (w.runs, w.config_rounds, w.slot_steps, w.real_steps) == (1, 5, sum(slots), sum(real))
+    assert w.validations == sum("valid" in r for r in records) == 3   # rounds 2, 4 and the last
+    from fedscope_jax.eval.protocol import eval_set
+
+    valid, test = (len(eval_set(tiny, split, cfg.model.max_len, cfg.eval)) for split in ("valid", "test"))
+    t = inv.targets(tiny)
+    assert t["valid"][0] == valid > 0 and t["test"][0] == test > 0
+    assert t["valid"][0] * min(tiny.n_items) <= t["valid"][1] <= t["valid"][0] * max(tiny.n_items)
+    assert w.scored_targets == 4 * valid + test   # 3 validations + the final valid and test
+    # a chunk of one client pads less
+    assert sum(inv.round_steps(steps_of, cfg, multiple=1)[1]) <= w.slot_steps
+
+
+@pytest.mark.parametrize("mode", ["centralized", "local"])
+def test_epoch_counts_equal_the_steps_a_run_takes(tiny, tmp_path, mode):
+    """Without early stopping (patience > epochs) a run takes exactly the counted steps and validations."""
+    from fedscope_jax.train.centralized import train_centralized
+    from fedscope_jax.train.local import train_local
+
+    cfg = config("train.epochs=2", "train.patience=5", "train.batch_size=8", "federated.clients=3")
+    summary = (train_local if mode == "local" else train_centralized)(tiny, cfg, tmp_path / mode)
+    w = inv.epoch_work(tiny, cfg, local=mode == "local")
+    assert w.epoch_steps == summary["training"]["steps"] > 0
+    assert (w.runs, w.config_rounds, w.slot_steps) == (1, 0, 0)
+    logged = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    valid_clients = {r.get("client") for r in logged if "valid" in r}
+    assert w.validations >= sum("valid" in r for r in logged) == 2 * len(valid_clients)
+
+
+def test_sweep_configs_match_the_sweeps_dedupe():
+    from fedscope_jax.train.sweep import _dedupe, sweep_points
+
+    cfg = config()
+    for modes, eps in ((("personalized", "uniform"), (1.0, 2.0, math.inf)), (("central",), (4.0,)),
+                       (("personalized", "uniform", "central"), (1.0, 2.0, 4.0, 8.0, 16.0, math.inf))):
+        trained, _ = _dedupe(sweep_points(cfg, modes, eps, [0]))
+        assert inv.sweep_configs(modes, eps) == len(trained)
+    assert inv.sweep_configs(("personalized", "uniform", "central"), (1, 2, 4, 8, 16, math.inf)) == 16
+
+
+def test_calibration_prices_each_unit_and_names_a_bad_file():
+    bench = {"one_by_one_seconds": 30.0, "sweep_seconds": 6.0, "one_by_one_slot_steps": 1500,
+             "sweep_slot_steps": 1500, "one_by_one_chunk_sizes": [4], "sweep_chunk_sizes": [4], "device": "gpu:H100",
+             "unit_costs": {"epoch_step_seconds": 0.01, "seconds_per_validation_target_item": 1e-8}}
+    cal = inv.calibration(bench, "b.json")
+    assert cal["single_seconds_per_slot_step"] == pytest.approx(0.02)
+    assert cal["sweep_seconds_per_slot_step"] == pytest.approx(0.004)
+    assert cal["single_chunk"] == cal["sweep_chunk"] == 4
+    w = inv.Work(runs=1, config_rounds=100, slot_steps=360_000, epoch_steps=720_000, scored_target_items=36 * 10**10)
+    assert inv.hours(w, "federated", cal) == pytest.approx({"federated": 2.0, "epochs": 2.0, "validation": 1.0})
+    assert inv.hours(w, "sweep", cal)["federated"] == pytest.approx(0.4)
+    old = {k: v for k, v in bench.items() if k not in ("sweep_slot_steps", "unit_costs")}
+    with pytest.raises(FedscopeError, match=r"b\.json: .*no sweep_slot_steps, unit_costs"):
+        inv.calibration(old, "b.json")
+    with pytest.raises(FedscopeError, match="one_by_one_slot_steps and one_by_one_seconds"):
+        inv.calibration({**bench, "one_by_one_seconds": -1.0}, "b.json")
+
+
+def test_reproduce_inventory_counts_every_study_without_training(shared_data, tmp_path, capsys):
+    from fedscope_jax.experiments.inventory import Work
+
+    out = tmp_path / "inv"
+    assert main(["reproduce", "--profile", "quick", "--inventory", "--datasets", "abxi-food-kitchen",
+                 "--data-root", str(shared_data), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "slot steps" in text and "privacy_utility" in text
+    report = json.loads((out / "inventory.json").read_text())
+    assert not (out / "runs").exists() and not (out / "plan.json").exists()   # nothing trained
+    studies = report["studies"]
+    # ablation's full-FedSCOPE cells are main's: counted once, in main
+    assert studies["ablation"]["cells"] - studies["ablation"]["new_cells"] == 6
+    sweep = studies["privacy_utility"]["by_mode"]["sweep"]
+    assert sweep["runs"] == 3 * 16 and sweep["config_rounds"] == 3 * 16 * 10
+    main_modes = studies["main"]["by_mode"]
+    assert Work(**main_modes["centralized"]).epoch_steps > 0 and Work(**main_modes["federated"]).slot_steps > 0
+    assert main(["reproduce", "--calibrate", str(out / "inventory.json"), "--out", str(out)]) == 2
+    assert "only with --inventory" in capsys.readouterr().err
+    assert main(["reproduce", "--inventory", "--calibrate", str(out / "inventory.json"), "--datasets",
+                 "abxi-food-kitchen", "--data-root", str(shared_data), "--out", str(out)]) == 2
+    assert "not a `fedscope benchmark --sweep` report" in capsys.readouterr().err
