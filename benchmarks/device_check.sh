@@ -15,6 +15,9 @@
 # resize the workloads; SWEEP_ARGS adds arguments to the sweep benchmark. Each part runs under a time limit
 # (ENGINE_LIMIT, SWEEP_LIMIT seconds; together under the call's timeout_s) and rewrites its JSON as it goes
 # (after each client count / each repeat), so a part cut short still reports what it finished.
+# The sweep JSON also prices a slot step of each round program, a centralized step and a validation pass on the
+# device; back here, `fedscope reproduce --profile full --inventory --calibrate <files_at>/sweep_benchmark.json
+# --out out/reproduce-full` turns them into the full profile's hours on that device (docs/experiments.md).
 set -euo pipefail
 
 OUT="${OUT:-.}"
