@@ -149,7 +149,7 @@ def test_sweep_benchmark_cli(tiny, tmp_path, monkeypatch):
                  "--clients", "3", "--fraction", "1", "--chunk-size", "1", "--dim", "8", "--max-len", "6",
                  "--batch-size", "8", "--config-chunk", "1,2", "--repeats", "2", *tiny_model,
                  "--out", str(out)]) == 0
-    assert [w["repeats_done"] for w in written] == [1, 2]
+    assert [w["repeats_done"] for w in written] == [1, 1, 2]   # the first repeat, then with its unit costs
     report = json.loads(out.read_text())
     assert report["configs"] == [f"{m}-eps{e}-seed0" for m in ("personalized", "uniform") for e in ("4", "inf")]
     assert report["configs_trained"] == ["personalized-eps4-seed0", "personalized-epsinf-seed0",
@@ -166,6 +166,7 @@ def test_sweep_benchmark_cli(tiny, tmp_path, monkeypatch):
     # both sides computed the same padded steps: 3 configurations x 2 rounds of the same cohorts
     assert report["sweep_slot_steps"] == report["one_by_one_slot_steps"] > 0
     assert report["sweep_slot_steps"] % 6 == 0
-    unit = report["unit_costs"]   # timed once, after the first repeat, and kept in every later write
-    assert written[0]["unit_costs"] == unit and unit["epoch_step_seconds"] > 0 and unit["validation_seconds"] > 0
+    unit = report["unit_costs"]   # timed once, after the first repeat was written, and kept in later writes
+    assert written[0]["unit_costs"] is None and written[1]["unit_costs"] == unit
+    assert unit["epoch_step_seconds"] > 0 and unit["validation_seconds"] > 0
     assert unit["validation_target_items"] >= unit["validation_targets"] * min(report["workload"]["n_items"])
