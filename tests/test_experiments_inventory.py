@@ -100,6 +100,10 @@ def test_calibration_prices_each_unit_and_names_a_bad_file():
     old = {k: v for k, v in bench.items() if k not in ("sweep_slot_steps", "unit_costs")}
     with pytest.raises(FedscopeError, match=r"b\.json: .*no sweep_slot_steps, unit_costs"):
         inv.calibration(old, "b.json")
+    with pytest.raises(FedscopeError, match=r"b\.json: expected a JSON object .* got list"):
+        inv.calibration([bench], "b.json")
+    with pytest.raises(FedscopeError, match=r"unit_costs\.epoch_step_seconds: expected a number"):
+        inv.calibration({**bench, "unit_costs": {"seconds_per_validation_target_item": 1e-8}}, "b.json")
     with pytest.raises(FedscopeError, match="one_by_one_slot_steps and one_by_one_seconds"):
         inv.calibration({**bench, "one_by_one_seconds": -1.0}, "b.json")
 

@@ -142,6 +142,9 @@ def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Seconds per unit of work on the benchmark's device, from a `fedscope benchmark --sweep` report (`where`
     names it in errors): per slot step of the single-run and the sweep round programs (and the client chunk
     each ran with), per centralized / local-only step and per validation target-item (its `unit_costs`)."""
+    if not isinstance(bench, Mapping):
+        raise FedscopeError(f"{where}: expected a JSON object (a `fedscope benchmark --sweep` report), got "
+                            f"{type(bench).__name__}")
     keys = ("one_by_one_seconds", "sweep_seconds", "one_by_one_slot_steps", "sweep_slot_steps",
             "one_by_one_chunk_sizes", "sweep_chunk_sizes", "unit_costs")
     missing = [k for k in keys if not bench.get(k)]
@@ -153,6 +156,10 @@ def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise FedscopeError(f"{where}: {side}_slot_steps and {side}_seconds: expected > 0, got "
                                 f"{bench[f'{side}_slot_steps']} and {bench[f'{side}_seconds']}")
     unit = bench["unit_costs"]
+    for k in ("epoch_step_seconds", "seconds_per_validation_target_item"):
+        if not isinstance(unit, Mapping) or not isinstance(unit.get(k), (int, float)) or unit[k] <= 0:
+            raise FedscopeError(f"{where}: unit_costs.{k}: expected a number of seconds > 0, got "
+                                f"{unit.get(k) if isinstance(unit, Mapping) else unit!r}")
     return {"device": bench.get("device", "?"), "workload": bench.get("workload"),
             "single_seconds_per_slot_step": bench["one_by_one_seconds"] / bench["one_by_one_slot_steps"],
             "sweep_seconds_per_slot_step": bench["sweep_seconds"] / bench["sweep_slot_steps"],
