@@ -518,6 +518,7 @@ def _unit_lines(report: dict[str, Any]) -> list[str]:
     unit = report.get("unit_costs")
     if unit:
         lines.append(f"centralized step {unit['epoch_step_seconds'] * 1e3:.2f} ms (first call "
-                     f"{unit['epoch_step_first_call_seconds']:.1f} s); validation pass {unit['validation_seconds']:.2f} s "
-                     f"for {unit['validation_targets']:,} targets (first call {unit['validation_first_call_seconds']:.1f} s)")
+                     f"{unit['epoch_step_first_call_seconds']:.1f} s); validation pass "
+                     f"{unit['validation_seconds']:.2f} s for {unit['validation_targets']:,} targets (first call "
+                     f"{unit['validation_first_call_seconds']:.1f} s)")
     return lines

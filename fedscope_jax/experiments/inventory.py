@@ -21,14 +21,13 @@ import numpy as np
 from fedscope_jax.errors import FedscopeError
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Work:
     """The training work of one cell (sums over a sweep's configurations)."""
 
     runs: int = 0               # training runs (a sweep: its distinct configurations)
     config_rounds: int = 0      # federated rounds, summed over runs
-    slot_steps: int = 0         # local steps the programs compute, padding included (federated, chunk 1)
+    slot_steps: int = 0         # federated local steps the programs compute, padding included (at a client chunk)
     real_steps: int = 0         # of those, the steps on real batches
     epoch_steps: int = 0        # centralized / local-only steps, at most (train.epochs; local: of every client)
     validations: int = 0        # validation passes (local-only: one per client and epoch), at most for epoch modes
