@@ -99,7 +99,8 @@ def expand(study: Study, profile: str, dry_run: bool) -> list[Cell]:
             for dp in dps:
                 for variant in study.variants or (Variant(),):
                     for seed in seeds:
-                        ov = base + variant.overrides_for(profile) + dp.overrides() + method.settings() + (f"train.seed={seed}",)
+                        ov = (base + variant.overrides_for(profile) + dp.overrides() + method.settings()
+                              + (f"train.seed={seed}",))
                         cells.append(Cell(study.name, dataset, name, dp, variant, seed, ov, profile, dry_run))
     return cells
 

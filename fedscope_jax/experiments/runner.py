@@ -282,21 +282,28 @@ def _compile_cache(path: Path | None):
             compilation_cache.reset_cache()
 
 
-def _weights(todo: list[Any]) -> list[int]:
-    """Each cell's share of the progress bar: its counted local steps (`experiments.inventory`: federated slot
-    steps at client chunk 1, centralized / local-only steps at most), so the bar's rate and time left follow
-    the work (the full profile's cells differ 7-fold in size with the dataset) rather than the cell count."""
+def _weights(todo: list[Any]) -> tuple[list[int], int]:
+    """Each cell's share of the progress bar, and the share already done: its counted local steps
+    (`experiments.inventory`: federated slot steps at client chunk 1, centralized / local-only steps at most),
+    so the bar's rate and time left follow the work (the full profile's cells differ 7-fold in size with the
+    dataset) rather than the cell count. A cell listed again (a study sharing another's) weighs 0, and cells a
+    killed reproduction finished start the bar, so that a resumed one does not count them in its rate."""
     from fedscope_jax.experiments.inventory import cell_work
 
-    out = []
-    for study, cell, _, (ds, *_rest) in todo:
+    out, done, seen = [], 0, set()
+    for study, cell, cell_dir, (ds, *_rest) in todo:
+        if cell_dir in seen:
+            out.append(0)
+            continue
+        seen.add(cell_dir)
         try:
             w = cell_work(cell, ds, run_config(cell, str(study.path)))
+            out.append(max(1, w.slot_steps + w.epoch_steps))
         except FedscopeError:   # e.g. no client has training data: the cell fails (and is reported) when it runs
             out.append(1)
-            continue
-        out.append(max(1, w.slot_steps + w.epoch_steps))
-    return out
+        if (cell_dir / (SWEEP_DONE if cell.mode == "sweep" else "summary.json")).is_file():
+            done += out[-1]
+    return out, done
 
 
 def _run_all(todo: list[Any], record: dict[str, Any], opts: Options, save: Callable[[], None]) -> None:
@@ -304,9 +311,9 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options, save: Calla
     `cells_seconds` when it trained or failed (a finished cell skipped costs nothing); then `save()`."""
     from fedscope_jax.utils.progress import progress
 
-    weights = _weights(todo)
-    bar = progress(total=sum(weights), desc="reproduce" + (" (dry run)" if opts.dry_run else ""), unit="step",
-                   unit_scale=sum(weights) >= 10_000)   # 1.04M/1.97M, but 64/80
+    weights, finished = _weights(todo)
+    bar = progress(total=sum(weights), initial=finished, desc="reproduce" + (" (dry run)" if opts.dry_run else ""),
+                   unit="step", unit_scale=sum(weights) >= 10_000)   # 1.04M/1.97M, but 64/80
     failed: dict[str, str] = record.setdefault("failed", {})
     cells_seconds: dict[str, dict[str, float]] = record.setdefault("cells_seconds", {})
     done_dirs: set[Path] = set()
@@ -341,7 +348,8 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options, save: Calla
         record["seconds_this_process"] = time.time() - t_all
         record["cpu_seconds_this_process"] = _cpu_seconds() - c_all
         save()
-        bar.update(weights[i])
+        if worked:   # a cell skipped as finished is in the bar's initial count
+            bar.update(weights[i])
     bar.close()
     record["seconds_this_process"] = time.time() - t_all
     record["cpu_seconds_this_process"] = _cpu_seconds() - c_all
