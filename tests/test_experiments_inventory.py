@@ -76,14 +76,14 @@ def test_epoch_counts_equal_the_steps_a_run_takes(tiny, tmp_path, mode):
 
 
 def test_sweep_configs_match_the_sweeps_dedupe():
-    from fedscope_jax.train.sweep import _dedupe, sweep_points
+    from fedscope_jax.train.sweep import distinct_points, sweep_points
 
     cfg = config()
-    for modes, eps in ((("personalized", "uniform"), (1.0, 2.0, math.inf)), (("central",), (4.0,)),
-                       (("personalized", "uniform", "central"), (1.0, 2.0, 4.0, 8.0, 16.0, math.inf))):
-        trained, _ = _dedupe(sweep_points(cfg, modes, eps, [0]))
-        assert inv.sweep_configs(modes, eps) == len(trained)
-    assert inv.sweep_configs(("personalized", "uniform", "central"), (1, 2, 4, 8, 16, math.inf)) == 16
+    for (modes, eps), n in (((("personalized", "uniform"), (1.0, 2.0, math.inf)), 5), ((("central",), (4.0,)), 1),
+                            ((("personalized", "uniform", "central"), (1.0, 2.0, 4.0, 8.0, 16.0, math.inf)), 16)):
+        trained, _ = distinct_points(sweep_points(cfg, modes, eps, [0]))
+        assert inv.sweep_configs(cfg, modes, eps) == len(trained) == n
+    assert inv.sweep_configs(cfg, ("personalized", "uniform", "central"), (1, 2, 4, 8, 16, math.inf)) == 16
 
 
 def test_calibration_prices_each_unit_and_names_a_bad_file():

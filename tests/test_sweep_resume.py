@@ -199,10 +199,10 @@ def test_seed_status(tmp_path):
 
     from fedscope_jax.engine.checkpoint import Checkpointer
     from fedscope_jax.engine.server import init_server_state, server_optimizer
-    from fedscope_jax.train.sweep import _dedupe, _run_config, _seed_status, sweep_points
+    from fedscope_jax.train.sweep import distinct_points, _run_config, _seed_status, sweep_points
     from fedscope_jax.utils.io import write_json
 
-    trained, _ = _dedupe(sweep_points(_config(), ["uniform"], [1.0, 2.0], [0]))
+    trained, _ = distinct_points(sweep_points(_config(), ["uniform"], [1.0, 2.0], [0]))
     state = init_server_state({"w": jnp.zeros(2)}, server_optimizer("fedavg", 1.0))
 
     def write(p, round_index=None, summary=False):

@@ -313,23 +313,18 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
     with the report of the repeats so far after each repeat (`repeats_done`), so a caller can save the timings
     of a benchmark that is stopped early. After the first repeat it also times `unit_costs` (a centralized
     step, a validation pass): with the slot steps, what `fedscope reproduce --inventory --calibrate` prices."""
-    import json
     import tempfile
     import time
     from pathlib import Path
 
-    from fedscope_jax.train.config import to_dict
     from fedscope_jax.train.federated import Track, run_tracks, seed_context
-    from fedscope_jax.train.sweep import sweep_points
+    from fedscope_jax.train.sweep import distinct_points, sweep_points
 
     fcfg = dataclasses.replace(cfg.federated, checkpoint_every=cfg.federated.rounds,
                                eval_every=cfg.federated.rounds)
     cfg = dataclasses.replace(cfg, federated=fcfg)
     points = sweep_points(cfg, modes, epsilons, [cfg.train.seed])
-    unique: dict[str, Any] = {}
-    for p in points:
-        unique.setdefault(json.dumps(to_dict(p.cfg), sort_keys=True), p)
-    trained = list(unique.values())
+    trained, _ = distinct_points(points)
     ctx = seed_context(ds, cfg, None)
     sweeps: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(config_chunks))}
     singles: list[dict[str, Any]] = []

@@ -13,7 +13,6 @@ counts are upper bounds: early stopping usually ends those runs before `train.ep
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -119,17 +118,18 @@ def epoch_work(ds: Any, cfg: Any, local: bool) -> Work:
     return Work(runs=1, epoch_steps=tc.epochs * per_epoch, validations=models * passes, **_scored(ds, passes))
 
 
-def sweep_configs(modes: Sequence[str], epsilons: Sequence[float]) -> int:
-    """Distinct configurations a sweep trains (eps inf once for every mode: `train.sweep`'s dedupe)."""
-    finite = [e for e in epsilons if math.isfinite(e)]
-    return len(modes) * len(finite) + (1 if len(finite) < len(epsilons) else 0)
+def sweep_configs(cfg: Any, modes: Sequence[str], epsilons: Sequence[float]) -> int:
+    """Distinct configurations a sweep of `cfg` trains (`train.sweep.distinct_points`: eps inf once)."""
+    from fedscope_jax.train.sweep import distinct_points, sweep_points
+
+    return len(distinct_points(sweep_points(cfg, modes, epsilons, [cfg.train.seed]))[0])
 
 
 def cell_work(cell: Any, ds: Any, cfg: Any, multiple: int = 1) -> Work:
     """The work of one reproduction cell (`experiments.cells.Cell`) on its prepared dataset (federated
     bucket slots padded to `multiple`)."""
     if cell.mode == "sweep":
-        return federated_work(ds, cfg, sweep_configs(cell.sweep_modes, cell.sweep_epsilons), multiple)
+        return federated_work(ds, cfg, sweep_configs(cfg, cell.sweep_modes, cell.sweep_epsilons), multiple)
     if cell.mode == "federated":
         return federated_work(ds, cfg, 1, multiple)
     if cell.mode in ("centralized", "local"):

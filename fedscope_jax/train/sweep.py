@@ -143,7 +143,7 @@ def _prepare_out(out: Path, force: bool, resume: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _dedupe(mine: Sequence[SweepPoint]) -> tuple[list[SweepPoint], dict[str, str]]:
+def distinct_points(mine: Sequence[SweepPoint]) -> tuple[list[SweepPoint], dict[str, str]]:
     """(the configurations to train, {name: name it is trained as}): identical RunConfigs train once."""
     from fedscope_jax.train.config import to_dict
 
@@ -268,7 +268,7 @@ def run_sweep(ds: Any, cfg: Any, modes: Sequence[str], epsilons: Sequence[float]
     plans = []
     for seed in dict.fromkeys(p.seed for p in points):
         mine = [p for p in points if p.seed == seed]
-        trained, names = _dedupe(mine)
+        trained, names = distinct_points(mine)
         trained_as.update(names)
         plans.append((seed, mine, trained, _seed_status(out, trained, extra) if resume else "trained"))
     client_cfg = client_config(cfg, semantic)  # one object: the compiled programs are reused across seeds
