@@ -190,6 +190,9 @@ def test_cli_sweep_equals_single_runs(tmp_path: Path):
     from fedscope_jax.train.sweep import sweep_points
     from model_helpers import write_tiny
 
+    from fedscope_jax.experiments.runner import release_programs
+
+    release_programs()   # programs an earlier test compiled for the same shapes would make compile_seconds 0
     write_tiny(tmp_path / "ds", users=40)
     ds = load_dataset(tmp_path / "ds")
     fed = ["federated.clients=4", "federated.rounds=2", "federated.chunk_size=2", "federated.max_buckets=1",
