@@ -163,6 +163,10 @@ def test_sweep_benchmark_cli(tiny, tmp_path, monkeypatch):
     assert set(report["max_abs_param_diff_vs_one_by_one"]) == set(report["configs_trained"])
     assert max(report["max_abs_param_diff_vs_one_by_one"].values()) == 0.0
     assert report["workload"]["rounds"] == 2 and report["workload"]["clients"] == 3
+    # the step it timed, as the inventory's calibration reads it back to compare with the cells it prices
+    from fedscope_jax.experiments.inventory import calibrated_shape
+    assert calibrated_shape(report["workload"]) == {"batch_size": 8, "dim": 8, "blocks": 1, "max_len": 6,
+                                                    "num_negatives": 5}
     # both sides computed the same padded steps: 3 configurations x 2 rounds of the same cohorts
     assert report["sweep_slot_steps"] == report["one_by_one_slot_steps"] > 0
     assert report["sweep_slot_steps"] % 6 == 0

@@ -108,6 +108,27 @@ def test_calibration_prices_each_unit_and_names_a_bad_file():
         inv.calibration({**bench, "one_by_one_seconds": -1.0}, "b.json")
 
 
+def test_calibration_says_where_it_timed_another_step():
+    """Hours priced with a benchmark of another batch or model size are flagged, field by field."""
+    workload = {"batch_size": 256, "model": {"dim": 16, "blocks": 2, "max_len": 10, "num_negatives": 100}}
+    shape = inv.calibrated_shape(workload)
+    assert shape == {"batch_size": 256, "dim": 16, "blocks": 2, "max_len": 10, "num_negatives": 100}
+    assert inv.calibrated_shape(None) is None and inv.calibrated_shape({"batch_size": 8}) is None
+    cells = [{**shape, "dim": 64, "max_len": 50}, {**shape, "dim": 64, "max_len": 50}, {**shape, "dim": 32}, shape]
+    mismatch = inv.shape_mismatch(shape, cells)
+    assert mismatch == {"dim": {"calibrated": 16, "cells": {"64": 2, "32": 1}},
+                        "max_len": {"calibrated": 10, "cells": {"50": 2}}}
+    assert inv.shape_mismatch(shape, [shape, shape]) == {}
+    lines = inv.calibration_warnings({"calibration_mismatch": mismatch})
+    assert lines == ["warning: the calibration timed dim 16, but 1 cell uses 32, 2 cells use 64: their hours price "
+                     "a step of another size (rerun the sweep benchmark with --set model.dim=... to match)",
+                     "warning: the calibration timed max_len 10, but 2 cells use 50: their hours price a step of "
+                     "another size (rerun the sweep benchmark with --set model.max_len=... to match)"]
+    assert inv.calibration_warnings({"calibration_mismatch": {}}) == []
+    assert inv.calibration_warnings({}) == []                      # not calibrated: nothing to say
+    assert "records no workload step shape" in inv.calibration_warnings({"calibration_mismatch": None})[0]
+
+
 def test_reproduce_inventory_counts_every_study_without_training(shared_data, tmp_path, capsys):
     from fedscope_jax.experiments.inventory import Work
 
@@ -130,6 +151,21 @@ def test_reproduce_inventory_counts_every_study_without_training(shared_data, tm
     assert main(["reproduce", "--inventory", "--calibrate", str(out / "inventory.json"), "--datasets",
                  "abxi-food-kitchen", "--data-root", str(shared_data), "--out", str(out)]) == 2
     assert "not a `fedscope benchmark --sweep` report" in capsys.readouterr().err
+    # a calibration timed at another model width: priced all the same, and said (in the table and the JSON)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({
+        "device": "gpu:test", "one_by_one_seconds": 3.0, "sweep_seconds": 1.0, "one_by_one_slot_steps": 100,
+        "sweep_slot_steps": 100, "one_by_one_chunk_sizes": [1], "sweep_chunk_sizes": [1],
+        "unit_costs": {"epoch_step_seconds": 0.01, "seconds_per_validation_target_item": 1e-9},
+        "workload": {"batch_size": 64, "model": {"dim": 7, "blocks": 2, "max_len": 20, "num_negatives": 100}}}))
+    assert main(["reproduce", "--profile", "quick", "--inventory", "--calibrate", str(bench), "--datasets",
+                 "abxi-food-kitchen", "--data-root", str(shared_data), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((out / "inventory.json").read_text())
+    dims = report["calibration_mismatch"]["dim"]
+    assert dims["calibrated"] == 7 and sum(dims["cells"].values()) == sum(
+        st["new_cells"] for st in report["studies"].values())
+    assert "warning: the calibration timed dim 7, but" in text and "hours on gpu:test" in text
 
 
 def test_reproduce_progress_weighs_cells_by_their_counted_steps(shared_data, tmp_path):

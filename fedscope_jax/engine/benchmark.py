@@ -437,6 +437,8 @@ def _sweep_report(ds: Any, cfg: Any, points: list[Any], trained: list[Any], swee
     """The sweep benchmark's report from the repeats timed so far (best repeat per side)."""
     import json
 
+    from fedscope_jax.train.config import step_shape
+
     fcfg = cfg.federated
     diffs = {p.name: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(s.params),
                                                                        jax.tree.leaves(o.params)))
@@ -449,7 +451,7 @@ def _sweep_report(ds: Any, cfg: Any, points: list[Any], trained: list[Any], swee
     for b in by_chunk:
         b["speedup"] = one_by_one_seconds / b["train_seconds"]
     device = jax.devices()[0]
-    mc = cfg.model
+    shape = step_shape(cfg)
     return {
         "device": f"{device.platform}:{device.device_kind}",
         "device_count": jax.device_count(),
@@ -476,9 +478,7 @@ def _sweep_report(ds: Any, cfg: Any, points: list[Any], trained: list[Any], swee
         "workload": {"dataset": str(ds.path), "users": int(ds.n_users), "n_items": list(ds.n_items),
                      "rounds": fcfg.rounds, "clients": fcfg.clients, "fraction": fcfg.fraction,
                      "sampling": fcfg.sampling, "scheme": fcfg.scheme, "local_epochs": fcfg.local_epochs,
-                     "batch_size": cfg.train.batch_size,
-                     "model": {"dim": mc.dim, "blocks": mc.blocks, "max_len": mc.max_len,
-                               "num_negatives": mc.loss.num_negatives},
+                     "batch_size": shape.pop("batch_size"), "model": shape,
                      "seed": cfg.train.seed},
         "timing_note": "train seconds: the round loops (sampling, batches, cohorts, privacy bookkeeping, the "
                        "compiled rounds, one final checkpoint per configuration), compiles apart; best of "

@@ -160,12 +160,36 @@ def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise FedscopeError(f"{where}: unit_costs.{k}: expected a number of seconds > 0, got "
                                 f"{unit.get(k) if isinstance(unit, Mapping) else unit!r}")
     return {"device": bench.get("device", "?"), "workload": bench.get("workload"),
+            "step_shape": calibrated_shape(bench.get("workload")),
             "single_seconds_per_slot_step": bench["one_by_one_seconds"] / bench["one_by_one_slot_steps"],
             "sweep_seconds_per_slot_step": bench["sweep_seconds"] / bench["sweep_slot_steps"],
             "single_chunk": int(max(bench["one_by_one_chunk_sizes"])),
             "sweep_chunk": int(max(bench["sweep_chunk_sizes"])),
             "epoch_step_seconds": float(unit["epoch_step_seconds"]),
             "seconds_per_validation_target_item": float(unit["seconds_per_validation_target_item"])}
+
+
+def calibrated_shape(workload: Any) -> dict[str, Any] | None:
+    """The step shape (`train.config.STEP_SHAPE`) a sweep benchmark's `workload` ran at; None when its report
+    does not say (then the shapes cannot be compared)."""
+    from fedscope_jax.train.config import STEP_SHAPE
+
+    if not isinstance(workload, Mapping) or not isinstance(workload.get("model"), Mapping):
+        return None
+    flat = {"batch_size": workload.get("batch_size"), **workload["model"]}
+    return {k: flat[k] for k in STEP_SHAPE} if all(k in flat for k in STEP_SHAPE) else None
+
+
+def shape_mismatch(calibrated: Mapping[str, Any], shapes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Where the cells' step shapes differ from the calibrated one: field -> {"calibrated": its value,
+    "cells": {value: number of cells}} (the differing cells only); empty when every cell matches."""
+    out: dict[str, Any] = {}
+    for shape in shapes:
+        for k, v in shape.items():
+            if v != calibrated.get(k):
+                cells = out.setdefault(k, {"calibrated": calibrated.get(k), "cells": {}})["cells"]
+                cells[str(v)] = cells.get(str(v), 0) + 1
+    return out
 
 
 def hours(work: Work, mode: str, cal: Mapping[str, Any]) -> dict[str, float]:
@@ -187,10 +211,12 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
     slots are counted at its client chunks and each cell and study gets its estimated hours (`hours`)."""
     from fedscope_jax.experiments.runner import CellData, plan
     from fedscope_jax.experiments.cells import run_config
+    from fedscope_jax.train.config import step_shape
 
     cells_of = plan(list(studies), dict(all_studies), opts)
     data = CellData(opts)
     seen: set[str] = set()
+    shapes: list[dict[str, int]] = []
     out: dict[str, Any] = {"profile": opts.profile, "dry_run": opts.dry_run, "data": data.facts,
                            "calibration": dict(cal) if cal else None, "studies": {}}
     for name, cells in cells_of.items():
@@ -204,7 +230,9 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
                 continue
             seen.add(rel)
             multiple = 1 if cal is None else cal["sweep_chunk" if cell.mode == "sweep" else "single_chunk"]
-            w = cell_work(cell, ds, run_config(cell, str(study.path)), multiple)
+            cfg = run_config(cell, str(study.path))
+            w = cell_work(cell, ds, cfg, multiple)
+            shapes.append(step_shape(cfg))
             by_mode[cell.mode] = by_mode.get(cell.mode, Work()) + w
             row = {"cell": rel, "mode": cell.mode, **dataclasses.asdict(w)}
             if cal is not None:
@@ -215,6 +243,9 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
         out["studies"][name] = {"cells": len(cells), "new_cells": len(rows), "total": dataclasses.asdict(total),
                                 "by_mode": {m: dataclasses.asdict(w) for m, w in by_mode.items()},
                                 "hours": spent if cal is not None else None, "per_cell": rows}
+    if cal is not None:   # timings of another step size price these cells wrongly: said, not hidden
+        out["calibration_mismatch"] = (shape_mismatch(cal["step_shape"], shapes) if cal.get("step_shape")
+                                       else None)
     return out
 
 
@@ -254,8 +285,30 @@ def format_inventory(inv: Mapping[str, Any]) -> str:
                      f"a sweep); epoch steps x {cal['epoch_step_seconds'] * 1e3:.2f} ms; validation "
                      f"target-items x {cal['seconds_per_validation_target_item'] * 1e9:.2f} ns. Total at most "
                      f"{total:.1f} h (federated {grand_h['federated']:.1f} h) plus compilation")
+        lines += calibration_warnings(inv)
     return "\n".join(lines)
 
 
-__all__ = ["Work", "calibration", "cell_work", "client_steps", "epoch_work", "federated_work", "hours",
-           "format_inventory", "round_steps", "sweep_configs", "take_inventory", "targets"]
+def calibration_warnings(inv: Mapping[str, Any]) -> list[str]:
+    """Lines saying where the calibration's step differs from the counted cells' (its hours are then another
+    model's), or that its report does not say what step it timed."""
+    if "calibration_mismatch" not in inv:
+        return []
+    mismatch = inv["calibration_mismatch"]
+    if mismatch is None:
+        return ["warning: the calibration's report records no workload step shape (batch size, model size): "
+                "these hours assume it timed the cells' own step"]
+    return [f"warning: the calibration timed {k} {m['calibrated']}, but "
+            + ", ".join(f"{n} cell{'s' if n != 1 else ''} use{'s' if n == 1 else ''} {v}"
+                        for v, n in sorted(m["cells"].items()))
+            + f": their hours price a step of another size (rerun the sweep benchmark with --set "
+            f"{_FLAG[k]}=... to match)" for k, m in mismatch.items()]
+
+
+_FLAG = {"batch_size": "train.batch_size", "dim": "model.dim", "blocks": "model.blocks", "max_len": "model.max_len",
+         "num_negatives": "model.loss.num_negatives"}
+
+
+__all__ = ["Work", "calibrated_shape", "calibration", "calibration_warnings", "cell_work", "client_steps",
+           "epoch_work", "federated_work", "format_inventory", "hours", "round_steps", "shape_mismatch",
+           "sweep_configs", "take_inventory", "targets"]

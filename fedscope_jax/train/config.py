@@ -59,6 +59,17 @@ class RunConfig:
             object.__setattr__(self, "federated", dataclasses.replace(self.federated, seed=self.train.seed))
 
 
+STEP_SHAPE = ("batch_size", "dim", "blocks", "max_len", "num_negatives")
+
+
+def step_shape(cfg: RunConfig) -> dict[str, int]:
+    """The settings that size one training step (`STEP_SHAPE`): a benchmark records them with its timings, so
+    that pricing other runs with those timings (experiments.inventory) can check it prices the same step."""
+    mc = cfg.model
+    return {"batch_size": cfg.train.batch_size, "dim": mc.dim, "blocks": mc.blocks, "max_len": mc.max_len,
+            "num_negatives": mc.loss.num_negatives}
+
+
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Converts a JSON value or a --set string to the field type `tp`."""
