@@ -43,7 +43,9 @@ def add_parser(subparsers: Any) -> None:
                    "federated rounds, padded local steps, epochs, validations), print it per study and write "
                    "OUT/inventory.json")
     p.add_argument("--calibrate", metavar="FILE", help="with --inventory: a `fedscope benchmark --sweep` JSON "
-                   "from the machine that will run the reproduction; adds the federated cells' estimated hours")
+                   "from the machine that will run the reproduction; adds each study's estimated hours there "
+                   "(federated, epochs, validation; compilation apart), with a warning where the benchmark "
+                   "timed another batch or model size than the cells use")
     p.add_argument("--benchmark", metavar="FILE", help="benchmark.json (fedscope benchmark) for the scaling plot")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (data cache, runs, report)")
     p.set_defaults(func=run)
