@@ -292,6 +292,8 @@ def format_inventory(inv: Mapping[str, Any]) -> str:
 def calibration_warnings(inv: Mapping[str, Any]) -> list[str]:
     """Lines saying where the calibration's step differs from the counted cells' (its hours are then another
     model's), or that its report does not say what step it timed."""
+    from fedscope_jax.train.config import STEP_SHAPE
+
     if "calibration_mismatch" not in inv:
         return []
     mismatch = inv["calibration_mismatch"]
@@ -302,11 +304,7 @@ def calibration_warnings(inv: Mapping[str, Any]) -> list[str]:
             + ", ".join(f"{n} cell{'s' if n != 1 else ''} use{'s' if n == 1 else ''} {v}"
                         for v, n in sorted(m["cells"].items()))
             + f": their hours price a step of another size (rerun the sweep benchmark with --set "
-            f"{_FLAG[k]}=... to match)" for k, m in mismatch.items()]
-
-
-_FLAG = {"batch_size": "train.batch_size", "dim": "model.dim", "blocks": "model.blocks", "max_len": "model.max_len",
-         "num_negatives": "model.loss.num_negatives"}
+            f"{STEP_SHAPE[k]}=... to match)" for k, m in mismatch.items()]
 
 
 __all__ = ["Work", "calibrated_shape", "calibration", "calibration_warnings", "cell_work", "client_steps",

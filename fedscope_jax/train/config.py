@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -59,16 +60,15 @@ class RunConfig:
             object.__setattr__(self, "federated", dataclasses.replace(self.federated, seed=self.train.seed))
 
 
-STEP_SHAPE = ("batch_size", "dim", "blocks", "max_len", "num_negatives")
+# The settings that size one training step, each with its config key.
+STEP_SHAPE = {"batch_size": "train.batch_size", "dim": "model.dim", "blocks": "model.blocks",
+              "max_len": "model.max_len", "num_negatives": "model.loss.num_negatives"}
 
 
 def step_shape(cfg: RunConfig) -> dict[str, int]:
-    """The settings that size one training step (`STEP_SHAPE`): a benchmark records them with its timings, so
-    that pricing other runs with those timings (experiments.inventory) can check it prices the same step."""
-    mc = cfg.model
-    return {"batch_size": cfg.train.batch_size, "dim": mc.dim, "blocks": mc.blocks, "max_len": mc.max_len,
-            "num_negatives": mc.loss.num_negatives}
-
+    """The values of `STEP_SHAPE` in `cfg`: a benchmark records them with its timings, so that pricing other
+    runs with those timings (experiments.inventory) can check it prices the same step."""
+    return {name: functools.reduce(getattr, key.split("."), cfg) for name, key in STEP_SHAPE.items()}
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
