@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import types
 import typing
@@ -66,9 +65,11 @@ STEP_SHAPE = {"batch_size": "train.batch_size", "dim": "model.dim", "blocks": "m
 
 
 def step_shape(cfg: RunConfig) -> dict[str, int]:
-    """The values of `STEP_SHAPE` in `cfg`: a benchmark records them with its timings, so that pricing other
-    runs with those timings (experiments.inventory) can check it prices the same step."""
-    return {name: functools.reduce(getattr, key.split("."), cfg) for name, key in STEP_SHAPE.items()}
+    """The values of `STEP_SHAPE` in `cfg`, read by their `--set` keys (`flatten`): a benchmark records them with
+    its timings, so that pricing other runs with those timings (experiments.inventory) can check it prices the
+    same step."""
+    flat = flatten(to_dict(cfg))
+    return {name: flat[key] for name, key in STEP_SHAPE.items()}
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
