@@ -1,6 +1,10 @@
 """The real enrichment job (real vLLM, the embedded SmolLM2-135M-Instruct and all-MiniLM-L6-v2, on CPU) on 16
 items of abxi-food-kitchen's catalogue, through `fedscope enrich`; then a run killed after its first shard and
-restarted with the same arguments must give the same tables as the uninterrupted run.
+restarted with the same arguments must keep the contract of resume (docs/enrich.md): finished shards are never
+regenerated or changed, no item is lost or duplicated, every regenerated row is schema-valid. Regenerated rows
+are NOT required to equal the uninterrupted run's: vLLM-CPU's greedy tokens depend on the batch composition of
+each decode step, which is timing-dependent (asynchronous grammar compilation) and differs in an engine's first
+steps (docs/enrich.md, "Shards and resume"), and vLLM's batch-invariant mode exists on GPUs only.
 
 Needs the enrichment environment (`make enrich-env`); skipped with that reason when it is absent, except under
 `make test` (FEDSCOPE_REQUIRE_ENRICH=1), where its absence is a failure.
@@ -8,6 +12,7 @@ Needs the enrichment environment (`make enrich-env`); skipped with that reason w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -81,12 +86,8 @@ def full_run(afk, tmp_path_factory) -> Path:
     return out
 
 
-def test_job_writes_schema_valid_attributes_and_embeddings(afk, full_run):
-    items = read_arrow(afk / "items.arrow")
-    attributes = read_arrow(full_run / "attributes.arrow")
-    embeddings = read_arrow(full_run / "item_embeddings.arrow")
-    summary = json.loads((full_run / "enrich.json").read_text())
-
+def _check_tables(items: pa.Table, attributes: pa.Table, embeddings: pa.Table) -> list[dict]:
+    """What every finished job's tables must satisfy (an uninterrupted or a resumed one); returns the rows."""
     # one row per selected item: the first 8 items of each domain, in both tables, same order
     assert attributes.num_rows == embeddings.num_rows == 2 * LIMIT
     doms = pc.cast(attributes["domain"], pa.string()).to_pylist()
@@ -120,7 +121,6 @@ def test_job_writes_schema_valid_attributes_and_embeddings(afk, full_run):
             assert titles[(dom, row["item_id"])] is not None
     # abxi food item 3 (ASIN B000052Y74) has no title in the LLMCDSR join
     assert rows[3]["status"] == retry.MISSING_TITLE
-    assert sum(r["status"] in (retry.OK, retry.RETRIED) for r in rows) >= 12   # measured 15/15 titled ones valid
 
     # embeddings: declared dimension, finite, unit norm (all-MiniLM-L6-v2 normalizes), distinct per item
     vtype = embeddings.schema.field("vector").type
@@ -131,11 +131,27 @@ def test_job_writes_schema_valid_attributes_and_embeddings(afk, full_run):
     assert len({v.tobytes() for v in vectors}) == 16
     expected_status = [retry.OK if s == retry.RETRIED else s for s in attributes["status"].to_pylist()]
     assert embeddings["status"].to_pylist() == expected_status     # "ok": made from title + valid attributes
+    return rows
+
+
+def test_job_writes_schema_valid_attributes_and_embeddings(afk, full_run):
+    items = read_arrow(afk / "items.arrow")
+    attributes = read_arrow(full_run / "attributes.arrow")
+    embeddings = read_arrow(full_run / "item_embeddings.arrow")
+    summary = json.loads((full_run / "enrich.json").read_text())
+    rows = _check_tables(items, attributes, embeddings)
+    assert sum(r["status"] in (retry.OK, retry.RETRIED) for r in rows) >= 12   # measured 15/15 titled ones valid
     assert summary["items"] == 16 and summary["embedding_dim"] == 384
     assert sum(summary["status_counts"].values()) == 16
 
 
-def test_killed_job_resumes_to_the_same_tables(afk, full_run, tmp_path):
+def _fingerprints(shard_dir: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime (ns) of every finished shard file."""
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(shard_dir.glob("*.arrow"))}
+
+
+def test_killed_job_resumes_without_redoing_or_losing_work(afk, full_run, tmp_path):
     out = tmp_path / "resumed"
     env = dict(os.environ, FEDSCOPE_NO_PROGRESS="1")
     proc = subprocess.Popen(_cmd(afk, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -151,24 +167,41 @@ def test_killed_job_resumes_to_the_same_tables(afk, full_run, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    done_before = len(list(shard_dir.glob("*.attributes.arrow")))
-    assert 1 <= done_before < 4, "the job was not killed between shards"
+    done = sorted(p.name.split(".")[0] for p in shard_dir.glob("*.attributes.arrow"))
+    assert 1 <= len(done) < 4, "the job was not killed between shards"
     assert not (out / "attributes.arrow").exists()
+    kept = {name: fp for name, fp in _fingerprints(shard_dir).items() if name.split(".")[0] in done}
+    assert len(kept) == 2 * len(done)                                 # both files of every finished shard
+    killed_rows = {name: read_arrow(shard_dir / name) for name in kept}
 
     rerun = _run(afk, out)
-    assert f"({done_before} already done)" in rerun.stderr
-    for name in ("attributes.arrow", "item_embeddings.arrow"):
-        full, resumed = read_arrow(full_run / name), read_arrow(out / name)
-        assert resumed.num_rows == 16
-        keys = list(zip(pc.cast(resumed["domain"], pa.string()).to_pylist(), resumed["item_id"].to_pylist()))
-        assert len(set(keys)) == 16                                   # no duplicates, none lost
-        if name == "attributes.arrow":
-            assert resumed.equals(full), "resumed attributes differ from the uninterrupted run"
-        else:
-            assert resumed.drop_columns(["vector"]).equals(full.drop_columns(["vector"]))
-            a = np.stack(full["vector"].to_numpy(zero_copy_only=False))
-            b = np.stack(resumed["vector"].to_numpy(zero_copy_only=False))
-            np.testing.assert_allclose(b, a, atol=1e-5)
+    assert f"({len(done)} already done)" in rerun.stderr
+    # finished shards were neither regenerated nor rewritten: same bytes, same modification time
+    after = _fingerprints(shard_dir)
+    assert {name: after[name] for name in kept} == kept
+    assert len(after) == 8                                            # 4 shards x 2 files, nothing else
+
+    items = read_arrow(afk / "items.arrow")
+    full_attr, full_emb = read_arrow(full_run / "attributes.arrow"), read_arrow(full_run / "item_embeddings.arrow")
+    attributes, embeddings = read_arrow(out / "attributes.arrow"), read_arrow(out / "item_embeddings.arrow")
+    _check_tables(items, attributes, embeddings)                      # every row schema-valid, none lost or twice
+    for name in ("item_id", "domain", "model", "prompt_version"):     # the same items in the same order
+        assert attributes[name].equals(full_attr[name]), name
+    assert embeddings.select(["item_id", "domain"]).equals(full_emb.select(["item_id", "domain"]))
+    # the final tables hold the killed run's finished shards unchanged, row for row
+    offset = 0
+    for shard in sorted(p.name.split(".")[0] for p in shard_dir.glob("*.attributes.arrow")):
+        a = read_arrow(shard_dir / f"{shard}.attributes.arrow")
+        e = read_arrow(shard_dir / f"{shard}.embeddings.arrow")
+        assert attributes.slice(offset, a.num_rows).equals(a) and embeddings.slice(offset, e.num_rows).equals(e)
+        if shard in done:
+            assert a.equals(killed_rows[f"{shard}.attributes.arrow"])
+            assert e.equals(killed_rows[f"{shard}.embeddings.arrow"])
+        offset += a.num_rows
+    assert offset == 16
+    # items without a title get no prompt, so their rows are the same in every run (nothing generated)
+    missing = [i for i, s in enumerate(full_attr["status"].to_pylist()) if s == retry.MISSING_TITLE]
+    assert missing and all(attributes["status"][i].as_py() == retry.MISSING_TITLE for i in missing)
 
 
 def test_items_without_titles_get_the_documented_fallback(tmp_path):
