@@ -87,7 +87,8 @@ limited "$ENGINE_LIMIT" engine "$PY" benchmarks/engine_device.py --clients "$CLI
 "$PY" - "$OUT" "${SWEEP_DATA:+sweep}" <<'PY' || status=1
 import json, sys
 from pathlib import Path
-from fedscope_jax.engine.benchmark import format_sweep_table, format_table
+from fedscope_jax.bench.engine import format_table
+from fedscope_jax.bench.sweep import format_sweep_table
 out = Path(sys.argv[1])
 parts = [("sweep (one program vs one by one)", "sweep_benchmark.json", format_sweep_table)] if sys.argv[2] else []
 parts.append(("engine (vectorized vs sequential)", "engine_benchmark.json", format_table))

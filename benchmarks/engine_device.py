@@ -25,7 +25,7 @@ def main() -> int:
 
     import jax
 
-    from fedscope_jax.engine.benchmark import BenchmarkConfig, format_table, run_benchmark
+    from fedscope_jax.bench.engine import BenchmarkConfig, format_table, run_benchmark
     from fedscope_jax.utils.io import write_json
 
     print("devices:", jax.devices(), flush=True)

@@ -128,7 +128,7 @@ def main() -> int:
         "overhead_limit": 0.15,
     }
     Path(cli.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"\n| side | items | median s | items/s | generated tok/s |\n|---|---|---|---|---|", flush=True)
+    print("\n| side | items | median s | items/s | generated tok/s |\n|---|---|---|---|---|", flush=True)
     for k in ("bare", "job"):
         m = med[k]
         print(f"| {k} LLM.chat | {n} | {m['seconds']:.2f} | {m['items_per_s']:.2f} | {m['tokens_per_s']:.1f} |"

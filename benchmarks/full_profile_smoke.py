@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from fedscope_jax.cli.reproduce import default_data_root
-from fedscope_jax.experiments.runner import CellData, Options, plan, release_programs, run_cell
+from fedscope_jax.experiments.planning import CellData, Options, plan
+from fedscope_jax.experiments.runner import release_programs, run_cell
 from fedscope_jax.experiments.spec import load_studies
 
 CUT = ("federated.rounds=1", "train.epochs=1", "federated.chunk_size=1", "federated.eval_every=1")

@@ -35,7 +35,7 @@ def test_real_clients_give_each_user_to_one_client_with_its_train_items(tiny):
     from fedscope_jax.data.batching import train_sequences
     from fedscope_jax.data.partition import partition
     from fedscope_jax.engine import reference_model as rm
-    from fedscope_jax.engine.benchmark import BenchmarkConfig, real_clients, real_user_batches
+    from fedscope_jax.bench.engine import BenchmarkConfig, real_clients, real_user_batches
 
     ds = load_dataset(tiny)
     cfg = BenchmarkConfig(clients=(3,), dim=8, max_len=8, batch_size=4, negatives=5, data=str(tiny))
@@ -124,7 +124,7 @@ def test_benchmark_data_errors(tiny, tmp_path, capsys):
     assert main(["benchmark", "--data", str(missing), "--clients", "2"]) == 2
     err = capsys.readouterr().err
     assert f"--data {missing}: no dataset.json" in err and "fedscope data prepare" in err
-    from fedscope_jax.engine.benchmark import load_benchmark_data
+    from fedscope_jax.bench.engine import load_benchmark_data
 
     with pytest.raises(FedscopeError, match="no dataset.json"):
         load_benchmark_data(str(missing))

@@ -174,7 +174,7 @@ def test_cli_prepare_amazon_with_flags(tmp_path, capsys):
 
 def test_arrow_fast_path_and_line_reader_agree(tmp_path):
     """Strict JSON goes through Arrow's reader; loose JSON (Python literals) line by line: same dataset."""
-    from fedscope_jax.data.formats.amazon import _read_reviews_fast
+    from fedscope_jax.data.formats.amazon import read_reviews_fast
 
     (tmp_path / "s").mkdir()
     strict = _folder(tmp_path / "s", KCORE_FOOD, KCORE_KITCHEN, meta=False)
@@ -182,7 +182,7 @@ def test_arrow_fast_path_and_line_reader_agree(tmp_path):
     loose.mkdir(parents=True)
     _write_lines(loose / FOOD, KCORE_FOOD, loose=True)
     _write_lines(loose / KITCHEN, KCORE_KITCHEN, loose=True)
-    assert _read_reviews_fast(strict / FOOD, None) is not None and _read_reviews_fast(loose / FOOD, None) is None
+    assert read_reviews_fast(strict / FOOD, None) is not None and read_reviews_fast(loose / FOOD, None) is None
     for src, out in ((strict, tmp_path / "a"), (loose, tmp_path / "b")):
         prepare(src, out, kcore=3, min_rating=1.0)
     a, b = load_dataset(tmp_path / "a"), load_dataset(tmp_path / "b")

@@ -96,11 +96,11 @@ def test_one_domain():
 def test_row_categorical_sampler_matches_its_probabilities():
     from scipy import stats
 
-    from fedscope_jax.data.synth import _categorical_rows
+    from fedscope_jax.data.synth import categorical_rows
 
     probs = np.array([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0], [0.1, 0.6, 0.3, 0.0]])
     owner = np.repeat(np.arange(3), 20000)
-    draws = _categorical_rows(np.random.default_rng(0), probs, owner)
+    draws = categorical_rows(np.random.default_rng(0), probs, owner)
     assert (draws[owner == 1] == 3).all()
     for u in (0, 2):
         counts = np.bincount(draws[owner == u], minlength=4)

@@ -104,6 +104,26 @@ def test_vmapped_chunked_padded_equals_sequential(sparse_shards, privacy, refere
     assert pad.slot_steps > pad.real_steps  # chunk 4 padded clients: the waste is counted
 
 
+def test_secure_aggregation_round_equals_its_sequential_oracle(dense_shards, privacy):
+    """With secure aggregation (each chunk one secagg group, padding rows undelivered), the vmapped round and
+    the sequential runner (clients trained one at a time, summed securely over the same chunks) agree; so does
+    the aggregation error each reports."""
+    plan = plan_buckets(dense_shards, max_buckets=2)
+    cohorts, _ = build_cohorts(dense_shards, range(len(SIZES)), plan, ROWS, clip=privacy[0],
+                               noise_multiplier=privacy[1], multiple=4)   # padded rows in the secagg groups
+    assert any(np.any(np.asarray(c.weight) == 0) for c in cohorts)
+    opt = server_optimizer("fedadam", 0.05)
+    ecfg = EngineConfig(chunk_size=4, noise_mode="per_client", secagg_bound=4.0, secagg_neighbors=2)
+    ref_state, ref_metrics = _run(SequentialRunner(_client_cfg(False), opt, ecfg), cohorts, opt=opt)
+    state, metrics = _run(make_round_fn(_client_cfg(False), opt, ecfg, donate=False), cohorts, opt=opt)
+    assert _max_diff(state.params, ref_state.params) < 1e-5
+    assert float(metrics.secagg_error) == pytest.approx(float(ref_metrics.secagg_error), rel=1e-3, abs=1e-6)
+    assert 0 < float(ref_metrics.secagg_error) < 1e-2      # quantized: not the plain sum, but close to it
+    plain = _run(make_round_fn(_client_cfg(False), opt, EngineConfig(chunk_size=4, noise_mode="per_client")),
+                 cohorts, opt=opt)[0]
+    assert 0 < _max_diff(plain.params, ref_state.params) < 1e-1   # the oracle did aggregate securely
+
+
 def test_extra_step_padding_and_one_bucket_change_nothing(sparse_shards, privacy, reference_round):
     ref_state, _ = reference_round
     plan = plan_buckets(sparse_shards, max_buckets=1)  # everything padded to 5 steps, bigger vocabularies

@@ -25,7 +25,7 @@ def _setup(slow: bool = False):
     from fedscope_jax.engine import reference_model as rm
     from fedscope_jax.engine.client import ClientConfig, SparseTable
     from fedscope_jax.engine.cohort import ClientShard, localize_batch
-    from fedscope_jax.train.federated import FederatedConfig
+    from fedscope_jax.train.federated_config import FederatedConfig
 
     cfg = rm.ReferenceConfig(n_items_a=30, n_items_b=20, dim=8, max_len=5)
     fields = {"a": ["seq_a", "pos_a", "neg_a"], "b": ["seq_b", "pos_b", "neg_b"]}
@@ -47,7 +47,7 @@ def _setup(slow: bool = False):
 
 
 def child(run_dir: str) -> None:
-    from fedscope_jax.train.federated import run_rounds
+    from fedscope_jax.train.loop import run_rounds
 
     source, n, params, ccfg, fcfg, rows = _setup(slow=True)
     run_rounds(run_dir, source, n, params, ccfg, fcfg, rows)
@@ -60,7 +60,7 @@ def _strip(records):
 def test_killed_run_resumes_to_the_same_result(tmp_path: Path):
     import jax
 
-    from fedscope_jax.train.federated import run_rounds
+    from fedscope_jax.train.loop import run_rounds
 
     killed = tmp_path / "killed"
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_engine_resume as t; " \
@@ -110,7 +110,8 @@ def test_existing_checkpoints_need_resume(tmp_path: Path):
     from fedscope_jax.engine.client import ClientConfig
     from fedscope_jax.engine.cohort import ClientShard
     from fedscope_jax.errors import FedscopeError
-    from fedscope_jax.train.federated import FederatedConfig, run_rounds
+    from fedscope_jax.train.federated_config import FederatedConfig
+    from fedscope_jax.train.loop import run_rounds
 
     def loss(params, batch, key):
         return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2), {}

@@ -3,7 +3,6 @@ shards/resume/assembly, option forwarding, and the CLI's error when the enrichme
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

@@ -231,22 +231,23 @@ def test_item_core_keeps_the_most_trained_items_and_renumbers_positions(tmp_path
 
 def test_release_programs_drops_every_cached_program():
     """Between cells the reproduction drops compiled programs (a process holding ~45 cells' programs hits
-    vm.max_map_count and crashes in LLVM); the trainers' caches and JAX's jit caches are emptied."""
+    vm.max_map_count and crashes in LLVM); the process's program cache and JAX's jit caches are emptied."""
     import jax
     import jax.numpy as jnp
 
-    from fedscope_jax.engine.sweep import round_program
     from fedscope_jax.experiments.runner import release_programs
     from fedscope_jax.model.config import ModelConfig
-    from fedscope_jax.train.centralized import make_train_step
+    from fedscope_jax.train.centralized import train_step
+    from fedscope_jax.train.programs import PROGRAMS
 
     double = jax.jit(lambda x: 2 * x)
     double(jnp.ones(3))
-    make_train_step(ModelConfig(dim=8, blocks=1, heads=1, max_len=4), 1e-3, 0.0)   # cached, not compiled
-    assert double._cache_size() == 1 and make_train_step.cache_info().currsize >= 1
+    config = ModelConfig(dim=8, blocks=1, heads=1, max_len=4)
+    step = train_step(config, 1e-3, 0.0)   # kept, not compiled
+    assert train_step(config, 1e-3, 0.0) is step and double._cache_size() == 1 and len(PROGRAMS) >= 1
     release_programs()
-    assert double._cache_size() == 0
-    assert make_train_step.cache_info().currsize == 0 and round_program.cache_info().currsize == 0
+    assert double._cache_size() == 0 and len(PROGRAMS) == 0
+    assert train_step(config, 1e-3, 0.0) is not step
 
 
 def test_seeds_with_the_same_semantic_tables_share_one_client_config():
@@ -339,7 +340,7 @@ def test_plan_json_keeps_the_time_of_finished_cells_when_the_process_dies(tmp_pa
 
 
 def test_compile_cache_reads_back_a_program_dropped_from_memory(tmp_path, monkeypatch):
-    """_compile_cache points JAX's persistent cache at the folder while it runs: a program compiled again
+    """persistent_compile_cache points JAX's persistent cache at the folder while it runs: a program compiled again
     after jax.clear_caches() (what release_programs does between cells) is read from disk, also from a copy of
     the folder elsewhere; settings restored."""
     import shutil
@@ -356,7 +357,7 @@ def test_compile_cache_reads_back_a_program_dropped_from_memory(tmp_path, monkey
         return jnp.tanh(x @ x.T).sum(axis=0) * 3.0
 
     x = jnp.arange(12.0).reshape(3, 4)
-    with runner._compile_cache(tmp_path / "xla") as (cache, compiles):
+    with runner.persistent_compile_cache(tmp_path / "xla") as (cache, compiles):
         assert cache == {"enabled": True, "dir": str(tmp_path / "xla"), "min_compile_seconds": 0.0}
         y = jax.jit(f)(x)
         assert compiles["cache_writes"] >= 1 and any((tmp_path / "xla").iterdir())
@@ -368,7 +369,7 @@ def test_compile_cache_reads_back_a_program_dropped_from_memory(tmp_path, monkey
     # a copied (or moved) cache still serves: the folder's path is not part of the entries' keys on CPU
     shutil.copytree(tmp_path / "xla", tmp_path / "moved")
     jax.clear_caches()
-    with runner._compile_cache(tmp_path / "moved") as (_, compiles):
+    with runner.persistent_compile_cache(tmp_path / "moved") as (_, compiles):
         assert jnp.array_equal(jax.jit(f)(x), y) and compiles["cache_hits"] >= 1
-    with runner._compile_cache(None) as (cache, _):
+    with runner.persistent_compile_cache(None) as (cache, _):
         assert cache["enabled"] == bool(before[0])

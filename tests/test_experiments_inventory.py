@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from conftest import SETTINGS
@@ -171,7 +170,8 @@ def test_reproduce_inventory_counts_every_study_without_training(shared_data, tm
 def test_reproduce_progress_weighs_cells_by_their_counted_steps(shared_data, tmp_path):
     """The reproduction's bar: a cell weighs its counted steps, a cell listed again 0, a finished one starts it."""
     from fedscope_jax.experiments.cells import run_config
-    from fedscope_jax.experiments.runner import CellData, Options, _weights, plan
+    from fedscope_jax.experiments.planning import CellData, Options, plan
+    from fedscope_jax.experiments.runner import progress_weights
     from fedscope_jax.experiments.spec import load_studies
 
     opts = Options("quick", tmp_path, shared_data, datasets=("abxi-food-kitchen",))
@@ -184,11 +184,11 @@ def test_reproduce_progress_weighs_cells_by_their_counted_steps(shared_data, tmp
             todo.append((studies[name], cell, tmp_path / cell.relative_dir(str(path), label),
                          (ds, sem, cov, label, path)))
     todo.append(todo[0])   # listed twice (as when two studies share a cell)
-    weights, done = _weights(todo)
+    weights, done = progress_weights(todo)
     assert done == 0 and weights[-1] == 0 and all(w > 0 for w in weights[:-1])
     first = todo[0]
     assert weights[0] == inv.cell_work(first[1], first[3][0], run_config(first[1], "ablation")).slot_steps
     first[2].mkdir(parents=True)
     (first[2] / "summary.json").write_text("{}")
-    assert _weights(todo)[1] == weights[0]
+    assert progress_weights(todo)[1] == weights[0]
 

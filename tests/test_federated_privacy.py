@@ -68,7 +68,7 @@ def test_cli_refuses_conflicting_engine_knobs(tmp_path: Path):
 
 
 def test_amplification_needs_poisson_sampling():
-    from fedscope_jax.train.federated import FederatedConfig
+    from fedscope_jax.train.federated_config import FederatedConfig
 
     sizes = np.array([10, 20, 40])
     with pytest.raises(FedscopeError, match="--sampling poisson"):
@@ -80,7 +80,8 @@ def test_amplification_needs_poisson_sampling():
 
 def test_a_client_out_of_budget_stops_participating(tmp_path: Path):
     from fedscope_jax.privacy.ledger import check_ledger, read_ledger
-    from fedscope_jax.train.federated import FederatedConfig, run_rounds
+    from fedscope_jax.train.federated_config import FederatedConfig
+    from fedscope_jax.train.loop import run_rounds
 
     source, params, ccfg, sizes = _linear_setup(n_clients=6)
     fcfg = FederatedConfig(clients=6, sampling="poisson", fraction=0.5, rounds=10, chunk_size=2, max_buckets=1,
@@ -106,7 +107,8 @@ def test_central_dp_fedavg_adds_one_noise_draw_with_public_denominator(tmp_path:
     import jax
 
     from fedscope_jax.privacy.ledger import check_ledger
-    from fedscope_jax.train.federated import FederatedConfig, run_rounds
+    from fedscope_jax.train.federated_config import FederatedConfig
+    from fedscope_jax.train.loop import run_rounds
 
     source, params, ccfg, sizes = _linear_setup(n_clients=6)
     fcfg = FederatedConfig(clients=6, fraction=0.5, rounds=3, chunk_size=3, max_buckets=1, seed=1)
@@ -130,11 +132,12 @@ def test_central_noise_std_of_the_aggregate():
     import optax
 
     from fedscope_jax.engine.aggregate import finalize, zeros_accumulator
-    from fedscope_jax.engine.round import _central_inputs, Cohort
+    from fedscope_jax.engine.cohort import Cohort
+    from fedscope_jax.engine.round import central_inputs
 
     w = jnp.array([1.0, 2.0, 0.5, 0.0])
     cohort = Cohort(None, jnp.arange(4), w, jnp.full(4, 0.7), jnp.full(4, 1.3))
-    std, denom = _central_inputs((cohort,))
+    std, denom = central_inputs((cohort,))
     assert float(std) == pytest.approx(1.3 * 0.7 * 2.0) and float(denom) == pytest.approx(3.5)
     acc = zeros_accumulator({"w": jnp.zeros(200_000)})
     mean, reported = finalize(acc, jax.random.key(0), "central", std, denom)
@@ -148,7 +151,8 @@ def test_private_resume_equals_uninterrupted(tmp_path: Path, clipping: str):
     import jax
 
     from fedscope_jax.privacy.ledger import read_ledger
-    from fedscope_jax.train.federated import FederatedConfig, run_rounds
+    from fedscope_jax.train.federated_config import FederatedConfig
+    from fedscope_jax.train.loop import run_rounds
 
     source, params, ccfg, sizes = _linear_setup(n_clients=6)
     fcfg = FederatedConfig(clients=6, sampling="poisson", fraction=0.6, rounds=5, chunk_size=2, max_buckets=1,
@@ -175,7 +179,8 @@ def test_private_resume_equals_uninterrupted(tmp_path: Path, clipping: str):
 
 
 def test_resume_without_privacy_state_is_an_error(tmp_path: Path):
-    from fedscope_jax.train.federated import FederatedConfig, run_rounds
+    from fedscope_jax.train.federated_config import FederatedConfig
+    from fedscope_jax.train.loop import run_rounds
 
     source, params, ccfg, sizes = _linear_setup(n_clients=4)
     fcfg = FederatedConfig(clients=4, rounds=2, chunk_size=2, max_buckets=1)
@@ -227,7 +232,8 @@ def test_secagg_round_equals_plain_round_within_the_quantization_bound(noise_mod
 
 def test_secagg_run_reports_the_aggregation_error(tmp_path: Path):
     from fedscope_jax.privacy.ledger import check_ledger
-    from fedscope_jax.train.federated import FederatedConfig, run_rounds
+    from fedscope_jax.train.federated_config import FederatedConfig
+    from fedscope_jax.train.loop import run_rounds
 
     source, params, ccfg, sizes = _linear_setup(n_clients=4, dim=50)
     fcfg = FederatedConfig(clients=4, rounds=2, chunk_size=2, max_buckets=1)
@@ -246,11 +252,12 @@ def test_secagg_run_reports_the_aggregation_error(tmp_path: Path):
 def test_privacy_config_file_and_flags(tmp_path: Path):
     import argparse
 
-    from fedscope_jax.train.config import apply_flags, load_config
-    from fedscope_jax.train.federated import add_arguments, check_privacy_knobs
+    from fedscope_jax.cli.flags import add_federated_arguments, apply_flags
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.federated import check_privacy_knobs
 
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_federated_arguments(parser)
 
     def resolve(path, *argv, overrides=()):
         cfg = apply_flags(load_config(path, overrides), parser.parse_args(list(argv)))

@@ -117,12 +117,12 @@ def test_skipped_rdp_order_warnings_are_filtered_and_other_messages_pass(caplog)
     skipped = [r for r in caplog.records if "Excluding this order" in r.getMessage()]
     assert skipped, "dp-accounting no longer logs skipped orders here; the filter may be obsolete"
     caplog.clear()
-    orders, one = accounting._rdp_of_one_event.__wrapped__(2.8517, 0.5, True)
+    orders, one = accounting.rdp_of_one_event.__wrapped__(2.8517, 0.5, True)
     z = accounting.calibrate_noise_multiplier(7.9, 1e-5, 20, "rdp", sampling_rate=0.5, amplification=True)
     assert not [r for r in caplog.records if "Excluding this order" in r.getMessage()]
     np.testing.assert_array_equal(one, raw._rdp)   # same RDP vector as the unfiltered composition
     assert accounting.epsilon_spent("rdp", z, 20, 1e-5, 0.5, True) <= 7.9 + 1e-9
-    with accounting._SkippedOrders():
+    with accounting.SkippedOrders():
         logging.getLogger("absl").warning("another dp-accounting warning")
     assert [r.getMessage() for r in caplog.records] == ["another dp-accounting warning"]
-    assert not [f for f in logging.getLogger("absl").filters if isinstance(f, accounting._SkippedOrders)]
+    assert not [f for f in logging.getLogger("absl").filters if isinstance(f, accounting.SkippedOrders)]

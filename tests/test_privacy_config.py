@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from fedscope_jax.errors import FedscopeError
-from fedscope_jax.privacy.config import PrivacyConfig, add_privacy_arguments, config_from_args
+from fedscope_jax.cli.flags import add_privacy_arguments, privacy_config_from_args as config_from_args
+from fedscope_jax.privacy.config import PrivacyConfig
 
 
 def test_defaults_are_conservative():

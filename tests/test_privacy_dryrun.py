@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import real_dataset
+from fedscope_jax.cli import main as cli_main
 from fedscope_jax.privacy import dryrun
 from fedscope_jax.privacy.ledger import check_ledger, read_ledger
 
@@ -15,7 +16,7 @@ from fedscope_jax.privacy.ledger import check_ledger, read_ledger
 def test_default_dry_run_on_abxi_food_kitchen(tmp_path, capsys):
     src = real_dataset("abxi-food-kitchen")
     out = tmp_path / "run"
-    assert dryrun.main([str(src), "--clients", "64", "--rounds", "50", "--out", str(out)]) == 0
+    assert cli_main(["privacy", "dry-run", str(src), "--clients", "64", "--rounds", "50", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "eps_spent_max" in printed
     rows = read_ledger(out / "privacy_ledger.arrow")
@@ -56,5 +57,5 @@ def test_dry_run_reads_a_saved_partition(tmp_path):
     save_partition(part, tmp_path / "part.arrow")
     sizes = dryrun.client_sizes(tmp_path / "afk", None, "powerlaw", 0, None, tmp_path / "part.arrow")
     np.testing.assert_array_equal(sizes, part.sizes(dataset)["train_interactions"])
-    assert dryrun.main([str(tmp_path / "afk"), "--partition", str(tmp_path / "part.arrow"), "--rounds", "5",
-                        "--privacy", "uniform", "--epsilon", "2"]) == 0
+    assert cli_main(["privacy", "dry-run", str(tmp_path / "afk"), "--partition", str(tmp_path / "part.arrow"),
+                     "--rounds", "5", "--privacy", "uniform", "--epsilon", "2"]) == 0

@@ -18,13 +18,20 @@ SIZES = np.array([30, 60, 120, 240, 480, 960, 1920, 3840])
 DIM = 3000
 
 
+def privatize(updates, clip, z, key):
+    """Each client's clipped update plus its own N(0, (z_k C_k)^2) (the mechanism's two steps); raw norms."""
+    n = updates.shape[0]
+    values, clipped = mechanism.clip({"w": updates}, clip, jnp.ones(n))
+    noise = mechanism.contributor_noise(mechanism.contributor_keys(key, jnp.arange(n)), 0, updates.shape[1:])
+    return clipped.scale[:, None] * values["w"] + mechanism.noise_std(clip, z)[:, None] * noise, clipped.norm
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def private_round(params, updates, clip, z, participated, key, bit_noise, clip_min, clip_max):
     """Clip + local noise per client, secure sum of the participants, adaptive clip step."""
     k_noise, k_sum, k_clip = jax.random.split(key, 3)
-    noised, norms = mechanism.privatize_updates({"w": updates}, clip, z,
-                                                jax.random.split(k_noise, updates.shape[0]))
-    total = secagg.secure_sum(noised["w"], participated, k_sum, params)
+    noised, norms = privatize(updates, clip, z, k_noise)
+    total = secagg.secure_sum(noised, participated, k_sum, params)
     new_clip = mechanism.adaptive_clip_update(clip, norms, participated, k_clip, target_quantile=0.5,
                                               learning_rate=0.2, bit_noise=bit_noise, min_clip=clip_min,
                                               max_clip=clip_max)
@@ -41,11 +48,12 @@ def test_jitted_private_round_with_ledger(tmp_path):
     params = secagg.make_params(c, bound, neighbors=config.secagg_neighbors)
     clip = jnp.asarray(plan.clip_norms, jnp.float32)
     key = jax.random.key(0)
+    rng = np.random.default_rng(0)
     totals = []
     for t in range(rounds):
-        key, k_upd, k_part, k_round = jax.random.split(key, 4)
-        eligible = jnp.asarray(ledger.begin_round(t))
-        participated = mechanism.sample_participants(k_part, jnp.asarray(plan.sampling_rates), eligible)
+        key, k_upd, k_round = jax.random.split(key, 3)
+        eligible = ledger.begin_round(t)
+        participated = jnp.asarray((rng.random(c) < plan.sampling_rates) & eligible)   # Poisson sampling
         updates = jax.random.normal(k_upd, (c, DIM)) * 0.05  # norms ~2.7, above the initial C = 1
         total, clip = private_round(params, updates, clip, jnp.asarray(plan.update_noise_multipliers, jnp.float32),
                                     participated, k_round, jnp.asarray(plan.bit_noise, jnp.float32),
@@ -68,8 +76,8 @@ def test_secure_sum_of_noised_updates_has_the_summed_noise_std():
     participated = jnp.array([1, 1, 0, 1, 1, 1], bool)
     params = secagg.make_params(c, 12.0)
     updates = jnp.zeros((c, 40000))
-    noised, _ = mechanism.privatize_updates({"w": updates}, clip, z, jax.random.split(jax.random.key(3), c))
-    total = np.asarray(jax.jit(secagg.secure_sum, static_argnums=3)(noised["w"], participated, jax.random.key(4),
+    noised, _ = privatize(updates, clip, z, jax.random.key(3))
+    total = np.asarray(jax.jit(secagg.secure_sum, static_argnums=3)(noised, participated, jax.random.key(4),
                                                                     params))
     expected = float(np.sqrt(np.sum(np.where(participated, (z * clip) ** 2, 0.0))))
     assert total.std() == pytest.approx(expected, rel=0.02)

@@ -171,14 +171,14 @@ def test_long_tail_layout_is_read(tmp_path):
 
 
 def test_local_curve_is_the_mean_over_clients(tmp_path):
-    from fedscope_jax.experiments.plots import _curve
+    from fedscope_jax.experiments.plots import curve
     from fedscope_jax.experiments.tables import load_run
 
     d = _run(tmp_path, "local", _cell("local", "n/a", "local"), (0.1, 0.1), 0, mode="local")
     lines = [{"client": c, "epoch": e, "select": 0.1 * c + e} for c in (0, 1) for e in (1, 2)]
     lines.append({"client": 1, "epoch": 3, "select": 5.0})                     # client 0 stopped early
     (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    x, y = _curve(load_run(d))
+    x, y = curve(load_run(d))
     assert x.tolist() == [1, 2, 3] and y == pytest.approx([1.05, 2.05, 5.0])
 
 

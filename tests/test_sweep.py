@@ -42,7 +42,7 @@ LINEAR_CONFIGS = {
 def _tracks(root: Path, fcfg, sizes):
     from fedscope_jax.privacy.config import PrivacyConfig
     from fedscope_jax.privacy.session import PrivacySession
-    from fedscope_jax.train.federated import Track
+    from fedscope_jax.train.loop import Track
 
     tracks = []
     for name, kw in LINEAR_CONFIGS.items():
@@ -55,7 +55,8 @@ def _tracks(root: Path, fcfg, sizes):
 
 def test_vmapped_configs_equal_their_single_runs(tmp_path: Path):
     from fedscope_jax.privacy.ledger import read_ledger
-    from fedscope_jax.train.federated import FederatedConfig, group_tracks, run_rounds, run_tracks
+    from fedscope_jax.train.federated_config import FederatedConfig
+    from fedscope_jax.train.loop import group_tracks, run_rounds, run_tracks
 
     source, params, ccfg, sizes = _linear_setup(n_clients=6)
     fcfg = FederatedConfig(clients=6, sampling="poisson", fraction=0.5, rounds=8, chunk_size=2, max_buckets=2,
@@ -99,7 +100,8 @@ SHARDED = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from test_sweep import _linear_setup, _max_diff
-    from fedscope_jax.train.federated import FederatedConfig, Track, run_rounds, run_tracks
+    from fedscope_jax.train.federated_config import FederatedConfig
+    from fedscope_jax.train.loop import Track, run_rounds, run_tracks
     assert jax.device_count() == 2, jax.devices()
     root = Path({root!r})
     source, params, ccfg, sizes = _linear_setup(n_clients=6)

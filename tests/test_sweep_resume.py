@@ -199,7 +199,7 @@ def test_seed_status(tmp_path):
 
     from fedscope_jax.engine.checkpoint import Checkpointer
     from fedscope_jax.engine.server import init_server_state, server_optimizer
-    from fedscope_jax.train.sweep import distinct_points, _run_config, _seed_status, sweep_points
+    from fedscope_jax.train.sweep import distinct_points, run_config_json, seed_status, sweep_points
     from fedscope_jax.utils.io import write_json
 
     trained, _ = distinct_points(sweep_points(_config(), ["uniform"], [1.0, 2.0], [0]))
@@ -207,7 +207,7 @@ def test_seed_status(tmp_path):
 
     def write(p, round_index=None, summary=False):
         (tmp_path / p.name).mkdir(exist_ok=True)
-        write_json(_run_config(p, None), tmp_path / p.name / "config.json")
+        write_json(run_config_json(p, None), tmp_path / p.name / "config.json")
         if round_index is not None:
             ckpt = Checkpointer(tmp_path / p.name / "checkpoints")
             ckpt.save(state._replace(round=jnp.asarray(round_index, state.round.dtype)))
@@ -215,32 +215,34 @@ def test_seed_status(tmp_path):
         if summary:
             write_json({}, tmp_path / p.name / "summary.json")
 
-    assert _seed_status(tmp_path, trained, None) == "trained"    # nothing there
+    assert seed_status(tmp_path, trained, None) == "trained"    # nothing there
     write(trained[0], 2)
-    assert _seed_status(tmp_path, trained, None) == "trained"    # a directory missing
+    assert seed_status(tmp_path, trained, None) == "trained"    # a directory missing
     write(trained[1])
-    assert _seed_status(tmp_path, trained, None) == "trained"    # no checkpoint yet
+    assert seed_status(tmp_path, trained, None) == "trained"    # no checkpoint yet
     write(trained[1], 1)
-    assert _seed_status(tmp_path, trained, None) == "trained"    # killed between two configurations' saves
+    assert seed_status(tmp_path, trained, None) == "trained"    # killed between two configurations' saves
     write(trained[1], 2)
-    assert _seed_status(tmp_path, trained, None) == "resumed"
+    assert seed_status(tmp_path, trained, None) == "resumed"
     write(trained[0], summary=True)
     write(trained[1], summary=True)
-    assert _seed_status(tmp_path, trained, None) == "kept"
+    assert seed_status(tmp_path, trained, None) == "kept"
     with pytest.raises(FedscopeError, match=r"--resume: data .*uniform-eps1-seed0"):
-        _seed_status(tmp_path, trained, {"data": "elsewhere"})
+        seed_status(tmp_path, trained, {"data": "elsewhere"})
 
 
 def test_reproduce_resumes_a_sweep_cell_and_restarts_a_changed_one(tmp_path, monkeypatch):
-    """experiments/runner._run_sweep: resume when the sweep directory exists; a config mismatch starts over."""
+    """experiments/runner.run_sweep_cell: resume when the sweep directory exists; a config mismatch starts over."""
+    from fedscope_jax.errors import ResumeMismatch
     from fedscope_jax.experiments import runner
+    from fedscope_jax.train.config import load_config
 
     calls = []
 
     def fake_sweep(ds, cfg, modes, epsilons, seeds, out, semantic=None, extra=None, resume=False, force=False):
         calls.append((resume, force))
         if resume and mismatch:
-            raise FedscopeError(f"--resume: federated.rounds is 3 here but 2 in {out}/x/config.json")
+            raise ResumeMismatch(f"--resume: federated.rounds is 3 here but 2 in {out}/x/config.json")
         (Path(out) / "uniform-eps2-seed0").mkdir(parents=True, exist_ok=True)
         (Path(out) / "uniform-eps2-seed0" / "summary.json").write_text("{}")
 
@@ -253,7 +255,7 @@ def test_reproduce_resumes_a_sweep_cell_and_restarts_a_changed_one(tmp_path, mon
         if exists:
             sweep_dir.mkdir()
         calls.clear()
-        runner._run_sweep(cell, sweep_dir, None, None, None, ident)
+        runner.run_sweep_cell(cell, sweep_dir, None, load_config(None, []), None, ident)
         assert calls == expected, (exists, mismatch)
         assert (sweep_dir / runner.SWEEP_DONE).is_file()
         assert json.loads((sweep_dir / "uniform-eps2-seed0" / runner.CELL_FILE).read_text())["dp"] == "uniform-eps2"

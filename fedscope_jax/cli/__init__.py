@@ -11,7 +11,9 @@ from fedscope_jax.errors import FedscopeError
 
 # Subcommand name -> module under fedscope_jax.cli. Each module has `add_parser(subparsers)`, which
 # registers its parser and sets `func` (called with the parsed args, returns an exit code).
-COMMANDS = ("data", "enrich", "train", "evaluate", "sweep", "benchmark", "reproduce", "report")
+COMMANDS = ("data", "enrich", "train", "evaluate", "sweep", "benchmark", "reproduce", "report", "privacy")
+
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

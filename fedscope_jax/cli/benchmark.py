@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         for flag in ("rounds", "fraction", "chunk_size", "config"):
             if getattr(args, flag) is not None:
                 raise FedscopeError(f"--{flag.replace('_', '-')}: only with --sweep")
-        from fedscope_jax.engine.benchmark import BenchmarkConfig, format_table, run_benchmark
+        from fedscope_jax.bench.engine import BenchmarkConfig, format_table, run_benchmark
 
         opts = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in ENGINE_DEFAULTS.items()}
         cfg = BenchmarkConfig(clients=args.clients or (8, 32, 128, 512),
@@ -110,7 +110,7 @@ def _run_sweep(args: argparse.Namespace,
     if args.clients is not None and len(args.clients) != 1:
         raise FedscopeError(f"--clients with --sweep: expected one number of clients, got {list(args.clients)}")
     from fedscope_jax.data.canonical import load_dataset
-    from fedscope_jax.engine.benchmark import format_sweep_table, run_sweep_benchmark
+    from fedscope_jax.bench.sweep import format_sweep_table, run_sweep_benchmark
     from fedscope_jax.train.config import load_config
     from fedscope_jax.train.sweep import parse_epsilons, parse_modes
 

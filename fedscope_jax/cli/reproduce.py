@@ -79,7 +79,8 @@ def inventory(args: argparse.Namespace, studies: list[Any], all_studies: dict[st
 
 def run(args: argparse.Namespace) -> int:
     from fedscope_jax.experiments.report import write_report
-    from fedscope_jax.experiments.runner import Options, reproduce
+    from fedscope_jax.experiments.planning import Options
+    from fedscope_jax.experiments.runner import reproduce
     from fedscope_jax.experiments.spec import load_studies
 
     names = [n.strip() for n in args.studies.split(",") if n.strip()] if args.studies else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from fedscope_jax.cli.flags import add_federated_arguments, apply_flags
 from fedscope_jax.errors import FedscopeError
 
 
@@ -24,8 +25,6 @@ def add_parser(subparsers: Any) -> None:
                    help="override a config key, e.g. --set model.dim=32 (repeatable)")
     p.add_argument("--attributes", metavar="DIR", help="enrichment output holding item_embeddings.arrow")
     p.add_argument("--force", action="store_true", help="replace an existing sweep directory")
-    from fedscope_jax.train.federated import add_arguments as add_federated_arguments  # light module
-
     add_federated_arguments(p)
     # The sweep's own axes replace the single-run --privacy / --epsilon flags (conflict_handler="resolve").
     g = p.add_argument_group("sweep axes")
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     modes = parse_modes(args.sweep_modes, "--privacy")
     epsilons = parse_epsilons(args.sweep_epsilons, "--epsilons")
     from fedscope_jax.data.canonical import load_dataset
-    from fedscope_jax.train.config import apply_flags, load_config
+    from fedscope_jax.train.config import load_config
     from fedscope_jax.train.sweep import run_sweep
 
     cfg = apply_flags(load_config(args.config, args.overrides), args)

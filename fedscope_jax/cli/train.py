@@ -8,10 +8,9 @@ client of the federated partition with no communication (the lower bound, fedsco
 from __future__ import annotations
 
 import argparse
-import importlib
 from typing import Any
 
-from fedscope_jax.errors import FedscopeError
+from fedscope_jax.cli.flags import add_federated_arguments, apply_flags
 
 
 def add_parser(subparsers: Any) -> None:
@@ -29,11 +28,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--attributes", metavar="DIR", help="enrichment output holding item_embeddings.arrow; "
                    "without it the model is ID-only (the 'w/o LLM' ablation)")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
-    # --- federated options: added by the engine (fedscope_jax/train/federated.py) below this line ---
-    from fedscope_jax.train.federated import add_arguments as add_federated_arguments  # light module
-
     add_federated_arguments(p)
-    # --- end of federated options ---
     p.set_defaults(func=run)
 
 
@@ -48,7 +43,7 @@ def print_table(rows: list[tuple[str, str, dict[str, dict[str, float]]]]) -> Non
 
 def run(args: argparse.Namespace) -> int:
     from fedscope_jax.data.canonical import load_dataset
-    from fedscope_jax.train.config import apply_flags, load_config
+    from fedscope_jax.train.config import load_config
 
     cfg = apply_flags(load_config(args.config, args.overrides), args)
     ds = load_dataset(args.data)
@@ -59,14 +54,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"data": str(args.data), "attributes": args.attributes, "semantic_coverage": coverage,
              "mode": args.mode}
     if args.mode == "federated":
-        try:
-            federated = importlib.import_module("fedscope_jax.train.federated")
-        except ModuleNotFoundError as exc:
-            if exc.name != "fedscope_jax.train.federated":
-                raise
-            raise FedscopeError("--mode federated: the federated engine (fedscope_jax/train/federated.py) "
-                                "is not installed in this checkout") from None
-        return int(federated.run(args, cfg, ds, semantic, extra) or 0)
+        return run_federated(args, cfg, ds, semantic, extra)
     if args.mode == "local":
         from fedscope_jax.train.local import train_local
 
@@ -88,4 +76,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_parser", "run"]
+def run_federated(args: argparse.Namespace, cfg: Any, ds: Any, semantic: Any, extra: dict[str, Any]) -> int:
+    """`--mode federated`: trains with the vectorized engine and prints the privacy spend and test NDCG@10."""
+    from fedscope_jax.train.federated import train_federated
+
+    summary = train_federated(ds, cfg, args.out, semantic, extra, resume=args.resume, force=args.force)
+    privacy_facts, pcfg = summary["privacy"], cfg.privacy
+    if pcfg.mode != "off":
+        print(f"privacy ({pcfg.mode}): eps_spent min {privacy_facts['eps_spent_min']:.3g} / median "
+              f"{privacy_facts['eps_spent_median']:.3g} / max {privacy_facts['eps_spent_max']:.3g} "
+              f"(nominal {pcfg.epsilon:g}, delta {pcfg.delta:g}); "
+              f"{len(privacy_facts['stopped_clients'])} clients stopped by their budget")
+    print(f"run written to {args.out} ({cfg.federated.rounds} rounds, chunk {summary['federated']['chunk_size']}, "
+          "test " + ", ".join(f"{d} NDCG@10 {m.get('NDCG@10', float('nan')):.4f}"
+                              for d, m in summary["test"].items()) + ")")
+    return 0
+
+
+__all__ = ["add_parser", "print_table", "run", "run_federated"]

@@ -146,7 +146,7 @@ def _catalogue(rng: np.random.Generator, n_items: int, topics: int, popularity: 
     return topic_of_item, draw
 
 
-def _categorical_rows(rng: np.random.Generator, probs: np.ndarray, owner: np.ndarray) -> np.ndarray:
+def categorical_rows(rng: np.random.Generator, probs: np.ndarray, owner: np.ndarray) -> np.ndarray:
     """One draw per row r from the distribution probs[owner[r]] ([U, K] rows summing to 1), vectorised.
 
     Row u's cumulative distribution is shifted by u, so one searchsorted over the flattened [U*K] array
@@ -193,7 +193,7 @@ def _chunk(rng: np.random.Generator, n: int, cfg: SynthConfig, samplers) -> dict
     # i.e. takes the fresh topic of the latest non-kept row at or before it (a forward fill).
     theta = rng.dirichlet(np.full(cfg.topics, cfg.concentration), size=n)
     offsets = offsets_of(user, n)
-    fresh = _categorical_rows(rng, theta, user)
+    fresh = categorical_rows(rng, theta, user)
     keep = rng.random(total) < cfg.stickiness
     keep[offsets[:-1][lengths > 0]] = False                            # a sequence starts fresh
     topic = fresh[np.maximum.accumulate(np.where(keep, 0, np.arange(total)))]

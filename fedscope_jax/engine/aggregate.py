@@ -1,4 +1,5 @@
-"""Per-client clipping to C_k, Gaussian noise of std z_k*C_k, NaN exclusion and the weighted sum.
+"""The privacy layer's one mechanism (privacy/mechanism.py: clipping with its bound, Gaussian noise) applied to
+chunks of client updates, NaN exclusion, and the weighted sum.
 
 Everything here works on a chunk of clients (a leading client axis [c]) and accumulates into dense sums
 shaped like the global parameters, so no [C, params] array ever exists beyond one chunk.
@@ -25,10 +26,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from fedscope_jax.engine.client import SparseTable
 from fedscope_jax.errors import FedscopeError
+from fedscope_jax.privacy import mechanism
 
 PyTree = Any
 NOISE_MODES = ("off", "per_client", "sum", "central")
@@ -66,22 +67,8 @@ def add_accumulators(a: Accumulator, b: Accumulator) -> Accumulator:
     return jax.tree.map(jnp.add, a, b)
 
 
-def clip_factor(norm: jax.Array, clip: jax.Array) -> jax.Array:
-    """min(1, C / norm), 1 for a zero update or C = inf."""
-    return jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
-
-
-def noise_std(clip: jax.Array, noise_multiplier: jax.Array) -> jax.Array:
-    """z * C, with z = 0 meaning no noise even when C = inf."""
-    return jnp.where(noise_multiplier > 0, noise_multiplier * clip, 0.0)
-
-
 def _key_path(path: tuple) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def _leaf_noise(key: jax.Array, index: int, shape: tuple[int, ...], dtype) -> jax.Array:
-    return jax.random.normal(jax.random.fold_in(key, index), shape, dtype)
 
 
 def accumulate_chunk(acc: Accumulator, deltas: PyTree, losses: jax.Array, steps: jax.Array,
@@ -92,20 +79,12 @@ def accumulate_chunk(acc: Accumulator, deltas: PyTree, losses: jax.Array, steps:
     """Clips, noises and adds a chunk of client deltas (leading axis [c]) into `acc`.
 
     secagg: (bound B, masking neighbours) to sum the chunk with simulated secure aggregation."""
-    leaves = jax.tree.leaves(deltas)
-    finite = jnp.isfinite(losses)
-    for leaf in leaves:
-        finite &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
-    raw_norm = jax.vmap(optax.tree.norm)(deltas)
-    included = finite & (weight > 0)
-    deltas = jax.tree.map(lambda d: jnp.where(finite.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0), deltas)
-    factor = clip_factor(jnp.where(finite, raw_norm, 0.0), clip)
-    weight = jnp.where(included, weight, 0.0)
-    scale = weight * factor
-    sigma = noise_std(clip, noise_multiplier) * weight  # std of w_k * noise_k
+    deltas, clipped = mechanism.clip(deltas, clip, weight, finite=jnp.isfinite(losses))
+    scale, weight = clipped.scale, jnp.where(clipped.included, weight, 0.0)
+    sigma = mechanism.noise_std(clip, noise_multiplier) * weight  # std of w_k * noise_k
 
     sparse = {t.path: t.name for t in tables}
-    client_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(noise_key, 1), client_id)
+    client_keys = mechanism.contributor_keys(jax.random.fold_in(noise_key, 1), client_id)
     flat, treedef = jax.tree_util.tree_flatten_with_path(acc.delta_sum)
     delta_leaves = jax.tree.leaves(deltas)
     new_leaves = []
@@ -117,20 +96,19 @@ def accumulate_chunk(acc: Accumulator, deltas: PyTree, losses: jax.Array, steps:
             rows = (scale[:, None, None] * delta).reshape(-1, delta.shape[-1])
             total = total.at[vocab[name].reshape(-1)].add(rows, mode="drop")
         if noise_mode == "per_client":
-            noise = jax.vmap(_leaf_noise, in_axes=(0, None, None, None))(client_keys, index, total.shape,
-                                                                        total.dtype)
+            noise = mechanism.contributor_noise(client_keys, index, total.shape, total.dtype)
             total = total + jnp.tensordot(sigma, noise, axes=1)
         new_leaves.append(total)
     agg_error = acc.agg_error
     if secagg is None:
         delta_sum = jax.tree_util.tree_unflatten(treedef, new_leaves)
     else:  # the secure sum replaces the plain one (the plain one above is traced but unused: XLA drops it)
-        delta_sum, agg_error = _secure_chunk_sum(acc, deltas, scale, sigma, client_keys, client_id, included,
-                                                 noise_key, noise_mode, secagg, bool(sparse))
+        delta_sum, agg_error = _secure_chunk_sum(acc, deltas, scale, sigma, client_keys, client_id,
+                                                 clipped.included, noise_key, noise_mode, secagg, bool(sparse))
     noise_var = acc.noise_var + jnp.sum(sigma**2) if noise_mode in ("per_client", "sum") else acc.noise_var
     acc = Accumulator(delta_sum, acc.weight_sum + jnp.sum(weight), noise_var, agg_error)
-    report = ClientReport(client_id=client_id, loss=losses, steps=steps, norm=raw_norm, clip_factor=factor,
-                          included=included)
+    report = ClientReport(client_id=client_id, loss=losses, steps=steps, norm=clipped.norm,
+                          clip_factor=clipped.factor, included=clipped.included)
     return acc, report
 
 
@@ -151,7 +129,7 @@ def _secure_chunk_sum(acc: Accumulator, deltas: PyTree, scale: jax.Array, sigma:
         expand = (-1,) + (1,) * (d.ndim - 1)
         v = scale.reshape(expand).astype(d.dtype) * d
         if noise_mode == "per_client":
-            noise = jax.vmap(_leaf_noise, in_axes=(0, None, None, None))(client_keys, index, d.shape[1:], d.dtype)
+            noise = mechanism.contributor_noise(client_keys, index, d.shape[1:], d.dtype)
             v = v + sigma.reshape(expand).astype(d.dtype) * noise
         rows.append(v.reshape(c, -1).astype(jnp.float32))
     flat = jnp.concatenate(rows, axis=1)
@@ -176,22 +154,17 @@ def finalize(acc: Accumulator, noise_key: jax.Array, noise_mode: str, central_st
     "central": N(0, central_std^2) is added once to the sum, and W = `denominator` (public inputs only)."""
     total = acc.delta_sum
     std = jnp.sqrt(acc.noise_var)
+    sum_key = jax.random.fold_in(noise_key, 2)
     if noise_mode == "central":
         if central_std is None or denominator is None:
             raise FedscopeError("noise_mode 'central' needs central_std and denominator (engine/round.py)")
         std = jnp.asarray(central_std, jnp.float32)
-        sum_key = jax.random.fold_in(noise_key, 2)
-        flat, treedef = jax.tree.flatten(total)
-        flat = [t + std * _leaf_noise(sum_key, i, t.shape, t.dtype) for i, t in enumerate(flat)]
-        total = jax.tree.unflatten(treedef, flat)
+        total = mechanism.add_noise(total, std, sum_key)
         denom = jnp.maximum(denominator, 1e-30)
         mean = jax.tree.map(lambda t: t / denom, total)
         return mean, jnp.where(denominator > 0, std / denom, 0.0)
     if noise_mode == "sum":
-        sum_key = jax.random.fold_in(noise_key, 2)
-        flat, treedef = jax.tree.flatten(total)
-        flat = [t + std * _leaf_noise(sum_key, i, t.shape, t.dtype) for i, t in enumerate(flat)]
-        total = jax.tree.unflatten(treedef, flat)
+        total = mechanism.add_noise(total, std, sum_key)
     denom = jnp.maximum(acc.weight_sum, 1e-30)
     mean = jax.tree.map(lambda t: t / denom, total)
     return mean, jnp.where(acc.weight_sum > 0, std / denom, 0.0)

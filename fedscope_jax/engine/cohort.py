@@ -11,15 +11,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from fedscope_jax.engine.client import ClientData
-from fedscope_jax.engine.round import Cohort
 from fedscope_jax.errors import FedscopeError
 
 PyTree = Any
+
+__all__ = ["BucketPlan", "ClientShard", "Cohort", "PaddingStats", "best_boundaries", "bucket_capacities",
+           "bucket_layout", "build_cohorts", "fill_buckets", "localize_batch", "nice_ceil", "plan_buckets"]
+
+
+class Cohort(NamedTuple):
+    """A bucket of clients of one round; every leaf has a leading client axis [C] (the round program's input)."""
+
+    data: ClientData
+    client_id: Any               # int32[C], a client's stable id (keys derive from it); -1 for padding rows
+    weight: Any                  # float32[C] aggregation weight (0 for padding clients)
+    clip: Any                    # float32[C] C_k (inf = no clipping)
+    noise_multiplier: Any        # float32[C] z_k (0 = no noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +244,18 @@ def fill_buckets(groups: Mapping[int, list], plan: BucketPlan, multiple: int = 1
     return {b: members[b] for b in caps}, caps
 
 
+def bucket_layout(steps: Sequence[int], plan: BucketPlan, multiple: int = 1, nice: bool = True,
+                  capacity: Sequence[int] | None = None) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """(members, client slots) of each bucket giving a cohort, for a round's clients of `steps` local steps
+    each; members are positions into `steps`. Each client goes to its own bucket (`plan.bucket_of`), then
+    `fill_buckets` pads (and, with `capacity`, moves overflow up). Host only: `build_cohorts` lays a round out
+    with it, and `experiments.inventory` counts a run's padded steps with it."""
+    groups: dict[int, list[int]] = {}
+    for pos, n in enumerate(steps):
+        groups.setdefault(plan.bucket_of(int(n)), []).append(pos)
+    return fill_buckets(groups, plan, multiple, nice, capacity)
+
+
 def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan: BucketPlan,
                   table_rows: Mapping[str, int], weights: np.ndarray | None = None,
                   clip: np.ndarray | None = None, noise_multiplier: np.ndarray | None = None,
@@ -259,10 +283,7 @@ def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan
         raise FedscopeError("clip: expected C_k > 0 (inf = no clipping)")
     if np.any(noise_multiplier < 0) or np.any((noise_multiplier > 0) & ~np.isfinite(clip)):
         raise FedscopeError("noise_multiplier: expected z_k >= 0, and a finite clip C_k wherever z_k > 0")
-    groups: dict[int, list[int]] = {}
-    for pos, cid in enumerate(ids):
-        groups.setdefault(plan.bucket_of(shards[cid].n_steps), []).append(pos)
-    groups, caps = fill_buckets(groups, plan, multiple, nice, capacity)
+    groups, caps = bucket_layout([shards[cid].n_steps for cid in ids], plan, multiple, nice, capacity)
     cohorts, real, slots = [], 0, 0
     for b in sorted(groups):
         members = groups[b]

@@ -22,10 +22,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedscope_jax.engine.aggregate import (NOISE_MODES, Accumulator, ClientReport, accumulate_chunk,
-                                           add_accumulators, finalize, noise_std, zeros_accumulator)
-from fedscope_jax.engine.client import ClientConfig, ClientData, client_update
+                                           add_accumulators, finalize, zeros_accumulator)
+from fedscope_jax.engine.client import ClientConfig, client_update
+from fedscope_jax.engine.cohort import Cohort
 from fedscope_jax.engine.server import ServerState, server_step
 from fedscope_jax.errors import FedscopeError
+from fedscope_jax.privacy import mechanism
 
 PyTree = Any
 AXIS = "clients"
@@ -54,16 +56,6 @@ class EngineConfig:
             raise FedscopeError(f"secagg_bound: expected >= 0, got {self.secagg_bound}")
         if self.noise_mode not in NOISE_MODES:
             raise FedscopeError(f"noise_mode: expected one of {', '.join(NOISE_MODES)}, got {self.noise_mode!r}")
-
-
-class Cohort(NamedTuple):
-    """A bucket of clients of one round; every leaf has a leading client axis [C]."""
-
-    data: ClientData
-    client_id: jax.Array         # int32[C], a client's stable id (keys derive from it)
-    weight: jax.Array            # float32[C] aggregation weight (0 for padding clients)
-    clip: jax.Array              # float32[C] C_k (inf = no clipping)
-    noise_multiplier: jax.Array  # float32[C] z_k (0 = no noise)
 
 
 class RoundMetrics(NamedTuple):
@@ -124,17 +116,19 @@ def round_step(state: ServerState, cohorts: Sequence[Cohort], key: jax.Array, cl
             part, report = fn(state.params, cohort, train_key, noise_key)
         acc = add_accumulators(acc, part)
         reports.append(report)
-    mean_delta, std = finalize(acc, noise_key, engine_cfg.noise_mode, *_central_inputs(cohorts))
+    mean_delta, std = finalize(acc, noise_key, engine_cfg.noise_mode, *central_inputs(cohorts))
     new_state = server_step(state, mean_delta, server_opt)
     metrics = RoundMetrics(tuple(reports), optax.tree.norm(mean_delta), acc.weight_sum, std,
                            _secagg_error(acc, engine_cfg))
     return new_state, metrics
 
 
-def _central_inputs(cohorts: Sequence[Cohort]) -> tuple[jax.Array, jax.Array]:
-    """Central DP-FedAvg: the std z C max_k w_k of the one noise draw on the sum, and the denominator
-    sum_k w_k over the sampled clients; both from the cohorts' public inputs, never from the updates."""
-    std = jnp.max(jnp.stack([jnp.max(c.weight * noise_std(c.clip, c.noise_multiplier)) for c in cohorts]))
+def central_inputs(cohorts: Sequence[Cohort]) -> tuple[jax.Array, jax.Array]:
+    """Central DP-FedAvg: the std z x sensitivity (z max_k w_k C_k) of the one noise draw on the sum, and the
+    denominator sum_k w_k over the sampled clients; both from the cohorts' public inputs, never from the
+    updates (`mechanism.contribution_bounds`, the clipping step's bound)."""
+    std = jnp.max(jnp.stack([jnp.max(mechanism.noise_std(mechanism.contribution_bounds(c.weight, c.clip),
+                                                          c.noise_multiplier)) for c in cohorts]))
     return std, sum(jnp.sum(c.weight) for c in cohorts)
 
 
@@ -144,14 +138,12 @@ def _secagg_error(acc: Accumulator, engine_cfg: EngineConfig) -> jax.Array | Non
     return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(acc.agg_error)]))
 
 
-@functools.lru_cache(maxsize=16)
 def make_round_fn(client_cfg: ClientConfig, server_opt: optax.GradientTransformation,
                   engine_cfg: EngineConfig, mesh: Mesh | None = None,
                   donate: bool = True) -> Callable[[ServerState, Sequence[Cohort], jax.Array],
                                                    tuple[ServerState, RoundMetrics]]:
     """The jitted round: (state, cohorts, key) -> (state, metrics); the state buffers are donated.
-
-    Cached on its (hashable) arguments, so runs with the same settings in one process compile once."""
+    (`train.programs.PROGRAMS` keeps the compiled rounds of a process, so runs with equal settings reuse them.)"""
     fn = functools.partial(round_step, client_cfg=client_cfg, server_opt=server_opt, engine_cfg=engine_cfg,
                            mesh=mesh)
     return jax.jit(fn, donate_argnums=(0,) if donate else ())
@@ -177,35 +169,81 @@ def shard_cohorts(cohorts: Sequence[Cohort], mesh: Mesh) -> tuple[Cohort, ...]:
 
 class SequentialRunner:
     """The same `client_update`, one client at a time from a Python loop; the engine's correctness oracle
-    and the baseline of every benchmark. Jitted per client (compiled once per distinct client shape)."""
+    and the baseline of every benchmark. Jitted per client (compiled once per distinct client shape).
+
+    With secure aggregation (`engine_cfg.secagg`), the secure sum runs over the engine's groups: each cohort's
+    consecutive chunks of `engine_cfg.chunk_size` rows (padding rows included, as not delivered), their clients
+    still trained one at a time; so a secure round has an oracle too."""
 
     def __init__(self, client_cfg: ClientConfig, server_opt: optax.GradientTransformation,
                  engine_cfg: EngineConfig):
         self.client_cfg, self.server_opt, self.engine_cfg = client_cfg, server_opt, engine_cfg
         self._keys = jax.jit(_round_keys)
         self._client = jax.jit(self._one_client)
+        self._train = jax.jit(self._train_fn)
+        self._secure_chunk = jax.jit(self._secure_chunk_fn)
         self._finish = jax.jit(self._finish_fn)
+
+    def _train_fn(self, params: PyTree, cohort: Cohort, train_key: jax.Array) -> tuple[PyTree, Any]:
+        return client_update(params, cohort.data, jax.random.fold_in(train_key, cohort.client_id), self.client_cfg)
 
     def _one_client(self, acc: Accumulator, params: PyTree, cohort: Cohort, train_key: jax.Array,
                     noise_key: jax.Array) -> tuple[Accumulator, ClientReport]:
-        key = jax.random.fold_in(train_key, cohort.client_id)
-        delta, stats = client_update(params, cohort.data, key, self.client_cfg)
+        delta, stats = self._train_fn(params, cohort, train_key)
         one = lambda x: jnp.asarray(x)[None]  # noqa: E731  (a chunk of one client)
         return accumulate_chunk(acc, jax.tree.map(one, delta), one(stats.loss), one(stats.steps),
                                 jax.tree.map(one, cohort.data.vocab), one(cohort.client_id),
                                 one(cohort.weight), one(cohort.clip), one(cohort.noise_multiplier), noise_key,
                                 self.client_cfg.sparse_tables, self.engine_cfg.noise_mode)
 
+    def _secure_chunk_fn(self, acc: Accumulator, deltas: PyTree, losses: jax.Array, steps: jax.Array,
+                         chunk: Cohort, noise_key: jax.Array) -> tuple[Accumulator, ClientReport]:
+        return accumulate_chunk(acc, deltas, losses, steps, chunk.data.vocab, chunk.client_id, chunk.weight,
+                                chunk.clip, chunk.noise_multiplier, noise_key, self.client_cfg.sparse_tables,
+                                self.engine_cfg.noise_mode, self.engine_cfg.secagg)
+
     def _finish_fn(self, state: ServerState, acc: Accumulator, noise_key: jax.Array, cohorts):
-        mean_delta, std = finalize(acc, noise_key, self.engine_cfg.noise_mode, *_central_inputs(cohorts))
+        mean_delta, std = finalize(acc, noise_key, self.engine_cfg.noise_mode, *central_inputs(cohorts))
         return server_step(state, mean_delta, self.server_opt), (optax.tree.norm(mean_delta), std)
+
+    def _secure_cohort(self, acc: Accumulator, params: PyTree, cohort: Cohort, train_key: jax.Array,
+                       noise_key: jax.Array) -> tuple[Accumulator, ClientReport]:
+        n = int(cohort.client_id.shape[0])
+        size = min(self.engine_cfg.chunk_size, n)
+        if n % size:
+            raise FedscopeError(f"cohort of {n} clients is not a multiple of chunk_size {size}")
+        reports = []
+        for start in range(0, n, size):
+            chunk = jax.tree.map(lambda x: x[start:start + size], cohort)
+            deltas, losses, steps = [], [], []
+            for i in range(size):
+                client = jax.tree.map(lambda x: x[i], chunk)
+                if float(client.weight) <= 0.0:  # a padding row: not trained, not delivered
+                    deltas.append(jax.tree.map(jnp.zeros_like, params))
+                    losses.append(jnp.float32(0))
+                    steps.append(jnp.int32(0))
+                    continue
+                delta, stats = self._train(params, client, train_key)
+                deltas.append(delta)
+                losses.append(stats.loss)
+                steps.append(stats.steps)
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *deltas)
+            acc, rep = self._secure_chunk(acc, stacked, jnp.stack(losses), jnp.stack(steps).astype(jnp.int32),
+                                          chunk, noise_key)
+            reports.append(rep)
+        return acc, jax.tree.map(lambda *xs: jnp.concatenate(xs), *reports)
 
     def __call__(self, state: ServerState, cohorts: Sequence[Cohort],
                  key: jax.Array) -> tuple[ServerState, RoundMetrics]:
         train_key, noise_key = self._keys(key, state.round)
-        acc = zeros_accumulator(state.params)
+        secure = self.engine_cfg.secagg is not None
+        acc = zeros_accumulator(state.params, secure)
         reports = []
         for cohort in cohorts:
+            if secure:
+                acc, report = self._secure_cohort(acc, state.params, cohort, train_key, noise_key)
+                reports.append(report)
+                continue
             rows = []
             for i in range(int(cohort.client_id.shape[0])):
                 client = jax.tree.map(lambda x: x[i], cohort)
@@ -216,7 +254,7 @@ class SequentialRunner:
                 rows.append(jax.tree.map(lambda x: x[0], rep))
             reports.append(_stack_reports(rows, cohort))
         state, (norm, std) = self._finish(state, acc, noise_key, tuple(cohorts))
-        return state, RoundMetrics(tuple(reports), norm, acc.weight_sum, std)
+        return state, RoundMetrics(tuple(reports), norm, acc.weight_sum, std, _secagg_error(acc, self.engine_cfg))
 
 
 def _stack_reports(rows: list, cohort: Cohort) -> ClientReport:

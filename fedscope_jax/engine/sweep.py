@@ -11,7 +11,7 @@ train from that config's parameters, so the per-client matmuls of all configs ru
 
 Configs with no participating client in a round keep their state (only the round counter advances), as a
 single run skips such a round. A config's noise mode (and secure aggregation) is static: configs whose
-`EngineConfig` differs form separate groups, i.e. separate programs (train/federated.py groups them).
+`EngineConfig` differs form separate groups, i.e. separate programs (train/loop.py groups them).
 
 Devices: the config axis is laid on a 1-D mesh axis "configs" (`jax.shard_map`), each device running its
 configs' rounds with the clients unsharded; the config count is padded to a multiple of the devices with
@@ -30,7 +30,8 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from fedscope_jax.engine.client import ClientConfig
-from fedscope_jax.engine.round import Cohort, EngineConfig, RoundMetrics, round_step
+from fedscope_jax.engine.cohort import Cohort
+from fedscope_jax.engine.round import EngineConfig, RoundMetrics, round_step
 from fedscope_jax.engine.server import ServerState
 from fedscope_jax.errors import FedscopeError
 
@@ -97,7 +98,6 @@ def config_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.array(devices), (CONFIG_AXIS,))
 
 
-@functools.lru_cache(maxsize=16)
 def make_sweep_round_fn(client_cfg: ClientConfig, server_opt: optax.GradientTransformation,
                         engine_cfg: EngineConfig, mesh: Mesh | None = None, donate: bool = True,
                         config_chunk: int = 0) -> Callable[[ServerState, Sequence[Cohort], jax.Array],
@@ -105,7 +105,7 @@ def make_sweep_round_fn(client_cfg: ClientConfig, server_opt: optax.GradientTran
     """The jitted sweep round: (states, cohorts, keys) -> (states, metrics), all with a leading config axis.
 
     With `mesh` (axis "configs"), the config axis is sharded over its devices: the config count must be a
-    multiple of devices x config_chunk (`pad_configs`). Cached on its (hashable) arguments."""
+    multiple of devices x config_chunk (`pad_configs`)."""
     fn = functools.partial(sweep_round_step, client_cfg=client_cfg, server_opt=server_opt, engine_cfg=engine_cfg,
                            config_chunk=config_chunk)
     if mesh is not None:
@@ -178,12 +178,11 @@ def config_vectors(cohorts: Sequence[Cohort], n_clients: int,
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=32)
 def round_program(client_cfg: ClientConfig, server_opt: optax.GradientTransformation, engine_cfg: EngineConfig,
                   sweep: bool, mesh: Mesh | None = None, config_chunk: int = 0) -> Any:
     """The ahead-of-time compiled round (`round.CompiledFn`): a sweep program (leading config axis, vmapped
-    `config_chunk` configs at a time, 0 = all) or the single-run program. Cached, so runs and seeds with equal
-    settings and shapes reuse the executables."""
+    `config_chunk` configs at a time, 0 = all) or the single-run program. `train.programs.PROGRAMS` keeps them,
+    so runs and seeds with equal settings and shapes reuse the executables."""
     from fedscope_jax.engine.round import CompiledFn, make_round_fn
 
     if sweep:

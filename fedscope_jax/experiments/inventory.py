@@ -50,27 +50,19 @@ def client_steps(ds: Any, cfg: Any) -> tuple[np.ndarray, int]:
 
 
 def round_steps(steps_of: np.ndarray, cfg: Any, multiple: int = 1) -> tuple[list[int], list[int]]:
-    """(real steps, slot steps) of each round of a federated run: `train.federated.run_tracks`' sampling,
-    size buckets and fixed bucket slots, with bucket slots padded to `multiple` (devices x client chunk)."""
-    from fedscope_jax.engine.cohort import BucketPlan, best_boundaries, bucket_capacities, fill_buckets
-    from fedscope_jax.engine.sampling import sample_clients
+    """(real steps, slot steps) of each round of a federated run: the trainer's own sampling and bucket layout
+    (`engine.population`: the helpers `train.loop` uses), with bucket slots padded to `multiple` (devices x
+    client chunk)."""
+    from fedscope_jax.engine.population import population_of_steps
 
     f = cfg.federated
-    trainable = np.flatnonzero(steps_of > 0)
-    if not len(trainable):
-        raise FedscopeError("no client has training data")
-    plan = BucketPlan(tuple(best_boundaries(steps_of[trainable], f.max_buckets)), ())
-    capacity = bucket_capacities(plan, steps_of[trainable], len(steps_of), f.sampling, f.fraction)
+    pop = population_of_steps(steps_of, f.seed, f.sampling, f.fraction, f.max_buckets)
     real, slots = [], []
     for r in range(f.rounds):
-        sampled = [int(c) for c in sample_clients(f.seed, r, len(steps_of), f.sampling, f.fraction)
-                   if steps_of[c] > 0]
-        groups: dict[int, list[int]] = {}
-        for c in sampled:
-            groups.setdefault(plan.bucket_of(int(steps_of[c])), []).append(c)
-        members, caps = fill_buckets(groups, plan, multiple, capacity=capacity) if sampled else ({}, {})
-        real.append(int(sum(steps_of[c] for m in members.values() for c in m)))
-        slots.append(int(sum(caps[b] * plan.steps[b] for b in caps)))
+        _, sampled = pop.participants(r, [None])
+        members, caps = pop.layout(sampled, multiple) if len(sampled) else ({}, {})
+        real.append(int(sum(pop.steps_of[sampled[p]] for m in members.values() for p in m)))
+        slots.append(int(sum(caps[b] * pop.plan.steps[b] for b in caps)))
     return real, slots
 
 
@@ -205,12 +197,12 @@ def hours(work: Work, mode: str, cal: Mapping[str, Any]) -> dict[str, float]:
 
 def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts: Any,
                    cal: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The work of every cell of `studies` (`experiments.runner.Options`: profile, datasets, data root; the
+    """The work of every cell of `studies` (`experiments.planning.Options`: profile, datasets, data root; the
     datasets are prepared under OUT/data as `fedscope reproduce` does). A cell shared by several studies
     (ablation's full FedSCOPE is main's) counts once, in the first. With `cal` (`calibration`), federated
     slots are counted at its client chunks and each cell and study gets its estimated hours (`hours`)."""
-    from fedscope_jax.experiments.runner import CellData, plan
     from fedscope_jax.experiments.cells import run_config
+    from fedscope_jax.experiments.planning import CellData, plan
     from fedscope_jax.train.config import step_shape
 
     cells_of = plan(list(studies), dict(all_studies), opts)

@@ -58,7 +58,7 @@ def privacy_utility(groups: Sequence[Group], path: Path, title: str) -> Path | N
     return path
 
 
-def _curve(run: Any) -> tuple[np.ndarray, np.ndarray]:
+def curve(run: Any) -> tuple[np.ndarray, np.ndarray]:
     """(x, validation score) of one run: rounds (federated) or epochs; score = 'select' (mean NDCG@10).
     Local-only runs log one line per (client, epoch) on the client's own validation users: the curve is
     the mean over the clients that reached that epoch (they stop early at different epochs)."""
@@ -82,7 +82,7 @@ def convergence(groups: Sequence[Group], path: Path, title: str) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = 0
     for g in groups:
-        curves = [_curve(r) for r in g.runs]
+        curves = [curve(r) for r in g.runs]
         curves = [c for c in curves if c[0].size]
         if not curves:
             continue

@@ -16,8 +16,7 @@ cell with checkpoints resumes from its last round; a sweep cell keeps its finish
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib
+import functools
 import math
 import os
 import platform
@@ -26,117 +25,23 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from fedscope_jax.errors import FedscopeError
-from fedscope_jax.experiments.cells import DRY_RUN_USERS, Cell, expand, run_config
-from fedscope_jax.experiments.datasets import DATASETS, dataset_for, semantic_for
+from fedscope_jax.errors import FedscopeError, ResumeMismatch
+from fedscope_jax.experiments.cells import Cell, run_config
+from fedscope_jax.experiments.inventory import cell_work
 from fedscope_jax.experiments.methods import METHODS
+from fedscope_jax.experiments.planning import CellData, Options, plan, trainer
 from fedscope_jax.experiments.spec import Study
+from fedscope_jax.train.programs import PROGRAMS
+from fedscope_jax.train.sweep import sweep_points
+from fedscope_jax.utils.io import read_json, write_json
+from fedscope_jax.utils.progress import progress
 
 CELL_FILE = "cell.json"
 PLAN_FILE = "plan.json"
 SWEEP_DONE = "sweep.done"
 
-# What each training mode needs, as (module, function, who builds it): a missing one is a clear error.
-TRAINERS = {
-    "federated": ("fedscope_jax.train.federated", "train_federated", "the federated engine"),
-    "centralized": ("fedscope_jax.train.centralized", "train_centralized", "centralized training"),
-    "local": ("fedscope_jax.train.local", "train_local", "the local-only baseline (train/local.py)"),
-    "sweep": ("fedscope_jax.train.sweep", "run_sweep", "the sweep axis (train/sweep.py)"),
-}
-
-
-def trainer(mode: str) -> Callable[..., Any]:
-    """The training function of `mode`; a FedscopeError naming the missing module otherwise."""
-    module, func, what = TRAINERS[mode]
-    try:
-        fn = getattr(importlib.import_module(module), func, None)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        fn = None
-    if fn is None:
-        raise FedscopeError(f"{what}: {module}.{func} is not in this checkout; the cells of mode {mode!r} "
-                            "cannot run (no result is faked)")
-    return fn
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    profile: str
-    out: Path
-    data_root: Path
-    attributes_root: Path | None = None
-    dry_run: bool = False
-    datasets: tuple[str, ...] | None = None    # restrict every study to these datasets (None: the study's)
-    smoke: bool = False    # keep only the first cell of each (study, method): a fast plumbing check
-    compile_cache: bool = True   # JAX's persistent compilation cache (compile_cache_dir)
-    compile_cache_root: Path | None = None   # where that cache lives (None: OUT/cache/xla)
-
-
-def plan(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> dict[str, list[Cell]]:
-    """{study: cells}; a derived study also pulls in the cells of the study it reads. Checks every cell's
-    RunConfig and that every training mode it needs exists (before anything runs)."""
-    names = [s.name for s in studies]
-    for s in studies:
-        if s.reads and s.reads not in names:
-            names.insert(names.index(s.name), s.reads)
-    out: dict[str, list[Cell]] = {}
-    for name in names:
-        study = all_studies[name]
-        cells = expand(study, opts.profile, opts.dry_run)
-        if opts.datasets is not None:
-            unknown = [d for d in opts.datasets if d not in DATASETS]
-            if unknown:
-                raise FedscopeError(f"--datasets: unknown dataset {unknown[0]!r}; expected among {', '.join(DATASETS)}")
-            cells = [c for c in cells if c.dataset in opts.datasets]
-        if opts.smoke:
-            first: dict[str, Cell] = {}
-            for c in cells:
-                first.setdefault(c.method, c)
-            cells = list(first.values())
-        for cell in cells:
-            run_config(cell, str(study.path))
-            trainer(cell.mode)
-        out[name] = cells
-    return out
-
-
-def _limits(study: Study, dataset: str, opts: Options) -> tuple[int, int]:
-    """(users, items per domain) kept of `dataset` under the study's profile (0 = all)."""
-    prof = study.profile(opts.profile)
-    users = prof.users_for(dataset)
-    return (min(users or DRY_RUN_USERS, DRY_RUN_USERS) if opts.dry_run else users), prof.max_items
-
-
-class CellData:
-    """The prepared datasets (and attribute tables) of a reproduction's cells, each loaded once:
-    `get(study, dataset)` -> (dataset dir, dataset, semantic, coverage, attributes label); `facts` holds
-    what plan.json records about each one (users, items, interactions kept)."""
-
-    def __init__(self, opts: Options):
-        self.opts = opts
-        self.loaded: dict[tuple[str, int, int], tuple[Path, Any, Any, Any, str]] = {}
-        self.facts: dict[str, dict[str, Any]] = {}
-
-    def get(self, study: Study, name: str) -> tuple[Path, Any, Any, Any, str]:
-        from fedscope_jax.data.canonical import load_dataset
-
-        users, items = _limits(study, name, self.opts)
-        if (name, users, items) not in self.loaded:
-            path = dataset_for(name, self.opts.data_root, self.opts.out / "data", users, max_items=items)
-            ds = load_dataset(path)
-            semantic, coverage, label = semantic_for(path, ds, self.opts.attributes_root, name)
-            self.loaded[(name, users, items)] = (path, ds, semantic, coverage, label)
-            self.facts[path.name] = {"dataset": name, "users": int(ds.n_users),
-                                     "items": [int(n) for n in ds.n_items], "interactions": int(len(ds.user)),
-                                     "max_users": users, "max_items": items}
-        return self.loaded[(name, users, items)]
-
-
 def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> dict[str, Any]:
     """Runs every cell (skipping finished ones) and writes plan.json; returns the plan."""
-    from fedscope_jax.utils.io import read_json, write_json
-
     root = opts.out / "dry-run" if opts.dry_run else opts.out
     root.mkdir(parents=True, exist_ok=True)
     plan_path = root / PLAN_FILE
@@ -171,7 +76,7 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
         write_json(record, plan_path)
 
     cache_dir = compile_cache_dir(opts.out, opts.compile_cache_root) if opts.compile_cache else None
-    with _quick_compiles(opts.dry_run), _compile_cache(cache_dir) as (cache, compiles):
+    with _quick_compiles(opts.dry_run), persistent_compile_cache(cache_dir) as (cache, compiles):
         record["compile_cache"] = cache
         record["xla_compiles_this_process"] = compiles   # updated in place while the cells run
         save()   # a report of a partial reproduction shows what is missing
@@ -230,7 +135,7 @@ def compile_cache_dir(out: Path, root: Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _compile_cache(path: Path | None):
+def persistent_compile_cache(path: Path | None):
     """JAX's persistent compilation cache in `path` while the block runs (None: left as it is), restored
     after. Yields (what plan.json records about the cache, counts of this process's XLA compilations).
 
@@ -282,14 +187,12 @@ def _compile_cache(path: Path | None):
             compilation_cache.reset_cache()
 
 
-def _weights(todo: list[Any]) -> tuple[list[int], int]:
+def progress_weights(todo: list[Any]) -> tuple[list[int], int]:
     """Each cell's share of the progress bar, and the share already done: its counted local steps
     (`experiments.inventory`: federated slot steps at client chunk 1, centralized / local-only steps at most),
     so the bar's rate and time left follow the work (the full profile's cells differ 7-fold in size with the
     dataset) rather than the cell count. A cell listed again (a study sharing another's) weighs 0, and cells a
     killed reproduction finished start the bar, so that a resumed one does not count them in its rate."""
-    from fedscope_jax.experiments.inventory import cell_work
-
     out, done, seen = [], 0, set()
     for study, cell, cell_dir, (ds, *_rest) in todo:
         if cell_dir in seen:
@@ -309,9 +212,7 @@ def _weights(todo: list[Any]) -> tuple[list[int], int]:
 def _run_all(todo: list[Any], record: dict[str, Any], opts: Options, save: Callable[[], None]) -> None:
     """Runs the cells in order. After each: its time added to its study's and this process's seconds, and to
     `cells_seconds` when it trained or failed (a finished cell skipped costs nothing); then `save()`."""
-    from fedscope_jax.utils.progress import progress
-
-    weights, finished = _weights(todo)
+    weights, finished = progress_weights(todo)
     bar = progress(total=sum(weights), initial=finished, desc="reproduce" + (" (dry run)" if opts.dry_run else ""),
                    unit="step", unit_scale=sum(weights) >= 10_000)   # 1.04M/1.97M, but 64/80
     failed: dict[str, str] = record.setdefault("failed", {})
@@ -359,26 +260,14 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options, save: Calla
 
 
 def release_programs() -> None:
-    """Drops every compiled program this process holds (the trainers' program caches and JAX's own).
+    """Drops every compiled program this process holds (`train.programs.PROGRAMS` and JAX's own caches).
 
     Each XLA:CPU executable maps ~1,400 memory regions; a process that keeps the programs of ~45 different
     cells reaches Linux's default vm.max_map_count (65,530), and LLVM then fails ("Cannot allocate memory")
     and the process crashes. The reproduction releases them between cells (never between the seeds of a
     cell, which reuse them); with the compilation cache on, a later cell reads a released program back from
     OUT/cache/xla instead of compiling it again."""
-    import gc
-
-    import jax
-
-    from fedscope_jax.engine import round as engine_round
-    from fedscope_jax.engine import sweep as engine_sweep
-    from fedscope_jax.train import centralized, federated
-
-    for cached in (engine_round.make_round_fn, engine_sweep.make_sweep_round_fn, engine_sweep.round_program,
-                   federated._client_config, centralized.make_train_step):
-        cached.cache_clear()
-    jax.clear_caches()
-    gc.collect()
+    PROGRAMS.clear()
 
 
 def _cpu_seconds() -> float:
@@ -403,8 +292,6 @@ def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, 
              study: Study) -> bool:
     """Trains one cell into `cell_dir` unless its summary.json exists (then returns False, True otherwise);
     writes cell.json last."""
-    from fedscope_jax.utils.io import write_json
-
     cfg = run_config(cell, str(study.path))
     method = METHODS[cell.method]
     sem = semantic if method.attributes else None
@@ -412,7 +299,7 @@ def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, 
     ident = {**cell.identity(), "attributes": attributes, "semantic_coverage": coverage if sem is not None else None,
              "dataset_dir": str(dataset_dir), "overrides": list(cell.overrides)}
     if cell.mode == "sweep":
-        return _run_sweep(cell, cell_dir, ds, cfg, sem, ident)
+        return run_sweep_cell(cell, cell_dir, ds, cfg, sem, ident)
     if (cell_dir / "summary.json").is_file():
         return False
     extra = {"data": str(dataset_dir), "attributes": attributes, "semantic_coverage": ident["semantic_coverage"],
@@ -422,8 +309,8 @@ def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, 
         resume = (cell_dir / "checkpoints").is_dir() and (cell_dir / "config.json").is_file()
         try:
             fn(ds, cfg, cell_dir, sem, extra, resume=resume, force=not resume)
-        except FedscopeError as exc:
-            if not resume or "--resume" not in str(exc):
+        except ResumeMismatch:
+            if not resume:
                 raise
             fn(ds, cfg, cell_dir, sem, extra, resume=False, force=True)   # config changed: start over
     else:
@@ -432,43 +319,34 @@ def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, 
     return True
 
 
-def _run_sweep(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ident: dict[str, Any]) -> bool:
+def run_sweep_cell(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ident: dict[str, Any]) -> bool:
     """One run_sweep program for the cell's seed (modes x epsilons); cell.json written into each of its runs.
     False when the sweep had finished before (nothing run).
 
     An existing sweep directory (a killed reproduction) is resumed; one whose config no longer matches the
     cell's is trained again from scratch (as run_cell does for a federated cell)."""
-    import functools
-    import re
-
-    from fedscope_jax.utils.io import write_json
-
     done = sweep_dir / SWEEP_DONE
     if done.is_file():
         return False
     extra = {"attributes": ident["attributes"], "semantic_coverage": ident["semantic_coverage"],
              "mode": "federated", "experiment": ident}
-    sweep = functools.partial(trainer("sweep"), ds, cfg, list(cell.sweep_modes), list(cell.sweep_epsilons),
-                              [cell.seed], sweep_dir, semantic=sem, extra=extra)
+    modes, epsilons = list(cell.sweep_modes), list(cell.sweep_epsilons)
+    sweep = functools.partial(trainer("sweep"), ds, cfg, modes, epsilons, [cell.seed], sweep_dir, semantic=sem,
+                              extra=extra)
     resume = sweep_dir.exists()
     try:
         sweep(resume=resume, force=False)
-    except FedscopeError as exc:
-        if not resume or "--resume" not in str(exc):
+    except ResumeMismatch:
+        if not resume:
             raise
         sweep(resume=False, force=True)   # config changed: start over
-    runs = sorted(p for p in sweep_dir.glob(f"*-seed{cell.seed}") if (p / "summary.json").is_file())
-    if not runs:
-        raise FedscopeError(f"{sweep_dir}: run_sweep wrote no run directory *-seed{cell.seed}")
-    for run in runs:
-        m = re.fullmatch(r"(?P<mode>.+)-eps(?P<eps>[^-]+)-seed(?P<seed>\d+)", run.name)
-        if m is None:
-            raise FedscopeError(f"{run}: unexpected sweep run name (expected <mode>-eps<eps>-seed<seed>)")
-        eps = float(m["eps"])
-        mode = m["mode"] if math.isfinite(eps) else "off"
+    for point in sweep_points(cfg, modes, epsilons, [cell.seed]):
+        run = sweep_dir / point.name
+        if not (run / "summary.json").is_file():
+            raise FedscopeError(f"{run}: run_sweep wrote no summary.json for this configuration")
+        mode, eps = point.privacy_mode, point.epsilon
         write_json({**ident, "dp": "off" if mode == "off" else f"{mode}-eps{eps:g}", "privacy_mode": mode,
-                    "sweep_mode": m["mode"], "epsilon": eps if math.isfinite(eps) else None,
-                    "seed": int(m["seed"])}, run / CELL_FILE)
+                    "sweep_mode": point.mode, "epsilon": eps if math.isfinite(eps) else None,
+                    "seed": point.seed}, run / CELL_FILE)
     done.write_text("ok\n", encoding="utf-8")
     return True
-

@@ -1,1 +1,4 @@
-"""Losses: next-item prediction (rec) and IIDCL contrastive terms (iidcl); pure jnp functions."""
+"""Losses: next-item prediction (rec), IIDCL contrastive terms (iidcl), sequence contrastive learning
+(seqcl); pure jnp functions."""
+
+__all__ = ["iidcl", "rec", "seqcl"]

@@ -32,7 +32,7 @@ from fedscope_jax.privacy.config import ACCOUNTANTS
 PLD_DISCRETIZATION = 1e-3  # value_discretization_interval of the PLD accountant (see shared notes)
 
 
-class _SkippedOrders(logging.Filter, contextlib.ContextDecorator):
+class SkippedOrders(logging.Filter, contextlib.ContextDecorator):
     """While active, drops dp-accounting's "failed to converge ... Excluding this order" warnings.
 
     With Poisson subsampling (--amplification) the RDP accountant logs one such warning per fractional order
@@ -44,7 +44,7 @@ class _SkippedOrders(logging.Filter, contextlib.ContextDecorator):
         message = record.getMessage()
         return not ("failed to converge" in message and "Excluding this order" in message)
 
-    def __enter__(self) -> "_SkippedOrders":
+    def __enter__(self) -> "SkippedOrders":
         logging.getLogger("absl").addFilter(self)
         return self
 
@@ -93,7 +93,7 @@ def epsilon_spent(kind: str, noise_multiplier: float, events: int, delta: float,
     if kind == "rdp":
         # Identical arithmetic to composing run_event(...) in a fresh RdpAccountant (its RDP vector starts at 0
         # and grows by count * rdp(one event)), with the per-event RDP vector cached: O(orders) per call.
-        orders, one = _rdp_of_one_event(noise_multiplier, sampling_rate, amplification)
+        orders, one = rdp_of_one_event(noise_multiplier, sampling_rate, amplification)
         return float(rdp.rdp_privacy_accountant.compute_epsilon(orders, np.zeros_like(one) + events * one,
                                                                 float(delta))[0])
     accountant = make_accountant(kind)
@@ -102,8 +102,8 @@ def epsilon_spent(kind: str, noise_multiplier: float, events: int, delta: float,
 
 
 @functools.lru_cache(maxsize=65536)
-@_SkippedOrders()
-def _rdp_of_one_event(noise_multiplier: float, sampling_rate: float,
+@SkippedOrders()
+def rdp_of_one_event(noise_multiplier: float, sampling_rate: float,
                       amplification: bool) -> tuple[np.ndarray, np.ndarray]:
     accountant = rdp.RdpAccountant()
     accountant.compose(round_event(noise_multiplier, sampling_rate, amplification))
@@ -133,7 +133,7 @@ def planned_events(sampling_rate: float, rounds: int, amplification: bool, quant
     return int(min(rounds, np.searchsorted(cdf, quantile - 1e-12)))
 
 
-@_SkippedOrders()
+@SkippedOrders()
 def calibrate_noise_multiplier(epsilon: float, delta: float, events: int, kind: str = "rdp",
                                sampling_rate: float = 1.0, amplification: bool = False) -> float:
     """Smallest z (to 1e-6) whose run of `events` accounted rounds spends at most `epsilon` at `delta`.

@@ -1,8 +1,7 @@
-"""PrivacyConfig: the `privacy` section of a run config, its validation, and the `fedscope train` flags."""
+"""PrivacyConfig: the `privacy` section of a run config and its validation (its flags: cli/flags.py)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from typing import Any, Mapping
@@ -132,32 +131,3 @@ class PrivacyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
-    """The privacy flags of `fedscope train` (and `sweep`); they override the --config file's `privacy` keys."""
-    group = parser.add_argument_group("privacy (client-level DP; docs/privacy.md)")
-    group.add_argument("--privacy", choices=MODES, help="DP mode (default: personalized)")
-    group.add_argument("--epsilon", type=float, help="nominal epsilon of the whole run per client (default 8)")
-    group.add_argument("--delta", type=float, help="delta of the whole run (default 1e-5)")
-    group.add_argument("--accountant", choices=ACCOUNTANTS, help="dp-accounting accountant (default rdp)")
-    group.add_argument("--amplification", action=argparse.BooleanOptionalAction, default=None,
-                       help="count Poisson-subsampling amplification (default off; see docs for validity)")
-    group.add_argument("--clipping", choices=CLIPPINGS, help="fixed or adaptive per-client clip norm")
-    group.add_argument("--clip-norm", type=float, help="(initial) clip norm C_k (default 1.0)")
-    group.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
-                       help="simulated secure aggregation of the noised updates, per chunk (default off)")
-
-
-def config_from_args(args: argparse.Namespace, base: PrivacyConfig | None = None) -> PrivacyConfig:
-    """`base` (from the config file) with the command-line flags that were given applied on top."""
-    base = base or PrivacyConfig()
-    flags = {"mode": "privacy", "epsilon": "epsilon", "delta": "delta", "accountant": "accountant",
-             "amplification": "amplification", "clipping": "clipping", "clip_norm": "clip_norm", "secagg": "secagg"}
-    values, given = base.to_dict(), {}
-    for field, attr in flags.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            values[field] = value
-            given[field] = "--" + attr.replace("_", "-")
-    return PrivacyConfig.from_mapping(values, flags=given)

@@ -3,8 +3,7 @@
 The accounting of a run depends only on the clients' sizes, the privacy config, the number of rounds and
 who takes part in each round, not on the model, so it can be computed before (or instead of) training:
 
-    python -m fedscope_jax.privacy.dryrun ../shared/data/abxi-food-kitchen --clients 64 --rounds 50 \
-        --out out/afk-privacy
+    fedscope privacy dry-run ../shared/data/abxi-food-kitchen --clients 64 --rounds 50 --out out/afk-privacy
 
 DATASET is a prepared dataset directory or a raw source folder (prepared into a temporary directory that is
 deleted afterwards). Clients come from `fedscope_jax.data.partition`; participation is Poisson sampled at
@@ -14,17 +13,13 @@ Writes privacy_ledger.arrow, metrics.jsonl (one privacy row per round) and summa
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from fedscope_jax.errors import FedscopeError
-from fedscope_jax.privacy.config import PrivacyConfig, add_privacy_arguments, config_from_args
+from fedscope_jax.privacy.config import PrivacyConfig
 from fedscope_jax.utils.io import atomic_output_dir, write_json
 from fedscope_jax.utils.progress import progress
 
@@ -84,7 +79,7 @@ def dry_run(sizes: np.ndarray, config: PrivacyConfig, rounds: int, sampling_rate
     return summary
 
 
-def _table(sizes: np.ndarray, summary: dict) -> str:
+def summary_table(sizes: np.ndarray, summary: dict) -> str:
     keys = ["clients", "rounds", "sampling_rate", "mode", "accountant", "amplification", "delta",
             "epsilon_nominal", "eps_target_min", "eps_target_median", "eps_target_max", "noise_multiplier_min",
             "noise_multiplier_median", "noise_multiplier_max", "eps_spent_min", "eps_spent_median",
@@ -94,32 +89,3 @@ def _table(sizes: np.ndarray, summary: dict) -> str:
               for k in keys]
     lines.append(f"{'stopped_clients':>24}: {len(summary['stopped_clients'])}")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedscope_jax.privacy.dryrun", description=__doc__.split("\n")[0])
-    parser.add_argument("dataset", help="prepared dataset directory or raw source folder")
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--scheme", default="powerlaw", help="partition scheme (fedscope data partition)")
-    parser.add_argument("--alpha", type=float, default=None, help="partition exponent/concentration (its default)")
-    parser.add_argument("--partition", help="a saved partition.arrow (fedscope data partition) instead of the above")
-    parser.add_argument("--rounds", type=int, default=50)
-    parser.add_argument("--sampling-rate", type=float, default=1.0, help="per-round participation probability")
-    parser.add_argument("--seed", type=int, default=0, help="partition and participation seed")
-    parser.add_argument("--out", help="write privacy_ledger.arrow, metrics.jsonl, summary.json here")
-    parser.add_argument("--force", action="store_true", help="replace an existing --out")
-    add_privacy_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-        sizes = client_sizes(args.dataset, args.clients, args.scheme, args.seed, args.alpha, args.partition)
-        summary = dry_run(sizes, config, args.rounds, args.sampling_rate, args.seed, args.out, args.force)
-    except FedscopeError as exc:
-        print(f"privacy dry run: error: {exc}", file=sys.stderr)
-        return 2
-    print(_table(sizes, summary))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

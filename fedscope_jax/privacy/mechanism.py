@@ -1,69 +1,97 @@
-"""The per-client Gaussian mechanism as pure jnp functions over pytrees with a leading client axis.
+"""The project's one Gaussian mechanism: a clipping step that carries its sensitivity, and a noise step.
 
-Everything here is jittable and vectorized over the client axis C: clip norms C_k, noise std z_k * C_k,
-clipped-bits and participation are all [C] vectors, so the engine fuses them into its one jitted round.
-Random keys come in per client (a [C] key array, e.g. `jax.random.split(round_noise_key, C)`), so the
-noise a client draws does not depend on how the engine chunks the client axis.
+Contributors sit on a leading axis [c] (the clients of a chunk). The clipping step scales contributor k's
+value x_k by s_k = w_k min(1, C_k / ||x_k||), so that s_k x_k has norm <= w_k C_k, and reports that bound:
+adding or removing one contributor moves the sum sum_k s_k x_k by at most max_k w_k C_k in L2 (its
+sensitivity). The noise step draws N(0, std^2) on every coordinate, leaf i of a pytree from
+fold_in(key, i), so a draw depends on its key alone, never on how the contributors are chunked, sharded or
+padded. The Gaussian mechanism is then x + N(0, (z * sensitivity)^2): the engine adds it per contributor
+(each its own key), once on the sum of contributors (as the same distribution, one draw), or once on the sum
+with a central noise multiplier. The habit is jax_privacy's BoundedSensitivityCallable and optax's DP
+transforms; everything is a pure, jittable function over pytrees.
+
+Also here: per-client quantile clipping (its noised bit is the other Gaussian mechanism a client releases).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 
 
-def per_client_norms(updates: PyTree) -> jax.Array:
-    """Global L2 norm of each client's update (over all leaves): [C] float32."""
-    leaves = jax.tree_util.tree_leaves(updates)
-    squares = [jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1) for x in leaves]
-    return jnp.sqrt(sum(squares))
+def clip_factor(norm: jax.Array, clip: jax.Array) -> jax.Array:
+    """min(1, C / norm); 1 for a zero update or C = inf."""
+    return jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
 
 
-def _per_client_scale(leaf: jax.Array, scale: jax.Array) -> jax.Array:
-    return leaf * scale.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
+def noise_std(clip: jax.Array, noise_multiplier: jax.Array) -> jax.Array:
+    """z * C, with z = 0 meaning no noise even when C = inf."""
+    return jnp.where(noise_multiplier > 0, noise_multiplier * clip, 0.0)
 
 
-def clip_per_client(updates: PyTree, clip_norms: jax.Array) -> tuple[PyTree, jax.Array]:
-    """Scales client k's update to global norm <= clip_norms[k]; returns (clipped, unclipped norms).
-
-    An infinite clip norm leaves the update unchanged (privacy off).
-    """
-    norms = per_client_norms(updates)
-    clip_norms = jnp.asarray(clip_norms, jnp.float32)
-    scale = jnp.minimum(1.0, clip_norms / jnp.maximum(norms, 1e-12))
-    return jax.tree_util.tree_map(lambda x: _per_client_scale(x, scale), updates), norms
+def contribution_bounds(weight: jax.Array, clip: jax.Array) -> jax.Array:
+    """w_k C_k: the most contributor k's clipped, weighted value can move a sum (0 where w_k = 0, e.g. padding
+    with C = inf). From public inputs only, never from the values."""
+    return jnp.where(weight > 0, weight * clip, 0.0)
 
 
-def add_noise_per_client(updates: PyTree, noise_stds: jax.Array, keys: jax.Array) -> PyTree:
-    """Adds N(0, noise_stds[k]^2) to every coordinate of client k's update, with client k's own key."""
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
-    noise_stds = jnp.asarray(noise_stds, jnp.float32)
+class Clipped(NamedTuple):
+    """The clipping step's output over the contributor axis [c] (the values themselves are not materialized:
+    the caller multiplies contributor k's value by `scale[k]` where it sums)."""
 
-    def one_client(key: jax.Array, std: jax.Array, *client_leaves: jax.Array) -> list[jax.Array]:
-        leaf_keys = jax.random.split(key, len(client_leaves))
-        return [x + (std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
-                for k, x in zip(leaf_keys, client_leaves)]
+    scale: jax.Array     # w_k min(1, C_k / ||x_k||) for included contributors, else 0
+    norm: jax.Array      # raw L2 norm of x_k (NaN / inf when x_k is not finite)
+    factor: jax.Array    # min(1, C_k / ||x_k||): 1 means not clipped
+    included: jax.Array  # bool: w_k > 0 and x_k finite
+    bound: jax.Array     # w_k C_k (`contribution_bounds`): ||scale_k x_k|| <= bound_k
 
-    noised = jax.vmap(one_client)(keys, noise_stds, *leaves)
-    return jax.tree_util.tree_unflatten(treedef, noised)
+    def sensitivity(self) -> jax.Array:
+        """L2 sensitivity of sum_k scale_k x_k to adding or removing one contributor."""
+        return jnp.max(self.bound)
 
 
-def privatize_updates(updates: PyTree, clip_norms: jax.Array, noise_multipliers: jax.Array,
-                      keys: jax.Array) -> tuple[PyTree, jax.Array]:
-    """Clip each client's update to C_k, then add N(0, (z_k C_k)^2): the local Gaussian mechanism.
+def clip(values: PyTree, clip_norms: jax.Array, weight: jax.Array,
+         finite: jax.Array | None = None) -> tuple[PyTree, Clipped]:
+    """The clipping step. values: a pytree whose leaves have the contributor axis [c].
 
-    Returns (privatized updates, unclipped norms). Clients with z_k = 0 get no noise; C_k = inf no clipping
-    (and must have z_k = 0: privacy off).
-    """
-    clipped, norms = clip_per_client(updates, clip_norms)
-    clip_norms = jnp.asarray(clip_norms, jnp.float32)
-    stds = jnp.where(jnp.asarray(noise_multipliers) > 0, jnp.asarray(noise_multipliers, jnp.float32) * clip_norms,
-                     0.0)
-    return add_noise_per_client(clipped, stds, keys), norms
+    Returns (values with non-finite contributors zeroed, Clipped). A contributor is excluded (scale 0) when
+    w_k = 0 or its value (or `finite[k]` False, e.g. its loss) is not finite; C_k = inf means no clipping."""
+    ok = jnp.ones(weight.shape, bool) if finite is None else finite
+    for leaf in jax.tree.leaves(values):
+        ok &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+    norm = jax.vmap(optax.tree.norm)(values)
+    values = jax.tree.map(lambda v: jnp.where(ok.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0.0), values)
+    factor = clip_factor(jnp.where(ok, norm, 0.0), clip_norms)
+    included = ok & (weight > 0)
+    scale = jnp.where(included, weight, 0.0) * factor
+    return values, Clipped(scale, norm, factor, included, contribution_bounds(weight, clip_norms))
+
+
+def standard_normal(key: jax.Array, index: int, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """The one draw: N(0, 1) of `shape` for leaf `index`, from fold_in(key, index)."""
+    return jax.random.normal(jax.random.fold_in(key, index), shape, dtype)
+
+
+def add_noise(tree: PyTree, std: jax.Array, key: jax.Array) -> PyTree:
+    """The noise step: tree + N(0, std^2) on every coordinate (leaf i drawn with `standard_normal(key, i)`)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [x + std * standard_normal(key, i, x.shape, x.dtype)
+                                        for i, x in enumerate(leaves)])
+
+
+def contributor_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
+    """[c] keys fold_in(key, id_k): contributor k's own noise key, whatever chunk it sits in."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids)
+
+
+def contributor_noise(keys: jax.Array, index: int, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """[c, *shape]: each contributor's own `standard_normal` draw for leaf `index`, from its key."""
+    return jax.vmap(standard_normal, in_axes=(0, None, None, None))(keys, index, shape, dtype)
 
 
 def adaptive_clip_update(clip_norms: jax.Array, norms: jax.Array, participated: jax.Array, key: jax.Array, *,
@@ -84,18 +112,3 @@ def adaptive_clip_update(clip_norms: jax.Array, norms: jax.Array, participated: 
     noised = bits + noise
     updated = jnp.clip(clip_norms * jnp.exp(-learning_rate * (noised - target_quantile)), min_clip, max_clip)
     return jnp.where(participated, updated, clip_norms)
-
-
-def sample_participants(key: jax.Array, sampling_rates: jax.Array, eligible: jax.Array) -> jax.Array:
-    """Poisson sampling: client k takes part with probability q_k, independently, if still eligible."""
-    draws = jax.random.uniform(key, jnp.shape(sampling_rates))
-    return (draws < jnp.asarray(sampling_rates)) & jnp.asarray(eligible, bool)
-
-
-def add_central_noise(aggregate: PyTree, noise_std: float | jax.Array, key: jax.Array) -> PyTree:
-    """Central DP-FedAvg: N(0, (z C)^2) added ONCE to the sum of clipped updates (no client axis)."""
-    leaves, treedef = jax.tree_util.tree_flatten(aggregate)
-    keys = jax.random.split(key, len(leaves))
-    noised = [x + (noise_std * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
-              for k, x in zip(keys, leaves)]
-    return jax.tree_util.tree_unflatten(treedef, noised)

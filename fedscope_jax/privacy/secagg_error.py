@@ -1,6 +1,6 @@
 """Measures what simulated secure aggregation adds to a sum: quantization error vs the plain sum, and speed.
 
-    python -m fedscope_jax.privacy.secagg_error --clients 16 64 --dim 100000 --bound 1 --dropout 0.1
+    fedscope privacy secagg-error --clients 16 64 --dim 100000 --bound 1 --dropout 0.1
 
 For each client count it draws updates uniform in [-bound, bound] (inside the range, so only quantization
 differs), runs the whole protocol (encode, mask, drop, reveal, server sum, unmask, decode) in one jit, and
@@ -10,10 +10,7 @@ worst-case bound n * B / L, and the wall time of one jitted aggregation (after c
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from typing import Sequence
 
 import numpy as np
 
@@ -46,25 +43,5 @@ def measure(num_clients: int, dim: int, bound: float, levels: int | None, neighb
             "device": str(jax.devices()[0].platform)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedscope_jax.privacy.secagg_error",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--dim", type=int, default=100_000)
-    parser.add_argument("--bound", type=float, default=1.0)
-    parser.add_argument("--levels", type=int, default=None, help="quantization levels L (default: finest that fits)")
-    parser.add_argument("--neighbors", type=int, default=None, help="masking partners per client (default: all)")
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    cols = ["clients", "delivered", "pair_masks", "levels", "step", "max_abs_error", "rms_error", "mean_error",
-            "bound", "rms_plain", "seconds"]
-    print(" | ".join(cols))
-    for n in args.clients:
-        r = measure(n, args.dim, args.bound, args.levels, args.neighbors, args.dropout, args.seed)
-        print(" | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COLUMNS = ("clients", "delivered", "pair_masks", "levels", "step", "max_abs_error", "rms_error", "mean_error",
+           "bound", "rms_plain", "seconds")

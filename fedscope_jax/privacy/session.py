@@ -1,6 +1,6 @@
 """PrivacySession: the privacy side of a federated training run (plan, ledger, adaptive clipping, resume).
 
-The engine loop (train/federated.py `run_rounds`) calls, per round t (1-based, as in metrics.jsonl):
+The round loop (train/loop.py) calls, per round t (1-based, as in metrics.jsonl):
 
     eligible = session.begin_round(t)                  # bool [K] over all clients: budget left
     ids = sampled ids that are eligible and have data  # these clients take part

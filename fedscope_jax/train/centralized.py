@@ -7,14 +7,12 @@ directory with config.json, metrics.jsonl, summary.json and params.msgpack.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import serialization
@@ -26,6 +24,7 @@ from fedscope_jax.eval.protocol import EvalSet, model_ranks, summarize
 from fedscope_jax.model import ModelConfig, Params, Semantic, init_params, loss_fn
 from fedscope_jax.train.config import RunConfig, to_dict
 from fedscope_jax.train.final_eval import eval_sets, final_metrics
+from fedscope_jax.train.programs import PROGRAMS, Programs
 from fedscope_jax.utils.io import atomic_output_dir, write_json
 from fedscope_jax.utils.progress import progress
 
@@ -34,12 +33,8 @@ def make_optimizer(lr: float, weight_decay: float) -> optax.GradientTransformati
     return optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
 
 
-@functools.lru_cache(maxsize=8)
 def make_train_step(config: ModelConfig, lr: float, weight_decay: float) -> Callable:
-    """jit(params, opt_state, batch, key, semantic) -> (params, opt_state, loss, aux); params/state donated.
-
-    Cached per (config, lr, weight_decay), so runs with the same settings in one process compile once.
-    """
+    """jit(params, opt_state, batch, key, semantic) -> (params, opt_state, loss, aux); params/state donated."""
     opt = make_optimizer(lr, weight_decay)
 
     def step(params, opt_state, batch, key, semantic):
@@ -48,6 +43,11 @@ def make_train_step(config: ModelConfig, lr: float, weight_decay: float) -> Call
         return optax.apply_updates(params, updates), opt_state, loss, aux
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def train_step(config: ModelConfig, lr: float, weight_decay: float, programs: Programs = PROGRAMS) -> Callable:
+    """`make_train_step`, kept by `programs`: runs with the same settings in one process compile once."""
+    return programs.get(("train_step", config, lr, weight_decay), lambda: make_train_step(config, lr, weight_decay))
 
 
 def evaluate(params: Params, config: ModelConfig, es: EvalSet, domains: tuple[str, ...], ks: tuple[int, ...],
@@ -79,7 +79,7 @@ def train_centralized(ds: CanonicalDataset, cfg: RunConfig, out: str | Path, sem
     semantic = None if semantic is None else jax.device_put(semantic)   # once, not on every step
     params = init_params(key_init, mc, ds.n_items, semantic)
     opt_state = make_optimizer(tc.lr, tc.weight_decay).init(params)
-    step = make_train_step(mc, tc.lr, tc.weight_decay)
+    step = train_step(mc, tc.lr, tc.weight_decay)
     rng = np.random.default_rng(tc.seed)
     rows = np.arange(len(seqs.user))
     best = (-np.inf, -1, None)

@@ -1,13 +1,12 @@
 """Run configuration: ONE frozen dataclass with sections model / train / eval / federated / privacy.
 
 Loaded from a JSON file (`--config`), then `--set section.key=value` overrides, then the command-line flags
-that were given (`apply_flags`). Every key is checked against the dataclass fields; an unknown key or a
+that were given (`cli.flags.apply_flags`). Every key is checked against the dataclass fields; an unknown key or a
 value of the wrong type is a FedscopeError that names the key and the expected type.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import types
@@ -168,19 +167,3 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """JSON-ready dict of a config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-# ---- command-line flags on top of the file (`fedscope train`, `fedscope sweep`) ---------------------------
-
-FEDERATED_FLAGS = ("clients", "scheme", "sampling", "fraction", "rounds", "local_epochs", "client_lr", "server_opt",
-                   "server_lr", "chunk_size", "clip", "noise_multiplier", "noise_mode", "max_buckets", "eval_every",
-                   "checkpoint_every")
-
-
-def apply_flags(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
-    """`cfg` with the federated and privacy flags that were given on the command line (not None) applied."""
-    from fedscope_jax.privacy.config import config_from_args as privacy_from_args
-
-    fed = {f: getattr(args, f) for f in FEDERATED_FLAGS if getattr(args, f, None) is not None}
-    federated = dataclasses.replace(cfg.federated, **fed) if fed else cfg.federated
-    return dataclasses.replace(cfg, federated=federated, privacy=privacy_from_args(args, cfg.privacy))

@@ -27,7 +27,7 @@ from fedscope_jax.data.partition import Partition, partition
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.eval.protocol import EvalSet, model_ranks, summarize
 from fedscope_jax.model import Semantic, init_params
-from fedscope_jax.train.centralized import evaluate, make_optimizer, make_train_step, selection_score
+from fedscope_jax.train.centralized import evaluate, make_optimizer, selection_score, train_step
 from fedscope_jax.train.config import RunConfig, to_dict
 from fedscope_jax.train.final_eval import SPLITS, eval_sets, metrics_from_ranks
 from fedscope_jax.utils.io import atomic_output_dir, write_json
@@ -58,7 +58,7 @@ def train_client(c: int, rows: np.ndarray, valid_set: EvalSet, init: Any, seqs: 
     Randomness: batch order from (train.seed, c); dropout and negatives from the run's train key folded with c.
     """
     mc, tc = cfg.model, cfg.train
-    step = make_train_step(mc, tc.lr, tc.weight_decay)
+    step = train_step(mc, tc.lr, tc.weight_decay)
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), init)   # a fresh copy: the step donates it
     opt_state = make_optimizer(tc.lr, tc.weight_decay).init(params)
     rng = np.random.default_rng([tc.seed, c])

@@ -155,7 +155,7 @@ def distinct_points(mine: Sequence[SweepPoint]) -> tuple[list[SweepPoint], dict[
     return list(unique.values()), trained_as
 
 
-def _run_config(p: SweepPoint, extra: dict[str, Any] | None, same_as: str | None = None) -> dict[str, Any]:
+def run_config_json(p: SweepPoint, extra: dict[str, Any] | None, same_as: str | None = None) -> dict[str, Any]:
     """The config.json of configuration `p` (`same_as`: the directory it is a copy of)."""
     from fedscope_jax.train.config import to_dict
 
@@ -176,7 +176,7 @@ def _checkpoint_round(run_dir: Path) -> int | None:
         ckpt.close()
 
 
-def _seed_status(out: Path, trained: Sequence[SweepPoint], extra: dict[str, Any] | None) -> str:
+def seed_status(out: Path, trained: Sequence[SweepPoint], extra: dict[str, Any] | None) -> str:
     """How a resumed sweep continues one seed: "kept" (every trained configuration has summary.json),
     "resumed" (all have checkpoints at one round) or "trained" (anything else: again from scratch).
     A stored config.json other than this sweep's is a FedscopeError naming the file and key."""
@@ -185,7 +185,7 @@ def _seed_status(out: Path, trained: Sequence[SweepPoint], extra: dict[str, Any]
     dirs = [out / p.name for p in trained]
     for p, run_dir in zip(trained, dirs):
         if (run_dir / "config.json").is_file():
-            check_resume_config(run_dir / "config.json", _run_config(p, extra))
+            check_resume_config(run_dir / "config.json", run_config_json(p, extra))
     if all((d / "summary.json").is_file() and (d / "config.json").is_file() for d in dirs):
         return "kept"
     if not all((d / "config.json").is_file() for d in dirs):
@@ -222,14 +222,15 @@ def _new_run_dirs(out: Path, mine: Sequence[SweepPoint], trained: Sequence[Sweep
             shutil.rmtree(out / p.name)
     for p in trained:
         (out / p.name).mkdir(parents=True)
-        write_json(_run_config(p, extra), out / p.name / "config.json")
+        write_json(run_config_json(p, extra), out / p.name / "config.json")
 
 
 def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any, client_cfg: Any, resume: bool,
                 config_chunk: int, t_start: float, summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Trains (or, with `resume`, continues from their checkpoints) one seed's distinct configurations in one
     run_tracks loop; puts each summary into `summaries`, returns the loop's facts per configuration."""
-    from fedscope_jax.train.federated import Track, finish_run, run_tracks, seed_context
+    from fedscope_jax.train.federated import finish_run, seed_context
+    from fedscope_jax.train.loop import Track, run_tracks
     from fedscope_jax.utils.progress import progress
 
     ctx = seed_context(ds, trained[0].cfg, semantic, client_cfg)
@@ -254,7 +255,7 @@ def run_sweep(ds: Any, cfg: Any, modes: Sequence[str], epsilons: Sequence[float]
     (mode "off" for epsilon inf) and train.seed replaced (`sweep_points`). extra: keys added to each
     config.json (like `train_federated`'s extra). config_chunk: configurations vectorized at once in a sweep
     program (0: all on an accelerator, 1 on CPU; `engine.sweep.default_config_chunk`).
-    resume: continue the sweep in `out` (`_seed_status`: finished seeds kept, checkpoints resumed, the rest
+    resume: continue the sweep in `out` (`seed_status`: finished seeds kept, checkpoints resumed, the rest
     retrained); every seed is checked before anything trains or is removed."""
     from fedscope_jax.train.federated import client_config
     from fedscope_jax.utils.io import read_json, write_json
@@ -270,7 +271,7 @@ def run_sweep(ds: Any, cfg: Any, modes: Sequence[str], epsilons: Sequence[float]
         mine = [p for p in points if p.seed == seed]
         trained, names = distinct_points(mine)
         trained_as.update(names)
-        plans.append((seed, mine, trained, _seed_status(out, trained, extra) if resume else "trained"))
+        plans.append((seed, mine, trained, seed_status(out, trained, extra) if resume else "trained"))
     client_cfg = client_config(cfg, semantic)  # one object: the compiled programs are reused across seeds
     per_seed = []
     for seed, mine, trained, status in plans:
@@ -287,7 +288,7 @@ def run_sweep(ds: Any, cfg: Any, modes: Sequence[str], epsilons: Sequence[float]
             programs = sorted({json.dumps(f["program"], sort_keys=True) for f in facts})
         for p in mine:
             if trained_as[p.name] != p.name:  # the same run under another name: copy its directory
-                _copy_run(out / trained_as[p.name], out / p.name, _run_config(p, extra, trained_as[p.name]))
+                _copy_run(out / trained_as[p.name], out / p.name, run_config_json(p, extra, trained_as[p.name]))
                 summaries[p.name] = summaries[trained_as[p.name]]
         per_seed.append({"seed": seed, "status": status, "start_round": start, "configs_trained": len(trained),
                          "programs": [json.loads(x) for x in programs], **timing})

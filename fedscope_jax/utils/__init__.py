@@ -1,1 +1,3 @@
 """Small shared utilities (I/O, progress)."""
+
+__all__ = ["io", "progress"]

@@ -166,7 +166,7 @@ def _read_reviews_slow(path: Path, min_rating: float | None) -> tuple[list[str],
     return u_out, a_out, t_out, dropped
 
 
-def _read_reviews_fast(path: Path, min_rating: float | None) -> tuple[pa.Array, pa.Array, np.ndarray, int] | None:
+def read_reviews_fast(path: Path, min_rating: float | None) -> tuple[pa.Array, pa.Array, np.ndarray, int] | None:
     """The same with Arrow's JSON reader (strict JSON, ~15x faster); None when any check fails, so that the
     line-by-line reader reports the first bad line."""
     options = pajson.ParseOptions(explicit_schema=_REVIEW_SCHEMA, unexpected_field_behavior="ignore")
@@ -196,7 +196,7 @@ def _read_reviews_fast(path: Path, min_rating: float | None) -> tuple[pa.Array, 
 
 def _read_reviews(path: Path, min_rating: float | None) -> tuple[pa.Array, pa.Array, np.ndarray, int]:
     """(reviewerID, asin, timestamp) per kept review of one file, and how many fell below min_rating."""
-    fast = _read_reviews_fast(path, min_rating)
+    fast = read_reviews_fast(path, min_rating)
     if fast is not None:
         return fast
     u, a, t, dropped = _read_reviews_slow(path, min_rating)
