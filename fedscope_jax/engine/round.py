@@ -126,9 +126,8 @@ def round_step(state: ServerState, cohorts: Sequence[Cohort], key: jax.Array, cl
 def central_inputs(cohorts: Sequence[Cohort]) -> tuple[jax.Array, jax.Array]:
     """Central DP-FedAvg: the std z x sensitivity (z max_k w_k C_k) of the one noise draw on the sum, and the
     denominator sum_k w_k over the sampled clients; both from the cohorts' public inputs, never from the
-    updates (`mechanism.contribution_bounds`, the clipping step's bound)."""
-    std = jnp.max(jnp.stack([jnp.max(mechanism.noise_std(mechanism.contribution_bounds(c.weight, c.clip),
-                                                          c.noise_multiplier)) for c in cohorts]))
+    updates (`mechanism.sum_noise_std`: z times the clipping step's sensitivity)."""
+    std = jnp.max(jnp.stack([mechanism.sum_noise_std(c.weight, c.clip, c.noise_multiplier) for c in cohorts]))
     return std, sum(jnp.sum(c.weight) for c in cohorts)
 
 
@@ -240,8 +239,10 @@ class SequentialRunner:
         acc = zeros_accumulator(state.params, secure)
         reports = []
         for cohort in cohorts:
-            if secure:
-                acc, report = self._secure_cohort(acc, state.params, cohort, train_key, noise_key)
+            if secure:   # each cohort summed from zero, then added: the engine's order (quantization-exact)
+                part, report = self._secure_cohort(zeros_accumulator(state.params, True), state.params, cohort,
+                                                   train_key, noise_key)
+                acc = add_accumulators(acc, part)
                 reports.append(report)
                 continue
             rows = []

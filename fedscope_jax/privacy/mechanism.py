@@ -40,6 +40,12 @@ def contribution_bounds(weight: jax.Array, clip: jax.Array) -> jax.Array:
     return jnp.where(weight > 0, weight * clip, 0.0)
 
 
+def sum_noise_std(weight: jax.Array, clip: jax.Array, noise_multiplier: jax.Array) -> jax.Array:
+    """Std of ONE Gaussian draw on a weighted sum of clipped contributions: z x sensitivity, i.e.
+    max_k w_k z_k C_k (contributors with w_k = 0 bound nothing). From public inputs only."""
+    return jnp.max(weight * noise_std(clip, noise_multiplier))
+
+
 class Clipped(NamedTuple):
     """The clipping step's output over the contributor axis [c] (the values themselves are not materialized:
     the caller multiplies contributor k's value by `scale[k]` where it sums)."""

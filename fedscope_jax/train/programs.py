@@ -13,6 +13,7 @@ reproduction cells reaches Linux's default vm.max_map_count (65,530) and crashes
 
 from __future__ import annotations
 
+import collections
 import gc
 from typing import Any, Callable, Hashable, TypeVar
 
@@ -27,10 +28,12 @@ __all__ = ["PROGRAMS", "Programs"]
 
 class Programs:
     """A cache of built programs (jitted functions, ahead-of-time compiled rounds, client configs), keyed by
-    what they are built from."""
+    what they are built from; the least recently used beyond `max_entries` are dropped (a long process, e.g.
+    a test session or a notebook, does not keep every program it ever compiled)."""
 
-    def __init__(self) -> None:
-        self._entries: dict[Hashable, tuple[Any, Any]] = {}
+    def __init__(self, max_entries: int = 48) -> None:
+        self.max_entries = max_entries
+        self._entries: collections.OrderedDict[Hashable, tuple[Any, Any]] = collections.OrderedDict()
 
     def get(self, key: Hashable, build: Callable[[], T], keep: Any = None) -> T:
         """The program under `key`, built once by `build()`; `keep`: an object to hold alive with the entry
@@ -39,6 +42,10 @@ class Programs:
         if entry is None:
             entry = (build(), keep)
             self._entries[key] = entry
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
         return entry[0]
 
     def round_program(self, client_cfg: Any, server_opt: Any, engine_cfg: Any, sweep: bool, mesh: Any = None,
