@@ -117,11 +117,13 @@ def test_amplification_accounts_every_round_for_every_active_client(tmp_path):
     assert rows[-1]["privacy/eps_spent_max"] == pytest.approx(3.0, rel=1e-4)
     path = ledger.write(tmp_path)
     for row in read_ledger(path):
-        assert row["rounds_accounted"] == 20 and row["rounds_participated"] < 20
-        assert row["eps_spent"] == pytest.approx(_direct_eps(row), rel=1e-6)
+        assert row["rounds_accounted"] == row["steps"] == 20 and row["rounds_participated"] < 20
+        assert row["unit"] == "client" and row["eps_spent"] == pytest.approx(_direct_eps(row), rel=1e-6)
     row = dict(read_ledger(path)[0])
+    row.pop("steps")   # a ledger from before the user unit: `rounds_accounted` counts the events
+    assert recompute_eps(row) == pytest.approx(row["eps_spent"], rel=1e-6)
     row.pop("rounds_accounted")
-    with pytest.raises(FedscopeError, match="rounds_accounted"):
+    with pytest.raises(FedscopeError, match="steps"):
         recompute_eps(row)
     # amplification makes the noise much smaller than counting every participation in full
     conservative = plan_privacy(PrivacyConfig(mode="uniform", epsilon=3.0, accountant="rdp"), SIZES, 0.2, 20)

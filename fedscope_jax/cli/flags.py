@@ -7,19 +7,20 @@ import argparse
 import dataclasses
 from typing import Any
 
-from fedscope_jax.privacy.config import ACCOUNTANTS, CLIPPINGS, MODES, PrivacyConfig
+from fedscope_jax.privacy.config import ACCOUNTANTS, CLIPPINGS, MODES, UNITS, PrivacyConfig
 from fedscope_jax.train.federated_config import FederatedConfig
 
 __all__ = ["FEDERATED_FLAGS", "PRIVACY_FLAGS", "add_federated_arguments", "add_privacy_arguments", "apply_flags",
            "privacy_config_from_args"]
 
-FEDERATED_FLAGS = ("clients", "scheme", "sampling", "fraction", "rounds", "local_epochs", "client_lr", "server_opt",
+FEDERATED_FLAGS = ("clients", "scheme", "sampling", "fraction", "rounds", "local_epochs", "client_lr", "client_opt",
+                   "server_opt",
                    "server_lr", "chunk_size", "clip", "noise_multiplier", "noise_mode", "max_buckets", "eval_every",
                    "checkpoint_every")
 # PrivacyConfig field -> argparse dest of its flag (--privacy sets `mode`)
-PRIVACY_FLAGS = {"mode": "privacy", "epsilon": "epsilon", "delta": "delta", "accountant": "accountant",
-                 "amplification": "amplification", "clipping": "clipping", "clip_norm": "clip_norm",
-                 "secagg": "secagg"}
+PRIVACY_FLAGS = {"mode": "privacy", "unit": "privacy_unit", "epsilon": "epsilon", "delta": "delta",
+                 "accountant": "accountant", "amplification": "amplification", "clipping": "clipping",
+                 "clip_norm": "clip_norm", "secagg": "secagg"}
 
 
 def add_federated_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,9 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fraction", type=float, help=f"sampled fraction / Poisson rate q (default {d.fraction:g})")
     g.add_argument("--rounds", type=int, help=f"(default {d.rounds})")
     g.add_argument("--local-epochs", type=int, help=f"(default {d.local_epochs})")
-    g.add_argument("--client-lr", type=float, help=f"local Adam learning rate (default {d.client_lr:g})")
+    g.add_argument("--client-lr", type=float, help=f"local learning rate (default {d.client_lr:g})")
+    g.add_argument("--client-opt", choices=["adam", "sgd", "momentum"],
+                   help=f"local optimizer: adam, sgd, or momentum (SGD, momentum 0.9) (default {d.client_opt})")
     g.add_argument("--server-opt", choices=["fedavg", "fedadam"], help=f"(default {d.server_opt})")
     g.add_argument("--server-lr", type=float, help=f"(default {d.server_lr:g})")
     g.add_argument("--chunk-size", type=int, help="clients per vmapped chunk per device (default 0: time "
@@ -58,6 +61,8 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     """The privacy flags; they override the --config file's `privacy` keys."""
     group = parser.add_argument_group("privacy (client-level DP; docs/privacy.md)")
     group.add_argument("--privacy", choices=MODES, help="DP mode (default: personalized)")
+    group.add_argument("--privacy-unit", choices=UNITS, help="the record DP protects: user (each silo runs DP-SGD "
+                       "over its users) or client (a silo's whole data; default client)")
     group.add_argument("--epsilon", type=float, help="nominal epsilon of the whole run per client (default 8)")
     group.add_argument("--delta", type=float, help="delta of the whole run (default 1e-5)")
     group.add_argument("--accountant", choices=ACCOUNTANTS, help="dp-accounting accountant (default rdp)")

@@ -100,6 +100,55 @@ def make_batches(seqs: TrainSequences, rows: np.ndarray, batch_size: int, epochs
     return {"seq": seq, "target": target, "user_mask": user_mask, "step_mask": np.ones(len(idx), bool)}
 
 
+POISSON_TAG = 0x05E8   # seeds a client's Poisson user sampling apart from its batch permutations
+
+
+def user_steps(n_users: int, batch_size: int, epochs: int) -> int:
+    """Local steps per round of a client with `n_users` users: `epochs` passes of ceil(n / B) steps (as
+    `make_batches`; under Poisson sampling a pass is n / B expected steps)."""
+    return int(epochs) * -(-int(n_users) // int(batch_size))
+
+
+def poisson_masks(n_users: int, rate: float, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """bool [steps, n_users]: each step takes every user independently with probability `rate`."""
+    return rng.random((int(steps), int(n_users))) < rate
+
+
+def poisson_cap(n_users: np.ndarray, rates: np.ndarray, steps: np.ndarray, seed: int, rounds: int,
+                multiple: int = 8) -> int:
+    """The largest Poisson batch any client draws in any round of a run (rounded up to `multiple`): the padded
+    batch size of every step, so no sampled user is ever dropped. The draws depend only on (seed, round,
+    client) and public sizes, never on data, so the size leaks nothing."""
+    cap = 1
+    for r in range(int(rounds)):
+        for c, (n, q, s) in enumerate(zip(n_users, rates, steps)):
+            if n > 0 and s > 0:
+                rng = np.random.default_rng([seed, r, c, POISSON_TAG])
+                cap = max(cap, int(poisson_masks(int(n), float(q), int(s), rng).sum(axis=1).max()))
+    return -(-cap // multiple) * multiple
+
+
+def poisson_batches(seqs: TrainSequences, rows: np.ndarray, rate: float, steps: int, cap: int,
+                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One client's Poisson-sampled local steps (DP-SGD's sampling): {"seq", "target": [S, cap, D, L],
+    "user_mask": [S, cap], "step_mask": [S]}. Step s holds the users of `poisson_masks` row s first, padding
+    (all-zero users, user_mask False) after; `cap` must hold every draw (`poisson_cap`)."""
+    rows = np.asarray(rows, np.int64)
+    masks = poisson_masks(len(rows), rate, steps, rng)
+    counts = masks.sum(axis=1)
+    if counts.size and counts.max() > cap:
+        raise FedscopeError(f"Poisson batch of {int(counts.max())} users does not fit the padded batch {cap}")
+    idx = np.full((int(steps), int(cap)), -1, np.int64)
+    for s in range(int(steps)):
+        chosen = rows[masks[s]]
+        idx[s, :len(chosen)] = chosen
+    user_mask = idx >= 0
+    safe = np.where(user_mask, idx, 0)
+    seq = np.where(user_mask[..., None, None], seqs.seq[safe], 0).astype(np.int32)
+    target = np.where(user_mask[..., None, None], seqs.target[safe], 0).astype(np.int32)
+    return {"seq": seq, "target": target, "user_mask": user_mask, "step_mask": np.ones(int(steps), bool)}
+
+
 def pad_steps(batches: dict[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
     """Appends all-zero steps (step_mask False) up to `steps`, so clients of one bucket share a shape."""
     have = batches["step_mask"].shape[0]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from fedscope_jax.errors import FedscopeError
+from fedscope_jax.privacy import mechanism
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, Any]]
@@ -37,16 +38,33 @@ class SparseTable:
 
 @dataclasses.dataclass(frozen=True)
 class ClientConfig:
-    """How a client trains locally: loss(params, batch, key) -> (loss, aux), optax optimizer, epochs."""
+    """How a client trains locally: loss(params, batch, key) -> (loss, aux), optax optimizer, epochs.
+
+    expected_batch: > 0 for DP-SGD over users (the user unit of DP): each step's gradient is the sum of the
+    batch's per-user clipped gradients plus Gaussian noise, divided by this expected (never the realized)
+    batch size; the batch must then carry a bool "user_mask" [B]. microbatch: users whose per-user gradients
+    are computed at once (0: the whole batch; `mechanism.clipped_user_sum`)."""
 
     loss_fn: LossFn
     optimizer: optax.GradientTransformation
     local_epochs: int = 1
     sparse_tables: tuple[SparseTable, ...] = ()
+    expected_batch: int = 0
+    microbatch: int = 0
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
             raise FedscopeError(f"local_epochs: expected >= 1, got {self.local_epochs}")
+        if self.expected_batch < 0:
+            raise FedscopeError(f"expected_batch: expected >= 0, got {self.expected_batch}")
+
+
+class UserNoise(NamedTuple):
+    """A client's DP-SGD inputs in the user unit: clip norm C, noise multiplier z, its own noise key."""
+
+    clip: jax.Array
+    noise_multiplier: jax.Array
+    key: jax.Array
 
 
 class ClientData(NamedTuple):
@@ -104,13 +122,29 @@ def mask_padding_rows(delta: PyTree, global_params: PyTree, vocab: Mapping[str, 
     return delta
 
 
-def client_update(global_params: PyTree, data: ClientData, key: jax.Array,
-                  config: ClientConfig) -> tuple[PyTree, ClientStats]:
+def private_gradient(params: PyTree, batch: PyTree, key: jax.Array, config: ClientConfig,
+                     noise: UserNoise, index: jax.Array) -> tuple[jax.Array, PyTree]:
+    """One DP-SGD step's gradient (the user unit): (sum_u clip_C(g_u) + N(0, (z C)^2)) / expected batch, and
+    the mean loss of the batch's real users. The noise of step `index` is drawn from fold_in(noise.key, index)."""
+    grads, losses = mechanism.clipped_user_sum(config.loss_fn, params, batch, key, batch["user_mask"], noise.clip,
+                                               config.microbatch)
+    std = mechanism.noise_std(noise.clip, noise.noise_multiplier)
+    grads = mechanism.add_noise(grads, std, jax.random.fold_in(noise.key, index))
+    grads = jax.tree.map(lambda g: g / config.expected_batch, grads)
+    real = batch["user_mask"].astype(losses.dtype)
+    return jnp.sum(losses * real) / jnp.maximum(jnp.sum(real), 1.0), grads
+
+
+def client_update(global_params: PyTree, data: ClientData, key: jax.Array, config: ClientConfig,
+                  noise: UserNoise | None = None) -> tuple[PyTree, ClientStats]:
     """Trains from `global_params` on the client's steps; returns (local - global, stats). Pure.
 
     The key of the s-th real step of epoch e is fold_in(key, e * S_real + s), so padding steps or
-    clients never change a client's randomness.
+    clients never change a client's randomness. noise: the user unit's DP-SGD inputs (`private_gradient`
+    replaces the plain gradient; config.expected_batch must be set).
     """
+    if (noise is not None) != (config.expected_batch > 0):
+        raise FedscopeError("client_update: DP-SGD over users needs both UserNoise and ClientConfig.expected_batch")
     start = localize_params(global_params, data.vocab, config.sparse_tables)
     opt_state = config.optimizer.init(start)
     grad_fn = jax.value_and_grad(config.loss_fn, has_aux=True)
@@ -118,7 +152,11 @@ def client_update(global_params: PyTree, data: ClientData, key: jax.Array,
     def step(carry, xs):
         params, state, loss_sum = carry
         batch, real, index = xs
-        (loss, _), grads = grad_fn(params, batch, jax.random.fold_in(key, index))
+        step_key = jax.random.fold_in(key, index)
+        if noise is None:
+            (loss, _), grads = grad_fn(params, batch, step_key)
+        else:
+            loss, grads = private_gradient(params, batch, step_key, config, noise, index)
         updates, new_state = config.optimizer.update(grads, state, params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jnp.where(real, new, old)  # noqa: E731

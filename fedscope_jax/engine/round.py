@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedscope_jax.engine.aggregate import (NOISE_MODES, Accumulator, ClientReport, accumulate_chunk,
                                            add_accumulators, finalize, zeros_accumulator)
-from fedscope_jax.engine.client import ClientConfig, client_update
+from fedscope_jax.engine.client import ClientConfig, UserNoise, client_update
 from fedscope_jax.engine.cohort import Cohort
 from fedscope_jax.engine.server import ServerState, server_step
 from fedscope_jax.errors import FedscopeError
@@ -73,6 +73,31 @@ def _round_keys(key: jax.Array, round_index: jax.Array) -> tuple[jax.Array, jax.
     return jax.random.fold_in(round_key, 0), jax.random.fold_in(round_key, 1)
 
 
+def _user_noise(c: Cohort, noise_key: jax.Array) -> UserNoise:
+    """The user unit: each client's C_k, z_k and noise key (purpose 4 of the round's noise key) for its DP-SGD."""
+    return UserNoise(c.clip, c.noise_multiplier,
+                     mechanism.contributor_keys(jax.random.fold_in(noise_key, 4), c.client_id))
+
+
+def _local_round(params: PyTree, c: Cohort, train_key: jax.Array, noise_key: jax.Array, client_cfg: ClientConfig,
+                 engine_cfg: EngineConfig, acc: Accumulator) -> tuple[Accumulator, ClientReport]:
+    """A chunk of clients (leading axis [c]): vmapped local training, then clipping, noise and the sum.
+
+    The client unit clips and noises each client's update here (`accumulate_chunk`); the user unit
+    (client_cfg.expected_batch > 0) runs DP-SGD inside each client's steps with the cohort's C_k, z_k, and its
+    updates are summed as they are (a post-processing of the user-level mechanism)."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(train_key, c.client_id)
+    clip, z = c.clip, c.noise_multiplier
+    if client_cfg.expected_batch:
+        update = jax.vmap(client_update, in_axes=(None, 0, 0, None, 0))
+        deltas, stats = update(params, c.data, keys, client_cfg, _user_noise(c, noise_key))
+        clip, z = jnp.full_like(c.clip, jnp.inf), jnp.zeros_like(c.noise_multiplier)
+    else:
+        deltas, stats = jax.vmap(client_update, in_axes=(None, 0, 0, None))(params, c.data, keys, client_cfg)
+    return accumulate_chunk(acc, deltas, stats.loss, stats.steps, c.data.vocab, c.client_id, c.weight, clip, z,
+                            noise_key, client_cfg.sparse_tables, engine_cfg.noise_mode, engine_cfg.secagg)
+
+
 def _cohort_sums(params: PyTree, cohort: Cohort, train_key: jax.Array, noise_key: jax.Array,
                  client_cfg: ClientConfig, engine_cfg: EngineConfig,
                  axis_name: str | None) -> tuple[Accumulator, ClientReport]:
@@ -83,14 +108,9 @@ def _cohort_sums(params: PyTree, cohort: Cohort, train_key: jax.Array, noise_key
         raise FedscopeError(f"cohort of {n_local} clients per device is not a multiple of chunk_size {chunk}; "
                             "pad clients with build_cohorts(multiple=devices*chunk_size)")
     chunks = jax.tree.map(lambda x: x.reshape((n_local // chunk, chunk) + x.shape[1:]), cohort)
-    update = jax.vmap(client_update, in_axes=(None, 0, 0, None))
 
     def body(acc: Accumulator, c: Cohort):
-        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(train_key, c.client_id)
-        deltas, stats = update(params, c.data, keys, client_cfg)
-        return accumulate_chunk(acc, deltas, stats.loss, stats.steps, c.data.vocab, c.client_id, c.weight,
-                                c.clip, c.noise_multiplier, noise_key, client_cfg.sparse_tables,
-                                engine_cfg.noise_mode, engine_cfg.secagg)
+        return _local_round(params, c, train_key, noise_key, client_cfg, engine_cfg, acc)
 
     acc, reports = jax.lax.scan(body, zeros_accumulator(params, engine_cfg.secagg is not None), chunks)
     reports = jax.tree.map(lambda x: x.reshape((n_local,) + x.shape[2:]), reports)
@@ -188,6 +208,11 @@ class SequentialRunner:
 
     def _one_client(self, acc: Accumulator, params: PyTree, cohort: Cohort, train_key: jax.Array,
                     noise_key: jax.Array) -> tuple[Accumulator, ClientReport]:
+        if self.client_cfg.expected_batch:   # the user unit: one client as a chunk of one (no secure sum here)
+            one = jax.tree.map(lambda x: jnp.asarray(x)[None], cohort)
+            acc, rep = _local_round(params, one, train_key, noise_key, self.client_cfg,
+                                    dataclasses.replace(self.engine_cfg, secagg_bound=0.0), acc)
+            return acc, rep
         delta, stats = self._train_fn(params, cohort, train_key)
         one = lambda x: jnp.asarray(x)[None]  # noqa: E731  (a chunk of one client)
         return accumulate_chunk(acc, jax.tree.map(one, delta), one(stats.loss), one(stats.steps),

@@ -58,3 +58,23 @@ def inter_loss(za: jnp.ndarray, zb: jnp.ndarray, va: jnp.ndarray, vb: jnp.ndarra
     a_to_b = logsumexp(jnp.where(vb[None, :], s, _NEG), axis=1) - diag
     b_to_a = logsumexp(jnp.where(va[:, None], s, _NEG), axis=0) - diag
     return masked_mean(0.5 * (a_to_b + b_to_a), va & vb)
+
+
+def inter_item_loss(za: jnp.ndarray, zb: jnp.ndarray, items_a: jnp.ndarray, items_b: jnp.ndarray,
+                    va: jnp.ndarray, vb: jnp.ndarray, tau: float) -> jnp.ndarray:
+    """Across two domains without other users: a user's two representations are positives, the negatives are
+    item representations of the other domain (items_a [M, d], items_b [M, d]: sampled items, public randomness).
+
+    Symmetric InfoNCE over users valid in both domains. Each user's term reads only that user's data and the
+    parameters, so it keeps a per-user sensitivity bound (the user unit of DP); `inter_loss` reads other users.
+    """
+    pos = jnp.sum(_unit(za) * _unit(zb), axis=-1) / tau                # [B]
+    to_b = cosine(za, items_b) / tau                                    # [B, M]
+    to_a = cosine(zb, items_a) / tau
+    a_to_b = logsumexp(jnp.concatenate([pos[:, None], to_b], axis=1), axis=1) - pos
+    b_to_a = logsumexp(jnp.concatenate([pos[:, None], to_a], axis=1), axis=1) - pos
+    return masked_mean(0.5 * (a_to_b + b_to_a), va & vb)
+
+
+def _unit(z: jnp.ndarray, eps: float = 1e-8) -> jnp.ndarray:
+    return z / jnp.sqrt(jnp.sum(z * z, -1, keepdims=True) + eps)

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedscope_jax.losses.iidcl import inter_loss, intra_loss
+from fedscope_jax.losses.iidcl import inter_item_loss, inter_loss, intra_loss
 from fedscope_jax.losses.rec import next_item_loss
 from fedscope_jax.losses.seqcl import augment, nt_xent
 from fedscope_jax.model.config import ModelConfig
@@ -55,13 +55,18 @@ def seqcl_loss(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, ke
 
 
 def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, config: ModelConfig,
-            train: bool = True, semantic: Semantic = None) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """(total loss, aux) for one mini-batch; aux holds each term and the number of next-item targets."""
+            train: bool = True, semantic: Semantic = None,
+            per_user: bool = False) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """(total loss, aux) for one mini-batch; aux holds each term and the number of next-item targets.
+
+    per_user: the user unit of DP, where the loss is taken one user at a time and no user's term may read
+    another user's data: the intra-domain term is off (its positives are other users) and the inter-domain
+    term takes sampled items of the other domain as negatives (`inter_item_loss`) instead of other users."""
     lc = config.loss
     seq, target = batch["seq"], batch["target"]
     n_dom = seq.shape[1]
     rec = jnp.zeros(())
-    users, valid = [], []
+    users, valid, items = [], [], []
     for d, k in enumerate(jax.random.split(key, n_dom)):
         k_drop, k_neg = jax.random.split(k)
         h = encode(params, config, d, seq[:, d], semantic, k_drop, train)
@@ -70,15 +75,20 @@ def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, confi
         rec = rec + next_item_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb)
         users.append(h[:, -1])
         valid.append(seq[:, d, -1] > 0)
+        items.append(cand_emb)
     intra = jnp.zeros(())
-    if lc.alpha and lc.lambda_intra:
+    if lc.alpha and lc.lambda_intra and not per_user:
         for z, v in zip(users, valid):
             intra = intra + intra_loss(z, v, lc.tau_intra, lc.rho, lc.k_max)
     inter = jnp.zeros(())
     if lc.alpha and lc.lambda_inter:
         for a in range(n_dom):
             for b in range(a + 1, n_dom):
-                inter = inter + inter_loss(users[a], users[b], valid[a], valid[b], lc.tau_inter)
+                if per_user:
+                    inter = inter + inter_item_loss(users[a], users[b], items[a], items[b], valid[a], valid[b],
+                                                    lc.tau_inter)
+                else:
+                    inter = inter + inter_loss(users[a], users[b], valid[a], valid[b], lc.tau_inter)
     seqcl = jnp.zeros(())
     if lc.seqcl_weight:
         for d, k in enumerate(jax.random.split(jax.random.fold_in(key, _SEQCL_PURPOSE), n_dom)):

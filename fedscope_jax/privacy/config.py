@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from fedscope_jax.errors import FedscopeError
 
 MODES = ("personalized", "uniform", "central", "off")
+UNITS = ("user", "client")
 ACCOUNTANTS = ("rdp", "pld")
 CLIPPINGS = ("fixed", "adaptive")
 NORMALIZATIONS = ("geometric", "weighted")
@@ -16,10 +17,14 @@ NORMALIZATIONS = ("geometric", "weighted")
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyConfig:
-    """How a run is made differentially private (client-level DP; see docs/privacy.md).
+    """How a run is made differentially private (see docs/privacy.md).
 
     mode: personalized (eps_k from data size), uniform (eps for all), central (DP-FedAvg: one noise draw
       on the aggregate), off (no DP).
+    unit: what one record is. "client": a silo's whole data (its clipped update is noised once per round).
+      "user": one user's whole history in every domain; each silo runs DP-SGD over its users (per local step:
+      Poisson-sampled users, each user's gradient clipped to C_k, N(0, (z_k C_k)^2) added to the sum, divided
+      by the expected batch), so what leaves the silo is a post-processing of a user-level DP mechanism.
     epsilon, delta: nominal budget of the whole run, per client.
     accountant: rdp (fast) or pld (tighter) dp-accounting accountant.
     amplification: count Poisson subsampling amplification (valid only under its assumptions; default off).
@@ -34,6 +39,7 @@ class PrivacyConfig:
     """
 
     mode: str = "personalized"
+    unit: str = "client"
     epsilon: float = 8.0
     delta: float = 1e-5
     accountant: str = "rdp"
@@ -66,7 +72,8 @@ class PrivacyConfig:
         def bad(field: str, expected: str) -> FedscopeError:
             return FedscopeError(f"{name(field)}: expected {expected}, got {getattr(self, field)!r}")
 
-        choices = {"mode": MODES, "accountant": ACCOUNTANTS, "clipping": CLIPPINGS, "normalize": NORMALIZATIONS}
+        choices = {"mode": MODES, "unit": UNITS, "accountant": ACCOUNTANTS, "clipping": CLIPPINGS,
+                   "normalize": NORMALIZATIONS}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise bad(field, "one of " + ", ".join(allowed))
@@ -101,6 +108,18 @@ class PrivacyConfig:
         if self.secagg_neighbors is not None and (not isinstance(self.secagg_neighbors, int)
                                                   or self.secagg_neighbors < 1):
             raise bad("secagg_neighbors", "a positive integer or null")
+        if self.unit == "user" and self.mode == "central":
+            raise FedscopeError(f"{name('unit')}: the central DP-FedAvg baseline noises the aggregate of whole "
+                                f"clients; got unit 'user' (use mode personalized or uniform, or unit client)")
+        if self.unit == "user" and self.clipping == "adaptive":
+            raise FedscopeError(f"{name('clipping')}: adaptive clipping is per client; the user unit clips each "
+                                f"user's gradient to a fixed C (use clipping fixed)")
+        if self.unit == "user" and self.amplification:
+            raise FedscopeError(f"{name('amplification')}: counts the sampling of clients, which the user unit "
+                                f"does not rely on (its Poisson sampling of users is always counted); drop it")
+        if self.unit == "user" and self.secagg:
+            raise FedscopeError(f"{name('secagg')}: secure aggregation of user-level private updates is not "
+                                f"built yet (their coordinates have no bound to quantize in); drop it")
         if self.mode == "central" and self.clipping == "adaptive":
             raise FedscopeError(f"{name('clipping')}: the central DP-FedAvg baseline uses fixed clipping; "
                                 f"got 'adaptive' (use mode personalized or uniform)")

@@ -6,8 +6,9 @@ Host-side and stateful on purpose (a few numpy vectors), so the jitted round sta
     ... engine samples participants among `eligible`, trains, clips, noises, aggregates ...
     row = ledger.end_round(participated, clip_norms)   # advances the accountants; a dict for metrics.jsonl
 
-Accountant state. z_k is fixed for the run, so client k's history is `events_k` identical events (one per
-participated round; one per round of the run with amplification, see accounting.py). Its epsilon is
+Accountant state. z_k is fixed for the run, so client k's history is `events_k` identical events: client unit,
+one per participated round (one per round of the run with amplification, see accounting.py); user unit, one
+per local DP-SGD step, S_k per participated round (`PoissonSampledDpEvent(q_k, GaussianDpEvent(z_k))`). Its epsilon is
 evaluated by composing those events in a fresh dp-accounting accountant: `accounting.epsilon_spent`, the
 same function `recompute_eps` applies to a ledger row, so anyone can reproduce `eps_spent` from the file.
 
@@ -50,25 +51,30 @@ LEDGER_SCHEMA = pa.schema([
     ("accountant", pa.string()),
     ("amplification", pa.bool_()),
     ("rounds_accounted", pa.int64()),
+    ("unit", pa.string()),
+    ("steps", pa.int64()),
 ])
 LEDGER_COLUMNS = tuple(LEDGER_SCHEMA.names)
+REQUIRED_COLUMNS = LEDGER_COLUMNS[:-2]   # ledgers written before the user unit lack `unit` and `steps`
 
 
 def accounted_events(row: Mapping[str, Any]) -> int:
-    """How many events a ledger row's eps_spent composes (its `rounds_accounted` column): rounds_participated,
-    or (amplification) the rounds the client was in the sampled population, participating or not."""
-    if row.get("rounds_accounted") is None:
-        raise FedscopeError("privacy ledger row without `rounds_accounted`: expected the column of that name "
-                            "(the number of accounted events)")
-    return int(row["rounds_accounted"])
+    """How many events a ledger row's eps_spent composes (its `steps` column): client unit, rounds_participated,
+    or (amplification) the rounds the client was in the sampled population; user unit, its local DP-SGD steps.
+    A ledger from before the user unit has no `steps`: its `rounds_accounted` counts the events."""
+    for column in ("steps", "rounds_accounted"):
+        if row.get(column) is not None:
+            return int(row[column])
+    raise FedscopeError("privacy ledger row without `steps` or `rounds_accounted`: expected the number of "
+                        "accounted events in one of them")
 
 
 def recompute_eps(row: Mapping[str, Any]) -> float:
     """eps_spent of one ledger row, recomputed with dp-accounting from the row's own columns.
 
-    Without amplification: `rounds_accounted` (= rounds_participated) compositions of GaussianDpEvent(noise_multiplier) under the
-    row's accountant (RDP, or PLD with value_discretization_interval=1e-3), epsilon at `delta`. With
-    amplification: `rounds_accounted` compositions of PoissonSampledDpEvent(sampling_rate, GaussianDpEvent(z)).
+    Without amplification: `steps` compositions of GaussianDpEvent(noise_multiplier) under the row's accountant
+    (RDP, or PLD with value_discretization_interval=1e-3), epsilon at `delta`. With amplification (always for
+    the user unit): `steps` compositions of PoissonSampledDpEvent(sampling_rate, GaussianDpEvent(z)).
     """
     return accounting.epsilon_spent(str(row["accountant"]), float(row["noise_multiplier"]), accounted_events(row),
                                     float(row["delta"]), float(row["sampling_rate"]), bool(row["amplification"]))
@@ -103,9 +109,10 @@ class PrivacyLedger:
                                         float(p.sampling_rates[k]), p.amplification)
 
     def _fits_one_more(self, k: int) -> bool:
+        """Whether one more round (1 event, or S_k steps for the user unit) stays within eps_k."""
         if self.plan.mode == "off":
             return True
-        nxt = int(self.events[k]) + 1
+        nxt = int(self.events[k]) + int(self.plan.steps_per_round[k])
         if nxt <= int(self.plan.planned_events[k]):
             return True  # calibrated for this many events (eps is non-decreasing in the event count)
         return self._epsilon(k, nxt) <= float(self.plan.eps_targets[k])
@@ -141,8 +148,12 @@ class PrivacyLedger:
         if np.any(participated & ~self._active):
             bad = self.client_ids[np.flatnonzero(participated & ~self._active)].tolist()
             raise RuntimeError(f"privacy ledger: refused clients {bad} took part in round {self._round}")
-        advanced = self._active if self.plan.amplification else participated
-        self.events += advanced
+        if self.plan.unit == "user":   # a silo's own DP-SGD steps: only a participating silo composes events
+            advanced = participated
+            self.events += participated * np.asarray(self.plan.steps_per_round, np.int64)
+        else:
+            advanced = self._active if self.plan.amplification else participated
+            self.events += advanced
         self.participations += participated
         if clip_norms is not None:
             self.clip_norms = np.asarray(clip_norms, dtype=np.float64).copy()
@@ -216,9 +227,12 @@ class PrivacyLedger:
             "sampling_rate": np.asarray(p.sampling_rates, dtype=np.float64),
             "accountant": pa.array([p.accountant_name] * c, pa.string()),
             "amplification": np.full(c, p.amplification),
-            "rounds_accounted": np.asarray(self.events, dtype=np.int64)}, schema=LEDGER_SCHEMA)
-        meta = {"mode": p.mode, "rounds_run": self.rounds_run,
-                "neighboring_relation": "add_or_remove_one (zero-out of one client's whole data)",
+            "rounds_accounted": self.participations if p.unit == "user" else np.asarray(self.events, np.int64),
+            "unit": pa.array([p.unit] * c, pa.string()),
+            "steps": np.asarray(self.events, dtype=np.int64)}, schema=LEDGER_SCHEMA)
+        record = "one user's whole history" if p.unit == "user" else "one client's whole data"
+        meta = {"mode": p.mode, "unit": p.unit, "rounds_run": self.rounds_run,
+                "neighboring_relation": f"add_or_remove_one (zero-out of {record})",
                 "pld_value_discretization_interval": accounting.PLD_DISCRETIZATION,
                 "update_noise_multiplier": np.asarray(p.update_noise_multipliers).tolist(),
                 "central_noise_multiplier": p.central_noise_multiplier,
@@ -235,7 +249,7 @@ class PrivacyLedger:
 def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a privacy_ledger.arrow as dicts."""
     table = read_arrow(path)
-    missing = [c for c in LEDGER_COLUMNS if c not in table.column_names]
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise FedscopeError(f"{path}: not a privacy ledger (missing columns {missing})")
     return table.to_pylist()

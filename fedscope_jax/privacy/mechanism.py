@@ -10,15 +10,20 @@ padded. The Gaussian mechanism is then x + N(0, (z * sensitivity)^2): the engine
 with a central noise multiplier. The habit is jax_privacy's BoundedSensitivityCallable and optax's DP
 transforms; everything is a pure, jittable function over pytrees.
 
+The user unit clips per user inside a client's local step (`clipped_user_sum`, jax_privacy's `clipped_grad`):
+the sum over a Poisson-sampled batch of each user's clipped gradient has sensitivity C (add or remove one user;
+2C to replace one), and the step adds N(0, (z C)^2) to it (`add_noise`) before dividing by the expected batch.
+
 Also here: per-client quantile clipping (its noised bit is the other Gaussian mechanism a client releases).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax_privacy
 import optax
 
 PyTree = Any
@@ -98,6 +103,33 @@ def contributor_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
 def contributor_noise(keys: jax.Array, index: int, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     """[c, *shape]: each contributor's own `standard_normal` draw for leaf `index`, from its key."""
     return jax.vmap(standard_normal, in_axes=(0, None, None, None))(keys, index, shape, dtype)
+
+
+def clipped_user_sum(loss_fn: Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, Any]], params: PyTree,
+                     batch: PyTree, key: jax.Array, user_mask: jax.Array, clip: jax.Array,
+                     microbatch: int | None = None) -> tuple[PyTree, jax.Array]:
+    """(sum over the real users of `batch` of each user's gradient clipped to L2 norm `clip`, each user's loss).
+
+    batch: a pytree whose leaves have the user axis first; `loss_fn(params, one_user_batch, key)` sees one
+    user at a time (a batch axis of size 1, its own key from `jax.random.split(key, users)`), so no user's
+    term can read another user's data. Padding users (user_mask False) add exactly zero. The clip norm may be
+    a traced per-client value: the loss is scaled by 1 / clip and clipped to norm 1 (jax_privacy's
+    `clipped_grad`), then scaled back, which is clip_C(g) = C clip_1(g / C). clip = inf (a non-private
+    configuration, or a padding row) is a clip at 2^20 (a power of two: the scaling is exact), above any
+    gradient of these models. Sensitivity of the sum: `clip` (add or remove one user), 2 clip (replace one).
+    microbatch: users whose per-user gradients are computed at once (a loop over the rest; the batch size must
+    be a multiple); microbatches of padding users at the end of the batch are skipped. None: all at once.
+    """
+    c = jnp.where(jnp.isfinite(clip), clip, 2.0 ** 20)
+
+    def scaled(p: PyTree, b: PyTree, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        loss, _ = loss_fn(p, b, k)
+        return loss / c, loss
+
+    grad_fn = jax_privacy.clipped_grad(scaled, has_aux=True, l2_clip_norm=1.0, batch_argnums=1,
+                                       keep_batch_dim=True, prng_argnum=2, microbatch_size=microbatch or None)
+    grads, out = grad_fn(params, batch, key, is_padding_example=~user_mask)
+    return jax.tree.map(lambda g: g * c.astype(g.dtype), grads), out.aux
 
 
 def adaptive_clip_update(clip_norms: jax.Array, norms: jax.Array, participated: jax.Array, key: jax.Array, *,

@@ -4,6 +4,11 @@
 participation rates into numpy vectors over the client axis. The engine feeds `clip_norms` and
 `update_noise_multipliers` into its jitted round (noise std = update_noise_multipliers * clip_norms per
 client), or, in central mode, adds `central_noise_multiplier * clip_norm` once to the aggregate.
+
+Units. Client unit: one accounted event per round a client takes part in (with amplification, per round of
+the run). User unit (`UserSteps`: each silo's users, local steps per round and expected batch): one event per
+local DP-SGD step, `PoissonSampledDpEvent(q_k, GaussianDpEvent(z_k))` with q_k = batch / users_k, and a silo
+that takes part in a round composes its S_k steps of that round.
 """
 
 from __future__ import annotations
@@ -20,6 +25,28 @@ from fedscope_jax.utils.progress import progress
 
 
 @dataclasses.dataclass(frozen=True)
+class UserSteps:
+    """What the user unit accounts per silo: its users (n_k, the records), its local DP-SGD steps per round
+    (S_k) and the expected batch B of a step (q_k = B / n_k)."""
+
+    users: np.ndarray            # int [K]
+    steps_per_round: np.ndarray  # int [K]
+    batch_size: int
+
+    def rates(self) -> np.ndarray:
+        """q_k = B / n_k per silo (0 for a silo without users); a silo with fewer users than B is an error."""
+        users = np.asarray(self.users, np.int64)
+        small = np.flatnonzero((users > 0) & (users < self.batch_size))
+        if small.size:
+            k = int(small[0])
+            raise FedscopeError(
+                f"--privacy-unit user: client {k} has {int(users[k])} users, fewer than the expected batch "
+                f"train.batch_size={self.batch_size} (Poisson sampling needs q = batch / users <= 1); use "
+                f"--set train.batch_size={int(users[users > 0].min())} or fewer, or fewer --clients")
+        return np.where(users > 0, self.batch_size / np.maximum(users, 1), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class PrivacyPlan:
     """Per-client privacy parameters of one run (all arrays have the client axis first).
 
@@ -27,6 +54,10 @@ class PrivacyPlan:
     update_noise_multipliers: z the engine applies to the update (>= noise_multipliers; 0 in central/off).
     bit_noise: std of the noised clipped-bit (inf for fixed clipping).
     planned_events: accounted events z_k was calibrated for.
+    sampling_rates: per client, the rate of its accounted subsampling: the round participation rate (client
+      unit) or the Poisson user sampling rate q_k of a local step (user unit).
+    steps_per_round: events a client composes per round it takes part in (1 for the client unit, S_k for
+      the user unit).
     central_noise_multiplier: z of the one noise draw on the aggregate (central mode; 0 otherwise).
     clip_min, clip_max: the range adaptive clipping keeps C_k in (pass to mechanism.adaptive_clip_update).
     """
@@ -48,6 +79,12 @@ class PrivacyPlan:
     sampling_rates: np.ndarray
     planned_events: np.ndarray
     central_noise_multiplier: float = 0.0
+    unit: str = "client"
+    steps_per_round: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps_per_round is None:
+            object.__setattr__(self, "steps_per_round", np.ones(self.num_clients, np.int64))
 
     @property
     def num_clients(self) -> int:
@@ -60,7 +97,7 @@ class PrivacyPlan:
 
     def summary(self) -> dict:
         """Short description for summary.json / logs."""
-        return {"mode": self.mode, "accountant": self.accountant_name, "delta": self.delta,
+        return {"mode": self.mode, "unit": self.unit, "accountant": self.accountant_name, "delta": self.delta,
                 "amplification": self.amplification, "adaptive_clipping": self.adaptive_clipping,
                 "eps_target_min": float(np.min(self.eps_targets)), "eps_target_max": float(np.max(self.eps_targets)),
                 "noise_multiplier_min": float(np.min(self.noise_multipliers)),
@@ -78,8 +115,10 @@ def _rates(sampling_rates: np.ndarray | float, num_clients: int) -> np.ndarray:
 
 
 def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.ndarray | float,
-                 rounds: int) -> PrivacyPlan:
-    """Calibrates every client's noise so that its whole run stays within its eps_k at config.delta."""
+                 rounds: int, user_steps: UserSteps | None = None) -> PrivacyPlan:
+    """Calibrates every client's noise so that its whole run stays within its eps_k at config.delta.
+
+    sampling_rates: each client's round participation rate. user_steps: required for config.unit "user"."""
     sizes = np.asarray(sizes, dtype=np.float64)
     num_clients = int(sizes.shape[0])
     if num_clients == 0:
@@ -91,12 +130,24 @@ def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.nd
                                   eps_min=config.eps_min, eps_max=config.eps_max, normalize=config.normalize)
     events = np.array([accounting.planned_events(q, int(rounds), config.amplification, config.participation_quantile)
                        for q in rates], dtype=np.int64)
+    unit = dict(unit="client", steps_per_round=np.ones(num_clients, np.int64))
+    amplification = config.amplification
+    if config.unit == "user" and config.mode != "off":
+        if user_steps is None:
+            raise FedscopeError("privacy.unit user: the plan needs each silo's users and local steps per round")
+        steps = np.asarray(user_steps.steps_per_round, np.int64)
+        if np.asarray(user_steps.users).shape != (num_clients,) or steps.shape != (num_clients,):
+            raise FedscopeError(f"privacy.unit user: expected users and steps per round for {num_clients} clients")
+        events = events * steps            # every step of every planned participation is one event
+        rates = user_steps.rates()
+        amplification = True               # a step's Poisson sampling of users is always counted
+        unit = dict(unit="user", steps_per_round=steps)
     common = dict(mode=config.mode, accountant=config.accountant, delta=float(config.delta),
-                  amplification=config.amplification, clip_target_quantile=config.clip_target_quantile,
+                  amplification=amplification, clip_target_quantile=config.clip_target_quantile,
                   clip_learning_rate=config.clip_learning_rate, eps_targets=eps, sampling_rates=rates,
                   planned_events=events, clip_norms=np.full(num_clients, float(config.clip_norm)),
                   clip_min=np.full(num_clients, config.clip_norm / config.clip_adapt_range),
-                  clip_max=np.full(num_clients, config.clip_norm * config.clip_adapt_range))
+                  clip_max=np.full(num_clients, config.clip_norm * config.clip_adapt_range), **unit)
     zeros = np.zeros(num_clients)
     if config.mode == "off":
         return PrivacyPlan(adaptive_clipping=False, noise_multipliers=zeros, update_noise_multipliers=zeros,
@@ -117,7 +168,7 @@ def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.nd
         key = (float(eps[k]), int(events[k]), float(rates[k]))
         if key not in cache:
             cache[key] = accounting.calibrate_noise_multiplier(key[0], config.delta, key[1], config.accountant,
-                                                               key[2], config.amplification)
+                                                               key[2], amplification)
         effective[k] = cache[key]
     adaptive = config.clipping == "adaptive"
     if adaptive:

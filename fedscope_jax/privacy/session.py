@@ -27,7 +27,7 @@ import numpy as np
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.privacy.config import PrivacyConfig
 from fedscope_jax.privacy.ledger import PrivacyLedger
-from fedscope_jax.privacy.plan import PrivacyPlan, plan_privacy, secagg_bound
+from fedscope_jax.privacy.plan import PrivacyPlan, UserSteps, plan_privacy, secagg_bound
 
 STATE_FILE = "privacy_state.json"
 KEEP_STATES = 4
@@ -44,7 +44,10 @@ class PrivacySession:
     """Plan + ledger of one run, and the glue the engine loop needs (see the module docstring)."""
 
     def __init__(self, config: PrivacyConfig, n_examples: np.ndarray, sampling: str, fraction: float,
-                 rounds: int, seed: int, client_ids: np.ndarray | None = None) -> None:
+                 rounds: int, seed: int, client_ids: np.ndarray | None = None,
+                 user_steps: UserSteps | None = None) -> None:
+        """n_examples: each client's size for the personalized allocation (train interactions); user_steps:
+        the user unit's users, local steps per round and expected batch of each client."""
         if config.mode == "off":
             raise FedscopeError("privacy mode 'off' has no privacy session (the engine's raw knobs apply)")
         if config.amplification and sampling != "poisson":
@@ -55,7 +58,7 @@ class PrivacySession:
         self.seed = int(seed)
         self.client_ids = np.arange(n_examples.size) if client_ids is None else np.asarray(client_ids, np.int64)
         self.rate = sampling_rate(sampling, fraction, int(n_examples.size))
-        self.plan: PrivacyPlan = plan_privacy(config, np.maximum(n_examples, 0), self.rate, int(rounds))
+        self.plan: PrivacyPlan = plan_privacy(config, np.maximum(n_examples, 0), self.rate, int(rounds), user_steps)
         self.ledger = PrivacyLedger(self.plan, self.client_ids, n_examples)
         self._eligible = np.ones(n_examples.size, bool)
 
@@ -63,7 +66,10 @@ class PrivacySession:
     @property
     def noise_mode(self) -> str:
         """The engine noise mode: central DP-FedAvg, per-client noise (secure aggregation of noised
-        updates) or "sum" (the fast path: one draw with the same variance as the clients' summed noises)."""
+        updates) or "sum" (the fast path: one draw with the same variance as the clients' summed noises);
+        "off" for the user unit, whose noise is added in each local DP-SGD step."""
+        if self.plan.unit == "user":
+            return "off"
         if self.plan.mode == "central":
             return "central"
         return "per_client" if self.config.secagg else "sum"

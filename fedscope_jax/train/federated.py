@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -21,13 +22,15 @@ import numpy as np
 import optax
 from flax import serialization
 
-from fedscope_jax.data.batching import make_batches, train_sequences
+from fedscope_jax.data.batching import (POISSON_TAG, make_batches, poisson_batches, poisson_cap, train_sequences,
+                                        user_steps)
 from fedscope_jax.data.partition import partition
 from fedscope_jax.engine.client import ClientConfig
 from fedscope_jax.engine.cohort import ClientShard
 from fedscope_jax.errors import FedscopeError, ResumeMismatch
 from fedscope_jax.eval.protocol import eval_set
 from fedscope_jax.model import init_params, loss_fn
+from fedscope_jax.privacy.plan import UserSteps
 from fedscope_jax.privacy.session import PrivacySession, check_engine_flags
 from fedscope_jax.train.centralized import evaluate, selection_score
 from fedscope_jax.train.config import flatten, to_dict
@@ -36,7 +39,8 @@ from fedscope_jax.train.loop import ClientSource, Track, run_tracks
 from fedscope_jax.train.programs import PROGRAMS, Programs
 from fedscope_jax.utils.io import read_json, write_json
 
-__all__ = ["SeedContext", "check_privacy_knobs", "check_resume_config", "client_config", "finish_run",
+__all__ = ["SeedContext", "check_privacy_knobs", "check_resume_config", "client_config", "client_optimizer",
+           "finish_run",
            "prepare_run_dir", "seed_context", "train_federated"]
 
 
@@ -84,6 +88,8 @@ class SeedContext:
     valid_set: Any
     client_cfg: Any
     params: Any
+    user_steps: UserSteps | None = None   # the user unit: each silo's users, DP-SGD steps per round, batch
+    user_batch_cap: int = 0               # the user unit: padded size of every Poisson-sampled batch
 
     def eval_fn(self, params: Any) -> dict[str, Any]:
         """Validation metrics of `params` (metrics.jsonl "valid")."""
@@ -96,22 +102,38 @@ class SeedContext:
         if pcfg.mode == "off":
             return None
         f = self.cfg.federated
+        if (pcfg.unit == "user") != (self.user_steps is not None):
+            raise FedscopeError(f"privacy.unit {pcfg.unit!r} in a seed context made for unit "
+                                f"{self.cfg.privacy.unit!r}: the configurations of one seed share their batches")
         return PrivacySession(pcfg, self.part.sizes(self.ds)["train_interactions"], f.sampling, f.fraction,
-                              f.rounds, f.seed)
+                              f.rounds, f.seed, user_steps=self.user_steps)
 
 
 def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS) -> ClientConfig:
     """How a client trains the FedSCOPE model (loss, local Adam). Programs compiled for one ClientConfig
     object are reused by every run given that object, so `programs` keeps one object per (model settings,
-    client lr, semantic tables object or none): the seeds of a reproduction cell and a sweep's seeds share it;
-    other tables, even equal ones, get another."""
-    model_cfg, client_lr = cfg.model, float(cfg.federated.client_lr)
+    client lr, unit, semantic tables object or none): the seeds of a reproduction cell and a sweep's seeds
+    share it; other tables, even equal ones, get another. The user unit of DP trains with DP-SGD over users:
+    the loss taken one user at a time (`loss_fn(per_user=True)`), divided by the expected batch."""
+    model_cfg, client_lr, opt = cfg.model, float(cfg.federated.client_lr), cfg.federated.client_opt
+    user = cfg.privacy.unit == "user"
+    expected = int(cfg.train.batch_size) if user else 0
+    micro = int(cfg.federated.user_microbatch) if user else 0
 
     def build() -> ClientConfig:
-        return ClientConfig(functools.partial(loss_fn, config=model_cfg, train=True, semantic=semantic),
-                            optax.adam(client_lr), local_epochs=1)  # the batches hold the local epochs
+        loss = functools.partial(loss_fn, config=model_cfg, train=True, semantic=semantic, per_user=user)
+        return ClientConfig(loss, client_optimizer(opt, client_lr), local_epochs=1,  # batches hold the epochs
+                            expected_batch=expected, microbatch=micro)
 
-    return programs.get(("client_config", model_cfg, client_lr, id(semantic)), build, keep=semantic)
+    key = ("client_config", model_cfg, client_lr, opt, expected, micro, id(semantic))
+    return programs.get(key, build, keep=semantic)
+
+
+def client_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+    """The local optimizer: Adam, plain SGD, or SGD with momentum 0.9 (`federated.client_opt`)."""
+    if name == "adam":
+        return optax.adam(learning_rate)
+    return optax.sgd(learning_rate, momentum=0.9 if name == "momentum" else None)
 
 
 def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None) -> SeedContext:
@@ -121,10 +143,25 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
     part = partition(ds, fcfg.clients, fcfg.scheme, fcfg.seed)
     n_clients = part.n_clients
     rows_of = seqs.client_rows(part)
+    steps = cap = rates = None
+    if cfg.privacy.unit == "user":   # DP-SGD over users: every step Poisson-samples the silo's users
+        if fcfg.scheme == "domain":
+            raise FedscopeError("--privacy-unit user with --scheme domain: a user's record is split over the "
+                                "domain clients; use another scheme or --privacy-unit client")
+        users = np.array([len(r) for r in rows_of], np.int64)
+        steps = UserSteps(users, np.array([user_steps(n, tc.batch_size, fcfg.local_epochs) for n in users]),
+                          int(tc.batch_size))
+        rates = steps.rates()
+        cap = poisson_cap(users, rates, steps.steps_per_round, fcfg.seed, fcfg.rounds,
+                          multiple=math.lcm(8, fcfg.user_microbatch or 1))   # whole microbatches
 
     def source(round_index: int, client: int) -> ClientShard:
         rng = np.random.default_rng([fcfg.seed, round_index, client])
-        b = make_batches(seqs, rows_of[client], tc.batch_size, fcfg.local_epochs, rng)
+        if steps is not None:
+            b = poisson_batches(seqs, rows_of[client], float(rates[client]), int(steps.steps_per_round[client]),
+                                cap, np.random.default_rng([fcfg.seed, round_index, client, POISSON_TAG]))
+        else:
+            b = make_batches(seqs, rows_of[client], tc.batch_size, fcfg.local_epochs, rng)
         batch = {"seq": b["seq"], "target": b["target"], "user_mask": b["user_mask"]}
         if fcfg.scheme == "domain":
             keep = np.zeros(b["seq"].shape[2], bool)
@@ -135,7 +172,7 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
 
     return SeedContext(ds, cfg, semantic, part, n_clients, source, eval_set(ds, "valid", mc.max_len, cfg.eval),
                        client_cfg if client_cfg is not None else client_config(cfg, semantic),
-                       init_params(jax.random.key(tc.seed), mc, ds.n_items, semantic))
+                       init_params(jax.random.key(tc.seed), mc, ds.n_items, semantic), steps, cap or 0)
 
 
 def finish_run(ctx: SeedContext, cfg: Any, out: Path, state: Any, records: list[dict[str, Any]],
@@ -172,10 +209,10 @@ def train_federated(ds: Any, cfg: Any, out: str | Path, semantic: Any = None, ex
     check_privacy_knobs(cfg)
     extra = dict(extra or {})
     out = Path(out)
-    prepare_run_dir(out, resume, force)
     t_start = time.time()
     ctx = seed_context(ds, cfg, semantic, client_config(cfg, semantic, programs))
-    session = ctx.session(cfg.privacy)
+    session = ctx.session(cfg.privacy)   # settings that cannot work fail here, before anything is written
+    prepare_run_dir(out, resume, force)
     resolved = {**to_dict(cfg), **extra}
     if resume:
         check_resume_config(out / "config.json", resolved)

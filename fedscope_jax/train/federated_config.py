@@ -9,6 +9,9 @@ import math
 from fedscope_jax.errors import FedscopeError
 
 
+CLIENT_OPTIMIZERS = ("adam", "sgd", "momentum")
+
+
 @dataclasses.dataclass(frozen=True)
 class FederatedConfig:
     """Federated training options: the `federated` section (CLI flags of the same names, docs/engine.md).
@@ -22,6 +25,8 @@ class FederatedConfig:
     rounds: int = 20
     local_epochs: int = 1
     client_lr: float = 1e-2          # local Adam (1e-3 barely moves the model in 20 rounds; docs/privacy.md)
+    client_opt: str = "adam"         # adam | sgd | momentum (SGD with momentum 0.9): the local optimizer
+    user_microbatch: int = 8         # the user unit: users whose per-user gradients are computed at once (0: all)
     server_opt: str = "fedavg"       # fedavg | fedadam
     server_lr: float = 1.0
     chunk_size: int = 0              # clients per vmapped chunk per device; 0 = measure and pick
@@ -38,6 +43,10 @@ class FederatedConfig:
                             ("--local-epochs", self.local_epochs)):
             if value < 1:
                 raise FedscopeError(f"{flag} {value}: expected >= 1")
+        if self.client_opt not in CLIENT_OPTIMIZERS:
+            raise FedscopeError(f"--client-opt {self.client_opt}: expected one of {', '.join(CLIENT_OPTIMIZERS)}")
+        if self.user_microbatch < 0:
+            raise FedscopeError(f"federated.user_microbatch={self.user_microbatch}: expected >= 0 (0: the whole batch)")
         if not 0.0 < self.fraction <= 1.0:
             raise FedscopeError(f"--fraction {self.fraction}: expected 0 < fraction <= 1")
         for flag, value, least in (("--chunk-size", self.chunk_size, 0), ("--eval-every", self.eval_every, 1),
