@@ -41,14 +41,15 @@ def test_main_cells_dp_rules_and_methods():
     # 3 datasets x (3 federated methods x 2 DP settings + local + centralized) x 3 seeds
     assert len(cells) == 3 * (3 * 2 + 2) * 3
     by = {(c.dataset, c.method, c.dp.label, c.seed): c for c in cells}
-    assert by[("abxi-food-kitchen", "fedscope", "personalized-eps8", 0)]
-    assert by[("abxi-food-kitchen", "fedsasrec", "uniform-eps8", 1)]          # baselines: one uniform budget
-    assert ("abxi-food-kitchen", "local", "personalized-eps8", 0) not in by   # DP does not apply
+    assert by[("abxi-food-kitchen", "fedscope", "personalized-user-eps8", 0)]
+    assert by[("abxi-food-kitchen", "fedsasrec", "uniform-user-eps8", 1)]     # baselines: one uniform budget
+    assert ("abxi-food-kitchen", "local", "personalized-user-eps8", 0) not in by   # DP does not apply
     assert by[("abxi-food-kitchen", "centralized", "off", 0)].identity()["dp"] == "n/a"
     sas = run_config(by[("abxi-food-kitchen", "fedsasrec", "off", 0)], "main")
     assert sas.model.loss.alpha == 0 and sas.privacy.mode == "off"
-    dp = run_config(by[("abxi-food-kitchen", "fedscope", "personalized-eps8", 1)], "main")
+    dp = run_config(by[("abxi-food-kitchen", "fedscope", "personalized-user-eps8", 1)], "main")
     assert dp.privacy.mode == "personalized" and dp.privacy.epsilon == 8 and dp.train.seed == 1
+    assert dp.privacy.unit == "user"                                          # the DP cells: user-level
     assert not METHODS["fedsasrec"].attributes and METHODS["fedscope"].attributes
 
 
@@ -68,7 +69,53 @@ def test_ablation_and_clients_variants():
     assert buckets["quick"] == {(0.1, 1), (0.2, 1), (0.5, 1), (1.0, 3)}
     assert buckets["full"] == {(0.1, 4), (0.2, 4), (0.5, 4), (1.0, 4)}
     pu = load_study(default_config_dir() / "privacy_utility.json")
-    assert pu.epsilons == (1, 2, 4, 8, 16, math.inf) and pu.privacy_modes == ("personalized", "uniform", "central")
+    assert pu.epsilons == (1, 2, 4, 8, 16, math.inf)
+    assert pu.sweep_units() == (("client", ("personalized", "central")), ("user", ("personalized", "uniform")))
+
+
+def test_user_unit_dp_settings_and_sweeps(tmp_path):
+    raw = json.loads((default_config_dir() / "main.json").read_text())
+    raw["dp"] = [{"mode": "off"}, {"mode": "personalized", "epsilon": 8, "unit": "user"},
+                 {"mode": "uniform", "epsilon": 8}]
+    path = tmp_path / "units.json"
+    path.write_text(json.dumps(raw))
+    cells = [c for c in expand(load_study(path), "quick", False) if c.method == "fedscope" and c.seed == 0
+             and c.dataset == "abxi-food-kitchen"]
+    assert sorted(c.dp.label for c in cells) == ["off", "personalized-user-eps8", "uniform-eps8"]
+    units = {c.dp.label: run_config(c, "units").privacy.unit for c in cells}
+    assert units == {"off": "client", "personalized-user-eps8": "user", "uniform-eps8": "client"}
+    assert len({c.relative_dir("d", "none") for c in cells}) == 3
+    # a sweep: one program per unit and seed; the client unit's cell keeps its directory name and key
+    sweep = json.loads((default_config_dir() / "privacy_utility.json").read_text())
+    sweep["privacy_modes"] = ["personalized", "central"]
+    (tmp_path / "old.json").write_text(json.dumps(sweep))
+    old = expand(load_study(tmp_path / "old.json"), "quick", False)
+    sweep["privacy_modes"] = {"client": ["personalized", "central"], "user": ["personalized", "uniform"]}
+    (tmp_path / "new.json").write_text(json.dumps(sweep))
+    new = expand(load_study(tmp_path / "new.json"), "quick", False)
+    assert len(new) == 2 * len(old)
+    client = [c for c in new if c.sweep_unit == "client"]
+    assert [c.relative_dir("d", "none") for c in client] == [c.relative_dir("d", "none") for c in old]
+    user = [c for c in new if c.sweep_unit == "user"]
+    assert all("/sweep-user-seed" in c.relative_dir("d", "none") for c in user)
+    assert {run_config(c, "pu").privacy.unit for c in user} == {"user"}
+    assert {c.sweep_modes for c in user} == {("personalized", "uniform")}
+    for bad, match in ((["personalized", "personalized"], r"key 'privacy_modes': a mode is repeated"),
+                       ({"user": ["central"]}, r"key 'privacy_modes\.user\[0\]': expected one of personalized, "
+                                               r"uniform for the user unit, got 'central'"),
+                       ({"silo": ["uniform"]}, r"key 'privacy_modes\.silo': expected an object")):
+        sweep["privacy_modes"] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(sweep))
+        with pytest.raises(FedscopeError, match=match):
+            load_study(tmp_path / "bad.json")
+    raw["dp"] = [{"mode": "central", "epsilon": 8, "unit": "user"}]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(FedscopeError, match=r"key 'dp\[0\]\.unit': mode central .* has no user unit"):
+        load_study(path)
+    raw["dp"] = [{"mode": "uniform", "epsilon": 8, "unit": "record"}]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(FedscopeError, match=r"key 'dp\[0\]\.unit': expected one of client, user, got 'record'"):
+        load_study(path)
 
 
 def _write(tmp_path: Path, **changes) -> Path:
@@ -132,13 +179,19 @@ def test_dry_run_every_study(tmp_path):
     assert plan["dry_run"] and plan["status"] == "complete" and set(plan["studies"]) == set(STUDIES)
     assert not (out / "runs").exists()                      # dry-run results never mix with real ones
     main_cells = plan["studies"]["main"]["cells"]
-    assert len(main_cells) == 5
+    assert len(main_cells) == 5 + 1                          # + the first user-unit cell (FedSCOPE's DP cell)
     for rel in main_cells:
         cell = json.loads((root / rel / "cell.json").read_text())
         assert cell["dry_run"] and cell["attributes"].startswith("none")
         assert (root / rel / "summary.json").is_file()
-    sweep_runs = list((root / plan["studies"]["privacy_utility"]["cells"][0]).glob("*-seed0"))
-    assert len(sweep_runs) == 3 * 6                          # modes x epsilons (inf copies included)
+    dp_cell = next(rel for rel in main_cells if "/fedscope/personalized-user-eps8-" in rel)
+    assert json.loads((root / dp_cell / "config.json").read_text())["privacy"]["unit"] == "user"
+    sweeps = plan["studies"]["privacy_utility"]["cells"]     # one program per unit (smoke: the first seed)
+    assert [Path(rel).name.split("-seed")[0] for rel in sweeps] == ["sweep", "sweep-user"]
+    for rel, unit in zip(sweeps, ("client", "user")):
+        runs = sorted((root / rel).glob("*-seed0"))
+        assert len(runs) == 2 * 6                            # modes x epsilons (inf copies included)
+        assert {json.loads((r / "config.json").read_text())["privacy"]["unit"] for r in runs} == {unit}
     report = (root / "report" / "report.md").read_text()
     assert "DRY RUN" in report and "profile: **quick** (dry run)" in report
     assert (root / "report" / "privacy_utility_abxi-food-kitchen.png").is_file()
@@ -304,7 +357,7 @@ def test_plan_json_keeps_the_time_of_finished_cells_when_the_process_dies(tmp_pa
         main(args)
     first = json.loads(plan_path.read_text())
     cells = first["studies"]["main"]["cells"]
-    assert len(cells) == 5 and first["status"] == "running"
+    assert len(cells) == 6 and first["status"] == "running"
     assert set(first["cells_seconds"]) == set(cells[:2])
     assert all(t["seconds"] >= 0.1 and t["cpu_seconds"] >= 0.05 for t in first["cells_seconds"].values())
     assert seen[1]["cells_seconds"] == {cells[0]: seen[1]["cells_seconds"][cells[0]]}   # saved before cell 2 ran
@@ -316,7 +369,7 @@ def test_plan_json_keeps_the_time_of_finished_cells_when_the_process_dies(tmp_pa
     assert cache["enabled"] and Path(cache["dir"]).parent == out / "cache" / "xla" and Path(cache["dir"]).is_dir()
     assert set(first["xla_compiles_this_process"]) == {"programs", "seconds", "cache_hits", "cache_writes"}
 
-    seen.clear()    # the second process: the two finished cells are skipped, the other three trained
+    seen.clear()    # the second process: the two finished cells are skipped, the other four trained
     monkeypatch.setattr(runner, "run_cell", lambda *a: fake_run_cell(*a))
     assert main(args + ["--no-compile-cache"]) == 0
     second = json.loads(plan_path.read_text())

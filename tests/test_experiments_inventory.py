@@ -142,7 +142,8 @@ def test_reproduce_inventory_counts_every_study_without_training(shared_data, tm
     # ablation's full-FedSCOPE cells are main's: counted once, in main
     assert studies["ablation"]["cells"] - studies["ablation"]["new_cells"] == 6
     sweep = studies["privacy_utility"]["by_mode"]["sweep"]
-    assert sweep["runs"] == 3 * 16 and sweep["config_rounds"] == 3 * 16 * 10
+    # per seed: the client unit's 2 modes x 6 epsilons and the user unit's, the eps-inf copy once in each
+    assert sweep["runs"] == 3 * 2 * 11 and sweep["config_rounds"] == 3 * 2 * 11 * 10
     main_modes = studies["main"]["by_mode"]
     assert Work(**main_modes["centralized"]).epoch_steps > 0 and Work(**main_modes["federated"]).slot_steps > 0
     assert main(["reproduce", "--calibrate", str(out / "inventory.json"), "--out", str(out)]) == 2

@@ -21,7 +21,7 @@ def _metrics(ndcg: float) -> dict[str, float]:
 
 def _run(root: Path, rel: str, cell: dict | None, ndcgs: tuple[float, float], seed: int, mode: str = "federated",
          privacy: tuple[str, float] = ("off", 8.0), eps_spent: float | None = None,
-         cold: bool = False) -> Path:
+         cold: bool = False, unit: str | None = None) -> Path:
     d = root / rel
     d.mkdir(parents=True)
     summary = {"test": {"food": _metrics(ndcgs[0]), "kitchen": _metrics(ndcgs[1])},
@@ -36,7 +36,8 @@ def _run(root: Path, rel: str, cell: dict | None, ndcgs: tuple[float, float], se
                                                    ">10": {"targets": 6, "model": _metrics(2 * v)}}
                                              for dom, v in zip(("food", "kitchen"), ndcgs)}}
     config = {"train": {"seed": seed}, "federated": {"seed": seed, "clients": 4}, "mode": mode,
-              "privacy": {"mode": privacy[0], "epsilon": privacy[1]}, "model": {"dim": 8}}
+              "privacy": {"mode": privacy[0], "epsilon": privacy[1], **({"unit": unit} if unit else {})},
+              "model": {"dim": 8}}
     (d / "summary.json").write_text(json.dumps(summary))
     (d / "config.json").write_text(json.dumps(config))
     key = "round" if mode == "federated" else "epoch"
@@ -76,9 +77,14 @@ def test_report_of_a_reproduce_output(tmp_path):
     copy = _run(sweep, "uniform-epsinf-seed0", _cell("fedscope", "off", pmode="off"), (0.2, 0.2), 0)
     cfg = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**cfg, "sweep": {"same_as": "personalized-epsinf-seed0"}}))
+    user = root / "runs/toy/fedscope/sweep-user-seed0"      # the user unit's sweep: its own program per seed
+    _run(user, "personalized-eps1-seed0", _cell("fedscope", "personalized-user-eps1", eps=1.0, pmode="personalized"),
+         (0.05, 0.06), 0, privacy=("personalized", 1.0), eps_spent=0.95, unit="user")
+    _run(user, "personalized-epsinf-seed0", _cell("fedscope", "off-user", pmode="off"), (0.15, 0.15), 0, unit="user")
     studies = {
         "main": {"title": "Main", "kind": "cells", "cells": cells, "datasets": ["toy"]},
-        "privacy_utility": {"title": "PU", "kind": "sweep", "cells": [str(sweep.relative_to(root))],
+        "privacy_utility": {"title": "PU", "kind": "sweep", "cells": [str(sweep.relative_to(root)),
+                                                                       str(user.relative_to(root))],
                             "datasets": ["toy"]},
         "cold_start": {"title": "Cold", "kind": "derived", "reads": "main", "cells": [], "datasets": ["toy"]},
         "convergence": {"title": "Conv", "kind": "derived", "reads": "main", "cells": [], "datasets": ["toy"]},
@@ -106,15 +112,23 @@ def test_report_of_a_reproduce_output(tmp_path):
     cen = rows[("CENTRALIZED", "food")]
     assert cen["dp"] == "n/a" and float(cen["NDCG@10 std"]) == 0.0
     pu = _csv(out / "privacy_utility.csv")
-    assert len(pu) == 2 * 5                       # 5 groups (inf once: the copy is not counted) x 2 domains
+    assert len(pu) == 2 * 7       # 5 client-unit groups (inf once: the copy is not counted) + 2 user ones, x 2 domains
     p1 = next(r for r in pu if r["dp"] == "personalized-eps1" and r["domain"] == "food")
     assert float(p1["NDCG@10 mean"]) == pytest.approx(0.01) and p1["NDCG@10 std"] == "nan"
-    assert float(p1["eps_spent (median) mean"]) == pytest.approx(0.9)
+    assert float(p1["eps_spent (median) mean"]) == pytest.approx(0.9) and p1["unit"] == "client"
+    u1 = next(r for r in pu if r["dp"] == "personalized-user-eps1" and r["domain"] == "kitchen")
+    assert float(u1["NDCG@10 mean"]) == pytest.approx(0.06) and u1["unit"] == "user"
+    off = {r["dp"]: r for r in pu if r["domain"] == "food" and r["dp"].startswith("off")}
+    assert sorted(off) == ["off", "off-user"] and off["off"]["unit"] == off["off-user"]["unit"] == "-"
+    assert [r["dp"] for r in pu if r["domain"] == "food"] == [   # user unit first; no DP last in each unit
+        "personalized-user-eps1", "off-user", "personalized-eps1", "personalized-eps8", "uniform-eps1", "uniform-eps8",
+        "off"]
     cold = {(r["method"], r["domain"], r["bucket"]): r for r in _csv(out / "cold_start_cold_start.csv")}
     assert float(cold[("FEDSCOPE", "food", ">10")]["NDCG@10 mean"]) == pytest.approx(2 * v.mean())
     for png in ("privacy_utility_toy.png", "convergence_toy.png", "cold_start_cold_start_toy.png"):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
+    assert "unit: what one DP record is, 'user'" in report
     assert "profile: **quick**" in report and "cpu" in report and "FedSCOPE ran ID-only" in report
     assert "`toy-u30-i10-s0`: 28 users, 10 + 10 items, 300 interactions (30 users drawn; item core of 10" in report
     assert "against 99 sampled negatives" in report and "HR@10 = 0.100 and NDCG@10 ~ 0.0454" in report

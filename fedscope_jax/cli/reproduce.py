@@ -30,8 +30,8 @@ def add_parser(subparsers: Any) -> None:
                    "item_embeddings.arrow; without it FedSCOPE runs ID-only and the report says so")
     p.add_argument("--dry-run", action="store_true", help="check every cell's config and run each study's cells "
                    "with a tiny budget (1 round / 1 epoch, tiny model, 120 users, one seed) under OUT/dry-run")
-    p.add_argument("--smoke", action="store_true", help="run only the first cell of each study's methods (with "
-                   "--dry-run: the fastest plumbing check)")
+    p.add_argument("--smoke", action="store_true", help="run only the first cell of each study's methods and of each "
+                   "privacy unit (with --dry-run: the fastest plumbing check)")
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--compile-cache", dest="compile_cache_dir", metavar="DIR",
                        help="keep compiled XLA programs under DIR instead of OUT/cache/xla (e.g. one cache "

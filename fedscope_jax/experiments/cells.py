@@ -24,6 +24,9 @@ DRY_RUN_OVERRIDES = ("model.dim=8", "model.blocks=1", "model.heads=1", "model.ma
                      "federated.rounds=1", "federated.eval_every=1", "federated.local_epochs=1",
                      "federated.max_buckets=1", "federated.chunk_size=1", "train.epochs=1", "train.eval_every=1",
                      "train.batch_size=32", "eval.num_negatives=49", "model.loss.num_negatives=8")
+# the user unit Poisson-samples each silo's users at q = batch / users <= 1: the dry run's smallest silo
+# (8 power-law clients over 120 users) has 4
+DRY_RUN_USER_OVERRIDES = ("train.batch_size=4",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,20 +44,31 @@ class Cell:
     dry_run: bool
     sweep_modes: tuple[str, ...] = ()
     sweep_epsilons: tuple[float, ...] = ()
+    sweep_unit: str = "client"     # a sweep cell's privacy unit (its modes share one program per seed)
 
     @property
     def mode(self) -> str:
         return "sweep" if self.dp is None else METHODS[self.method].mode
 
+    @property
+    def privacy_unit(self) -> str:
+        """The program's privacy unit: "user" for a user-level DP cell or sweep, else "client"."""
+        if self.dp is None:
+            return self.sweep_unit
+        return self.dp.unit if self.dp.mode != "off" else "client"
+
     def key(self, dataset_dir: str, attributes: str) -> str:
         ident = {"dataset_dir": Path(dataset_dir).name, "method": self.method, "mode": self.mode,
                  "overrides": sorted(self.overrides), "attributes": attributes, "dry_run": self.dry_run,
                  "sweep": [list(self.sweep_modes), [repr(e) for e in self.sweep_epsilons]]}
+        if self.dp is None and self.sweep_unit != "client":   # client-unit sweeps keep their old key
+            ident["sweep_unit"] = self.sweep_unit
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
 
     def relative_dir(self, dataset_dir: str, attributes: str) -> str:
         if self.dp is None:
-            return f"{self.dataset}/{self.method}/sweep-seed{self.seed}-{self.key(dataset_dir, attributes)}"
+            unit = "" if self.sweep_unit == "client" else f"-{self.sweep_unit}"
+            return f"{self.dataset}/{self.method}/sweep{unit}-seed{self.seed}-{self.key(dataset_dir, attributes)}"
         variant = "" if self.variant.name == "base" else f"-{_slug(self.variant.name)}"
         return (f"{self.dataset}/{self.method}/{self.dp.label}{variant}-seed{self.seed}-"
                 f"{self.key(dataset_dir, attributes)}")
@@ -86,10 +100,12 @@ def expand(study: Study, profile: str, dry_run: bool) -> list[Cell]:
         for name in study.methods:
             method = METHODS[name]
             if study.kind == "sweep":
-                for seed in seeds:
-                    ov = base + method.settings() + (f"train.seed={seed}",)
-                    cells.append(Cell(study.name, dataset, name, None, Variant(), seed, ov, profile, dry_run,
-                                      study.privacy_modes, study.epsilons))
+                for unit, modes in study.sweep_units():
+                    for seed in seeds:
+                        user = (f"privacy.unit={unit}",) + (DRY_RUN_USER_OVERRIDES if dry_run else ())
+                        ov = base + method.settings() + (f"train.seed={seed}",) + (user if unit == "user" else ())
+                        cells.append(Cell(study.name, dataset, name, None, Variant(), seed, ov, profile, dry_run,
+                                          modes, study.epsilons, unit))
                 continue
             dps = [d for d in study.dp if _dp_applies(method.dp, d)]
             if method.dp == "none":
@@ -99,7 +115,8 @@ def expand(study: Study, profile: str, dry_run: bool) -> list[Cell]:
             for dp in dps:
                 for variant in study.variants or (Variant(),):
                     for seed in seeds:
-                        ov = (base + variant.overrides_for(profile) + dp.overrides() + method.settings()
+                        user = DRY_RUN_USER_OVERRIDES if dry_run and dp.mode != "off" and dp.unit == "user" else ()
+                        ov = (base + variant.overrides_for(profile) + dp.overrides() + user + method.settings()
                               + (f"train.seed={seed}",))
                         cells.append(Cell(study.name, dataset, name, dp, variant, seed, ov, profile, dry_run))
     return cells

@@ -49,7 +49,7 @@ class Options:
     attributes_root: Path | None = None
     dry_run: bool = False
     datasets: tuple[str, ...] | None = None    # restrict every study to these datasets (None: the study's)
-    smoke: bool = False    # keep only the first cell of each (study, method): a fast plumbing check
+    smoke: bool = False    # keep the first cell of each (study, method) and of each privacy unit: a fast plumbing check
     compile_cache: bool = True   # JAX's persistent compilation cache (compile_cache_dir)
     compile_cache_root: Path | None = None   # where that cache lives (None: OUT/cache/xla)
 
@@ -74,6 +74,11 @@ def plan(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> 
             first: dict[str, Cell] = {}
             for c in cells:
                 first.setdefault(c.method, c)
+            units = {c.privacy_unit for c in first.values()}
+            for c in cells:   # and the study's first cell of a privacy unit no method's first cell has
+                if c.privacy_unit not in units:
+                    units.add(c.privacy_unit)
+                    first[f"{c.method}/{c.privacy_unit}"] = c
             cells = list(first.values())
         for cell in cells:
             run_config(cell, str(study.path))

@@ -25,16 +25,17 @@ def _plt():
 
 
 def privacy_utility(groups: Sequence[Group], path: Path, title: str) -> Path | None:
-    """NDCG@10 (sampled, mean over domains) against epsilon, one line per privacy mode; eps inf = no DP (dashed)."""
+    """NDCG@10 (sampled, mean over domains) against epsilon, one line per privacy mode and unit; eps inf = no DP
+    (dashed)."""
     by_mode: dict[str, list[tuple[float, float, float]]] = {}
-    nodp: list[tuple[float, float]] = []
+    nodp: list[tuple[str, float, float]] = []
     for g in groups:
         m, s = mean_std(g.mean_over_domains("NDCG@10"))
         eps, mode = g.cell.get("epsilon"), g.cell.get("privacy_mode")
         if mode in (None, "off") or eps is None:
-            nodp.append((m, s))
+            nodp.append((str(g.cell.get("dp")), m, s))
         else:
-            by_mode.setdefault(mode, []).append((float(eps), m, s))
+            by_mode.setdefault(f"{mode} ({g.privacy_unit()} unit)", []).append((float(eps), m, s))
     if not by_mode and not nodp:
         return None
     plt = _plt()
@@ -43,12 +44,14 @@ def privacy_utility(groups: Sequence[Group], path: Path, title: str) -> Path | N
         pts.sort()
         x, y, e = (np.array(v) for v in zip(*pts))
         ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=mode)
-    for m, s in nodp[:1]:
-        ax.axhline(m, ls="--", color="k", label="no DP (eps inf)")
+    names = {"off": ("no DP (eps inf)", "k"), "off-user": ("user-unit training, no clip/noise", "tab:gray")}
+    for dp, m, s in sorted(nodp)[:2]:
+        label, color = names.get(dp, (f"{dp} (eps inf)", "k"))
+        ax.axhline(m, ls="--" if dp == "off" else ":", color=color, label=label)
         if not math.isnan(s):
-            ax.axhspan(m - s, m + s, color="k", alpha=0.08)
+            ax.axhspan(m - s, m + s, color=color, alpha=0.08)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("epsilon (per client, whole run)")
+    ax.set_xlabel("epsilon (per record of the unit, whole run)")
     ax.set_ylabel("test NDCG@10 (sampled, mean of domains)")
     ax.set_title(title)
     ax.legend(fontsize=8)

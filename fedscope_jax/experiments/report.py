@@ -18,7 +18,7 @@ from fedscope_jax.experiments.tables import (Group, breakdown_rows, find_runs, g
                                              popularity_rows, run_dirs, write_tables)
 from fedscope_jax.utils.io import read_json
 
-COLUMNS = ("dataset", "method", "dp", "variant", "domain", "HR@10", "NDCG@10", "MRR", "NDCG@10 (full)",
+COLUMNS = ("dataset", "method", "dp", "unit", "variant", "domain", "HR@10", "NDCG@10", "MRR", "NDCG@10 (full)",
            "eps_spent (median)", "seeds", "attributes")
 
 
@@ -61,7 +61,10 @@ def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None
                   "negatives (the 'sampled' protocol; `eval.num_negatives`), '(full)' against every item the user "
                   "never interacted with in the domain. Cells: mean ± sample std over seeds. DP 'n/a': DP does "
                   "not apply (local-only training shares nothing; centralized training pools raw data and is the "
-                  "non-private upper bound). eps_spent: the median client's spent epsilon (dp-accounting). "
+                  "non-private upper bound). unit: what one DP record is, 'user' (one user's whole history; each silo "
+                  "runs DP-SGD over its users and eps protects a user against the server and the other silos) or "
+                  "'client' (a silo's whole data; eps protects the silo). eps_spent: the median client's spent "
+                  "epsilon in that unit (dp-accounting). "
                   f"A random ranking scores HR@10 = {hr:.3f} and NDCG@10 ~ {ndcg:.4f} under {neg} sampled negatives.",
                   ""]
         lines += _data_lines(plan)
@@ -188,8 +191,10 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
         return lines + _breakdowns(out, name, groups)
     if name == "convergence":
         return lines + _convergence(out, name, groups)
-    if info.get("kind") == "sweep":   # by privacy mode, then epsilon (no DP last)
-        groups.sort(key=lambda g: (str(g.cell.get("dataset")), str(g.cell.get("privacy_mode")),
+    if info.get("kind") == "sweep":   # user unit first, then by privacy mode, then epsilon (no DP last)
+        groups.sort(key=lambda g: (str(g.cell.get("dataset")),
+                                   g.runs[0].config.get("privacy", {}).get("unit", "client") != "user",
+                                   g.cell.get("privacy_mode") in (None, "off"), str(g.cell.get("privacy_mode")),
                                    g.cell.get("epsilon") or float("inf")))
     rows = metric_rows(groups)
     if info.get("kind") == "cells":

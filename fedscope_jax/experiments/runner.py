@@ -30,7 +30,7 @@ from fedscope_jax.experiments.cells import Cell, run_config
 from fedscope_jax.experiments.inventory import cell_work
 from fedscope_jax.experiments.methods import METHODS
 from fedscope_jax.experiments.planning import CellData, Options, plan, trainer
-from fedscope_jax.experiments.spec import Study
+from fedscope_jax.experiments.spec import Study, dp_label
 from fedscope_jax.train.programs import PROGRAMS
 from fedscope_jax.train.sweep import sweep_points
 from fedscope_jax.utils.io import read_json, write_json
@@ -345,7 +345,7 @@ def run_sweep_cell(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ide
         if not (run / "summary.json").is_file():
             raise FedscopeError(f"{run}: run_sweep wrote no summary.json for this configuration")
         mode, eps = point.privacy_mode, point.epsilon
-        write_json({**ident, "dp": "off" if mode == "off" else f"{mode}-eps{eps:g}", "privacy_mode": mode,
+        write_json({**ident, "dp": dp_label(mode, eps, cell.sweep_unit), "privacy_mode": mode,
                     "sweep_mode": point.mode, "epsilon": eps if math.isfinite(eps) else None,
                     "seed": point.seed}, run / CELL_FILE)
     done.write_text("ok\n", encoding="utf-8")

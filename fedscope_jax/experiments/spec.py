@@ -23,24 +23,40 @@ from fedscope_jax.experiments.methods import get_method
 KINDS = ("cells", "sweep", "derived")
 PROFILES = ("quick", "full")
 PRIVACY_MODES = ("personalized", "uniform", "central")
+PRIVACY_UNITS = ("client", "user")     # privacy.unit: a silo's whole data, or one user's history (docs/privacy.md)
 
 
 @dataclasses.dataclass(frozen=True)
 class DPSetting:
-    """A DP setting of a cell: mode off, or a privacy mode at a budget epsilon (and delta)."""
+    """A DP setting of a cell: mode off, or a privacy mode at a budget epsilon (and delta) for a privacy unit.
+
+    The label names the unit of a user-level setting ("personalized-user-eps8"); a client-level one keeps its
+    old label ("personalized-eps8"), so existing cell directories stay valid."""
 
     mode: str = "off"
     epsilon: float = math.inf
     delta: float = 1e-5
+    unit: str = "client"
 
     @property
     def label(self) -> str:
-        return "off" if self.mode == "off" else f"{self.mode}-eps{self.epsilon:g}"
+        return dp_label(self.mode, self.epsilon, self.unit)
 
     def overrides(self) -> tuple[str, ...]:
         if self.mode == "off":
             return ("privacy.mode=off",)
-        return (f"privacy.mode={self.mode}", f"privacy.epsilon={self.epsilon!r}", f"privacy.delta={self.delta!r}")
+        unit = (f"privacy.unit={self.unit}",) if self.unit != "client" else ()
+        return (f"privacy.mode={self.mode}", f"privacy.epsilon={self.epsilon!r}", f"privacy.delta={self.delta!r}",
+                *unit)
+
+
+def dp_label(mode: str, epsilon: float | None, unit: str = "client") -> str:
+    """"off", "personalized-eps8" (client unit) or "personalized-user-eps8" (user unit): a cell's DP label.
+    "off-user" is the user unit's training (per-user loss and gradients, Poisson batches) without clipping or
+    noise: the eps-inf point of a user-unit sweep."""
+    if mode == "off":
+        return "off-user" if unit == "user" else "off"
+    return f"{mode}-{'user-' if unit == 'user' else ''}eps{epsilon:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +104,15 @@ class Study:
     methods: tuple[str, ...]
     dp: tuple[DPSetting, ...]
     variants: tuple[Variant, ...]
-    privacy_modes: tuple[str, ...]
+    privacy_modes: tuple[str, ...]          # a sweep's client-unit modes
     epsilons: tuple[float, ...]
     reads: str | None
     profiles: dict[str, Profile]
+    user_privacy_modes: tuple[str, ...] = ()   # a sweep's user-unit modes (a second program per seed)
+
+    def sweep_units(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """(unit, modes) of each sweep program per seed: the client unit's, then the user unit's, if any."""
+        return tuple((u, m) for u, m in (("client", self.privacy_modes), ("user", self.user_privacy_modes)) if m)
 
     def profile(self, name: str) -> Profile:
         if name not in self.profiles:
@@ -129,9 +150,12 @@ def _epsilon(value: Any, path: Path, key: str) -> float:
 
 
 def _dp(item: Any, path: Path, key: str) -> DPSetting:
-    if not isinstance(item, dict) or set(item) - {"mode", "epsilon", "delta"}:
-        raise _err(path, key, f"expected {{\"mode\": ..., \"epsilon\": ...}}, got {item!r}")
+    if not isinstance(item, dict) or set(item) - {"mode", "epsilon", "delta", "unit"}:
+        raise _err(path, key, f"expected {{\"mode\": ..., \"epsilon\": ..., \"unit\": ...}}, got {item!r}")
     mode = item.get("mode", "off")
+    unit = item.get("unit", "client")
+    if unit not in PRIVACY_UNITS:
+        raise _err(path, key + ".unit", f"expected one of {', '.join(PRIVACY_UNITS)}, got {unit!r}")
     if mode == "off":
         return DPSetting()
     if mode not in PRIVACY_MODES:
@@ -139,7 +163,33 @@ def _dp(item: Any, path: Path, key: str) -> DPSetting:
     eps = _epsilon(item.get("epsilon"), path, key + ".epsilon")
     if not math.isfinite(eps):
         raise _err(path, key + ".epsilon", "a DP setting needs a finite epsilon (use mode off for no DP)")
-    return DPSetting(mode, eps, float(item.get("delta", 1e-5)))
+    if unit == "user" and mode == "central":
+        raise _err(path, key + ".unit", "mode central noises the aggregate of whole clients: it has no user unit")
+    return DPSetting(mode, eps, float(item.get("delta", 1e-5)), unit)
+
+
+def _privacy_modes(raw: dict[str, Any], path: Path, required: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A sweep's `privacy_modes`: a list (the client unit's modes) or {"client": [...], "user": [...]}; returns
+    (client modes, user modes)."""
+    value = raw.get("privacy_modes")
+    if isinstance(value, dict):
+        bad = sorted(set(value) - set(PRIVACY_UNITS))
+        if bad or not value:
+            raise _err(path, f"privacy_modes.{bad[0]}" if bad else "privacy_modes",
+                       f"expected an object {{unit: [modes]}} with units among {', '.join(PRIVACY_UNITS)}")
+        per_unit = {u: tuple(_list(value, u, path)) for u in value}
+    else:
+        per_unit = {"client": tuple(_list(raw, "privacy_modes", path, required))}
+    for unit, modes in per_unit.items():
+        key = "privacy_modes" if not isinstance(value, dict) else f"privacy_modes.{unit}"
+        allowed = PRIVACY_MODES if unit == "client" else tuple(m for m in PRIVACY_MODES if m != "central")
+        for i, m in enumerate(modes):
+            if m not in allowed:
+                raise _err(path, f"{key}[{i}]", f"expected one of {', '.join(allowed)} for the {unit} unit, "
+                           f"got {m!r}")
+        if len(set(modes)) != len(modes):
+            raise _err(path, key, "a mode is repeated")
+    return per_unit.get("client", ()), per_unit.get("user", ())
 
 
 def _overrides(mapping: Any, path: Path, key: str) -> tuple[str, ...]:
@@ -218,10 +268,7 @@ def load_study(path: str | Path) -> Study:
         get_method(m, f"{path}: key 'methods[{i}]'")
     dp = tuple(_dp(x, path, f"dp[{i}]") for i, x in enumerate(_list(raw, "dp", path, kind == "cells")))
     variants = tuple(_variant(x, path, f"variants[{i}]") for i, x in enumerate(_list(raw, "variants", path, False)))
-    modes = tuple(_list(raw, "privacy_modes", path, kind == "sweep"))
-    for i, m in enumerate(modes):
-        if m not in PRIVACY_MODES:
-            raise _err(path, f"privacy_modes[{i}]", f"expected one of {', '.join(PRIVACY_MODES)}, got {m!r}")
+    modes, user_modes = _privacy_modes(raw, path, kind == "sweep")
     epsilons = tuple(_epsilon(e, path, f"epsilons[{i}]")
                      for i, e in enumerate(_list(raw, "epsilons", path, kind == "sweep")))
     reads = raw.get("reads")
@@ -264,7 +311,7 @@ def load_study(path: str | Path) -> Study:
         profiles[pname] = Profile(_seeds(praw.get("seeds", seeds), path, f"{key}.seeds"), max_users,
                                   _overrides(praw.get("set", {}), path, f"{key}.set"), pds, max_items, users)
     study = Study(name, path, str(raw.get("title", name)), kind, str(raw.get("description", "")), datasets,
-                  methods, dp, variants, modes, epsilons, reads, profiles)
+                  methods, dp, variants, modes, epsilons, reads, profiles, user_modes)
     for m in methods:  # a method that needs DP must have a DP setting to run under
         if get_method(m).dp == "required" and kind == "cells" and not any(d.mode != "off" for d in dp):
             raise _err(path, "dp", f"method {m!r} needs a DP setting, but every entry is mode off")

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from fedscope_jax.errors import FedscopeError
+from fedscope_jax.experiments.spec import dp_label
 from fedscope_jax.train.config import flatten
 from fedscope_jax.utils.io import read_json
 
@@ -58,7 +59,7 @@ def infer_cell(config: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any
     mode = config.get("mode") or summary.get("training", {}).get("mode", "?")
     privacy = config.get("privacy", {}) if mode == "federated" else {}
     pmode = privacy.get("mode", "off")
-    dp = "n/a" if mode != "federated" else ("off" if pmode == "off" else f"{pmode}-eps{privacy.get('epsilon'):g}")
+    dp = "n/a" if mode != "federated" else dp_label(pmode, privacy.get("epsilon"), privacy.get("unit", "client"))
     flat = {k: v for k, v in flatten(config).items() if k not in IGNORED_FOR_GROUPING and not k.startswith("experiment")
             and k not in ("privacy.mode", "privacy.epsilon")}
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:6]
@@ -126,6 +127,14 @@ class Group:
         """Per-run mean over domains (one value per seed)."""
         return np.nanmean(np.stack([self.values(d, metric, protocol) for d in self.domains()]), axis=0)
 
+    def privacy_unit(self) -> str:
+        """What one DP record is in this group's numbers: "user" or "client" ("-" without DP). Read from the
+        runs' config.json (a config written before the user unit existed is client-level)."""
+        if self.cell.get("dp") in ("n/a", "off", "off-user", None):
+            return "-"
+        units = {r.config.get("privacy", {}).get("unit", "client") for r in self.runs}
+        return "/".join(sorted(units))
+
     def eps_spent(self) -> np.ndarray:
         vals = [r.summary.get("privacy", {}).get("eps_spent_median") for r in self.runs]
         return np.array([math.nan if v is None else float(v) for v in vals])
@@ -159,7 +168,8 @@ def metric_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
         c = g.cell
         for domain in g.domains():
             row: dict[str, Any] = {"dataset": c.get("dataset"), "method": c.get("label", c.get("method")),
-                                   "dp": c.get("dp"), "variant": c.get("variant"), "domain": domain,
+                                   "dp": c.get("dp"), "unit": g.privacy_unit(), "variant": c.get("variant"),
+                                   "domain": domain,
                                    "attributes": _short_attr(c.get("attributes")), "seeds": len(g.runs)}
             for metric, proto in METRICS:
                 name = metric if proto == "sampled" else f"{metric} (full)"
@@ -180,7 +190,8 @@ def popularity_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
             continue
         seen.add(ds)
         for domain in g.domains():
-            row: dict[str, Any] = {"dataset": ds, "method": "Popularity (reference)", "dp": "n/a", "variant": "-",
+            row: dict[str, Any] = {"dataset": ds, "method": "Popularity (reference)", "dp": "n/a", "unit": "-",
+                                   "variant": "-",
                                    "domain": domain, "attributes": "-", "seeds": "-"}
             for metric, proto in METRICS:
                 name = metric if proto == "sampled" else f"{metric} (full)"
