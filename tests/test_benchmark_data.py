@@ -174,3 +174,34 @@ def test_sweep_benchmark_cli(tiny, tmp_path, monkeypatch):
     assert written[0]["unit_costs"] is None and written[1]["unit_costs"] == unit
     assert unit["epoch_step_seconds"] > 0 and unit["validation_seconds"] > 0
     assert unit["validation_target_items"] >= unit["validation_targets"] * min(report["workload"]["n_items"])
+
+
+def test_privacy_unit_benchmark_cli(tiny, tmp_path, monkeypatch, capsys):
+    """`benchmark --privacy-unit user`: the user-level private round and the non-private one, side by side, in
+    alternating repeats; the ratio is of the best repeats; the JSON is rewritten after each repeat."""
+    from fedscope_jax.cli import main
+
+    out = tmp_path / "unit.json"
+    written = _spy_writes(monkeypatch)
+    tiny_model = ["--set", "model.blocks=1", "--set", "model.heads=1", "--set", "model.loss.num_negatives=5",
+                  "--set", "eval.num_negatives=10", "--set", "federated.scheme=uniform"]
+    assert main(["benchmark", "--privacy-unit", "user", "--data", str(tiny), "--rounds", "2", "--clients", "2",
+                 "--chunk-size", "1", "--dim", "8", "--max-len", "6", "--batch-size", "4", "--repeats", "2",
+                 *tiny_model, "--out", str(out)]) == 0
+    assert "user-level / non-private:" in capsys.readouterr().out
+    assert [(w["repeats_done"], w["complete"]) for w in written] == [(1, False), (2, True)]
+    report = json.loads(out.read_text())
+    sides = report["repeats_seconds"]
+    assert set(sides) == {"non-private", "user-level"} and all(len(v) == 2 for v in sides.values())
+    assert all(len(r["round_seconds"]) == 2 for v in sides.values() for r in v)
+    best = {s: min(r["train_seconds"] for r in v) for s, v in sides.items()}
+    assert report["train_seconds"] == best
+    assert report["ratio"] == pytest.approx(best["user-level"] / best["non-private"])
+    assert report["workload"]["batch_size"] == 4 and report["epsilon"] == 8.0
+    assert main(["benchmark", "--privacy-unit", "user", "--sweep", "--data", str(tiny)]) == 2
+    assert "two benchmarks; give one" in capsys.readouterr().err
+    assert main(["benchmark", "--privacy-unit", "user", "--clients", "2"]) == 2
+    assert "--privacy-unit needs --data DIR" in capsys.readouterr().err
+    assert main(["benchmark", "--privacy-unit", "user", "--data", str(tiny), "--batch-size", "40", "--clients", "2",
+                 *tiny_model]) == 2
+    assert "fewer than the expected batch" in capsys.readouterr().err    # refused before anything is timed

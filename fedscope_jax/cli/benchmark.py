@@ -66,6 +66,11 @@ def add_parser(subparsers: Any) -> None:
     s.add_argument("--config", metavar="FILE", help="JSON run config (sections model/train/eval/federated/privacy)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.blocks=1 (repeatable)")
+    u = p.add_argument_group("privacy-unit benchmark (--privacy-unit user; the --sweep group's config flags apply)")
+    u.add_argument("--privacy-unit", choices=["user"], help="time the user-level private round (DP-SGD over "
+                   "the users of every silo, personalized budgets) against the non-private round with the same "
+                   "settings, side by side on --data (docs/privacy.md)")
+    u.add_argument("--epsilon", type=float, default=8.0, help="the user-level budget (default 8)")
     p.set_defaults(func=run)
 
 
@@ -76,15 +81,19 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             write_json(partial, args.out)
 
+    if args.sweep and args.privacy_unit:
+        raise FedscopeError("--sweep and --privacy-unit are two benchmarks; give one")
     if args.sweep:
         report, table = _run_sweep(args, save)
+    elif args.privacy_unit:
+        report, table = _run_unit(args, save)
     else:
         if args.data and args.users is not None:
             raise FedscopeError(f"--users: only for synthetic data (--data {args.data} benchmarks that dataset's "
                                 "users)")
         for flag in ("rounds", "fraction", "chunk_size", "config"):
             if getattr(args, flag) is not None:
-                raise FedscopeError(f"--{flag.replace('_', '-')}: only with --sweep")
+                raise FedscopeError(f"--{flag.replace('_', '-')}: only with --sweep or --privacy-unit")
         from fedscope_jax.bench.engine import BenchmarkConfig, format_table, run_benchmark
 
         opts = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in ENGINE_DEFAULTS.items()}
@@ -100,34 +109,56 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_sweep(args: argparse.Namespace,
-               save: Callable[[dict[str, Any]], None]) -> tuple[dict[str, Any], str]:
-    """`--sweep`: the run config from --config / --set / the flags given, then the side-by-side timing."""
+def _run_config(args: argparse.Namespace, flag: str) -> Any:
+    """The run config of --sweep / --privacy-unit: --config, then --set, then the flags given."""
     import dataclasses
 
-    if not args.data:
-        raise FedscopeError("--sweep needs --data DIR (a prepared dataset, e.g. fedscope data prepare --format abxi)")
-    if args.clients is not None and len(args.clients) != 1:
-        raise FedscopeError(f"--clients with --sweep: expected one number of clients, got {list(args.clients)}")
-    from fedscope_jax.data.canonical import load_dataset
-    from fedscope_jax.bench.sweep import format_sweep_table, run_sweep_benchmark
     from fedscope_jax.train.config import load_config
-    from fedscope_jax.train.sweep import parse_epsilons, parse_modes
 
-    modes = parse_modes(args.privacy, "--privacy")
-    epsilons = parse_epsilons(args.epsilons, "--epsilons")
+    if not args.data:
+        raise FedscopeError(f"{flag} needs --data DIR (a prepared dataset, e.g. fedscope data prepare --format abxi)")
+    if args.clients is not None and len(args.clients) != 1:
+        raise FedscopeError(f"--clients with {flag}: expected one number of clients, got {list(args.clients)}")
     cfg = load_config(args.config, args.overrides)
     fed = {k: v for k, v in {"clients": args.clients[0] if args.clients else None, "rounds": args.rounds,
                              "fraction": args.fraction, "chunk_size": args.chunk_size,
                              "local_epochs": args.local_epochs}.items() if v is not None}
     model = {k: v for k, v in {"dim": args.dim, "max_len": args.max_len}.items() if v is not None}
     train = {k: v for k, v in {"batch_size": args.batch_size, "seed": args.seed}.items() if v is not None}
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model),
-                              train=dataclasses.replace(cfg.train, **train),
-                              federated=dataclasses.replace(cfg.federated, **fed))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model),
+                               train=dataclasses.replace(cfg.train, **train),
+                               federated=dataclasses.replace(cfg.federated, **fed))
+
+
+def _run_sweep(args: argparse.Namespace,
+               save: Callable[[dict[str, Any]], None]) -> tuple[dict[str, Any], str]:
+    """`--sweep`: the run config from --config / --set / the flags given, then the side-by-side timing."""
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.bench.sweep import format_sweep_table, run_sweep_benchmark
+    from fedscope_jax.train.sweep import parse_epsilons, parse_modes
+
+    cfg = _run_config(args, "--sweep")
+    modes = parse_modes(args.privacy, "--privacy")
+    epsilons = parse_epsilons(args.epsilons, "--epsilons")
     report = run_sweep_benchmark(load_dataset(args.data), cfg, modes, epsilons, config_chunks=args.config_chunk,
                                  repeats=args.repeats if args.repeats is not None else 2, on_report=save)
     return report, format_sweep_table(report)
+
+
+def _run_unit(args: argparse.Namespace,
+              save: Callable[[dict[str, Any]], None]) -> tuple[dict[str, Any], str]:
+    """`--privacy-unit user`: the user-level private round against the non-private one, side by side."""
+    import math
+
+    from fedscope_jax.bench.privacy_unit import format_unit_table, run_unit_benchmark
+    from fedscope_jax.data.canonical import load_dataset
+
+    cfg = _run_config(args, "--privacy-unit")
+    if not (args.epsilon > 0 and math.isfinite(args.epsilon)):
+        raise FedscopeError(f"--epsilon {args.epsilon}: expected a finite budget > 0")
+    report = run_unit_benchmark(load_dataset(args.data), cfg, args.epsilon,
+                                repeats=args.repeats if args.repeats is not None else 2, on_report=save)
+    return report, format_unit_table(report)
 
 
 __all__ = ["add_parser", "run"]

@@ -1,0 +1,85 @@
+"""`fedscope benchmark --privacy-unit user`: the round of user-level DP (DP-SGD over the users of every silo)
+against the non-private round with the same settings, side by side in one process (docs/privacy.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+from fedscope_jax.privacy.config import PrivacyConfig
+from fedscope_jax.train.config import step_shape
+from fedscope_jax.train.federated import seed_context
+from fedscope_jax.train.loop import Track, run_tracks
+
+__all__ = ["format_unit_table", "run_unit_benchmark"]
+
+SIDES = ("non-private", "user-level")
+
+
+def run_unit_benchmark(ds: Any, cfg: Any, epsilon: float = 8.0, repeats: int = 2, workdir: Any = None,
+                       on_report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Trains `cfg` (one seed) twice per repeat: without DP (privacy.mode off, the client unit's program) and
+    with user-level personalized DP at `epsilon` (per-user clipping, Gaussian noise every local step, Poisson
+    sampled batches), alternating which side goes first. Reports the best repeat of each side's round loop
+    (rounds only: one validation and one checkpoint at the end, compiles reported apart) and their ratio.
+    on_report: called with the report after each repeat (a stopped benchmark keeps what it finished)."""
+    fcfg = dataclasses.replace(cfg.federated, checkpoint_every=cfg.federated.rounds,
+                               eval_every=cfg.federated.rounds)
+    off = dataclasses.replace(cfg, federated=fcfg, privacy=PrivacyConfig(mode="off"))
+    user = dataclasses.replace(off, privacy=dataclasses.replace(cfg.privacy, mode="personalized", unit="user",
+                                                                epsilon=float(epsilon)))
+    contexts = {"non-private": (off, seed_context(ds, off, None)), "user-level": (user, seed_context(ds, user, None))}
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for rep in range(max(1, repeats)):
+            for side in (SIDES if rep % 2 == 0 else SIDES[::-1]):
+                run_cfg, ctx = contexts[side]
+                out = Path(tmp) / f"{side}-{rep}"
+                out.mkdir()
+                t0 = time.perf_counter()
+                _, recs, facts = run_tracks([Track(out, ctx.session(run_cfg.privacy))], ctx.source, ctx.n_clients,
+                                            ctx.params, ctx.client_cfg, fcfg, desc=side)
+                runs[side].append({"wall_seconds": time.perf_counter() - t0, **facts[0]["timing"],
+                                   "round_seconds": [r["seconds"] for r in recs[0]]})
+            report = _report(ds, off, epsilon, runs, rep + 1, max(1, repeats))
+            if on_report is not None:
+                on_report(report)
+    return report
+
+
+def _report(ds: Any, cfg: Any, epsilon: float, runs: dict[str, list[dict[str, Any]]], done: int,
+            repeats: int) -> dict[str, Any]:
+    best = {side: min(r["train_seconds"] for r in runs[side]) for side in SIDES}
+    rounds = cfg.federated.rounds
+    return {
+        "benchmark": "privacy_unit", "device": str(jax.devices()[0].platform), "device_count": jax.device_count(),
+        "dataset": getattr(ds, "name", None), "epsilon": epsilon, "repeats": repeats, "repeats_done": done,
+        "complete": done == repeats,
+        "workload": {"clients": cfg.federated.clients, "rounds": rounds, "local_epochs": cfg.federated.local_epochs,
+                     "user_microbatch": cfg.federated.user_microbatch, **step_shape(cfg)},
+        "train_seconds": best,
+        "round_seconds": {side: best[side] / rounds for side in SIDES},
+        "compile_seconds": {side: runs[side][0]["compile_seconds"] for side in SIDES},
+        "ratio": best["user-level"] / best["non-private"],
+        "repeats_seconds": runs,
+    }
+
+
+def format_unit_table(report: dict[str, Any]) -> str:
+    """A plain-text summary of the privacy-unit benchmark."""
+    w = report["workload"]
+    return "\n".join([
+        f"device {report['device']} x{report['device_count']}; {w['clients']} clients, {w['rounds']} rounds, "
+        f"batch {w['batch_size']}, dim {w['dim']}, user microbatch {w['user_microbatch']}; best of "
+        f"{report['repeats_done']} repeat(s)",
+        f"{'':<12} {'s/round':>9} {'compile s':>10}",
+        *[f"{side:<12} {report['round_seconds'][side]:>9.3f} {report['compile_seconds'][side]:>10.2f}"
+          for side in SIDES],
+        f"user-level / non-private: {report['ratio']:.2f}x (eps {report['epsilon']:g}, personalized, user unit)",
+    ])
