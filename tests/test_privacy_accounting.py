@@ -8,6 +8,7 @@ import dp_accounting
 import numpy as np
 import pytest
 
+from fedscope_jax.errors import FedscopeError
 from fedscope_jax.privacy import accounting
 
 DELTA = 1e-5
@@ -126,3 +127,11 @@ def test_skipped_rdp_order_warnings_are_filtered_and_other_messages_pass(caplog)
         logging.getLogger("absl").warning("another dp-accounting warning")
     assert [r.getMessage() for r in caplog.records] == ["another dp-accounting warning"]
     assert not [f for f in logging.getLogger("absl").filters if isinstance(f, accounting.SkippedOrders)]
+
+
+def test_an_unreachable_epsilon_is_one_line_naming_the_setting():
+    from fedscope_jax.privacy.accounting import calibrate_noise_multiplier
+
+    with pytest.raises(FedscopeError, match=r"privacy\.epsilon=1e-09: no noise multiplier below 1e6 reaches it at "
+                                            r"delta=1e-05 over 160 accounted events .* use a larger --epsilon"):
+        calibrate_noise_multiplier(1e-9, 1e-5, 160)

@@ -156,8 +156,9 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, events: int, kind: 
     while gap(hi) > 0:
         hi *= 2.0
         if hi > 1e6:
-            raise FedscopeError(f"privacy: no noise multiplier below 1e6 reaches epsilon={epsilon} "
-                                f"at delta={delta} over {events} rounds")
+            raise FedscopeError(f"privacy.epsilon={epsilon:g}: no noise multiplier below 1e6 reaches it at "
+                                f"delta={delta:g} over {events} accounted events (rounds; DP-SGD steps in the "
+                                f"user unit); use a larger --epsilon or --delta, or fewer --rounds")
     lo = hi / 2.0
     while gap(lo) <= 0:
         hi, lo = lo, lo / 2.0
