@@ -247,7 +247,7 @@ def test_reproduce_resumes_a_sweep_cell_and_restarts_a_changed_one(tmp_path, mon
         (Path(out) / "uniform-eps2-seed0" / "summary.json").write_text("{}")
 
     monkeypatch.setattr(runner, "trainer", lambda mode: fake_sweep)
-    cell = types.SimpleNamespace(sweep_modes=("uniform",), sweep_epsilons=(2.0,), seed=0)
+    cell = types.SimpleNamespace(sweep_modes=("uniform",), sweep_epsilons=(2.0,), seed=0, sweep_unit="client")
     ident = {"attributes": None, "semantic_coverage": None}
     for exists, mismatch, expected in [(False, False, [(False, False)]), (True, False, [(True, False)]),
                                        (True, True, [(True, False), (False, True)])]:
