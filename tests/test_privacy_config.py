@@ -18,7 +18,7 @@ def test_defaults_are_conservative():
 
 
 @pytest.mark.parametrize("mapping, match", [
-    ({"mode": "local"}, r"privacy\.mode: expected one of personalized, uniform, central, off"),
+    ({"mode": "local"}, r"privacy\.mode: expected one of personalized, uniform, central, distributed, off"),
     ({"epsilon": -1}, r"privacy\.epsilon: expected a positive"),
     ({"delta": 1.0}, r"privacy\.delta"),
     ({"accountant": "moments"}, r"privacy\.accountant"),

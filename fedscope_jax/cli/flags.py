@@ -59,8 +59,9 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
     """The privacy flags; they override the --config file's `privacy` keys."""
-    group = parser.add_argument_group("privacy (client-level DP; docs/privacy.md)")
-    group.add_argument("--privacy", choices=MODES, help="DP mode (default: personalized)")
+    group = parser.add_argument_group("privacy (differential privacy; docs/privacy.md)")
+    group.add_argument("--privacy", choices=MODES, help="DP mode (default: personalized; distributed: user unit "
+                       "only, one DP-SGD step a round whose noise the silos split under a secure sum)")
     group.add_argument("--privacy-unit", choices=UNITS, help="the record DP protects: user (each silo runs DP-SGD "
                        "over its users) or client (a silo's whole data; default client)")
     group.add_argument("--epsilon", type=float, help="nominal epsilon of the whole run per client (default 8)")

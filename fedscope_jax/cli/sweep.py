@@ -29,7 +29,8 @@ def add_parser(subparsers: Any) -> None:
     # The sweep's own axes replace the single-run --privacy / --epsilon flags (conflict_handler="resolve").
     g = p.add_argument_group("sweep axes")
     g.add_argument("--privacy", dest="sweep_modes", default="personalized,uniform", metavar="M1,M2",
-                   help="privacy modes: personalized, uniform, central (default personalized,uniform)")
+                   help="privacy modes: personalized, uniform, central, or distributed alone (with "
+                   "--privacy-unit user; default personalized,uniform)")
     g.add_argument("--epsilons", dest="sweep_epsilons", default="1,2,4,8,16,inf", metavar="E1,E2",
                    help="epsilons of the whole run per client; inf = no DP (default 1,2,4,8,16,inf)")
     g.add_argument("--seeds", dest="sweep_seeds", type=int, default=1, metavar="N",

@@ -203,17 +203,23 @@ class SequentialRunner:
         self._secure_chunk = jax.jit(self._secure_chunk_fn)
         self._finish = jax.jit(self._finish_fn)
 
-    def _train_fn(self, params: PyTree, cohort: Cohort, train_key: jax.Array) -> tuple[PyTree, Any]:
-        return client_update(params, cohort.data, jax.random.fold_in(train_key, cohort.client_id), self.client_cfg)
+    def _train_fn(self, params: PyTree, cohort: Cohort, train_key: jax.Array,
+                  noise_key: jax.Array) -> tuple[PyTree, Any]:
+        noise = None
+        if self.client_cfg.expected_batch:   # the user unit: this client's DP-SGD inputs, as `_user_noise`
+            key = jax.random.fold_in(jax.random.fold_in(noise_key, 4), cohort.client_id)
+            noise = UserNoise(cohort.clip, cohort.noise_multiplier, key)
+        return client_update(params, cohort.data, jax.random.fold_in(train_key, cohort.client_id), self.client_cfg,
+                             noise)
 
     def _one_client(self, acc: Accumulator, params: PyTree, cohort: Cohort, train_key: jax.Array,
                     noise_key: jax.Array) -> tuple[Accumulator, ClientReport]:
-        if self.client_cfg.expected_batch:   # the user unit: one client as a chunk of one (no secure sum here)
+        if self.client_cfg.expected_batch:   # the user unit: one client as a chunk of one (secure: _secure_cohort)
             one = jax.tree.map(lambda x: jnp.asarray(x)[None], cohort)
             acc, rep = _local_round(params, one, train_key, noise_key, self.client_cfg,
                                     dataclasses.replace(self.engine_cfg, secagg_bound=0.0), acc)
             return acc, rep
-        delta, stats = self._train_fn(params, cohort, train_key)
+        delta, stats = self._train_fn(params, cohort, train_key, noise_key)
         one = lambda x: jnp.asarray(x)[None]  # noqa: E731  (a chunk of one client)
         return accumulate_chunk(acc, jax.tree.map(one, delta), one(stats.loss), one(stats.steps),
                                 jax.tree.map(one, cohort.data.vocab), one(cohort.client_id),
@@ -222,8 +228,11 @@ class SequentialRunner:
 
     def _secure_chunk_fn(self, acc: Accumulator, deltas: PyTree, losses: jax.Array, steps: jax.Array,
                          chunk: Cohort, noise_key: jax.Array) -> tuple[Accumulator, ClientReport]:
+        clip, z = chunk.clip, chunk.noise_multiplier
+        if self.client_cfg.expected_batch:   # the user unit: noised inside the steps, summed as they are
+            clip, z = jnp.full_like(clip, jnp.inf), jnp.zeros_like(z)
         return accumulate_chunk(acc, deltas, losses, steps, chunk.data.vocab, chunk.client_id, chunk.weight,
-                                chunk.clip, chunk.noise_multiplier, noise_key, self.client_cfg.sparse_tables,
+                                clip, z, noise_key, self.client_cfg.sparse_tables,
                                 self.engine_cfg.noise_mode, self.engine_cfg.secagg)
 
     def _finish_fn(self, state: ServerState, acc: Accumulator, noise_key: jax.Array, cohorts):
@@ -247,7 +256,7 @@ class SequentialRunner:
                     losses.append(jnp.float32(0))
                     steps.append(jnp.int32(0))
                     continue
-                delta, stats = self._train(params, client, train_key)
+                delta, stats = self._train(params, client, train_key, noise_key)
                 deltas.append(delta)
                 losses.append(stats.loss)
                 steps.append(stats.steps)

@@ -106,8 +106,8 @@ def client_epsilons(mode: str, sizes: np.ndarray, epsilon: float, *, exponent: f
     if mode == "personalized":
         return personalized_epsilons(sizes, epsilon, exponent=exponent, eps_min=eps_min, eps_max=eps_max,
                                      normalize=normalize)
-    if mode in ("uniform", "central"):
+    if mode in ("uniform", "central", "distributed"):
         return uniform_epsilons(sizes.shape[0], epsilon)
     if mode == "off":
         return np.full(sizes.shape[0], np.inf)
-    raise FedscopeError(f"privacy.mode: expected personalized, uniform, central or off, got {mode!r}")
+    raise FedscopeError(f"privacy.mode: expected personalized, uniform, central, distributed or off, got {mode!r}")

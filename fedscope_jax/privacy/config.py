@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from fedscope_jax.errors import FedscopeError
 
-MODES = ("personalized", "uniform", "central", "off")
+MODES = ("personalized", "uniform", "central", "distributed", "off")
 UNITS = ("user", "client")
 ACCOUNTANTS = ("rdp", "pld")
 CLIPPINGS = ("fixed", "adaptive")
@@ -20,7 +20,9 @@ class PrivacyConfig:
     """How a run is made differentially private (see docs/privacy.md).
 
     mode: personalized (eps_k from data size), uniform (eps for all), central (DP-FedAvg: one noise draw
-      on the aggregate), off (no DP).
+      on the aggregate), distributed (user unit only: central DP-SGD over the union of the silos' users, its
+      noise split over the K silos, N(0, z^2 C^2 / K) each, under the secure sum; always with secure
+      aggregation), off (no DP).
     unit: what one record is. "client": a silo's whole data (its clipped update is noised once per round).
       "user": one user's whole history in every domain; each silo runs DP-SGD over its users (per local step:
       Poisson-sampled users, each user's gradient clipped to C_k, N(0, (z_k C_k)^2) added to the sum, divided
@@ -117,9 +119,13 @@ class PrivacyConfig:
         if self.unit == "user" and self.amplification:
             raise FedscopeError(f"{name('amplification')}: counts the sampling of clients, which the user unit "
                                 f"does not rely on (its Poisson sampling of users is always counted); drop it")
-        if self.unit == "user" and self.secagg:
-            raise FedscopeError(f"{name('secagg')}: secure aggregation of user-level private updates is not "
-                                f"built yet (their coordinates have no bound to quantize in); drop it")
+        if self.mode == "distributed" and self.unit != "user":
+            raise FedscopeError(f"{name('mode')}: distributed noise splits one user-level DP-SGD step's noise "
+                                f"over the silos; got unit {self.unit!r} (use --privacy-unit user)")
+        if self.unit == "user" and self.secagg and self.mode != "distributed":
+            raise FedscopeError(f"{name('secagg')}: secure aggregation of user-level private updates is built "
+                                f"for mode distributed only (the others' updates after local steps have no "
+                                f"coordinate bound to quantize in); drop it, or use --privacy distributed")
         if self.mode == "central" and self.clipping == "adaptive":
             raise FedscopeError(f"{name('clipping')}: the central DP-FedAvg baseline uses fixed clipping; "
                                 f"got 'adaptive' (use mode personalized or uniform)")

@@ -53,9 +53,12 @@ LEDGER_SCHEMA = pa.schema([
     ("rounds_accounted", pa.int64()),
     ("unit", pa.string()),
     ("steps", pa.int64()),
+    ("noise_multiplier_colluding", pa.float64()),
+    ("eps_colluding", pa.float64()),
 ])
 LEDGER_COLUMNS = tuple(LEDGER_SCHEMA.names)
-REQUIRED_COLUMNS = LEDGER_COLUMNS[:-2]   # ledgers written before the user unit lack `unit` and `steps`
+# ledgers written before the user unit lack `unit` and `steps`, before distributed noise the last two
+REQUIRED_COLUMNS = LEDGER_COLUMNS[:LEDGER_COLUMNS.index("unit")]
 
 
 def accounted_events(row: Mapping[str, Any]) -> int:
@@ -69,14 +72,15 @@ def accounted_events(row: Mapping[str, Any]) -> int:
                         "accounted events in one of them")
 
 
-def recompute_eps(row: Mapping[str, Any]) -> float:
+def recompute_eps(row: Mapping[str, Any], column: str = "noise_multiplier") -> float:
     """eps_spent of one ledger row, recomputed with dp-accounting from the row's own columns.
 
     Without amplification: `steps` compositions of GaussianDpEvent(noise_multiplier) under the row's accountant
     (RDP, or PLD with value_discretization_interval=1e-3), epsilon at `delta`. With amplification (always for
     the user unit): `steps` compositions of PoissonSampledDpEvent(sampling_rate, GaussianDpEvent(z)).
+    column "noise_multiplier_colluding" gives eps_colluding the same way.
     """
-    return accounting.epsilon_spent(str(row["accountant"]), float(row["noise_multiplier"]), accounted_events(row),
+    return accounting.epsilon_spent(str(row["accountant"]), float(row[column]), accounted_events(row),
                                     float(row["delta"]), float(row["sampling_rate"]), bool(row["amplification"]))
 
 
@@ -103,10 +107,20 @@ class PrivacyLedger:
         self.rounds_run = 0
 
     # --- accounting -------------------------------------------------------------------------------------
-    def _epsilon(self, k: int, events: int) -> float:
+    def _epsilon(self, k: int, events: int, colluding: bool = False) -> float:
         p = self.plan
-        return accounting.epsilon_spent(p.accountant_name, float(p.noise_multipliers[k]), int(events), p.delta,
+        z = (p.colluding_noise_multipliers if colluding else p.noise_multipliers)[k]
+        return accounting.epsilon_spent(p.accountant_name, float(z), int(events), p.delta,
                                         float(p.sampling_rates[k]), p.amplification)
+
+    def eps_colluding(self) -> np.ndarray:
+        """Each client's epsilon if every other client colludes with the server: eps_spent, except in
+        distributed mode (only the own silo's noise share is left then)."""
+        eps = self.finalize_eps()
+        if np.array_equal(self.plan.colluding_noise_multipliers, self.plan.noise_multipliers):
+            return eps.copy()
+        return np.array([self._epsilon(k, int(self.events[k]), colluding=True)
+                         for k in range(self.plan.num_clients)], dtype=np.float64)
 
     def _fits_one_more(self, k: int) -> bool:
         """Whether one more round (1 event, or S_k steps for the user unit) stays within eps_k."""
@@ -229,13 +243,17 @@ class PrivacyLedger:
             "amplification": np.full(c, p.amplification),
             "rounds_accounted": self.participations if p.unit == "user" else np.asarray(self.events, np.int64),
             "unit": pa.array([p.unit] * c, pa.string()),
-            "steps": np.asarray(self.events, dtype=np.int64)}, schema=LEDGER_SCHEMA)
+            "steps": np.asarray(self.events, dtype=np.int64),
+            "noise_multiplier_colluding": np.asarray(p.colluding_noise_multipliers, dtype=np.float64),
+            "eps_colluding": self.eps_colluding()}, schema=LEDGER_SCHEMA)
         record = "one user's whole history" if p.unit == "user" else "one client's whole data"
         meta = {"mode": p.mode, "unit": p.unit, "rounds_run": self.rounds_run,
                 "neighboring_relation": f"add_or_remove_one (zero-out of {record})",
                 "pld_value_discretization_interval": accounting.PLD_DISCRETIZATION,
                 "update_noise_multiplier": np.asarray(p.update_noise_multipliers).tolist(),
                 "central_noise_multiplier": p.central_noise_multiplier,
+                "colluding": "eps_colluding: every other client colludes with the server (in distributed mode "
+                             "it subtracts its noise shares from the secure sum)",
                 "stop_round": self.stop_round.tolist()}
         return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
 
@@ -256,10 +274,17 @@ def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def check_ledger(path: str | os.PathLike, rtol: float = 1e-6) -> list[int]:
-    """Recomputes every row's eps_spent; returns the client ids whose stored value differs by > rtol."""
+    """Recomputes every row's eps_spent (and eps_colluding where the ledger has it); returns the client ids
+    whose stored value differs by > rtol."""
     bad = []
+    pairs = (("eps_spent", "noise_multiplier"), ("eps_colluding", "noise_multiplier_colluding"))
     for row in read_ledger(path):
-        stored, again = float(row["eps_spent"]), recompute_eps(row)
-        if not (stored == again or (math.isfinite(again) and abs(stored - again) <= rtol * max(abs(again), 1e-12))):
-            bad.append(int(row["client_id"]))
+        for eps_column, z_column in pairs:
+            if row.get(eps_column) is None:
+                continue
+            stored, again = float(row[eps_column]), recompute_eps(row, z_column)
+            if not (stored == again
+                    or (math.isfinite(again) and abs(stored - again) <= rtol * max(abs(again), 1e-12))):
+                bad.append(int(row["client_id"]))
+                break
     return bad

@@ -9,6 +9,13 @@ Units. Client unit: one accounted event per round a client takes part in (with a
 the run). User unit (`UserSteps`: each silo's users, local steps per round and expected batch): one event per
 local DP-SGD step, `PoissonSampledDpEvent(q_k, GaussianDpEvent(z_k))` with q_k = batch / users_k, and a silo
 that takes part in a round composes its S_k steps of that round.
+
+Distributed (user unit, `UserSteps.pooled`): central DP-SGD over the union of the K silos' users, one step a
+round. Every user is sampled at the one rate q = K B / N; each silo adds N(0, z^2 C^2 / K) to its sum of
+clipped per-user gradients, and only the secure sum of the K silos is released, which carries N(0, z^2 C^2):
+one `PoissonSampledDpEvent(q, GaussianDpEvent(z))` per round for every user. If silos other than a user's own
+collude with the server they can subtract their shares; with all K - 1 of them, z / sqrt(K) is left
+(`colluding_noise_multipliers`, the ledger's second epsilon).
 """
 
 from __future__ import annotations
@@ -32,10 +39,20 @@ class UserSteps:
     users: np.ndarray            # int [K]
     steps_per_round: np.ndarray  # int [K]
     batch_size: int
+    pooled: bool = False         # distributed noise: one rate q = K B / N for every user of every silo
 
     def rates(self) -> np.ndarray:
-        """q_k = B / n_k per silo (0 for a silo without users); a silo with fewer users than B is an error."""
+        """q_k = B / n_k per silo (0 for a silo without users); a silo with fewer users than B is an error.
+        Pooled: q = K B / N for every silo with users (K of them, N users in all), an expected B per silo."""
         users = np.asarray(self.users, np.int64)
+        if self.pooled:
+            k, n = int(np.sum(users > 0)), int(users.sum())
+            if k * self.batch_size > n:
+                raise FedscopeError(
+                    f"--privacy distributed: {k} silos x train.batch_size={self.batch_size} expected users a "
+                    f"step exceed the {n} users (q = K batch / users <= 1); use --set train.batch_size="
+                    f"{max(1, n // max(k, 1))} or fewer")
+            return np.where(users > 0, k * self.batch_size / max(n, 1), 0.0)
         small = np.flatnonzero((users > 0) & (users < self.batch_size))
         if small.size:
             k = int(small[0])
@@ -59,6 +76,9 @@ class PrivacyPlan:
     steps_per_round: events a client composes per round it takes part in (1 for the client unit, S_k for
       the user unit).
     central_noise_multiplier: z of the one noise draw on the aggregate (central mode; 0 otherwise).
+    colluding_noise_multipliers: the z that protects a client's records when every other client colludes with
+      the server (the ledger's eps_colluding): noise_multipliers, except in distributed mode, where only the
+      own silo's share z / sqrt(K) is left.
     clip_min, clip_max: the range adaptive clipping keeps C_k in (pass to mechanism.adaptive_clip_update).
     """
 
@@ -81,10 +101,13 @@ class PrivacyPlan:
     central_noise_multiplier: float = 0.0
     unit: str = "client"
     steps_per_round: np.ndarray | None = None
+    colluding_noise_multipliers: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.steps_per_round is None:
             object.__setattr__(self, "steps_per_round", np.ones(self.num_clients, np.int64))
+        if self.colluding_noise_multipliers is None:
+            object.__setattr__(self, "colluding_noise_multipliers", np.asarray(self.noise_multipliers))
 
     @property
     def num_clients(self) -> int:
@@ -125,7 +148,7 @@ def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.nd
         raise FedscopeError("privacy: no clients to plan for")
     if not isinstance(rounds, (int, np.integer)) or rounds < 1:
         raise FedscopeError(f"privacy: rounds must be a positive integer, got {rounds!r}")
-    rates = _rates(sampling_rates, num_clients)
+    rates = participation = _rates(sampling_rates, num_clients)
     eps = budgets.client_epsilons(config.mode, sizes, config.epsilon, exponent=config.allocation_exponent,
                                   eps_min=config.eps_min, eps_max=config.eps_max, normalize=config.normalize)
     events = np.array([accounting.planned_events(q, int(rounds), config.amplification, config.participation_quantile)
@@ -153,6 +176,8 @@ def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.nd
         return PrivacyPlan(adaptive_clipping=False, noise_multipliers=zeros, update_noise_multipliers=zeros,
                            bit_noise=np.full(num_clients, math.inf),
                            **{**common, "clip_norms": np.full(num_clients, math.inf)})
+    if config.mode == "distributed":
+        return _distributed_plan(config, participation, common, int(rounds), user_steps)
     if config.mode == "central":
         # One z for the aggregate, calibrated for the most exposed client (largest rate and event count).
         worst = int(np.lexsort((rates, events))[-1])
@@ -162,14 +187,12 @@ def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.nd
                            update_noise_multipliers=zeros, bit_noise=np.full(num_clients, math.inf),
                            central_noise_multiplier=z, **common)
 
-    effective = np.zeros(num_clients)
-    cache: dict[tuple[float, int, float], float] = {}
-    for k in progress(range(num_clients), desc="calibrating noise", unit="client"):
-        key = (float(eps[k]), int(events[k]), float(rates[k]))
-        if key not in cache:
-            cache[key] = accounting.calibrate_noise_multiplier(key[0], config.delta, key[1], config.accountant,
-                                                               key[2], amplification)
-        effective[k] = cache[key]
+    # Clients with the same (eps_k, events, rate) share one calibration (many small clients share a few).
+    keys = [(float(eps[k]), int(events[k]), float(rates[k])) for k in range(num_clients)]
+    cache = {key: accounting.calibrate_noise_multiplier(key[0], config.delta, key[1], config.accountant, key[2],
+                                                        amplification)
+             for key in progress(list(dict.fromkeys(keys)), desc="calibrating noise", unit="calibration")}
+    effective = np.array([cache[key] for key in keys], dtype=np.float64)
     adaptive = config.clipping == "adaptive"
     if adaptive:
         split = [accounting.split_noise_multiplier(z, config.clip_bit_fraction) for z in effective]
@@ -179,6 +202,41 @@ def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.nd
         update, bit = effective.copy(), np.full(num_clients, math.inf)
     return PrivacyPlan(adaptive_clipping=adaptive, noise_multipliers=effective, update_noise_multipliers=update,
                        bit_noise=bit, **common)
+
+
+def _distributed_plan(config: PrivacyConfig, participation: np.ndarray, common: dict, rounds: int,
+                      user_steps: UserSteps | None) -> PrivacyPlan:
+    """One z for the union of the silos' users (rate q, `rounds` steps); each silo's share z / sqrt(K)."""
+    if user_steps is None or not user_steps.pooled:
+        raise FedscopeError("privacy.mode distributed: the plan needs the silos' users with one pooled rate")
+    if np.any(np.asarray(user_steps.steps_per_round) != 1):
+        raise FedscopeError("privacy.mode distributed: every silo takes exactly one DP-SGD step a round")
+    users = np.asarray(user_steps.users, np.int64)
+    if np.any(participation[users > 0] < 1.0):
+        raise FedscopeError(f"--privacy distributed: every silo takes part in every round (the secure sum needs "
+                            f"all K noise shares); got a participation rate of {float(participation.min()):g} "
+                            f"(use --sampling fraction --fraction 1)")
+    rate = float(np.max(common["sampling_rates"]))
+    silos = int(np.sum(users > 0))
+    z = accounting.calibrate_noise_multiplier(config.epsilon, config.delta, rounds, config.accountant, rate, True)
+    n = users.size
+    share = np.where(users > 0, z / math.sqrt(silos), 0.0)
+    common = {**common, "planned_events": np.full(n, rounds, np.int64)}
+    return PrivacyPlan(adaptive_clipping=False, noise_multipliers=np.full(n, z), update_noise_multipliers=share,
+                       bit_noise=np.full(n, math.inf), colluding_noise_multipliers=share, **common)
+
+
+def distributed_secagg_bound(plan: PrivacyPlan, learning_rate: float, batch_cap: int, expected_batch: int,
+                             sigmas: float = 6.0) -> float:
+    """Coordinate range B of the secure sum of distributed-noise silo updates
+    -lr (sum_u clip_C(g_u) + noise) / expected_batch: a clipped gradient's coordinate is at most C, a step holds
+    at most `batch_cap` users and the share's std is z C / sqrt(K), so a coordinate is at most
+    lr C (cap + sigmas z / sqrt(K)) / expected_batch but with probability < 2e-9 (6 sigmas). The range used is
+    lr C max(2 cap, cap + sigmas z / sqrt(K)) / expected_batch: the same for every epsilon whose share is below
+    cap / sigmas, so the configurations of a sweep share one compiled round (a step of at most 2x coarser)."""
+    c = float(np.max(plan.clip_norms))
+    share = float(np.max(plan.update_noise_multipliers))
+    return float(learning_rate * c * max(2.0 * batch_cap, batch_cap + sigmas * share) / expected_batch)
 
 
 def secagg_bound(plan: PrivacyPlan, sigmas: float = 6.0) -> float:

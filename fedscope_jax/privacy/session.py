@@ -27,7 +27,7 @@ import numpy as np
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.privacy.config import PrivacyConfig
 from fedscope_jax.privacy.ledger import PrivacyLedger
-from fedscope_jax.privacy.plan import PrivacyPlan, UserSteps, plan_privacy, secagg_bound
+from fedscope_jax.privacy.plan import PrivacyPlan, UserSteps, distributed_secagg_bound, plan_privacy, secagg_bound
 
 STATE_FILE = "privacy_state.json"
 KEEP_STATES = 4
@@ -45,9 +45,10 @@ class PrivacySession:
 
     def __init__(self, config: PrivacyConfig, n_examples: np.ndarray, sampling: str, fraction: float,
                  rounds: int, seed: int, client_ids: np.ndarray | None = None,
-                 user_steps: UserSteps | None = None) -> None:
+                 user_steps: UserSteps | None = None, client_lr: float = 0.0, batch_cap: int = 0) -> None:
         """n_examples: each client's size for the personalized allocation (train interactions); user_steps:
-        the user unit's users, local steps per round and expected batch of each client."""
+        the user unit's users, local steps per round and expected batch of each client. client_lr, batch_cap:
+        distributed mode's one local SGD step (its rate, the padded Poisson batch) bound the secure sum."""
         if config.mode == "off":
             raise FedscopeError("privacy mode 'off' has no privacy session (the engine's raw knobs apply)")
         if config.amplification and sampling != "poisson":
@@ -60,6 +61,10 @@ class PrivacySession:
         self.rate = sampling_rate(sampling, fraction, int(n_examples.size))
         self.plan: PrivacyPlan = plan_privacy(config, np.maximum(n_examples, 0), self.rate, int(rounds), user_steps)
         self.ledger = PrivacyLedger(self.plan, self.client_ids, n_examples)
+        self._distributed = (float(client_lr), int(batch_cap), user_steps.batch_size if user_steps else 0)
+        if config.mode == "distributed" and not (client_lr > 0 and batch_cap > 0):
+            raise FedscopeError("privacy.mode distributed: the session needs the client learning rate and the "
+                                "padded batch to bound the secure sum")
         self._eligible = np.ones(n_examples.size, bool)
 
     # --- what the engine needs ---------------------------------------------------------------------------
@@ -75,7 +80,10 @@ class PrivacySession:
         return "per_client" if self.config.secagg else "sum"
 
     def secagg_bound(self) -> float:
-        """Coordinate range B of the secure sum (clipped + noised updates of weight 1), 0 when secagg is off."""
+        """Coordinate range B of the secure sum (clipped + noised updates of weight 1), 0 when secagg is off.
+        Distributed mode always sums securely."""
+        if self.plan.mode == "distributed":
+            return distributed_secagg_bound(self.plan, *self._distributed)
         if not self.config.secagg:
             return 0.0
         if self.plan.mode == "central":  # updates are clipped, not noised, before the secure sum
@@ -150,6 +158,9 @@ class PrivacySession:
         self.ledger.write(run_dir)
         summary = self.ledger.summary()
         eps = self.ledger.eps_spent
+        if self.plan.mode == "distributed":
+            summary["eps_colluding_max"] = float(np.max(self.ledger.eps_colluding()))
+            summary["silos"] = int(np.sum(np.asarray(self.plan.update_noise_multipliers) > 0))
         trained = self.ledger.n_examples > 0
         summary.update({"config": self.config.to_dict(), "sampling_rate": self.rate,
                         "noise_mode": self.noise_mode, "secagg_bound": self.secagg_bound(),

@@ -39,9 +39,8 @@ from fedscope_jax.train.loop import ClientSource, Track, run_tracks
 from fedscope_jax.train.programs import PROGRAMS, Programs
 from fedscope_jax.utils.io import read_json, write_json
 
-__all__ = ["SeedContext", "check_privacy_knobs", "check_resume_config", "client_config", "client_optimizer",
-           "finish_run",
-           "prepare_run_dir", "seed_context", "train_federated"]
+__all__ = ["SeedContext", "check_distributed", "check_privacy_knobs", "check_resume_config", "client_config",
+           "client_optimizer", "finish_run", "prepare_run_dir", "seed_context", "train_federated"]
 
 
 def check_privacy_knobs(cfg: Any) -> None:
@@ -106,7 +105,28 @@ class SeedContext:
             raise FedscopeError(f"privacy.unit {pcfg.unit!r} in a seed context made for unit "
                                 f"{self.cfg.privacy.unit!r}: the configurations of one seed share their batches")
         return PrivacySession(pcfg, self.part.sizes(self.ds)["train_interactions"], f.sampling, f.fraction,
-                              f.rounds, f.seed, user_steps=self.user_steps)
+                              f.rounds, f.seed, user_steps=self.user_steps, client_lr=float(f.client_lr),
+                              batch_cap=self.user_batch_cap)
+
+
+def check_distributed(cfg: Any) -> None:
+    """Distributed noise is central DP-SGD only if a silo's update is linear in its noised gradient sum and
+    every silo adds its share every round: one local step of SGD (momentum starts from zero each round, so one
+    step of it is SGD), every silo in every round."""
+    f = cfg.federated
+    if f.client_opt == "adam":
+        raise FedscopeError("--privacy distributed: a silo's update must be linear in its noised gradient (one "
+                            "SGD step), got --client-opt adam; use --client-opt sgd (and --server-opt fedadam "
+                            "for Adam on the private aggregate)")
+    if f.local_epochs != 1:
+        raise FedscopeError(f"--privacy distributed: a round is one DP-SGD step over all silos' users, got "
+                            f"--local-epochs {f.local_epochs}; use 1 (more rounds give more steps)")
+    if f.sampling != "fraction" or f.fraction != 1.0:
+        raise FedscopeError(f"--privacy distributed: every silo adds its noise share every round, got "
+                            f"--sampling {f.sampling} --fraction {f.fraction:g}; use --sampling fraction --fraction 1")
+    if 0 < f.chunk_size < f.clients:
+        raise FedscopeError(f"--chunk-size {f.chunk_size}: distributed noise needs the secure sum of all "
+                            f"{f.clients} silos in one chunk; use --chunk-size 0 or {f.clients}")
 
 
 def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS) -> ClientConfig:
@@ -149,8 +169,12 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
             raise FedscopeError("--privacy-unit user with --scheme domain: a user's record is split over the "
                                 "domain clients; use another scheme or --privacy-unit client")
         users = np.array([len(r) for r in rows_of], np.int64)
-        steps = UserSteps(users, np.array([user_steps(n, tc.batch_size, fcfg.local_epochs) for n in users]),
-                          int(tc.batch_size))
+        if cfg.privacy.mode == "distributed":   # central DP-SGD over all users, one step a round
+            check_distributed(cfg)
+            steps = UserSteps(users, np.ones(n_clients, np.int64), int(tc.batch_size), pooled=True)
+        else:
+            steps = UserSteps(users, np.array([user_steps(n, tc.batch_size, fcfg.local_epochs) for n in users]),
+                              int(tc.batch_size))
         rates = steps.rates()
         cap = poisson_cap(users, rates, steps.steps_per_round, fcfg.seed, fcfg.rounds,
                           multiple=math.lcm(8, fcfg.user_microbatch or 1))   # whole microbatches

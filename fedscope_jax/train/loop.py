@@ -255,6 +255,8 @@ def compile_groups(loop: LoopState, states: Sequence[ServerState], params: Any, 
             raise FedscopeError("--secagg sums each chunk of clients securely: --chunk-size 1 would reveal every "
                                 "client's update; use --chunk-size >= 2 (or 0 to pick one)")
         chunk, tuning = fcfg.chunk_size, {}
+        if any(_distributed(loop.tracks[i]) for i in g.members):
+            chunk = _whole_cohort_chunk(fcfg.chunk_size, pop.capacity, g.devices)
         if chunk == 0:
             def thunk_for(c: int, g: Group = g) -> Callable[[], Any]:
                 program = loop.meter.use(g.program(programs, client_cfg, server_opt, c))
@@ -275,6 +277,23 @@ def compile_groups(loop: LoopState, states: Sequence[ServerState], params: Any, 
         g.fn = loop.meter.use(g.program(programs, client_cfg, server_opt, chunk))
         g.state = g.stacked([states[i] for i in g.members])
     loop.multiple = math.lcm(*(g.multiple(g.chunk) for g in loop.groups))
+
+
+def _distributed(track: Track) -> bool:
+    return track.privacy is not None and track.privacy.plan.mode == "distributed"
+
+
+def _whole_cohort_chunk(chunk_size: int, capacity: Sequence[int], devices: int) -> int:
+    """Distributed noise is central only if one secure sum spans every silo: one cohort, one chunk, one
+    device (each chunk, and each device's partial sum, is a secure-aggregation group of its own)."""
+    if devices > 1 or len(capacity) > 1:
+        raise FedscopeError(f"--privacy distributed: the secure sum must span every silo in one group, but the "
+                            f"round runs on {devices} devices in {len(capacity)} cohorts; run on one device "
+                            f"(e.g. CUDA_VISIBLE_DEVICES=0) with --max-buckets 1")
+    if chunk_size not in (0,) and chunk_size < capacity[0]:
+        raise FedscopeError(f"--chunk-size {chunk_size}: distributed noise needs the secure sum of all "
+                            f"{capacity[0]} silos in one chunk; use --chunk-size 0 or {capacity[0]}")
+    return max(chunk_size, capacity[0])
 
 
 def run_round(loop: LoopState, r: int) -> RoundStep:
@@ -352,6 +371,10 @@ def write_round(loop: LoopState, step: RoundStep, logs: Sequence[Any]) -> None:
             if metrics.secagg_error is not None:
                 record["secagg_max_abs_error"] = float(metrics.secagg_error)
         record = {"round": r + 1, **record}
+        if _distributed(t) and record.get("excluded_nonfinite"):
+            raise FedscopeError(f"{t.run_dir}: round {r + 1}: silos {record['excluded_nonfinite']} sent a non-finite "
+                                f"update, so the secure sum lacks their noise shares and the round is not "
+                                f"accounted for; the run stops (lower --client-lr)")
         if t.privacy is not None:
             norms = norms_of(step.metrics[i], ids) if len(ids) else np.zeros(0, np.float32)
             record["participant_ids"] = [int(c) for c in ids]

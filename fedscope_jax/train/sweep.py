@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from fedscope_jax.errors import FedscopeError
 
-SWEEP_MODES = ("personalized", "uniform", "central")
+SWEEP_MODES = ("personalized", "uniform", "central", "distributed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,9 @@ def parse_modes(text: str, flag: str = "--privacy") -> tuple[str, ...]:
                                 f"{', '.join(SWEEP_MODES)}{hint}")
     if len(set(modes)) != len(modes):
         raise FedscopeError(f"{flag} {text!r}: a mode is repeated")
+    if "distributed" in modes and len(modes) > 1:
+        raise FedscopeError(f"{flag} {text!r}: distributed noise trains on batches of its own (one step a round "
+                            f"over every silo's users); sweep it alone")
     return modes
 
 
@@ -233,7 +236,8 @@ def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any
     from fedscope_jax.train.loop import Track, run_tracks
     from fedscope_jax.utils.progress import progress
 
-    ctx = seed_context(ds, trained[0].cfg, semantic, client_cfg)
+    private = [p for p in trained if p.cfg.privacy.mode != "off"]   # a private point decides the batching
+    ctx = seed_context(ds, (private or trained)[0].cfg, semantic, client_cfg)
     tracks = [Track(out / p.name, ctx.session(p.cfg.privacy), ctx.eval_fn) for p in trained]
     states, records, facts = run_tracks(tracks, ctx.source, ctx.n_clients, ctx.params, ctx.client_cfg,
                                         trained[0].cfg.federated, resume=resume,

@@ -1,0 +1,193 @@
+"""Distributed noise under secure aggregation (privacy.mode distributed, user unit): the silos' noise shares sum
+to central DP-SGD's noise, the plan and its two epsilons, the secure round against its sequential oracle, and
+the settings that would break the central equivalence."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from fedscope_jax.cli import main
+from fedscope_jax.errors import FedscopeError
+from fedscope_jax.privacy import accounting
+from fedscope_jax.privacy.config import PrivacyConfig
+from fedscope_jax.privacy.ledger import PrivacyLedger, check_ledger, read_ledger
+from fedscope_jax.privacy.plan import UserSteps, plan_privacy
+from fedscope_jax.utils.io import read_arrow, write_arrow
+
+TINY = ["--set", "model.dim=8", "--set", "model.blocks=1", "--set", "model.heads=1", "--set", "model.max_len=6",
+        "--set", "train.batch_size=8", "--set", "model.loss.num_negatives=10", "--set", "eval.num_negatives=20"]
+DIST = ["--privacy", "distributed", "--privacy-unit", "user", "--epsilon", "4", "--clip-norm", "0.5",
+        "--client-opt", "sgd", "--client-lr", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "syn"
+    assert main(["data", "synth", "--out", str(out), "--users", "60", "--items-a", "80", "--items-b", "90",
+                 "--max-length", "12", "--mean-length", "10", "--min-length", "10"]) == 0
+    return out
+
+
+def _train(data: Path, out: Path, *extra: str) -> int:
+    return main(["train", "--mode", "federated", "--data", str(data), "--out", str(out), "--clients", "3",
+                 "--scheme", "powerlaw", "--rounds", "3", "--eval-every", "3", *DIST, *TINY, *extra])
+
+
+def test_distributed_plan_one_rate_one_z_and_the_shares(tmp_path):
+    users = np.array([400, 200, 100, 64])
+    config = PrivacyConfig(mode="distributed", unit="user", epsilon=4.0, clip_norm=0.5)
+    plan = plan_privacy(config, users * 10, 1.0, 30, UserSteps(users, np.ones(4, np.int64), 16, pooled=True))
+    q = 4 * 16 / users.sum()
+    np.testing.assert_allclose(plan.sampling_rates, q)              # every user at one rate: K B / N
+    z = float(plan.noise_multipliers[0])
+    assert np.all(plan.noise_multipliers == z) and plan.planned_events.tolist() == [30] * 4
+    spent = accounting.epsilon_spent("rdp", z, 30, 1e-5, q, True)
+    assert spent <= 4.0 * (1 + 1e-6) and spent == pytest.approx(4.0, rel=1e-2)
+    np.testing.assert_allclose(plan.update_noise_multipliers, z / 2)   # each of K = 4 silos: variance z^2 / 4
+    np.testing.assert_allclose(plan.colluding_noise_multipliers, z / 2)
+    ledger = PrivacyLedger(plan, np.arange(4), users * 10)
+    for t in range(1, 31):
+        ledger.begin_round(t)
+        ledger.end_round(np.ones(4, bool))
+    path = ledger.write(tmp_path)
+    rows = read_ledger(path)
+    assert check_ledger(path) == []
+    colluding = accounting.epsilon_spent("rdp", z / 2, 30, 1e-5, q, True)
+    assert all(r["eps_colluding"] == pytest.approx(colluding, rel=1e-9) and r["eps_colluding"] > 3 * r["eps_spent"]
+               for r in rows)
+    table = read_arrow(path)            # a tampered second epsilon is caught like the first
+    forged = table.set_column(table.schema.get_field_index("eps_colluding"), "eps_colluding",
+                              [[r["eps_spent"] for r in rows]])
+    write_arrow(forged, tmp_path / "forged.arrow")
+    assert check_ledger(tmp_path / "forged.arrow") == [0, 1, 2, 3]
+
+
+def test_other_modes_have_eps_colluding_equal_to_eps_spent(tmp_path):
+    users = np.array([100, 64])
+    plan = plan_privacy(PrivacyConfig(mode="uniform", unit="user", epsilon=2.0), users, 1.0, 3,
+                        UserSteps(users, np.array([7, 4]), 16))
+    ledger = PrivacyLedger(plan, np.arange(2), users)
+    ledger.begin_round(1)
+    ledger.end_round(np.ones(2, bool))
+    rows = read_ledger(ledger.write(tmp_path))
+    assert all(r["eps_colluding"] == r["eps_spent"] and r["noise_multiplier_colluding"] == r["noise_multiplier"]
+               for r in rows)
+
+
+def test_distributed_refuses_what_breaks_the_central_equivalence():
+    with pytest.raises(FedscopeError, match=r"privacy.mode: .*use --privacy-unit user"):
+        PrivacyConfig(mode="distributed")
+    with pytest.raises(FedscopeError, match=r"4 silos x train.batch_size=64 .* exceed the 200 users"):
+        UserSteps(np.array([50, 50, 50, 50]), np.ones(4, np.int64), 64, pooled=True).rates()
+    users = np.array([100, 64])
+    with pytest.raises(FedscopeError, match=r"every silo takes part in every round"):
+        plan_privacy(PrivacyConfig(mode="distributed", unit="user"), users, 0.5, 3,
+                     UserSteps(users, np.ones(2, np.int64), 16, pooled=True))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--client-opt", "adam"], "must be linear in its noised gradient"),
+    (["--local-epochs", "2"], "got --local-epochs 2"),
+    (["--fraction", "0.5"], "every silo adds its noise share every round"),
+    (["--chunk-size", "2"], "secure sum of all 3 silos in one chunk"),
+])
+def test_bad_distributed_settings_are_refused_before_anything_is_written(tiny_dataset, tmp_path, capsys, flags,
+                                                                         message):
+    run = tmp_path / "run"
+    assert _train(tiny_dataset, run, *flags) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()
+
+
+def _context(tiny_dataset: Path, *sets: str):
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.federated import seed_context
+
+    base = [s for s in TINY if s != "--set"] + ["privacy.unit=user", "privacy.mode=distributed",
+                                                 "privacy.clip_norm=0.5", "federated.clients=3",
+                                                 "federated.client_opt=sgd", "federated.client_lr=0.5"]
+    cfg = load_config(None, base + list(sets))
+    return cfg, seed_context(load_dataset(tiny_dataset), cfg)
+
+
+def _round(ctx, cohorts, secagg_bound: float, sequential: bool = False):
+    from fedscope_jax.engine.round import EngineConfig, SequentialRunner, make_round_fn
+    from fedscope_jax.engine.server import init_server_state, server_optimizer
+
+    opt = server_optimizer("fedavg", 1.0)
+    ecfg = EngineConfig(chunk_size=4, secagg_bound=secagg_bound, secagg_neighbors=None)
+    state = init_server_state(ctx.params, opt)
+    runner = SequentialRunner(ctx.client_cfg, opt, ecfg) if sequential else make_round_fn(ctx.client_cfg, opt,
+                                                                                          ecfg, donate=False)
+    return runner(state, cohorts, jax.random.key(4))
+
+
+def _cohorts(ctx, session, shards):
+    from fedscope_jax.engine.cohort import build_cohorts, plan_buckets
+
+    clip, z = session.round_vectors(np.arange(3))
+    cohorts, _ = build_cohorts(shards, range(3), plan_buckets(shards, 1), {}, clip=clip, noise_multiplier=z,
+                               multiple=4)
+    return cohorts
+
+
+def _leaves_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a),
+                                                                                     jax.tree.leaves(b)))
+
+
+def test_the_silos_shares_sum_to_the_central_noise(tiny_dataset):
+    """With every sampled user removed, a round's update is pure noise: the mean of K silos' one-step updates
+    -lr n_k / B with n_k ~ N(0, z^2 C^2 / K) has std lr z C / (K B), central DP-SGD's noise over the union's
+    expected batch K B; the secure sum changes it by quantization only."""
+    cfg, ctx = _context(tiny_dataset)
+    session = ctx.session(cfg.privacy)
+    shards = [ctx.source(0, c) for c in range(3)]
+    for s in shards:
+        s.batch["user_mask"][:] = False
+    state, metrics = _round(ctx, _cohorts(ctx, session, shards), session.secagg_bound())
+    flat = np.concatenate([(np.asarray(a) - np.asarray(b)).ravel()
+                           for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ctx.params))])
+    z = float(session.plan.noise_multipliers[0])
+    assert flat.size > 2000   # the std of 2,000 draws is within 6% with probability > 1 - 1e-4
+    assert flat.std() == pytest.approx(0.5 * z * 0.5 / (3 * 8), rel=0.06)
+    assert flat.std() != pytest.approx(0.5 * z * 0.5 / (math.sqrt(3) * 8), rel=0.3)   # not one silo's share
+    from fedscope_jax.privacy import secagg
+
+    params = secagg.make_params(4, session.secagg_bound(), neighbors=None)   # one group: the chunk of 4 rows
+    error = float(metrics.secagg_error)          # on the sum of the 3 silos' updates, whose noise std is 3 x
+    assert 0 < error <= secagg.error_bound(3, params, 1.0) and error < 0.01 * 3 * flat.std()
+
+
+def test_distributed_round_equals_its_sequential_oracle(tiny_dataset):
+    cfg, ctx = _context(tiny_dataset)
+    session = ctx.session(cfg.privacy)
+    assert session.noise_mode == "off" and session.secagg_bound() > 0
+    assert ctx.user_steps.pooled and ctx.user_steps.steps_per_round.tolist() == [1, 1, 1]
+    cohorts = _cohorts(ctx, session, [ctx.source(0, c) for c in range(3)])
+    vm, _ = _round(ctx, cohorts, session.secagg_bound())
+    seq, _ = _round(ctx, cohorts, session.secagg_bound(), sequential=True)
+    assert _leaves_diff(vm.params, seq.params) < 1e-6 and _leaves_diff(vm.params, ctx.params) > 1e-3
+
+
+def test_distributed_run_writes_both_epsilons(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    assert _train(tiny_dataset, run) == 0
+    summary = json.loads((run / "summary.json").read_text())["privacy"]
+    assert summary["mode"] == "distributed" and summary["silos"] == 3 and summary["secagg_bound"] > 0
+    rows = read_ledger(run / "privacy_ledger.arrow")
+    assert check_ledger(run / "privacy_ledger.arrow") == []
+    z = rows[0]["noise_multiplier"]
+    assert all(r["steps"] == 3 and r["noise_multiplier"] == z for r in rows)
+    assert all(r["noise_multiplier_colluding"] == pytest.approx(z / math.sqrt(3)) for r in rows)
+    assert summary["eps_colluding_max"] == pytest.approx(rows[0]["eps_colluding"])
+    assert rows[0]["eps_colluding"] > rows[0]["eps_spent"]
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["clients"] == 3 and m["real_steps"] == 3 and "secagg_max_abs_error" in m for m in metrics)
