@@ -1,4 +1,5 @@
-"""Shared fixtures: where the real datasets live (../shared/data), skipped with a reason when absent."""
+"""Shared fixtures: where the real datasets live (../shared/data), skipped with a reason when absent, and a tiny
+synthetic dataset for the federated CLI tests."""
 
 from __future__ import annotations
 
@@ -54,3 +55,15 @@ def linear_setup(n_clients: int = 6, dim: int = 5, seed: int = 0):
 
     params = {"w": jnp.zeros(dim), "b": jnp.zeros(())}
     return (lambda r, c: data[c]), params, ClientConfig(loss, optax.sgd(0.5)), np.array(steps) * 40
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A synthetic two-domain dataset of 60 users (80 / 90 items, histories of 10-12), made once per session;
+    tests read it and write their runs elsewhere."""
+    from fedscope_jax.cli import main
+
+    out = tmp_path_factory.mktemp("data") / "syn"
+    assert main(["data", "synth", "--out", str(out), "--users", "60", "--items-a", "80", "--items-b", "90",
+                 "--max-length", "12", "--mean-length", "10", "--min-length", "10"]) == 0
+    return out

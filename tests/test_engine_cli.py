@@ -15,14 +15,6 @@ TINY = ["--set", "model.dim=8", "--set", "model.blocks=1", "--set", "model.heads
         "--chunk-size", "1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "syn"
-    assert main(["data", "synth", "--out", str(out), "--users", "60", "--items-a", "80", "--items-b", "90",
-                 "--max-length", "12", "--mean-length", "10", "--min-length", "10"]) == 0
-    return out
-
-
 def test_federated_run_directory(tiny_dataset: Path, tmp_path: Path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "3",
@@ -50,11 +42,29 @@ def test_federated_run_directory(tiny_dataset: Path, tmp_path: Path, capsys):
 
 
 def test_client_per_domain_setting(tiny_dataset: Path, tmp_path: Path):
+    """--scheme domain without --clients: the scheme sets the count (one client a domain), not the default 8."""
     run = tmp_path / "run"
-    assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "2",
+    assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run),
                  "--scheme", "domain", "--rounds", "1", *TINY]) == 0
     line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert line["clients"] == 2 and line["included"] == 2 and line["loss"] > 0
+
+
+def test_schemes_that_fix_the_client_count(tiny_dataset: Path, tmp_path: Path, capsys):
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.data.partition import partition
+    from fedscope_jax.train.config import load_config
+
+    cfg = load_config(None, ["federated.scheme=user"])          # a config file / --set without clients
+    assert cfg.federated.clients == 0
+    assert partition(load_dataset(tiny_dataset), cfg.federated.clients or None, "user").n_clients == 60
+    assert load_config(None, ["federated.scheme=powerlaw"]).federated.clients == 8
+    with pytest.raises(FedscopeError, match=r"--clients 0 .*only with --scheme user or domain"):
+        load_config(None, ["federated.clients=0"])
+    run = tmp_path / "run"                                        # an explicit count that does not fit is refused
+    assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "8",
+                 "--scheme", "domain", "--rounds", "1", *TINY]) == 2
+    assert "--clients must equal the 2 domains" in capsys.readouterr().err and not run.exists()
 
 
 def test_sampled_rounds_compile_one_round_program(tiny_dataset: Path, tmp_path: Path):
@@ -82,7 +92,9 @@ def test_chunk_candidates_stop_at_the_bucket_slots(tiny_dataset: Path, tmp_path:
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("clients", 0, "--clients 0: expected >= 1"), ("rounds", -1, "--rounds -1: expected >= 1"),
+    ("clients", -1, "--clients -1: expected >= 1"), ("rounds", -1, "--rounds -1: expected >= 1"),
+    ("clients", 0, "--clients 0 (the scheme's own count): only with --scheme user or domain, got --scheme "
+                   "powerlaw; give a count >= 1"),
     ("local_epochs", 0, "--local-epochs 0: expected >= 1"), ("chunk_size", -1, "--chunk-size -1: expected >= 0"),
     ("eval_every", 0, "--eval-every 0: expected >= 1"), ("checkpoint_every", 0, "--checkpoint-every 0: expected >= 1"),
     ("fraction", 1.5, "--fraction 1.5: expected 0 < fraction <= 1")])

@@ -9,21 +9,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 
 from fedscope_jax.cli import main
 
 TINY = ["--set", "model.dim=8", "--set", "model.blocks=1", "--set", "model.heads=1", "--set", "model.max_len=6",
         "--set", "train.batch_size=8", "--set", "model.loss.num_negatives=10", "--set", "eval.num_negatives=20"]
 USER = ["--privacy", "personalized", "--privacy-unit", "user", "--epsilon", "4", "--clip-norm", "0.5"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "syn"
-    assert main(["data", "synth", "--out", str(out), "--users", "60", "--items-a", "80", "--items-b", "90",
-                 "--max-length", "12", "--mean-length", "10", "--min-length", "10"]) == 0
-    return out
 
 
 def _train(data: Path, out: Path, *extra: str) -> int:

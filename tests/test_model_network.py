@@ -119,7 +119,7 @@ def test_iidcl_gradients_finite_and_zero_at_weight_zero(params):
     # with alpha = 0 the IIDCL terms are not even traced: the total is the next-item loss alone
     assert float(aux["intra"]) == 0.0 and float(aux["inter"]) == 0.0 and float(total) == float(aux["rec"])
     for a, b in zip(jax.tree.leaves(g_off), jax.tree.leaves(jac)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b[0]), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b[0]), rtol=1e-5, atol=1e-6)  # two programs: float32 order
 
 
 def test_determinism_by_seed():

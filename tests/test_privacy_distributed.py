@@ -26,14 +26,6 @@ DIST = ["--privacy", "distributed", "--privacy-unit", "user", "--epsilon", "4", 
         "--client-opt", "sgd", "--client-lr", "0.5"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "syn"
-    assert main(["data", "synth", "--out", str(out), "--users", "60", "--items-a", "80", "--items-b", "90",
-                 "--max-length", "12", "--mean-length", "10", "--min-length", "10"]) == 0
-    return out
-
-
 def _train(data: Path, out: Path, *extra: str) -> int:
     return main(["train", "--mode", "federated", "--data", str(data), "--out", str(out), "--clients", "3",
                  "--scheme", "powerlaw", "--rounds", "3", "--eval-every", "3", *DIST, *TINY, *extra])

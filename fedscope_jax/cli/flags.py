@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from fedscope_jax.privacy.config import ACCOUNTANTS, CLIPPINGS, MODES, UNITS, PrivacyConfig
-from fedscope_jax.train.federated_config import FederatedConfig
+from fedscope_jax.train.federated_config import SCHEME_COUNTS, FederatedConfig
 
 __all__ = ["FEDERATED_FLAGS", "PRIVACY_FLAGS", "add_federated_arguments", "add_privacy_arguments", "apply_flags",
            "privacy_config_from_args"]
@@ -30,7 +30,8 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
     --config file (`apply_flags`); the defaults are those of FederatedConfig / PrivacyConfig."""
     d = FederatedConfig()
     g = p.add_argument_group("federated (--mode federated; config section `federated`; docs/engine.md)")
-    g.add_argument("--clients", type=int, help=f"number of clients K (default {d.clients})")
+    g.add_argument("--clients", type=int, help=f"number of clients K (default {d.clients}; with --scheme user or "
+                   "domain, the scheme's own count: one client a user / a domain)")
     g.add_argument("--scheme", help="partition scheme: uniform, dirichlet, powerlaw, domain, user "
                    f"(default {d.scheme})")
     g.add_argument("--sampling", choices=["fraction", "poisson"],
@@ -91,5 +92,7 @@ def privacy_config_from_args(args: argparse.Namespace, base: PrivacyConfig | Non
 def apply_flags(cfg: Any, args: argparse.Namespace) -> Any:
     """`cfg` (a train.config.RunConfig) with the federated and privacy flags that were given (not None)."""
     fed = {f: getattr(args, f) for f in FEDERATED_FLAGS if getattr(args, f, None) is not None}
+    if fed.get("scheme") in SCHEME_COUNTS and "clients" not in fed:
+        fed["clients"] = 0   # --scheme user / domain without --clients: the scheme sets the count
     federated = dataclasses.replace(cfg.federated, **fed) if fed else cfg.federated
     return dataclasses.replace(cfg, federated=federated, privacy=privacy_config_from_args(args, cfg.privacy))

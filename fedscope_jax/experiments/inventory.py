@@ -44,7 +44,7 @@ def client_steps(ds: Any, cfg: Any) -> tuple[np.ndarray, int]:
 
     f = cfg.federated
     seqs = train_sequences(ds, cfg.model.max_len)
-    part = partition(ds, f.clients, f.scheme, f.seed)
+    part = partition(ds, f.clients or None, f.scheme, f.seed)
     rows = np.array([len(r) for r in seqs.client_rows(part)], np.int64)
     return f.local_epochs * (-(-rows // cfg.train.batch_size)), part.n_clients   # make_batches' S
 

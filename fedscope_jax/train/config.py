@@ -18,7 +18,7 @@ from fedscope_jax.errors import FedscopeError
 from fedscope_jax.eval.protocol import EvalConfig
 from fedscope_jax.model.config import ModelConfig
 from fedscope_jax.privacy.config import PrivacyConfig
-from fedscope_jax.train.federated_config import FederatedConfig
+from fedscope_jax.train.federated_config import SCHEME_COUNTS, FederatedConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +119,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise FedscopeError(f"config key {prefix}seed: the federated run uses train.seed; set that instead")
     if unknown:
         raise FedscopeError(f"unknown config key {prefix + unknown[0]!r}; expected one of {sorted(names)}")
+    if cls is FederatedConfig and data.get("scheme") in SCHEME_COUNTS and "clients" not in data:
+        data = {**data, "clients": 0}   # the scheme sets the count (not the default of the other schemes)
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
 
 

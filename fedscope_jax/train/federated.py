@@ -160,7 +160,7 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
     """Partition, batches source, eval set and initial params of `cfg`'s seed (train.seed)."""
     mc, tc, fcfg = cfg.model, cfg.train, cfg.federated
     seqs = train_sequences(ds, mc.max_len)
-    part = partition(ds, fcfg.clients, fcfg.scheme, fcfg.seed)
+    part = partition(ds, fcfg.clients or None, fcfg.scheme, fcfg.seed)
     n_clients = part.n_clients
     rows_of = seqs.client_rows(part)
     steps = cap = rates = None

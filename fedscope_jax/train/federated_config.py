@@ -10,6 +10,7 @@ from fedscope_jax.errors import FedscopeError
 
 
 CLIENT_OPTIMIZERS = ("adam", "sgd", "momentum")
+SCHEME_COUNTS = ("user", "domain")   # schemes that fix the client count themselves (clients 0 = that count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +19,7 @@ class FederatedConfig:
 
     `seed` is not a key of its own: it is train.seed (load_config copies it)."""
 
-    clients: int = 8
+    clients: int = 8                 # 0: the scheme's own count (user: one client a user; domain: one a domain)
     scheme: str = "powerlaw"         # data.partition scheme (uniform, dirichlet, powerlaw, domain, user)
     sampling: str = "fraction"       # fraction (fixed cohort size) or poisson (each client with prob. rate)
     fraction: float = 1.0            # the fraction / Poisson rate q
@@ -39,7 +40,10 @@ class FederatedConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for flag, value in (("--clients", self.clients), ("--rounds", self.rounds),
+        if self.clients == 0 and self.scheme not in SCHEME_COUNTS:
+            raise FedscopeError(f"--clients 0 (the scheme's own count): only with --scheme "
+                                f"{' or '.join(SCHEME_COUNTS)}, got --scheme {self.scheme}; give a count >= 1")
+        for flag, value in (("--clients", self.clients if self.clients else 1), ("--rounds", self.rounds),
                             ("--local-epochs", self.local_epochs)):
             if value < 1:
                 raise FedscopeError(f"{flag} {value}: expected >= 1")

@@ -114,7 +114,7 @@ def train_local(ds: CanonicalDataset, cfg: RunConfig, out: str | Path, semantic:
     seqs = train_sequences(ds, mc.max_len)
     if not len(seqs.user):
         raise FedscopeError(f"{ds.path}: no user has two training interactions in one domain; nothing to train")
-    part = partition(ds, fc.clients, fc.scheme, tc.seed)
+    part = partition(ds, fc.clients or None, fc.scheme, tc.seed)
     n_clients = part.n_clients
     by_domain = part.scheme == "domain"
     rows_of = seqs.client_rows(part)
