@@ -79,6 +79,14 @@ def _user_noise(c: Cohort, noise_key: jax.Array) -> UserNoise:
                      mechanism.contributor_keys(jax.random.fold_in(noise_key, 4), c.client_id))
 
 
+def _aggregation_inputs(c: Cohort, client_cfg: ClientConfig) -> tuple[jax.Array, jax.Array]:
+    """(C_k, z_k) the aggregation applies: the cohort's for the client unit; none (inf, 0) for the user unit,
+    whose updates were noised inside the local DP-SGD steps and are summed as they are."""
+    if client_cfg.expected_batch:
+        return jnp.full_like(c.clip, jnp.inf), jnp.zeros_like(c.noise_multiplier)
+    return c.clip, c.noise_multiplier
+
+
 def _local_round(params: PyTree, c: Cohort, train_key: jax.Array, noise_key: jax.Array, client_cfg: ClientConfig,
                  engine_cfg: EngineConfig, acc: Accumulator) -> tuple[Accumulator, ClientReport]:
     """A chunk of clients (leading axis [c]): vmapped local training, then clipping, noise and the sum.
@@ -87,11 +95,10 @@ def _local_round(params: PyTree, c: Cohort, train_key: jax.Array, noise_key: jax
     (client_cfg.expected_batch > 0) runs DP-SGD inside each client's steps with the cohort's C_k, z_k, and its
     updates are summed as they are (a post-processing of the user-level mechanism)."""
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(train_key, c.client_id)
-    clip, z = c.clip, c.noise_multiplier
+    clip, z = _aggregation_inputs(c, client_cfg)
     if client_cfg.expected_batch:
         update = jax.vmap(client_update, in_axes=(None, 0, 0, None, 0))
         deltas, stats = update(params, c.data, keys, client_cfg, _user_noise(c, noise_key))
-        clip, z = jnp.full_like(c.clip, jnp.inf), jnp.zeros_like(c.noise_multiplier)
     else:
         deltas, stats = jax.vmap(client_update, in_axes=(None, 0, 0, None))(params, c.data, keys, client_cfg)
     return accumulate_chunk(acc, deltas, stats.loss, stats.steps, c.data.vocab, c.client_id, c.weight, clip, z,
@@ -206,9 +213,9 @@ class SequentialRunner:
     def _train_fn(self, params: PyTree, cohort: Cohort, train_key: jax.Array,
                   noise_key: jax.Array) -> tuple[PyTree, Any]:
         noise = None
-        if self.client_cfg.expected_batch:   # the user unit: this client's DP-SGD inputs, as `_user_noise`
-            key = jax.random.fold_in(jax.random.fold_in(noise_key, 4), cohort.client_id)
-            noise = UserNoise(cohort.clip, cohort.noise_multiplier, key)
+        if self.client_cfg.expected_batch:   # the user unit: this client's DP-SGD inputs (a cohort of one)
+            one = jax.tree.map(lambda x: jnp.asarray(x)[None], cohort)
+            noise = jax.tree.map(lambda x: x[0], _user_noise(one, noise_key))
         return client_update(params, cohort.data, jax.random.fold_in(train_key, cohort.client_id), self.client_cfg,
                              noise)
 
@@ -228,9 +235,7 @@ class SequentialRunner:
 
     def _secure_chunk_fn(self, acc: Accumulator, deltas: PyTree, losses: jax.Array, steps: jax.Array,
                          chunk: Cohort, noise_key: jax.Array) -> tuple[Accumulator, ClientReport]:
-        clip, z = chunk.clip, chunk.noise_multiplier
-        if self.client_cfg.expected_batch:   # the user unit: noised inside the steps, summed as they are
-            clip, z = jnp.full_like(clip, jnp.inf), jnp.zeros_like(z)
+        clip, z = _aggregation_inputs(chunk, self.client_cfg)
         return accumulate_chunk(acc, deltas, losses, steps, chunk.data.vocab, chunk.client_id, chunk.weight,
                                 clip, z, noise_key, self.client_cfg.sparse_tables,
                                 self.engine_cfg.noise_mode, self.engine_cfg.secagg)

@@ -103,6 +103,7 @@ class PrivacyLedger:
         self.eps_spent = np.zeros(c, dtype=np.float64)
         self._round: int | None = None
         self._finalized: np.ndarray | None = None
+        self._colluding: tuple[np.ndarray, np.ndarray] | None = None   # (events, eps_colluding) last computed
         self._active = np.zeros(c, dtype=bool)
         self.rounds_run = 0
 
@@ -119,8 +120,11 @@ class PrivacyLedger:
         eps = self.finalize_eps()
         if np.array_equal(self.plan.colluding_noise_multipliers, self.plan.noise_multipliers):
             return eps.copy()
-        return np.array([self._epsilon(k, int(self.events[k]), colluding=True)
-                         for k in range(self.plan.num_clients)], dtype=np.float64)
+        if self._colluding is None or not np.array_equal(self._colluding[0], self.events):
+            self._colluding = (self.events.copy(), np.array(
+                [self._epsilon(k, int(self.events[k]), colluding=True) for k in range(self.plan.num_clients)],
+                dtype=np.float64))
+        return self._colluding[1].copy()
 
     def _fits_one_more(self, k: int) -> bool:
         """Whether one more round (1 event, or S_k steps for the user unit) stays within eps_k."""

@@ -285,14 +285,12 @@ def _distributed(track: Track) -> bool:
 
 def _whole_cohort_chunk(chunk_size: int, capacity: Sequence[int], devices: int) -> int:
     """Distributed noise is central only if one secure sum spans every silo: one cohort, one chunk, one
-    device (each chunk, and each device's partial sum, is a secure-aggregation group of its own)."""
+    device (each chunk, and each device's partial sum, is a secure-aggregation group of its own). A chunk
+    size below the silo count was refused before the run (`train.federated.check_distributed`)."""
     if devices > 1 or len(capacity) > 1:
         raise FedscopeError(f"--privacy distributed: the secure sum must span every silo in one group, but the "
                             f"round runs on {devices} devices in {len(capacity)} cohorts; run on one device "
                             f"(e.g. CUDA_VISIBLE_DEVICES=0) with --max-buckets 1")
-    if chunk_size not in (0,) and chunk_size < capacity[0]:
-        raise FedscopeError(f"--chunk-size {chunk_size}: distributed noise needs the secure sum of all "
-                            f"{capacity[0]} silos in one chunk; use --chunk-size 0 or {capacity[0]}")
     return max(chunk_size, capacity[0])
 
 
