@@ -2,8 +2,10 @@
 
 Clients of very different sizes (a few large silos, many small ones) are grouped into at most a few
 buckets by number of local steps (an exact dynamic program over the sorted sizes minimises padded steps);
-each bucket is padded to its own step count and vocabulary size, fixed for the whole run from the client
-population so that the jitted round compiles once per bucket capacity. Per round, a bucket's sampled
+each bucket is padded to its own step count, vocabulary size and batch shape (e.g. the users of a step: a
+one-user client's step holds one user, not a silo's 256), fixed for the whole run from the client
+population so that the jitted round compiles once per bucket capacity. Padding is zeros at the end of every
+axis, which the client's loss must ignore (all-zero users, masked steps). Per round, a bucket's sampled
 clients are padded to a "nice" multiple of (devices x chunk) with weight-0 clients.
 """
 
@@ -74,10 +76,12 @@ def localize_batch(batch: Mapping[str, np.ndarray], fields: Mapping[str, Sequenc
 
 @dataclasses.dataclass(frozen=True)
 class BucketPlan:
-    """Step count of each bucket (ascending) and its vocabulary size per table."""
+    """Step count of each bucket (ascending), its vocabulary size per table, and the shape of a step of each
+    batch field (the largest of its clients'; empty: the shapes of the round's clients)."""
 
     steps: tuple[int, ...]
     vocab_sizes: tuple[Mapping[str, int], ...]
+    shapes: tuple[Mapping[str, tuple[int, ...]], ...] = ()
 
     def bucket_of(self, n_steps: int) -> int:
         for b, s in enumerate(self.steps):
@@ -113,7 +117,9 @@ def best_boundaries(sizes: np.ndarray, max_buckets: int) -> list[int]:
 
 
 def plan_buckets(shards: Sequence[ClientShard], max_buckets: int = 4, vocab_multiple: int = 8) -> BucketPlan:
-    """Buckets for a client population (fixed for a run): steps by DP, vocab = bucket max rounded up."""
+    """Buckets for a client population (fixed for a run): steps by DP, vocab = bucket max rounded up, the
+    shape of a step of each batch field = the bucket's largest (a client may move up to a bigger bucket, so
+    both only grow from one bucket to the next)."""
     if not shards:
         raise FedscopeError("no clients to plan buckets for")
     if max_buckets < 1:
@@ -122,6 +128,7 @@ def plan_buckets(shards: Sequence[ClientShard], max_buckets: int = 4, vocab_mult
     steps = best_boundaries(sizes, max_buckets)
     names = sorted(shards[0].vocab)
     vocab_sizes: list[dict[str, int]] = [{n: 1 for n in names} for _ in steps]
+    shapes: list[dict[str, tuple[int, ...]]] = [{} for _ in steps]
     plan = BucketPlan(tuple(steps), ())
     for shard in shards:
         if sorted(shard.vocab) != names:
@@ -129,12 +136,29 @@ def plan_buckets(shards: Sequence[ClientShard], max_buckets: int = 4, vocab_mult
         b = plan.bucket_of(shard.n_steps)
         for n in names:
             vocab_sizes[b][n] = max(vocab_sizes[b][n], len(shard.vocab[n]))
+        shapes[b] = _largest(shapes[b], _step_shapes(shard.batch))
     for b in range(1, len(vocab_sizes)):   # a client may move up to a bigger bucket (bucket_capacities)
         for n in names:
             vocab_sizes[b][n] = max(vocab_sizes[b][n], vocab_sizes[b - 1][n])
+        shapes[b] = _largest(shapes[b], shapes[b - 1])
     rounded = tuple({n: int(math.ceil(v / vocab_multiple) * vocab_multiple) for n, v in vs.items()}
                     for vs in vocab_sizes)
-    return BucketPlan(tuple(steps), rounded)
+    return BucketPlan(tuple(steps), rounded, tuple(shapes))
+
+
+def _step_shapes(batch: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The shape of one step of each batch field (leaves are [S, ...])."""
+    return {key: tuple(int(n) for n in np.shape(v)[1:]) for key, v in batch.items()}
+
+
+def _largest(a: Mapping[str, tuple[int, ...]], b: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Per field, the elementwise largest of two step shapes (a field missing from one takes the other's)."""
+    out = dict(a)
+    for key, shape in b.items():
+        if key in out and len(out[key]) != len(shape):
+            raise FedscopeError(f"batch field {key!r}: clients disagree on its rank ({out[key]} vs {shape})")
+        out[key] = tuple(max(x, y) for x, y in zip(out[key], shape)) if key in out else tuple(shape)
+    return out
 
 
 def _quantile(log_pmf: np.ndarray, q: float) -> int:
@@ -290,7 +314,13 @@ def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan
         steps = plan.steps[b]
         cap = caps[b]
         template = shards[ids[members[0]]] if members else _any_shard(shards)
-        batch = {key: np.zeros((cap, steps) + v.shape[1:], v.dtype) for key, v in template.batch.items()}
+        # the plan's step shapes, grown if this round's data needs more (a client moved up from a smaller bucket
+        # never does: the plan's shapes grow with the bucket)
+        shapes = dict(plan.shapes[b]) if plan.shapes else {}
+        for pos in members:
+            shapes = _largest(shapes, _step_shapes(shards[ids[pos]].batch))
+        batch = {key: np.zeros((cap, steps) + shapes.get(key, v.shape[1:]), v.dtype)
+                 for key, v in template.batch.items()}
         mask = np.zeros((cap, steps), bool)
         # the plan's vocabulary size, grown (to a multiple of 8) if this round's data needs more rows
         need = {n: max((len(shards[ids[p]].vocab[n]) for p in members), default=0) for n in template.vocab}
@@ -303,7 +333,7 @@ def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan
         for row, pos in enumerate(members):
             shard = shards[ids[pos]]
             for key, v in shard.batch.items():
-                batch[key][row, : v.shape[0]] = v
+                batch[key][(row,) + tuple(slice(0, n) for n in v.shape)] = v   # zeros pad every axis at its end
             mask[row, : shard.n_steps] = True if shard.step_mask is None else shard.step_mask
             for n, v in shard.vocab.items():
                 vocab[n][row, : len(v)] = v

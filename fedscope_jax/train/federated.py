@@ -185,7 +185,10 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
             b = poisson_batches(seqs, rows_of[client], float(rates[client]), int(steps.steps_per_round[client]),
                                 cap, np.random.default_rng([fcfg.seed, round_index, client, POISSON_TAG]))
         else:
-            b = make_batches(seqs, rows_of[client], tc.batch_size, fcfg.local_epochs, rng)
+            # a client with fewer users than a batch trains on steps of its own size (not padded to the batch
+            # size: the cohort pads only to its bucket's largest client), the same users in the same order
+            width = max(1, min(int(tc.batch_size), len(rows_of[client])))
+            b = make_batches(seqs, rows_of[client], width, fcfg.local_epochs, rng)
         batch = {"seq": b["seq"], "target": b["target"], "user_mask": b["user_mask"]}
         if fcfg.scheme == "domain":
             keep = np.zeros(b["seq"].shape[2], bool)
