@@ -69,6 +69,9 @@ def test_planned_events():
     from scipy.stats import binom
     assert n == int(binom.ppf(0.95, 40, 0.3))
     assert accounting.planned_events(0.0, 40, False) == 0
+    # a short run at a low rate: the 95% quantile of Binomial(2, 0.01) is 0, but a client that can be sampled
+    # plans for one participation (a plan of 0 stopped every client at its first sampling: nothing trained)
+    assert accounting.planned_events(0.01, 2, False, 0.95) == 1
 
 
 def test_max_events_is_the_last_that_fits():

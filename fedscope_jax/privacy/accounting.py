@@ -116,7 +116,8 @@ def planned_events(sampling_rate: float, rounds: int, amplification: bool, quant
     With amplification every round is an event (= rounds). Without, it is the `quantile` of the client's
     number of participations Binomial(rounds, q): the budget then lasts the whole run with probability
     >= quantile; a client that is sampled more often than planned is stopped by the ledger. q = 1 gives
-    exactly `rounds`.
+    exactly `rounds`. A client that can be sampled plans for at least one participation: where the quantile
+    is 0 (a short run at a low rate) a plan of 0 would stop it at its first sampling, so it would never train.
     """
     if rounds < 0 or not 0.0 <= sampling_rate <= 1.0:
         raise FedscopeError(f"privacy: need rounds >= 0 and sampling rate in [0, 1], got {rounds}, {sampling_rate}")
@@ -130,7 +131,7 @@ def planned_events(sampling_rate: float, rounds: int, amplification: bool, quant
     log_pmf = (np.array([math.lgamma(rounds + 1) - math.lgamma(k + 1) - math.lgamma(rounds - k + 1) for k in n])
                + n * math.log(sampling_rate) + (rounds - n) * math.log1p(-sampling_rate))
     cdf = np.cumsum(np.exp(log_pmf))
-    return int(min(rounds, np.searchsorted(cdf, quantile - 1e-12)))
+    return int(min(rounds, max(1, np.searchsorted(cdf, quantile - 1e-12))))
 
 
 @SkippedOrders()
