@@ -104,3 +104,21 @@ def test_federated_config_errors_name_the_one_flag_at_fault(field, value, messag
     with pytest.raises(FedscopeError) as err:
         FederatedConfig(**{field: value})
     assert str(err.value) == message
+
+
+def test_a_chunk_that_does_not_fit_the_memory_is_refused_before_training(tiny_dataset: Path, tmp_path: Path,
+                                                                          capsys, monkeypatch):
+    """Memory is planned: the round program is compiled before the first round and its XLA memory analysis is
+    checked against the device's memory; a chunk that does not fit is a one-line error, never an XLA
+    RESOURCE_EXHAUSTED traceback. (Here the device is told it has 1 KiB.)"""
+    from fedscope_jax.engine import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 1024)
+    run = tmp_path / "run"
+    # model.dim 12: a program no other test compiled (a kept executable would skip the check)
+    assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "3",
+                 "--rounds", "2", *TINY, "--set", "model.dim=12", "--chunk-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--chunk-size 2: the round program needs" in err and "but 0.00 GiB is available" in err
+    assert "one client a chunk may not fit either" in err and "Traceback" not in err
+    assert not (run / "metrics.jsonl").exists()

@@ -49,3 +49,31 @@ def test_autotune_shows_a_progress_bar_with_each_candidates_round_time(fake_roun
     monkeypatch.setenv("FEDSCOPE_NO_PROGRESS", "1")
     tune.autotune_chunk_size(run_round, [1, 2])
     assert capsys.readouterr().err == ""
+
+
+def test_autotune_stops_at_the_first_chunk_that_would_not_fit(fake_rounds):
+    """A candidate whose program is refused by the memory check (before it runs) ends the search; the first
+    candidate refused is an error that names it."""
+    from fedscope_jax.engine.memory import ProgramTooLarge
+
+    run_round, compiled = fake_rounds
+
+    def limited(chunk: int):
+        if chunk >= 4:
+            compiled.append(chunk)
+            raise ProgramTooLarge(chunk * 2**30, 3 * 2**30)
+        return run_round(chunk)
+
+    best, times = tune.autotune_chunk_size(limited, [1, 2, 4, 16, 64])
+    assert compiled == [1, 2, 4] and times == {1: 1.0, 2: 0.5} and best == 2
+    with pytest.raises(ProgramTooLarge, match="at chunk size 4 needs 4.00 GiB .* but 3.00 GiB is available"):
+        tune.autotune_chunk_size(limited, [4, 16])
+
+
+def test_the_advice_for_a_chunk_that_does_not_fit():
+    from fedscope_jax.engine.memory import ProgramTooLarge
+    from fedscope_jax.train.loop import _chunk_that_fits
+
+    # 30% of what chunk 16 needs is available: the largest smaller candidate within 16 x 0.3 = 4.8 is 4
+    assert _chunk_that_fits(16, ProgramTooLarge(100, 30), 1).startswith("use --chunk-size 4 ")
+    assert "one client a chunk may not fit" in _chunk_that_fits(2, ProgramTooLarge(100, 10), 1)

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedscope_jax.engine import memory
 from fedscope_jax.engine.aggregate import (NOISE_MODES, Accumulator, ClientReport, accumulate_chunk,
                                            add_accumulators, finalize, zeros_accumulator)
 from fedscope_jax.engine.client import ClientConfig, UserNoise, client_update
@@ -324,7 +325,9 @@ class CompiledFn:
         return treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "sharding", None))
                               for x in leaves)
 
-    def __call__(self, *args: Any) -> Any:
+    def compile(self, *args: Any) -> Any:
+        """The executable for these arguments' signature, compiled once and checked to fit the device's memory
+        (`engine.memory.check_fits`: raises `ProgramTooLarge` before it ever runs); nothing is executed."""
         sig = self.signature(args)
         exe = self._executables.get(sig)
         if exe is None:
@@ -334,5 +337,9 @@ class CompiledFn:
             exe = self._jitted.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - t0
             self.compiles += 1
+            memory.check_fits(exe, "the round program")
             self._executables[sig] = exe
-        return exe(*args)
+        return exe
+
+    def __call__(self, *args: Any) -> Any:
+        return self.compile(*args)(*args)

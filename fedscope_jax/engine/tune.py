@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedscope_jax.engine import memory
 from fedscope_jax.engine.client import ClientConfig, localize_params
 from fedscope_jax.utils.progress import progress
 
@@ -48,7 +49,8 @@ def autotune_chunk_size(run_round: Callable[[int], Callable[[], Any]], candidate
                         repeats: int = 1, desc: str = TUNE_DESC) -> tuple[int, dict[int, float]]:
     """Chunk size with the fastest round. `run_round(chunk)` returns a thunk running one round (the first
     call compiles and is not timed). Candidates are tried in increasing order and the search stops once a
-    round takes 1.5x the best so far. Returns (best chunk, {chunk: seconds tried}).
+    round takes 1.5x the best so far, or once a candidate's program would not fit the device's memory
+    (`engine.memory`: refused before it runs; the first candidate not fitting is an error). Returns (best chunk, {chunk: seconds tried}).
 
     Each candidate costs a compilation (seconds to minutes on a CPU), so a progress bar `desc` counts them
     and shows each one's round time."""
@@ -56,8 +58,14 @@ def autotune_chunk_size(run_round: Callable[[int], Callable[[], Any]], candidate
     with progress(total=len(candidates), desc=desc, unit="size", leave=False) as bar:
         for chunk in candidates:
             bar.set_postfix_str(f"compiling chunk {chunk}")
-            thunk = run_round(chunk)
-            block(thunk())  # compile + warm up
+            try:
+                thunk = run_round(chunk)
+                block(thunk())  # compile + warm up
+            except memory.ProgramTooLarge as exc:   # refused before it ran: larger chunks need more still
+                if not times:
+                    raise memory.ProgramTooLarge(exc.needed, exc.available,
+                                                 f"the round program at chunk size {chunk}") from None
+                break
             times[chunk] = min(timed(thunk) for _ in range(repeats))
             bar.update(1)
             bar.set_postfix_str(", ".join(f"{c}: {t:.3g} s" for c, t in times.items()))

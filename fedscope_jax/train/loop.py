@@ -33,6 +33,7 @@ import numpy as np
 
 from fedscope_jax.engine.checkpoint import Checkpointer
 from fedscope_jax.engine.cohort import ClientShard, PaddingStats
+from fedscope_jax.engine.memory import ProgramTooLarge
 from fedscope_jax.engine.population import Population, plan_population
 from fedscope_jax.engine.round import CompiledFn, EngineConfig, client_mesh, shard_cohorts
 from fedscope_jax.engine.server import ServerState, init_server_state, server_optimizer
@@ -272,11 +273,35 @@ def compile_groups(loop: LoopState, states: Sequence[ServerState], params: Any, 
             candidates = candidate_chunks(largest, 1 if g.sweep else g.devices)
             if g.settings[1] > 0:  # a secure-aggregation group is one chunk: a chunk of one client hides nothing
                 candidates = [c for c in candidates if c >= 2] or [2]
-            chunk, tuning = autotune_chunk_size(thunk_for, candidates)
+            try:
+                chunk, tuning = autotune_chunk_size(thunk_for, candidates)
+            except ProgramTooLarge as exc:
+                raise FedscopeError(f"{exc}; even the smallest chunk does not fit: lower train.batch_size, "
+                                    "model.dim or model.max_len") from None
         g.chunk, g.tuning = chunk, tuning
         g.fn = loop.meter.use(g.program(programs, client_cfg, server_opt, chunk))
         g.state = g.stacked([states[i] for i in g.members])
+        # compiled now, on the first round's shapes (the round reuses it), so a chunk that cannot fit the
+        # device's memory is refused before anything trains, with a size that fits
+        if len(first_union):
+            cohorts, _ = pop.cohorts(loop.source, start, first_union, g.multiple(chunk), loop.table_rows)
+            per = [_vectors(t, fcfg, first_ids[i]) for i, t in enumerate(loop.tracks)]
+            try:
+                g.fn.compile(g.state, g.inputs(cohorts, pop.n_clients, per), loop.key)
+            except ProgramTooLarge as exc:
+                raise FedscopeError(f"--chunk-size {chunk}: {exc}; {_chunk_that_fits(chunk, exc, g.devices)}"
+                                    ) from None
     loop.multiple = math.lcm(*(g.multiple(g.chunk) for g in loop.groups))
+
+
+def _chunk_that_fits(chunk: int, exc: ProgramTooLarge, devices: int) -> str:
+    """The advice for a chunk whose program does not fit: the largest smaller candidate within the measured
+    share (memory grows with the chunk; part of it does not, so the scaled size errs small)."""
+    scaled = chunk * exc.available / exc.needed
+    fits = [c for c in candidate_chunks(chunk, devices) if c < chunk and c <= scaled]
+    if not fits:
+        return ("one client a chunk may not fit either: lower train.batch_size, model.dim or model.max_len")
+    return f"use --chunk-size {fits[-1]} (or 0: the fastest chunk that fits is chosen)"
 
 
 def _distributed(track: Track) -> bool:
