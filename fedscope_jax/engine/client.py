@@ -5,7 +5,9 @@ A client's data is a `ClientData` pytree whose batch leaves carry a leading step
 local vocabularies (`SparseTable`), the client trains a small table of the rows it touches, gathered from
 the global table by `vocab`; its delta for that table is the [V, d] row delta, scattered back by the
 aggregator. This is exact as long as the loss only reads the rows its batch names and the local optimizer
-leaves rows with zero gradients unchanged (SGD, momentum, Adam: yes; decoupled weight decay: no).
+leaves rows with zero gradients unchanged (SGD, momentum, Adam: yes; decoupled weight decay: no). With sparse
+tables the loss sees the client's vocabularies (global row ids) as batch["vocab"], e.g. to read constant
+per-row tables; a batch must then be a dict.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class ClientConfig:
             raise FedscopeError(f"local_epochs: expected >= 1, got {self.local_epochs}")
         if self.expected_batch < 0:
             raise FedscopeError(f"expected_batch: expected >= 0, got {self.expected_batch}")
+        if self.expected_batch and self.sparse_tables:
+            raise FedscopeError("DP-SGD over users (expected_batch > 0) noises every step's whole gradient: its "
+                                "tables must be dense (no sparse_tables), or rows outside a client's vocabulary "
+                                "would carry no noise")
 
 
 class UserNoise(NamedTuple):
@@ -152,6 +158,8 @@ def client_update(global_params: PyTree, data: ClientData, key: jax.Array, confi
     def step(carry, xs):
         params, state, loss_sum = carry
         batch, real, index = xs
+        if config.sparse_tables:   # the loss may read constant per-row tables through the global row ids
+            batch = {**batch, "vocab": data.vocab}
         step_key = jax.random.fold_in(key, index)
         if noise is None:
             (loss, _), grads = grad_fn(params, batch, step_key)

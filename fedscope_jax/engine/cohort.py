@@ -21,9 +21,11 @@ from fedscope_jax.engine.client import ClientData
 from fedscope_jax.errors import FedscopeError
 
 PyTree = Any
+PAD_ROW = int(np.iinfo(np.int32).max)   # a vocabulary's padding entry: a row id out of range for every table
 
-__all__ = ["BucketPlan", "ClientShard", "Cohort", "PaddingStats", "best_boundaries", "bucket_capacities",
-           "bucket_layout", "build_cohorts", "fill_buckets", "localize_batch", "nice_ceil", "plan_buckets"]
+__all__ = ["PAD_ROW", "BucketPlan", "ClientShard", "Cohort", "PaddingStats", "best_boundaries",
+           "bucket_capacities", "bucket_layout", "build_cohorts", "fill_buckets", "localize_batch", "nice_ceil",
+           "plan_buckets"]
 
 
 class Cohort(NamedTuple):
@@ -287,7 +289,9 @@ def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan
                   ) -> tuple[tuple[Cohort, ...], PaddingStats]:
     """Stacks the clients `client_ids` (indices into `shards`) into one padded Cohort per non-empty bucket.
 
-    weights / clip / noise_multiplier are per selected client (defaults 1 / inf / 0). Client counts are
+    table_rows: rows of each sparse table, the id padding vocabulary entries get (default PAD_ROW: any id
+    >= the table's rows is padding). weights / clip / noise_multiplier are per selected client (defaults 1 /
+    inf / 0). Client counts are
     padded to a multiple of `multiple` (devices x chunk size), rounded to a nice size when `nice`.
     capacity: fixed client slots per bucket (`bucket_capacities`) instead: every bucket with slots gives a
     cohort of that many rows (rounded up to `multiple`) whether or not a client landed there, clients
@@ -325,7 +329,7 @@ def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan
         # the plan's vocabulary size, grown (to a multiple of 8) if this round's data needs more rows
         need = {n: max((len(shards[ids[p]].vocab[n]) for p in members), default=0) for n in template.vocab}
         sizes = {n: max(plan.vocab_sizes[b][n], -(-need[n] // 8) * 8) for n in template.vocab}
-        vocab = {n: np.full((cap, sizes[n]), table_rows[n], np.int32) for n in template.vocab}
+        vocab = {n: np.full((cap, sizes[n]), table_rows.get(n, PAD_ROW), np.int32) for n in template.vocab}
         cohort_ids = np.full(cap, -1, np.int32)
         w = np.zeros(cap, np.float32)
         c = np.full(cap, np.inf, np.float32)

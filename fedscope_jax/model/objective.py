@@ -21,13 +21,16 @@ from fedscope_jax.model.functional import Params, Semantic, all_item_repr, domai
 
 
 def _candidates(params: Params, config: ModelConfig, d: int, target: jnp.ndarray, key: jax.Array,
-                semantic: Semantic) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Shared candidate ids [M] and their representations for domain d's next-item loss."""
+                semantic: Semantic, neg: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Shared candidate ids [M] and their representations for domain d's next-item loss. neg: the step's
+    negatives drawn on the host ([D, M], train/vocab.py), used instead of drawing them here."""
     lc = config.loss
     n_items = params[domain_key(d)]["item_emb"].shape[0] - 1
     if lc.rec == "full":
         return jnp.arange(n_items + 1), all_item_repr(params, config, d, semantic)
-    if lc.rec == "sampled":
+    if lc.rec == "sampled" and neg is not None:
+        ids = neg[d]
+    elif lc.rec == "sampled":
         ids = jax.random.randint(key, (lc.num_negatives,), 1, n_items + 1)
     else:  # in_batch: targets of random positions of the batch (padding positions give id 0, dropped later)
         flat = target.reshape(-1)
@@ -54,6 +57,15 @@ def seqcl_loss(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, ke
     return nt_xent(z[:b], z[b:], seq[:, -1] > 0, lc.seqcl_tau)
 
 
+def local_semantic(semantic: Semantic, vocab: dict[str, jnp.ndarray]) -> Semantic:
+    """The semantic tables' rows of a client's local vocabularies (global ids; padding ids give zero rows)."""
+    if semantic is None:
+        return None
+    take = lambda x, ids: jnp.take(x, ids, axis=0, mode="fill", fill_value=0)  # noqa: E731
+    return [None if t is None else {k: take(v, vocab[domain_key(d)]) for k, v in t.items()}
+            for d, t in enumerate(semantic)]
+
+
 def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, config: ModelConfig,
             train: bool = True, semantic: Semantic = None,
             per_user: bool = False) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
@@ -65,12 +77,14 @@ def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, confi
     lc = config.loss
     seq, target = batch["seq"], batch["target"]
     n_dom = seq.shape[1]
+    if "vocab" in batch:   # a client's local item vocabularies: item ids are local, constant tables read through it
+        semantic = local_semantic(semantic, batch["vocab"])
     rec = jnp.zeros(())
     users, valid, items = [], [], []
     for d, k in enumerate(jax.random.split(key, n_dom)):
         k_drop, k_neg = jax.random.split(k)
         h = encode(params, config, d, seq[:, d], semantic, k_drop, train)
-        cand_ids, cand_emb = _candidates(params, config, d, target[:, d], k_neg, semantic)
+        cand_ids, cand_emb = _candidates(params, config, d, target[:, d], k_neg, semantic, batch.get("neg"))
         tgt_emb = item_repr(params, config, d, target[:, d], semantic)
         rec = rec + next_item_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb)
         users.append(h[:, -1])

@@ -35,6 +35,7 @@ from fedscope_jax.privacy.session import PrivacySession, check_engine_flags
 from fedscope_jax.train.centralized import evaluate, selection_score
 from fedscope_jax.train.config import flatten, to_dict
 from fedscope_jax.train.final_eval import final_metrics
+from fedscope_jax.train import vocab
 from fedscope_jax.train.loop import ClientSource, Track, run_tracks
 from fedscope_jax.train.programs import PROGRAMS, Programs
 from fedscope_jax.utils.io import read_json, write_json
@@ -129,23 +130,25 @@ def check_distributed(cfg: Any) -> None:
                             f"{f.clients} silos in one chunk; use --chunk-size 0 or {f.clients}")
 
 
-def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS) -> ClientConfig:
+def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS, n_domains: int = 2) -> ClientConfig:
     """How a client trains the FedSCOPE model (loss, local Adam). Programs compiled for one ClientConfig
     object are reused by every run given that object, so `programs` keeps one object per (model settings,
     client lr, unit, semantic tables object or none): the seeds of a reproduction cell and a sweep's seeds
     share it; other tables, even equal ones, get another. The user unit of DP trains with DP-SGD over users:
-    the loss taken one user at a time (`loss_fn(per_user=True)`), divided by the expected batch."""
+    the loss taken one user at a time (`loss_fn(per_user=True)`), divided by the expected batch. Where it can
+    (`train.vocab.uses_local_vocab`), a client trains local item vocabularies of its `n_domains` tables."""
     model_cfg, client_lr, opt = cfg.model, float(cfg.federated.client_lr), cfg.federated.client_opt
     user = cfg.privacy.unit == "user"
     expected = int(cfg.train.batch_size) if user else 0
     micro = int(cfg.federated.user_microbatch) if user else 0
+    tables = vocab.sparse_tables(n_domains) if vocab.uses_local_vocab(cfg) else ()
 
     def build() -> ClientConfig:
         loss = functools.partial(loss_fn, config=model_cfg, train=True, semantic=semantic, per_user=user)
         return ClientConfig(loss, client_optimizer(opt, client_lr), local_epochs=1,  # batches hold the epochs
-                            expected_batch=expected, microbatch=micro)
+                            expected_batch=expected, microbatch=micro, sparse_tables=tables)
 
-    key = ("client_config", model_cfg, client_lr, opt, expected, micro, id(semantic))
+    key = ("client_config", model_cfg, client_lr, opt, expected, micro, tables, id(semantic))
     return programs.get(key, build, keep=semantic)
 
 
@@ -164,6 +167,9 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
     n_clients = part.n_clients
     rows_of = seqs.client_rows(part)
     steps = cap = rates = None
+    if client_cfg is None:
+        client_cfg = client_config(cfg, semantic, n_domains=len(ds.domains))
+    local_vocab = bool(client_cfg.sparse_tables)   # batches carry their negatives and local item ids
     if cfg.privacy.unit == "user":   # DP-SGD over users: every step Poisson-samples the silo's users
         if fcfg.scheme == "domain":
             raise FedscopeError("--privacy-unit user with --scheme domain: a user's record is split over the "
@@ -195,10 +201,15 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
             keep[client] = True
             batch["seq"] = batch["seq"] * keep[None, None, :, None]
             batch["target"] = batch["target"] * keep[None, None, :, None]
-        return ClientShard(batch, step_mask=b["step_mask"])
+        if not local_vocab:
+            return ClientShard(batch, step_mask=b["step_mask"])
+        if mc.loss.rec == "sampled":
+            batch = vocab.add_negatives(batch, ds.n_items, mc.loss.num_negatives, np.random.default_rng(
+                [fcfg.seed, round_index, client, vocab.NEGATIVES_TAG]))
+        return ClientShard(*vocab.localize(batch, ds.n_items), step_mask=b["step_mask"])
 
     return SeedContext(ds, cfg, semantic, part, n_clients, source, eval_set(ds, "valid", mc.max_len, cfg.eval),
-                       client_cfg if client_cfg is not None else client_config(cfg, semantic),
+                       client_cfg,
                        init_params(jax.random.key(tc.seed), mc, ds.n_items, semantic), steps, cap or 0)
 
 
@@ -237,7 +248,7 @@ def train_federated(ds: Any, cfg: Any, out: str | Path, semantic: Any = None, ex
     extra = dict(extra or {})
     out = Path(out)
     t_start = time.time()
-    ctx = seed_context(ds, cfg, semantic, client_config(cfg, semantic, programs))
+    ctx = seed_context(ds, cfg, semantic, client_config(cfg, semantic, programs, len(ds.domains)))
     session = ctx.session(cfg.privacy)   # settings that cannot work fail here, before anything is written
     prepare_run_dir(out, resume, force)
     resolved = {**to_dict(cfg), **extra}

@@ -276,7 +276,7 @@ def run_sweep(ds: Any, cfg: Any, modes: Sequence[str], epsilons: Sequence[float]
         trained, names = distinct_points(mine)
         trained_as.update(names)
         plans.append((seed, mine, trained, seed_status(out, trained, extra) if resume else "trained"))
-    client_cfg = client_config(cfg, semantic)  # one object: the compiled programs are reused across seeds
+    client_cfg = client_config(cfg, semantic, n_domains=len(ds.domains))  # one object for every seed's programs
     per_seed = []
     for seed, mine, trained, status in plans:
         if status == "kept":

@@ -1,0 +1,71 @@
+"""Local vocabularies of the FedSCOPE model's federated clients: a client trains only the item rows its data
+names, so its cost follows its own data, not the catalogue (engine/client.py `SparseTable`).
+
+A client's item-embedding delta is exact on a local table only if the loss reads no other row. The sampled
+softmax draws its negatives from the whole catalogue, so here they are drawn on the host, per step and
+domain (uniform over the domain's items, seeded by (seed, round, client)), and put in the batch ("neg"
+[S, D, M]); each domain's vocabulary is the union of the client's items, these negatives and the padding
+row 0. Its size is padded to a bound that does not change from round to round (the client's own items plus
+S x M), so the round keeps one program shape. The semantic tables, which are constants indexed by item, are
+read through the client's vocabulary (`model.objective.loss_fn` reads batch["vocab"]).
+
+Not used where a client's update must cover every row: the full softmax (every item is a candidate), the
+user unit of DP (its per-step noise must reach every row), and secure aggregation (dense vectors).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from fedscope_jax.engine.client import SparseTable
+from fedscope_jax.engine.cohort import PAD_ROW
+from fedscope_jax.model.functional import domain_key
+
+__all__ = ["NEGATIVES_TAG", "add_negatives", "localize", "sparse_tables", "uses_local_vocab"]
+
+NEGATIVES_TAG = 0x0E6A   # seeds a client's host-drawn negatives apart from its batches and Poisson sampling
+
+
+def uses_local_vocab(cfg: Any) -> bool:
+    """Whether the federated client trains local item vocabularies (see the module docstring)."""
+    return cfg.model.loss.rec != "full" and cfg.privacy.unit != "user" and not cfg.privacy.secagg
+
+
+def sparse_tables(n_domains: int) -> tuple[SparseTable, ...]:
+    """Each domain's item table, trained through the vocabulary of the same name."""
+    return tuple(SparseTable((domain_key(d), "item_emb"), domain_key(d)) for d in range(n_domains))
+
+
+def add_negatives(batch: dict[str, np.ndarray], n_items: Sequence[int], num_negatives: int,
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The batch with "neg" int32 [S, D, M]: each step's shared negatives of each domain, uniform over its
+    items 1..n_d (as the loss would draw them on the device)."""
+    steps = batch["seq"].shape[0]
+    neg = np.stack([rng.integers(1, int(n) + 1, size=(steps, num_negatives)) for n in n_items], axis=1)
+    return {**batch, "neg": neg.astype(np.int32)}
+
+
+def localize(batch: dict[str, np.ndarray], n_items: Sequence[int]
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(batch with local item ids, vocab): per domain d, the sorted ids of row 0, the items of seq / target
+    [S, B, D, L] and neg [S, D, M] in that domain, padded with PAD_ROW to min(n_d + 1, own items + S x M)."""
+    seq, target = np.array(batch["seq"], np.int32), np.array(batch["target"], np.int32)
+    neg = batch.get("neg")
+    local_neg = None if neg is None else np.array(neg, np.int32)
+    vocab: dict[str, np.ndarray] = {}
+    for d, n in enumerate(n_items):
+        own = np.unique(np.concatenate([[0], seq[:, :, d].ravel(), target[:, :, d].ravel()]))
+        drawn = neg[:, d].ravel() if neg is not None else np.zeros(0, np.int64)
+        ids = np.union1d(own, drawn)
+        bound = min(int(n) + 1, len(own) + drawn.size)
+        vocab[domain_key(d)] = np.concatenate([ids, np.full(bound - len(ids), PAD_ROW)]).astype(np.int32)
+        seq[:, :, d] = np.searchsorted(ids, seq[:, :, d])
+        target[:, :, d] = np.searchsorted(ids, target[:, :, d])
+        if local_neg is not None:
+            local_neg[:, d] = np.searchsorted(ids, neg[:, d])
+    out = {**batch, "seq": seq, "target": target}
+    if local_neg is not None:
+        out["neg"] = local_neg
+    return out, vocab
