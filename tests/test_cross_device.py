@@ -23,7 +23,9 @@ def _max_diff(a, b) -> float:
 def _widen(shard: ClientShard, width: int) -> ClientShard:
     """The shard padded with all-zero users up to `width` (the layout before per-client batch widths)."""
     pad = lambda v: np.pad(v, [(0, 0), (0, width - v.shape[1])] + [(0, 0)] * (v.ndim - 2))  # noqa: E731
-    return ClientShard({k: pad(v) for k, v in shard.batch.items()}, shard.vocab, shard.step_mask)
+    users = ("seq", "target", "user_mask")   # the fields with a user axis ("neg" [S, D, M] has none)
+    return ClientShard({k: pad(v) if k in users else v for k, v in shard.batch.items()}, shard.vocab,
+                       shard.step_mask)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +85,105 @@ def test_cohort_pads_every_axis_to_its_bucket(user_context):
     assert seq.shape[2] == 3
     np.testing.assert_array_equal(seq[0, :, :1], shards[0].batch["seq"])
     assert not seq[0, :, 1:].any() and not np.asarray(cohort.data.batch["user_mask"])[0, :, 1:].any()
+
+
+def test_cross_device_benchmark_reports_both_workloads(tiny_dataset: Path, tmp_path: Path):
+    """`fedscope benchmark --cross-device`: the silo row and a row of one-user clients, each vectorized and
+    sequential on the same cohorts (they agree), user-steps counted from the real users of the round."""
+    import json
+
+    from fedscope_jax.cli import main
+
+    out = tmp_path / "xd.json"
+    # SGD: with Adam, gradients that are zero in theory (attention key biases) differ by float noise between
+    # the two programs and Adam turns that into whole learning-rate steps
+    sets = [a for s in TINY + ["federated.client_opt=sgd", "federated.client_lr=0.5"] for a in ("--set", s)]
+    assert main(["benchmark", "--cross-device", "--data", str(tiny_dataset), "--clients", "6", "--silos", "2",
+                 "--repeats", "1", "--out", str(out), *sets]) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] and [r["workload"] for r in report["rows"]] == ["silo", "cross-device"]
+    silo, cross = report["rows"]
+    assert silo["user_steps"] == report["users_with_training_data"] == 60   # one epoch: every user once
+    assert cross["clients"] == cross["user_steps"] == 6 and cross["batch_width"] == [1]
+    assert set(silo["batch_width"]) == {8}
+    for r in (silo, cross):
+        assert r["max_abs_diff_vs_sequential"] < 1e-5 and r["speedup"] > 0
+        assert r["vmap_user_steps_per_s"] == pytest.approx(r["user_steps"] / min(r["vmap_round_seconds"]))
+    assert cross["user_cost_vs_silo"] == pytest.approx(silo["vmap_user_steps_per_s"] / cross["vmap_user_steps_per_s"])
+
+
+def test_cross_device_benchmark_refuses_more_clients_than_users(tiny_dataset: Path, capsys):
+    from fedscope_jax.cli import main
+
+    sets = [a for s in TINY for a in ("--set", s)]
+    assert main(["benchmark", "--cross-device", "--data", str(tiny_dataset), "--clients", "61", *sets]) == 2
+    assert "60 users with training data (one a client); give counts up to 60" in capsys.readouterr().err
+    assert main(["benchmark", "--cross-device", "--sweep", "--data", str(tiny_dataset)]) == 2
+    assert "three benchmarks" in capsys.readouterr().err
+
+
+def _globalized(shard: ClientShard) -> ClientShard:
+    """A localized shard back in global item ids (the dense layout of the same data and negatives)."""
+    batch = {k: np.array(v, copy=True) for k, v in shard.batch.items()}
+    for d in range(batch["seq"].shape[2]):
+        ids = shard.vocab[f"domain_{d}"]
+        batch["seq"][:, :, d] = ids[batch["seq"][:, :, d]]
+        batch["target"][:, :, d] = ids[batch["target"][:, :, d]]
+        batch["neg"][:, d] = ids[batch["neg"][:, d]]
+    return ClientShard(batch, {}, shard.step_mask)
+
+
+@pytest.mark.parametrize("semantic", [False, True])
+def test_local_item_vocabularies_equal_dense_tables(tiny_dataset: Path, semantic: bool):
+    """A client trains only the item rows its data and its host-drawn negatives name (train/vocab.py): the round
+    equals the one on dense tables with the same negatives in global ids, with and without semantic fusion
+    (whose constant tables are read through the vocabulary)."""
+    import dataclasses
+
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.engine.round import EngineConfig, make_round_fn
+    from fedscope_jax.engine.server import init_server_state, server_optimizer
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.federated import seed_context
+
+    ds = load_dataset(tiny_dataset)
+    tables = None
+    if semantic:
+        rng = np.random.default_rng(0)
+        tables = []
+        for n in ds.n_items:
+            mask = (rng.random(n + 1) < 0.7).astype(np.float32)
+            mask[0] = 0.0
+            tables.append({"vectors": jnp.asarray(rng.normal(size=(n + 1, 5)).astype(np.float32) * mask[:, None]),
+                           "mask": jnp.asarray(mask)})
+    cfg = load_config(None, TINY + ["federated.scheme=user", "privacy.mode=off", "federated.client_opt=sgd",
+                                    "federated.client_lr=0.5", "model.fusion_hidden=6"])
+    ctx = seed_context(ds, cfg, tables)
+    assert [t.name for t in ctx.client_cfg.sparse_tables] == ["domain_0", "domain_1"]
+    sparse = [ctx.source(0, c) for c in range(3)]     # one user each
+    n_rows = [n + 1 for n in ds.n_items]
+    assert all(len(s.vocab["domain_0"]) < n_rows[0] for s in sparse)       # fewer rows than the table
+    assert all(s.batch["neg"].shape[1:] == (2, 10) for s in sparse)
+    dense = [_globalized(s) for s in sparse]
+    dense_cfg = dataclasses.replace(ctx.client_cfg, sparse_tables=())
+    opt = server_optimizer("fedavg")
+    states = []
+    for shards, ccfg in ((sparse, ctx.client_cfg), (dense, dense_cfg)):
+        cohorts, _ = build_cohorts(shards, range(3), plan_buckets(shards, 2), {}, multiple=1)
+        fn = make_round_fn(ccfg, opt, EngineConfig(chunk_size=1), donate=False)
+        states.append(fn(init_server_state(ctx.params, opt), cohorts, jax.random.key(5))[0])
+    assert _max_diff(states[0].params, states[1].params) < 1e-5
+    assert _max_diff(states[0].params, ctx.params) > 1e-3
+    for d in range(2):   # rows nobody's data named are untouched
+        named = np.unique(np.concatenate([s.vocab[f"domain_{d}"] for s in sparse]))
+        untouched = np.setdiff1d(np.arange(n_rows[d]), named)
+        emb = f"domain_{d}"
+        np.testing.assert_array_equal(np.asarray(states[0].params[emb]["item_emb"])[untouched],
+                                      np.asarray(ctx.params[emb]["item_emb"])[untouched])
+
+
+def test_local_vocabularies_keep_one_shape_across_rounds(user_context):
+    """A client's vocabulary is padded to a bound that does not depend on the round's negatives."""
+    ctx = user_context
+    sizes = {tuple(len(v) for v in ctx.source(r, 5).vocab.values()) for r in range(6)}
+    assert len(sizes) == 1

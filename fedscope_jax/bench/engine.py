@@ -36,7 +36,7 @@ from fedscope_jax.errors import FedscopeError
 from fedscope_jax.utils.progress import progress
 
 __all__ = ["BenchmarkConfig", "describe_data", "format_table", "load_benchmark_data", "real_clients",
-           "real_user_batches", "run_benchmark", "synthetic_clients"]
+           "real_user_batches", "run_benchmark", "synthetic_clients", "time_engines"]
 
 FIELDS = {"a": ["seq_a", "pos_a", "neg_a"], "b": ["seq_b", "pos_b", "neg_b"]}
 TABLES = (SparseTable(("item_emb_a",), "a"), SparseTable(("item_emb_b",), "b"))
@@ -160,53 +160,13 @@ def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float, ds: Canonic
     plan = plan_buckets(shards, cfg.max_buckets)
     rows = {"a": n_a + 1, "b": n_b + 1}
     ccfg = ClientConfig(functools.partial(rm.loss_fn, config=model), optax.adam(1e-3), cfg.local_epochs, TABLES)
-    sopt = server_optimizer("fedavg")
     params = rm.init_params(jax.random.key(cfg.seed), model)
-    key = jax.random.key(cfg.seed + 1)
     privacy = dict(clip=np.full(n_clients, cfg.clip, np.float32),
                    noise_multiplier=np.full(n_clients, cfg.noise_multiplier, np.float32))
-    ids = np.arange(n_clients)
-    cache: dict[int, Any] = {}
-
-    def vmapped(chunk: int):
-        # every client takes part: pad client counts only to a multiple of the chunk (no "nice" sizes)
-        cohorts, pad = build_cohorts(shards, ids, plan, rows, multiple=chunk, nice=False, **privacy)
-        cohorts = jax.device_put(cohorts)
-        holder = [init_server_state(params, sopt)]
-        fn = make_round_fn(ccfg, sopt, EngineConfig(chunk, cfg.noise_mode))
-        compiled = fn.lower(holder[0], cohorts, key).compile()  # ahead of time: compiled once, reused below
-
-        def thunk():
-            holder[0], _ = compiled(holder[0], cohorts, key)
-            return holder[0]
-        cache[chunk] = (compiled, cohorts, pad, thunk)
-        return thunk
-
-    largest = max(int(np.sum([plan.bucket_of(s.n_steps) == b for s in shards])) for b in range(len(plan.steps)))
-    note("choosing the chunk")
-    best, tune_times = autotune_chunk_size(vmapped, candidate_chunks(largest), desc=f"C={n_clients}: chunk sizes")
-    compiled, cohorts, pad, vm_thunk = cache[best]
-
-    seq_cohorts, _ = build_cohorts(shards, ids, plan, rows, multiple=1, nice=False, **privacy)
-    runner = SequentialRunner(ccfg, sopt, EngineConfig(1, cfg.noise_mode))
-    seq_holder = [init_server_state(params, sopt)]
-
-    def seq_thunk():
-        seq_holder[0], _ = runner(seq_holder[0], seq_cohorts, key)
-        return seq_holder[0]
-
-    # Agreement of one round from the same state (vectorized vs sequential).
-    note("sequential reference: compiling, agreement")
-    vm_state, _ = compiled(init_server_state(params, sopt), cohorts, key)  # (donates its own copy)
-    seq_state, _ = runner(init_server_state(params, sopt), seq_cohorts, key)
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(vm_state.params),
-                                                              jax.tree.leaves(seq_state.params)))
-    block(seq_thunk())  # warm (compiled per bucket shape by the agreement check already)
-    t_vm, t_seq = [], []
-    note(f"timing {cfg.repeats} x (vectorized, sequential)")
-    for _ in range(cfg.repeats):
-        t_vm.append(timed(vm_thunk))
-        t_seq.append(timed(seq_thunk))
+    timing = time_engines(shards, np.arange(n_clients), plan, rows, ccfg, params, cfg.noise_mode, cfg.repeats,
+                          cfg.seed + 1, privacy, note, desc=f"C={n_clients}: chunk sizes")
+    compiled, cohorts, pad, best = timing.pop("compiled"), timing.pop("cohorts"), timing.pop("pad"), timing["chunk"]
+    t_vm, t_seq, diff = timing["vmap_seconds"], timing["sequential_seconds"], timing["max_abs_diff"]
     t_vm_best, t_seq_best = min(t_vm), min(t_seq)
 
     flops_useful = flops_executed = 0.0
@@ -227,7 +187,7 @@ def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float, ds: Canonic
         "vmap_rounds_per_s": 1.0 / t_vm_best,
         "sequential_rounds_per_s": 1.0 / t_seq_best,
         "vmap_round_seconds": t_vm, "sequential_round_seconds": t_seq,
-        "chunk_size": best, "chunk_tuning_seconds": {str(k): v for k, v in tune_times.items()},
+        "chunk_size": best, "chunk_tuning_seconds": timing["chunk_tuning_seconds"],
         "buckets": [{"steps": int(c.data.step_mask.shape[1]), "clients": int(c.client_id.shape[0]),
                      "vocab": {k: int(v.shape[1]) for k, v in c.data.vocab.items()}} for c in cohorts],
         "flops_per_round": flops_useful,
@@ -237,6 +197,64 @@ def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float, ds: Canonic
         "peak_memory_bytes": mem, "peak_memory_source": mem_source,
         "max_abs_diff_vs_sequential": diff,
     }
+
+
+def time_engines(shards: Any, ids: np.ndarray, plan: Any, rows: dict[str, int], ccfg: ClientConfig, params: Any,
+                 noise_mode: str, repeats: int, seed: int, privacy: dict[str, np.ndarray] | None = None,
+                 note: Callable[[str], None] = lambda _: None, desc: str = "chunk sizes") -> dict[str, Any]:
+    """One round of the clients `ids` (indices into `shards`), vectorized (chunk size chosen by timing) and
+    sequential, from the same cohorts and state: their agreement, then `repeats` alternating timed rounds.
+    Returns {"chunk", "chunk_tuning_seconds", "vmap_seconds", "sequential_seconds", "max_abs_diff"} and, for
+    the caller's own analysis, the compiled round, its cohorts and their padding ("compiled", "cohorts",
+    "pad"). privacy: {"clip", "noise_multiplier"} per client (default: none)."""
+    privacy = privacy or {}
+    sopt = server_optimizer("fedavg")
+    key = jax.random.key(seed)
+    cache: dict[int, Any] = {}
+
+    def vmapped(chunk: int):
+        # every client takes part: pad client counts only to a multiple of the chunk (no "nice" sizes)
+        cohorts, pad = build_cohorts(shards, ids, plan, rows, multiple=chunk, nice=False, **privacy)
+        cohorts = jax.device_put(cohorts)
+        holder = [init_server_state(params, sopt)]
+        fn = make_round_fn(ccfg, sopt, EngineConfig(chunk, noise_mode))
+        compiled = fn.lower(holder[0], cohorts, key).compile()  # ahead of time: compiled once, reused below
+
+        def thunk():
+            holder[0], _ = compiled(holder[0], cohorts, key)
+            return holder[0]
+        cache[chunk] = (compiled, cohorts, pad, thunk)
+        return thunk
+
+    buckets = [plan.bucket_of(shards[int(c)].n_steps) for c in ids]
+    largest = max(buckets.count(b) for b in set(buckets))
+    note("choosing the chunk")
+    best, tune_times = autotune_chunk_size(vmapped, candidate_chunks(largest), desc=desc)
+    compiled, cohorts, pad, vm_thunk = cache[best]
+
+    seq_cohorts, _ = build_cohorts(shards, ids, plan, rows, multiple=1, nice=False, **privacy)
+    runner = SequentialRunner(ccfg, sopt, EngineConfig(1, noise_mode))
+    seq_holder = [init_server_state(params, sopt)]
+
+    def seq_thunk():
+        seq_holder[0], _ = runner(seq_holder[0], seq_cohorts, key)
+        return seq_holder[0]
+
+    # Agreement of one round from the same state (vectorized vs sequential).
+    note("sequential reference: compiling, agreement")
+    vm_state, _ = compiled(init_server_state(params, sopt), cohorts, key)  # (donates its own copy)
+    seq_state, _ = runner(init_server_state(params, sopt), seq_cohorts, key)
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(vm_state.params),
+                                                              jax.tree.leaves(seq_state.params)))
+    block(seq_thunk())  # warm (compiled per bucket shape by the agreement check already)
+    t_vm, t_seq = [], []
+    note(f"timing {repeats} x (vectorized, sequential)")
+    for _ in range(repeats):
+        t_vm.append(timed(vm_thunk))
+        t_seq.append(timed(seq_thunk))
+    return {"chunk": best, "chunk_tuning_seconds": {str(k): v for k, v in tune_times.items()},
+            "vmap_seconds": t_vm, "sequential_seconds": t_seq, "max_abs_diff": diff,
+            "compiled": compiled, "cohorts": cohorts, "pad": pad}
 
 
 def run_benchmark(cfg: BenchmarkConfig,

@@ -71,6 +71,11 @@ def add_parser(subparsers: Any) -> None:
                    "the users of every silo, personalized budgets) against the non-private round with the same "
                    "settings, side by side on --data (docs/privacy.md)")
     u.add_argument("--epsilon", type=float, default=8.0, help="the user-level budget (default 8)")
+    x = p.add_argument_group("cross-device benchmark (--cross-device; the --sweep group's config flags apply)")
+    x.add_argument("--cross-device", action="store_true", help="time rounds of one-user clients (the FedSCOPE "
+                   "model, one client a user of --data; --clients: clients a round, default 64,256,1024) against "
+                   "the same users in --silos power-law silos, vectorized and sequential (docs/engine.md)")
+    x.add_argument("--silos", type=int, default=8, help="silos of the silo workload (default 8)")
     p.set_defaults(func=run)
 
 
@@ -81,12 +86,14 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             write_json(partial, args.out)
 
-    if args.sweep and args.privacy_unit:
-        raise FedscopeError("--sweep and --privacy-unit are two benchmarks; give one")
+    if sum(map(bool, (args.sweep, args.privacy_unit, args.cross_device))) > 1:
+        raise FedscopeError("--sweep, --privacy-unit and --cross-device are three benchmarks; give one")
     if args.sweep:
         report, table = _run_sweep(args, save)
     elif args.privacy_unit:
         report, table = _run_unit(args, save)
+    elif args.cross_device:
+        report, table = _run_cross_device(args, save)
     else:
         if args.data and args.users is not None:
             raise FedscopeError(f"--users: only for synthetic data (--data {args.data} benchmarks that dataset's "
@@ -109,18 +116,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace, flag: str) -> Any:
-    """The run config of --sweep / --privacy-unit: --config, then --set, then the flags given."""
+def _run_config(args: argparse.Namespace, flag: str, client_counts: bool = False) -> Any:
+    """The run config of --sweep / --privacy-unit / --cross-device: --config, then --set, then the flags given.
+    client_counts: --clients is a list of client counts the benchmark measures, not federated.clients."""
     import dataclasses
 
     from fedscope_jax.train.config import load_config
 
     if not args.data:
         raise FedscopeError(f"{flag} needs --data DIR (a prepared dataset, e.g. fedscope data prepare --format abxi)")
-    if args.clients is not None and len(args.clients) != 1:
+    if args.clients is not None and len(args.clients) != 1 and not client_counts:
         raise FedscopeError(f"--clients with {flag}: expected one number of clients, got {list(args.clients)}")
     cfg = load_config(args.config, args.overrides)
-    fed = {k: v for k, v in {"clients": args.clients[0] if args.clients else None, "rounds": args.rounds,
+    fed = {k: v for k, v in {"clients": args.clients[0] if args.clients and not client_counts else None,
+                             "rounds": args.rounds,
                              "fraction": args.fraction, "chunk_size": args.chunk_size,
                              "local_epochs": args.local_epochs}.items() if v is not None}
     model = {k: v for k, v in {"dim": args.dim, "max_len": args.max_len}.items() if v is not None}
@@ -159,6 +168,24 @@ def _run_unit(args: argparse.Namespace,
     report = run_unit_benchmark(load_dataset(args.data), cfg, args.epsilon,
                                 repeats=args.repeats if args.repeats is not None else 2, on_report=save)
     return report, format_unit_table(report)
+
+
+def _run_cross_device(args: argparse.Namespace,
+                      save: Callable[[dict[str, Any]], None]) -> tuple[dict[str, Any], str]:
+    """`--cross-device`: rounds of one-user clients against the same users in silos, side by side."""
+    from fedscope_jax.bench.cross_device import format_cross_device_table, run_cross_device_benchmark
+    from fedscope_jax.data.canonical import load_dataset
+
+    for flag in ("rounds", "fraction", "chunk_size"):
+        if getattr(args, flag) is not None:
+            raise FedscopeError(f"--{flag.replace('_', '-')}: not with --cross-device (one round per row, every "
+                                "sampled client in it, the chunk size timed)")
+    if args.silos < 1:
+        raise FedscopeError(f"--silos {args.silos}: expected >= 1")
+    cfg = _run_config(args, "--cross-device", client_counts=True)
+    report = run_cross_device_benchmark(load_dataset(args.data), cfg, args.clients or (64, 256, 1024), args.silos,
+                                        repeats=args.repeats if args.repeats is not None else 3, on_report=save)
+    return report, format_cross_device_table(report)
 
 
 __all__ = ["add_parser", "run"]
