@@ -187,3 +187,17 @@ def test_local_vocabularies_keep_one_shape_across_rounds(user_context):
     ctx = user_context
     sizes = {tuple(len(v) for v in ctx.source(r, 5).vocab.values()) for r in range(6)}
     assert len(sizes) == 1
+
+
+def test_in_batch_negatives_are_real_targets_whatever_the_padding():
+    """in_batch negatives are drawn among the real targets only, and padding users after the real ones (a
+    wider bucket) leave the draw unchanged."""
+    from fedscope_jax.model.objective import in_batch_negatives
+
+    key = jax.random.key(4)
+    target = jnp.array([[0, 3, 5], [0, 0, 7]])
+    wide = jnp.concatenate([target, jnp.zeros((6, 3), target.dtype)])
+    a, b = in_batch_negatives(target, key, 60), in_batch_negatives(wide, key, 60)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert set(np.asarray(a).tolist()) == {3, 5, 7}
+    assert not np.asarray(in_batch_negatives(jnp.zeros((2, 3), jnp.int32), key, 4)).any()

@@ -120,5 +120,5 @@ def test_a_chunk_that_does_not_fit_the_memory_is_refused_before_training(tiny_da
                  "--rounds", "2", *TINY, "--set", "model.dim=12", "--chunk-size", "2"]) == 2
     err = capsys.readouterr().err
     assert "--chunk-size 2: the round program needs" in err and "but 0.00 GiB is available" in err
-    assert "one client a chunk may not fit either" in err and "Traceback" not in err
+    assert "a smaller chunk may not fit either" in err and "Traceback" not in err
     assert not (run / "metrics.jsonl").exists()

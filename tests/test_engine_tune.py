@@ -75,5 +75,10 @@ def test_the_advice_for_a_chunk_that_does_not_fit():
     from fedscope_jax.train.loop import _chunk_that_fits
 
     # 30% of what chunk 16 needs is available: the largest smaller candidate within 16 x 0.3 = 4.8 is 4
-    assert _chunk_that_fits(16, ProgramTooLarge(100, 30), 1).startswith("use --chunk-size 4 ")
-    assert "one client a chunk may not fit" in _chunk_that_fits(2, ProgramTooLarge(100, 10), 1)
+    assert _chunk_that_fits(16, ProgramTooLarge(100, 30)).startswith("use --chunk-size 4 ")
+    assert "a smaller chunk may not fit" in _chunk_that_fits(2, ProgramTooLarge(100, 10))
+    # secure aggregation: a chunk of one client would reveal its update, so 1 is never advised
+    assert _chunk_that_fits(4, ProgramTooLarge(100, 60), secure=True).startswith("use --chunk-size 2 ")
+    assert _chunk_that_fits(4, ProgramTooLarge(100, 30)).startswith("use --chunk-size 1 ")
+    assert "a smaller chunk may not fit" in _chunk_that_fits(4, ProgramTooLarge(100, 20), secure=True)
+    assert "every silo in one chunk" in _chunk_that_fits(8, ProgramTooLarge(100, 30), distributed=True)

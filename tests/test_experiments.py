@@ -315,10 +315,11 @@ def test_seeds_with_the_same_semantic_tables_share_one_client_config():
     other_seed = load_config(None, ["model.dim=8", "train.seed=1"])
     tables = [{"vectors": np.zeros((3, 4), np.float32), "mask": np.ones(3, np.float32)}]
     copy = [dict(t) for t in tables]
-    assert client_config(cfg, tables) is client_config(other_seed, tables)
-    assert client_config(cfg, copy) is not client_config(cfg, tables)
-    assert client_config(cfg) is client_config(other_seed) is not client_config(cfg, tables)
-    assert client_config(load_config(None, ["model.dim=16"]), tables) is not client_config(cfg, tables)
+    one = {"n_domains": 1}
+    assert client_config(cfg, tables, **one) is client_config(other_seed, tables, **one)
+    assert client_config(cfg, copy, **one) is not client_config(cfg, tables, **one)
+    assert client_config(cfg, **one) is client_config(other_seed, **one) is not client_config(cfg, tables, **one)
+    assert client_config(load_config(None, ["model.dim=16"]), tables, **one) is not client_config(cfg, tables, **one)
 
 
 def test_plan_json_keeps_the_time_of_finished_cells_when_the_process_dies(tmp_path, monkeypatch):

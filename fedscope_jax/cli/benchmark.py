@@ -100,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
                                 "users)")
         for flag in ("rounds", "fraction", "chunk_size", "config"):
             if getattr(args, flag) is not None:
-                raise FedscopeError(f"--{flag.replace('_', '-')}: only with --sweep or --privacy-unit")
+                where = ("--sweep, --privacy-unit or --cross-device" if flag == "config"
+                         else "--sweep or --privacy-unit")
+                raise FedscopeError(f"--{flag.replace('_', '-')}: only with {where}")
         from fedscope_jax.bench.engine import BenchmarkConfig, format_table, run_benchmark
 
         opts = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in ENGINE_DEFAULTS.items()}
@@ -182,6 +184,8 @@ def _run_cross_device(args: argparse.Namespace,
                                 "sampled client in it, the chunk size timed)")
     if args.silos < 1:
         raise FedscopeError(f"--silos {args.silos}: expected >= 1")
+    if args.repeats is not None and args.repeats < 1:
+        raise FedscopeError(f"--repeats {args.repeats}: expected >= 1 timed round per engine")
     cfg = _run_config(args, "--cross-device", client_counts=True)
     report = run_cross_device_benchmark(load_dataset(args.data), cfg, args.clients or (64, 256, 1024), args.silos,
                                         repeats=args.repeats if args.repeats is not None else 3, on_report=save)

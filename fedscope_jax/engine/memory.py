@@ -4,6 +4,9 @@ instead of failing inside XLA with RESOURCE_EXHAUSTED.
 
 On an accelerator the device's own limit (`memory_stats()["bytes_limit"]` less what is in use); on CPU the
 host's available memory (/proc/meminfo MemAvailable). Where neither is known nothing is refused.
+The estimate is conservative, not exact: arguments already resident on the device are counted both in use
+and in the program's arguments, and with several CPU devices in one process each device's program is held
+against the whole host's memory.
 """
 
 from __future__ import annotations

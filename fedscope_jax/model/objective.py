@@ -32,10 +32,20 @@ def _candidates(params: Params, config: ModelConfig, d: int, target: jnp.ndarray
         ids = neg[d]
     elif lc.rec == "sampled":
         ids = jax.random.randint(key, (lc.num_negatives,), 1, n_items + 1)
-    else:  # in_batch: targets of random positions of the batch (padding positions give id 0, dropped later)
-        flat = target.reshape(-1)
-        ids = flat[jax.random.randint(key, (lc.num_negatives,), 0, flat.shape[0])]
+    else:  # in_batch: the targets of M positions drawn uniformly (with replacement) among the batch's real ones
+        ids = in_batch_negatives(target, key, lc.num_negatives)
     return ids, item_repr(params, config, d, ids, semantic)
+
+
+def in_batch_negatives(target: jnp.ndarray, key: jax.Array, m: int) -> jnp.ndarray:
+    """int [m]: targets of m positions drawn uniformly with replacement among the real ones (target > 0) of
+    `target` [B, L] (all 0 when there is none). Gumbel-max over a [B * L, m] draw, position-major, so the draw
+    of a real position does not depend on padding users after it (a batch padded to a wider bucket draws the
+    same negatives)."""
+    flat = target.reshape(-1)
+    gumbel = jax.random.gumbel(key, (flat.shape[0], m))
+    pick = jnp.argmax(jnp.where((flat > 0)[:, None], gumbel, -jnp.inf), axis=0)
+    return jnp.where(jnp.any(flat > 0), flat[pick], 0)
 
 
 # Purpose tag of the sequence-contrastive key: folded into the batch key, so turning the term on leaves the

@@ -130,7 +130,7 @@ def check_distributed(cfg: Any) -> None:
                             f"{f.clients} silos in one chunk; use --chunk-size 0 or {f.clients}")
 
 
-def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS, n_domains: int = 2) -> ClientConfig:
+def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS, *, n_domains: int) -> ClientConfig:
     """How a client trains the FedSCOPE model (loss, local Adam). Programs compiled for one ClientConfig
     object are reused by every run given that object, so `programs` keeps one object per (model settings,
     client lr, unit, semantic tables object or none): the seeds of a reproduction cell and a sweep's seeds
@@ -170,6 +170,10 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
     if client_cfg is None:
         client_cfg = client_config(cfg, semantic, n_domains=len(ds.domains))
     local_vocab = bool(client_cfg.sparse_tables)   # batches carry their negatives and local item ids
+    if local_vocab and len(client_cfg.sparse_tables) != len(ds.domains):
+        raise FedscopeError(f"client config: local vocabularies for {len(client_cfg.sparse_tables)} item tables, "
+                            f"but {ds.path} has {len(ds.domains)} domains; build it with "
+                            f"client_config(..., n_domains={len(ds.domains)})")
     if cfg.privacy.unit == "user":   # DP-SGD over users: every step Poisson-samples the silo's users
         if fcfg.scheme == "domain":
             raise FedscopeError("--privacy-unit user with --scheme domain: a user's record is split over the "
@@ -248,7 +252,7 @@ def train_federated(ds: Any, cfg: Any, out: str | Path, semantic: Any = None, ex
     extra = dict(extra or {})
     out = Path(out)
     t_start = time.time()
-    ctx = seed_context(ds, cfg, semantic, client_config(cfg, semantic, programs, len(ds.domains)))
+    ctx = seed_context(ds, cfg, semantic, client_config(cfg, semantic, programs, n_domains=len(ds.domains)))
     session = ctx.session(cfg.privacy)   # settings that cannot work fail here, before anything is written
     prepare_run_dir(out, resume, force)
     resolved = {**to_dict(cfg), **extra}

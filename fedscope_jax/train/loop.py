@@ -281,26 +281,33 @@ def compile_groups(loop: LoopState, states: Sequence[ServerState], params: Any, 
         g.chunk, g.tuning = chunk, tuning
         g.fn = loop.meter.use(g.program(programs, client_cfg, server_opt, chunk))
         g.state = g.stacked([states[i] for i in g.members])
-        # compiled now, on the first round's shapes (the round reuses it), so a chunk that cannot fit the
-        # device's memory is refused before anything trains, with a size that fits
-        if len(first_union):
-            cohorts, _ = pop.cohorts(loop.source, start, first_union, g.multiple(chunk), loop.table_rows)
-            per = [_vectors(t, fcfg, first_ids[i]) for i, t in enumerate(loop.tracks)]
-            try:
-                g.fn.compile(g.state, g.inputs(cohorts, pop.n_clients, per), loop.key)
-            except ProgramTooLarge as exc:
-                raise FedscopeError(f"--chunk-size {chunk}: {exc}; {_chunk_that_fits(chunk, exc, g.devices)}"
-                                    ) from None
     loop.multiple = math.lcm(*(g.multiple(g.chunk) for g in loop.groups))
+    # every program compiled now, on the first round's shapes (the rounds reuse them), so a chunk that cannot
+    # fit the device's memory is refused before anything trains, with a size that fits
+    if not len(first_union):
+        return
+    cohorts, _ = pop.cohorts(loop.source, start, first_union, loop.multiple, loop.table_rows)
+    per = [_vectors(t, fcfg, first_ids[i]) for i, t in enumerate(loop.tracks)]
+    for g in loop.groups:
+        try:
+            g.fn.compile(g.state, g.inputs(cohorts, pop.n_clients, per), loop.key)
+        except ProgramTooLarge as exc:
+            distributed = any(_distributed(loop.tracks[i]) for i in g.members)
+            raise FedscopeError(f"--chunk-size {g.chunk}: {exc}; "
+                                f"{_chunk_that_fits(g.chunk, exc, g.settings[1] > 0, distributed)}") from None
 
 
-def _chunk_that_fits(chunk: int, exc: ProgramTooLarge, devices: int) -> str:
-    """The advice for a chunk whose program does not fit: the largest smaller candidate within the measured
-    share (memory grows with the chunk; part of it does not, so the scaled size errs small)."""
+def _chunk_that_fits(chunk: int, exc: ProgramTooLarge, secure: bool = False, distributed: bool = False) -> str:
+    """The advice for a per-device chunk whose program does not fit: the largest smaller candidate within the
+    measured share (memory grows with the chunk; part of it does not, so the scaled size errs small); a
+    secure-aggregation group needs chunks of >= 2, distributed noise one chunk of every silo."""
+    smaller = "lower train.batch_size, model.dim or model.max_len"
+    if distributed:
+        return f"distributed noise needs every silo in one chunk: {smaller}, or train fewer silos"
     scaled = chunk * exc.available / exc.needed
-    fits = [c for c in candidate_chunks(chunk, devices) if c < chunk and c <= scaled]
+    fits = [c for c in candidate_chunks(chunk) if c < chunk and c <= scaled and (c >= 2 or not secure)]
     if not fits:
-        return ("one client a chunk may not fit either: lower train.batch_size, model.dim or model.max_len")
+        return f"a smaller chunk may not fit either: {smaller}"
     return f"use --chunk-size {fits[-1]} (or 0: the fastest chunk that fits is chosen)"
 
 
