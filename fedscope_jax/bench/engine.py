@@ -28,6 +28,7 @@ from fedscope_jax.data.partition import partition, powerlaw_sizes
 from fedscope_jax.engine import reference_model as rm
 from fedscope_jax.engine.client import ClientConfig, SparseTable
 from fedscope_jax.engine.cohort import ClientShard, build_cohorts, localize_batch, plan_buckets
+from fedscope_jax.engine.memory import program_bytes
 from fedscope_jax.engine.round import EngineConfig, SequentialRunner, make_round_fn
 from fedscope_jax.engine.server import init_server_state, server_optimizer
 from fedscope_jax.engine.tune import (autotune_chunk_size, block, candidate_chunks, matmul_peak_flops, step_flops,
@@ -142,9 +143,7 @@ def _memory(compiled) -> tuple[int, str]:
     stats = jax.devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device memory_stats peak_bytes_in_use"
-    mem = compiled.memory_analysis()
-    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    return int(total), "XLA memory_analysis (arguments + outputs + temporaries)"
+    return int(program_bytes(compiled)), "XLA memory_analysis (arguments + outputs + temporaries)"
 
 
 def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float, ds: CanonicalDataset | None = None,
