@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from fedscope_jax.cli.flags import add_federated_arguments, apply_flags
+from fedscope_jax.errors import FedscopeError
 
 
 def add_parser(subparsers: Any) -> None:
@@ -29,6 +30,15 @@ def add_parser(subparsers: Any) -> None:
                    "without it the model is ID-only (the 'w/o LLM' ablation)")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     add_federated_arguments(p)
+    h = p.add_argument_group("several hosts (--mode federated; docs/engine.md, \"Devices and multi-host\")")
+    h.add_argument("--multi-host", action="store_true",
+                   help="join the other processes of this run (jax.distributed) and lay the clients over the "
+                        "devices of all of them; without the three options below, the cluster's environment "
+                        "(SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) supplies them")
+    h.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (implies --multi-host)")
+    h.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (implies --multi-host)")
+    h.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (implies --multi-host); "
+                   "process 0 writes RUN, process I > 0 the same files to RUN.processI")
     p.set_defaults(func=run)
 
 
@@ -41,10 +51,29 @@ def print_table(rows: list[tuple[str, str, dict[str, dict[str, float]]]]) -> Non
             print(f"{method:<11} {proto:<8} {dom:<12} " + " ".join(f"{m[k]:8.4f}" for k in keys))
 
 
+def join_hosts(args: argparse.Namespace) -> None:
+    """--multi-host: joins the run's processes before any JAX computation; a process other than 0 writes its
+    own copy of the run to RUN.processI (the same numbers: every process runs the same rounds), all of them
+    their checkpoints together to RUN/checkpoints (`engine.hosts`)."""
+    multi = args.multi_host or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
+    if not multi:
+        return
+    if args.mode != "federated":
+        raise FedscopeError(f"--multi-host: only --mode federated runs on several hosts, not --mode {args.mode}")
+    if not args.chunk_size:
+        raise FedscopeError("--multi-host needs --chunk-size: timing the candidates on each process could choose "
+                            "different chunks, and every process must run the same program")
+    from fedscope_jax.engine import hosts
+
+    hosts.initialize(args.coordinator, args.num_processes, args.process_id)
+    args.out = str(hosts.run_dir(args.out))
+
+
 def run(args: argparse.Namespace) -> int:
     from fedscope_jax.data.canonical import load_dataset
     from fedscope_jax.train.config import load_config
 
+    join_hosts(args)
     cfg = apply_flags(load_config(args.config, args.overrides), args)
     ds = load_dataset(args.data)
     semantic, coverage = None, None

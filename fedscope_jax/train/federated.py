@@ -25,6 +25,7 @@ from flax import serialization
 from fedscope_jax.data.batching import (POISSON_TAG, make_batches, poisson_batches, poisson_cap, train_sequences,
                                         user_steps)
 from fedscope_jax.data.partition import partition
+from fedscope_jax.engine import hosts
 from fedscope_jax.engine.client import ClientConfig
 from fedscope_jax.engine.cohort import ClientShard
 from fedscope_jax.errors import FedscopeError, ResumeMismatch
@@ -64,7 +65,7 @@ def check_resume_config(path: Path, resolved: dict[str, Any]) -> None:
 def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
     """Creates `out` (or, with `resume`, checks it holds checkpoints); an existing output needs `force`."""
     if resume:
-        if not (out / "checkpoints").is_dir():
+        if not (hosts.primary_dir(out) / "checkpoints").is_dir():
             raise FedscopeError(f"{out}: no checkpoints/ to resume from")
         return
     if out.exists() and any(out.iterdir()):
@@ -223,7 +224,7 @@ def finish_run(ctx: SeedContext, cfg: Any, out: Path, state: Any, records: list[
     mc, ec, fcfg, ds, semantic = cfg.model, cfg.eval, cfg.federated, ctx.ds, ctx.semantic
     facts = dict(facts)
     privacy_facts = facts.pop("privacy", {"mode": "off"})
-    params = jax.device_get(state.params)
+    params = hosts.fetch(state.params)
     sets = {"valid": ctx.valid_set, "test": eval_set(ds, "test", mc.max_len, ec)}
     trained = [r for r in records if r.get("clients", 0) > 0]
     summary = {
@@ -255,6 +256,7 @@ def train_federated(ds: Any, cfg: Any, out: str | Path, semantic: Any = None, ex
     ctx = seed_context(ds, cfg, semantic, client_config(cfg, semantic, programs, n_domains=len(ds.domains)))
     session = ctx.session(cfg.privacy)   # settings that cannot work fail here, before anything is written
     prepare_run_dir(out, resume, force)
+    hosts.barrier("run directories prepared")   # several hosts: none reads RUN/checkpoints while it is replaced
     resolved = {**to_dict(cfg), **extra}
     if resume:
         check_resume_config(out / "config.json", resolved)

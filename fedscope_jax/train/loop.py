@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from fedscope_jax.engine import hosts
 from fedscope_jax.engine.checkpoint import Checkpointer
 from fedscope_jax.engine.cohort import ClientShard, PaddingStats
 from fedscope_jax.engine.memory import ProgramTooLarge
@@ -206,7 +207,7 @@ def restore(tracks: Sequence[Track], params: Any, server_opt: Any, resume: bool
     metrics.jsonl truncated to the rounds the checkpoint covers and the privacy ledger restored with it.
     Returns (states, records, checkpointers, start round)."""
     init = init_server_state(params, server_opt)
-    ckpts = [Checkpointer(t.run_dir / "checkpoints") for t in tracks]
+    ckpts = [Checkpointer(hosts.primary_dir(t.run_dir) / "checkpoints") for t in tracks]   # shared by hosts
     records: list[list[dict[str, Any]]] = [[] for _ in tracks]
     states = []
     for i, (t, ckpt) in enumerate(zip(tracks, ckpts)):
@@ -342,7 +343,7 @@ def run_round(loop: LoopState, r: int) -> RoundStep:
             g.state = g.state._replace(round=g.state.round + 1)
             continue
         g.state, out = g.fn(g.state, g.inputs(cohorts, pop.n_clients, per), loop.key)
-        out = jax.device_get(out)
+        out = hosts.fetch(out)
         for slot, i in enumerate(g.members):
             metrics[i] = unstack(out, slot) if g.sweep else out
     block([g.state for g in loop.groups])
