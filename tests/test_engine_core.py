@@ -14,7 +14,7 @@ from scipy import stats
 
 from fedscope_jax.engine import reference_model as rm
 from fedscope_jax.engine.aggregate import accumulate_chunk, finalize, zeros_accumulator
-from fedscope_jax.engine.client import ClientConfig, SparseTable
+from fedscope_jax.engine.client import ClientConfig
 from fedscope_jax.engine.cohort import (BucketPlan, ClientShard, best_boundaries, bucket_capacities, build_cohorts,
                                         localize_batch, nice_ceil, plan_buckets)
 from fedscope_jax.engine.round import EngineConfig, SequentialRunner, make_round_fn
@@ -24,8 +24,7 @@ from fedscope_jax.errors import FedscopeError
 
 CFG = rm.ReferenceConfig(n_items_a=40, n_items_b=30, dim=8, max_len=6)
 ROWS = {"a": CFG.n_items_a + 1, "b": CFG.n_items_b + 1}
-FIELDS = {"a": ["seq_a", "pos_a", "neg_a"], "b": ["seq_b", "pos_b", "neg_b"]}
-TABLES = (SparseTable(("item_emb_a",), "a"), SparseTable(("item_emb_b",), "b"))
+FIELDS, TABLES = rm.FIELDS, rm.TABLES
 SIZES = (3, 9, 5, 20, 2, 7)
 
 

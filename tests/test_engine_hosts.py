@@ -27,8 +27,8 @@ SCRIPT = textwrap.dedent("""
     import numpy as np, optax
     from fedscope_jax.engine import reference_model as rm
     from fedscope_jax.engine.checkpoint import Checkpointer
-    from fedscope_jax.engine.client import ClientConfig, SparseTable
-    from fedscope_jax.engine.cohort import ClientShard, build_cohorts, localize_batch, plan_buckets
+    from fedscope_jax.engine.client import ClientConfig
+    from fedscope_jax.engine.cohort import build_cohorts, plan_buckets
     from fedscope_jax.engine.round import EngineConfig, client_mesh, make_round_fn, shard_cohorts
     from fedscope_jax.engine.server import init_server_state, server_optimizer
     me = hosts.process_index()
@@ -40,12 +40,9 @@ SCRIPT = textwrap.dedent("""
     assert hosts.primary_dir(mine) == Path("/x/run")
     cfg = rm.ReferenceConfig(n_items_a=30, n_items_b=20, dim=8, max_len=5)
     rng = np.random.default_rng(0)   # the same clients on both processes, as the loop builds them from (seed, round)
-    fields = {"a": ["seq_a", "pos_a", "neg_a"], "b": ["seq_b", "pos_b", "neg_b"]}
-    shards = [ClientShard(*localize_batch(rm.synthetic_user_batches(rng, n, cfg, 4, 2), fields))
-              for n in (3, 9, 5, 12, 2, 7, 4)]
+    shards = [rm.synthetic_client(rng, n, cfg, 4, 2) for n in (3, 9, 5, 12, 2, 7, 4)]
     plan = plan_buckets(shards, max_buckets=2)
-    tables = (SparseTable(("item_emb_a",), "a"), SparseTable(("item_emb_b",), "b"))
-    ccfg = ClientConfig(functools.partial(rm.loss_fn, config=cfg), optax.sgd(0.5), 1, tables)
+    ccfg = ClientConfig(functools.partial(rm.loss_fn, config=cfg), optax.sgd(0.5), 1, rm.TABLES)
     opt = server_optimizer("fedadam", 0.05)
     n = len(shards)
     kw = dict(clip=np.full(n, 0.5, np.float32), noise_multiplier=np.full(n, 0.2, np.float32))

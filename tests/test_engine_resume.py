@@ -23,22 +23,20 @@ def _setup(slow: bool = False):
     import optax
 
     from fedscope_jax.engine import reference_model as rm
-    from fedscope_jax.engine.client import ClientConfig, SparseTable
-    from fedscope_jax.engine.cohort import ClientShard, localize_batch
+    from fedscope_jax.engine.client import ClientConfig
+    from fedscope_jax.engine.cohort import ClientShard
     from fedscope_jax.train.federated_config import FederatedConfig
 
     cfg = rm.ReferenceConfig(n_items_a=30, n_items_b=20, dim=8, max_len=5)
-    fields = {"a": ["seq_a", "pos_a", "neg_a"], "b": ["seq_b", "pos_b", "neg_b"]}
     sizes = (3, 9, 5, 12, 2, 7, 4, 6)
 
     def source(r: int, c: int) -> ClientShard:
         if slow and r >= SLOW_FROM:
             time.sleep(0.3)
         rng = np.random.default_rng([11, r, c])  # fresh local batches every round, seeded by (round, client)
-        return ClientShard(*localize_batch(rm.synthetic_user_batches(rng, sizes[c], cfg, 4, 2), fields))
+        return rm.synthetic_client(rng, sizes[c], cfg, 4, 2)
 
-    ccfg = ClientConfig(functools.partial(rm.loss_fn, config=cfg), optax.adam(1e-2), 1,
-                        (SparseTable(("item_emb_a",), "a"), SparseTable(("item_emb_b",), "b")))
+    ccfg = ClientConfig(functools.partial(rm.loss_fn, config=cfg), optax.adam(1e-2), 1, rm.TABLES)
     fcfg = FederatedConfig(clients=len(sizes), sampling="fraction", fraction=0.5, rounds=ROUNDS, chunk_size=2,
                            server_opt="fedadam", server_lr=0.05, clip=0.5, noise_multiplier=0.3,
                            noise_mode="per_client", max_buckets=1, seed=4)

@@ -26,7 +26,7 @@ from fedscope_jax.data.batching import TrainSequences, make_batches, pad_steps, 
 from fedscope_jax.data.canonical import DATASET_FILE, TRAIN, CanonicalDataset, load_dataset
 from fedscope_jax.data.partition import partition, powerlaw_sizes
 from fedscope_jax.engine import reference_model as rm
-from fedscope_jax.engine.client import ClientConfig, SparseTable
+from fedscope_jax.engine.client import ClientConfig
 from fedscope_jax.engine.cohort import ClientShard, build_cohorts, localize_batch, plan_buckets
 from fedscope_jax.engine.memory import program_bytes
 from fedscope_jax.engine.round import EngineConfig, SequentialRunner, make_round_fn
@@ -39,8 +39,7 @@ from fedscope_jax.utils.progress import progress
 __all__ = ["BenchmarkConfig", "describe_data", "format_table", "load_benchmark_data", "real_clients",
            "real_user_batches", "run_benchmark", "synthetic_clients", "time_engines"]
 
-FIELDS = {"a": ["seq_a", "pos_a", "neg_a"], "b": ["seq_b", "pos_b", "neg_b"]}
-TABLES = (SparseTable(("item_emb_a",), "a"), SparseTable(("item_emb_b",), "b"))
+FIELDS, TABLES = rm.FIELDS, rm.TABLES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +72,7 @@ def synthetic_clients(cfg: BenchmarkConfig, n_clients: int, model: rm.ReferenceC
     """Power-law sized clients with synthetic two-domain users, localized to their vocabularies."""
     rng = np.random.default_rng([cfg.seed, n_clients])
     sizes = powerlaw_sizes(cfg.users, n_clients, cfg.size_alpha, min_users=1)
-    return [ClientShard(*localize_batch(rm.synthetic_user_batches(rng, int(n), model, cfg.batch_size,
-                                                                  cfg.negatives), FIELDS)) for n in sizes]
+    return [rm.synthetic_client(rng, int(n), model, cfg.batch_size, cfg.negatives) for n in sizes]
 
 
 def load_benchmark_data(path: str) -> CanonicalDataset:

@@ -24,8 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedscope_jax.engine.client import SparseTable
+from fedscope_jax.engine.cohort import ClientShard, localize_batch
+
 Params = dict[str, Any]
 
+
+# Each domain's item-id fields (`cohort.localize_batch`) and item tables (local vocabularies) of this model.
+FIELDS = {"a": ["seq_a", "pos_a", "neg_a"], "b": ["seq_b", "pos_b", "neg_b"]}
+TABLES = (SparseTable(("item_emb_a",), "a"), SparseTable(("item_emb_b",), "b"))
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceConfig:
@@ -147,3 +154,9 @@ def synthetic_user_batches(rng: np.random.Generator, n_users: int, config: Refer
     mask[:n_users] = 1.0
     out["user_mask"] = mask.reshape(steps, batch_size)
     return out
+
+
+def synthetic_client(rng: np.random.Generator, n_users: int, config: ReferenceConfig, batch_size: int,
+                     n_neg: int) -> ClientShard:
+    """One synthetic client (`synthetic_user_batches`) localized to its own item vocabularies (`TABLES`)."""
+    return ClientShard(*localize_batch(synthetic_user_batches(rng, n_users, config, batch_size, n_neg), FIELDS))
