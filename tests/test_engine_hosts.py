@@ -7,15 +7,18 @@ process on one device, without a mesh."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+from conftest import SETTINGS
 from fedscope_jax.cli import main
 
 SCRIPT = textwrap.dedent("""
@@ -87,21 +90,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path: Path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _run_two(argv_of, tmp_path: Path, timeout: float = 600) -> list[str]:
+    """Starts processes 0 and 1 (`argv_of(i)`), output to files; the first to fail stops the other (which would
+    otherwise wait for it in a collective). Returns their stdouts."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", FEDSCOPE_NO_PROGRESS="1")
     env.pop("XLA_FLAGS", None)
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), port, str(tmp_path)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    logs = [(tmp_path / f"out{i}.txt", tmp_path / f"err{i}.txt") for i in range(2)]
+    procs = [subprocess.Popen(argv_of(i), env=env, cwd=tmp_path, stdout=open(o, "w"), stderr=open(e, "w"))
+             for i, (o, e) in enumerate(logs)]
+    t0 = time.monotonic()
     try:
-        outs = [p.communicate(timeout=600) for p in procs]
+        while any(p.poll() is None for p in procs):
+            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+            assert not failed, f"process {failed[0]}: {logs[failed[0]][1].read_text()[-3000:]}"
+            assert time.monotonic() - t0 < timeout, "the two processes did not finish in time"
+            time.sleep(0.5)
     finally:
         for p in procs:
             p.kill()
-    for i, (p, (stdout, stderr)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i}: {stderr[-3000:]}"
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i}: {logs[i][1].read_text()[-3000:]}"
+    return [o.read_text() for o, _ in logs]
+
+
+def test_two_processes_equal_one(tmp_path: Path):
+    port = str(_free_port())
+    outs = _run_two(lambda i: [sys.executable, "-c", SCRIPT, str(i), port, str(tmp_path)], tmp_path)
+    for i, stdout in enumerate(outs):
         assert f"HOSTS_OK {i}" in stdout
     assert (tmp_path / "ckpt" / "2").is_dir()
+
+
+def test_train_multi_host_cli(tiny_dataset: Path, tmp_path: Path):
+    """`fedscope train --multi-host` as two processes: process 1 writes RUN.process1 with the same rounds and
+    test metrics as process 0's RUN; the checkpoint is one, in RUN/checkpoints; a second start without
+    --force is refused on both processes (each with its own or the other's message), none hangs."""
+    port = str(_free_port())
+    run = tmp_path / "run"
+    argv = lambda i: [sys.executable, "-m", "fedscope_jax", "train", "--mode", "federated",  # noqa: E731
+                      "--data", str(tiny_dataset), "--out", f"{run}/", "--clients", "4", "--rounds", "2",
+                      "--chunk-size", "1", "--privacy", "off", "--multi-host", "--coordinator", f"localhost:{port}",
+                      "--num-processes", "2", "--process-id", str(i)] + [a for s in SETTINGS for a in ("--set", s)]
+    _run_two(argv, tmp_path)
+    other = tmp_path / "run.process1"
+    assert max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == 2
+    assert not (other / "checkpoints").exists()
+    records = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (run, other)]
+    assert [r["round"] for r in records[0]] == [1, 2]
+    assert [(r["loss"], r["clients"]) for r in records[0]] == [(r["loss"], r["clients"]) for r in records[1]]
+    tests = [json.loads((d / "summary.json").read_text())["test"] for d in (run, other)]
+    assert tests[0] == tests[1]
+    assert json.loads((run / "summary.json").read_text())["federated"]["devices"] == 4
+    port = str(_free_port())
+    with pytest.raises(AssertionError, match="output exists|failed a check"):
+        _run_two(argv, tmp_path, timeout=300)
 
 
 def test_multi_host_needs_a_fixed_chunk(tiny_dataset: Path, tmp_path: Path, capsys):

@@ -51,7 +51,7 @@ def print_table(rows: list[tuple[str, str, dict[str, dict[str, float]]]]) -> Non
             print(f"{method:<11} {proto:<8} {dom:<12} " + " ".join(f"{m[k]:8.4f}" for k in keys))
 
 
-def join_hosts(args: argparse.Namespace) -> None:
+def join_hosts(args: argparse.Namespace, cfg: Any) -> None:
     """--multi-host: joins the run's processes before any JAX computation; a process other than 0 writes its
     own copy of the run to RUN.processI (the same numbers: every process runs the same rounds), all of them
     their checkpoints together to RUN/checkpoints (`engine.hosts`)."""
@@ -60,7 +60,7 @@ def join_hosts(args: argparse.Namespace) -> None:
         return
     if args.mode != "federated":
         raise FedscopeError(f"--multi-host: only --mode federated runs on several hosts, not --mode {args.mode}")
-    if not args.chunk_size:
+    if not cfg.federated.chunk_size:
         raise FedscopeError("--multi-host needs --chunk-size: timing the candidates on each process could choose "
                             "different chunks, and every process must run the same program")
     from fedscope_jax.engine import hosts
@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from fedscope_jax.data.canonical import load_dataset
     from fedscope_jax.train.config import load_config
 
-    join_hosts(args)
-    cfg = apply_flags(load_config(args.config, args.overrides), args)
+    cfg = apply_flags(load_config(args.config, args.overrides), args)   # no JAX computation yet
+    join_hosts(args, cfg)
     ds = load_dataset(args.data)
     semantic, coverage = None, None
     if args.attributes:

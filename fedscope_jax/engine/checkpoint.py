@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -36,16 +37,16 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def restore(self, like: ServerState) -> ServerState:
-        """The latest state, restored into the structure of `like` (as host arrays)."""
+        """The latest state, restored into the structure of `like` (uncommitted arrays)."""
         step = self._manager.latest_step()
         if step is None:
             raise FedscopeError(f"{self.directory}: no checkpoint to resume from")
         abstract: Any = {"params": like.params, "opt_state": like.opt_state, "round": like.round}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
         tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        # host arrays, uncommitted like a fresh state: the round program lays them on its own devices (a mesh of
-        # several devices or hosts) instead of the one device orbax restored them to
-        tree = jax.tree.map(np.asarray, tree)
+        # uncommitted arrays like a fresh state's: the round program lays them on its own devices (a mesh of
+        # several devices or hosts) instead of the one device orbax restored them to, and compiles once
+        tree = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), tree)
         return ServerState(tree["params"], tree["opt_state"], tree["round"])
 
     def close(self) -> None:

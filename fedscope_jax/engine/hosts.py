@@ -19,14 +19,21 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-__all__ = ["barrier", "fetch", "initialize", "is_primary", "primary_dir", "process_index", "run_dir"]
+from fedscope_jax.errors import FedscopeError
+
+__all__ = ["all_ok", "fetch", "initialize", "is_primary", "primary_dir", "process_index", "run_dir"]
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     """Joins the processes of one run (`jax.distributed.initialize`); arguments left as None are read from
     the cluster's environment (SLURM, Open MPI; JAX_COORDINATOR_ADDRESS). Call before any JAX computation."""
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise FedscopeError(f"--multi-host: cannot join the run's processes (--coordinator {coordinator}, "
+                            f"--num-processes {num_processes}, --process-id {process_id}; unset ones come from "
+                            f"SLURM, Open MPI or JAX_COORDINATOR_ADDRESS): {exc}") from None
 
 
 def process_index() -> int:
@@ -52,8 +59,9 @@ def fetch(tree: Any) -> Any:
 
 
 def run_dir(out: str | Path) -> Path:
-    """This process's run directory: `out` for process 0, `out.processI` for process I > 0."""
-    return Path(out) if is_primary() else Path(f"{out}.process{process_index()}")
+    """This process's run directory: `out` for process 0, `out.processI` (a sibling) for process I > 0."""
+    out = Path(out)
+    return out if is_primary() else out.with_name(f"{out.name}.process{process_index()}")
 
 
 def primary_dir(path: str | Path) -> Path:
@@ -63,7 +71,14 @@ def primary_dir(path: str | Path) -> Path:
     return path.with_name(path.name[:-len(suffix)]) if not is_primary() and path.name.endswith(suffix) else path
 
 
-def barrier(name: str) -> None:
-    """Waits until every process of the run reaches the barrier `name` (nothing to wait for with one)."""
+def all_ok(error: Exception | None) -> None:
+    """Raises on every process when a check failed on any of them (`error`: this process's failure, re-raised
+    here, or None), so that no process waits forever in a collective the failed one never reaches."""
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        failed = multihost_utils.process_allgather(np.int32(error is not None))
+    if error is not None:
+        raise error
+    if jax.process_count() > 1 and np.any(failed):
+        bad = [int(i) for i in np.flatnonzero(failed)]
+        raise FedscopeError(f"process(es) {bad} of the run failed a check (their own error says which); "
+                            "this process stops with them")

@@ -50,8 +50,9 @@ def program_bytes(compiled: Any) -> int | None:
 
 
 def available_bytes(device: Any = None) -> int | None:
-    """Memory a program may use on `device` (default: the first), HEADROOM of what is free; None if unknown."""
-    device = device or jax.devices()[0]
+    """Memory a program may use on `device` (default: this process's first), HEADROOM of what is free; None if
+    unknown."""
+    device = device or jax.local_devices()[0]
     stats = None
     try:
         stats = device.memory_stats()

@@ -255,12 +255,16 @@ def train_federated(ds: Any, cfg: Any, out: str | Path, semantic: Any = None, ex
     t_start = time.time()
     ctx = seed_context(ds, cfg, semantic, client_config(cfg, semantic, programs, n_domains=len(ds.domains)))
     session = ctx.session(cfg.privacy)   # settings that cannot work fail here, before anything is written
-    prepare_run_dir(out, resume, force)
-    hosts.barrier("run directories prepared")   # several hosts: none reads RUN/checkpoints while it is replaced
     resolved = {**to_dict(cfg), **extra}
-    if resume:
-        check_resume_config(out / "config.json", resolved)
-    else:
+    error: FedscopeError | None = None
+    try:   # several hosts: a check that fails on one process stops all of them (`hosts.all_ok`)
+        prepare_run_dir(out, resume, force)
+        if resume:
+            check_resume_config(out / "config.json", resolved)
+    except FedscopeError as exc:
+        error = exc
+    hosts.all_ok(error)   # and none reads RUN/checkpoints while process 0 replaces it
+    if not resume:
         write_json(resolved, out / "config.json")
     states, records, facts = run_tracks([Track(out, session, ctx.eval_fn)], ctx.source, ctx.n_clients, ctx.params,
                                         ctx.client_cfg, cfg.federated, resume=resume, programs=programs)
