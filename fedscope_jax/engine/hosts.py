@@ -57,7 +57,6 @@ def fetch(tree: Any) -> Any:
     return jax.tree.map(_fetch, tree)
 
 
-
 def run_dir(out: str | Path) -> Path:
     """This process's run directory: `out` for process 0, `out.processI` (a sibling) for process I > 0."""
     out = Path(out)
