@@ -30,6 +30,9 @@ def test_federated_run_directory(tiny_dataset: Path, tmp_path: Path, capsys):
     assert set(summary["test"]) == {"A", "B"} and 0 <= summary["test"]["A"]["NDCG@10"] <= 1
     assert {"cold_start", "long_tail", "baselines"} <= set(summary)   # the shared final evaluation
     assert (run / "checkpoints").is_dir() and (run / "params.msgpack").is_file()
+    tr = summary["training"]   # personalized DP by default: the final round is tested
+    assert (tr["selection"], tr["best_round"], tr["rounds_run"], tr["stopped_early"]) == ("final", None, 2, False)
+    assert "(2 of 2 rounds, tested the final round" in capsys.readouterr().out
     # without --resume the existing run is refused
     assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "3",
                  "--rounds", "2", *TINY]) == 2

@@ -47,6 +47,9 @@ def test_cli_personalized_run_writes_a_recomputable_ledger(tmp_path: Path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["privacy"]["mode"] == "personalized" and summary["privacy"]["clients_over_target"] == 0
     assert summary["privacy"]["eps_spent_max"] == pytest.approx(eps.max())
+    # a private run tests its final round (no selection on the clients' held-out data)
+    tr = summary["training"]
+    assert (tr["selection"], tr["rounds_run"], tr["best_round"], tr["stopped_early"]) == ("final", 3, None, False)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["privacy/participants"] for x in lines] == [4, 4, 4]
     assert lines[-1]["privacy/eps_spent_max"] == pytest.approx(eps.max(), rel=1e-9)

@@ -21,12 +21,12 @@ def _metrics(ndcg: float) -> dict[str, float]:
 
 def _run(root: Path, rel: str, cell: dict | None, ndcgs: tuple[float, float], seed: int, mode: str = "federated",
          privacy: tuple[str, float] = ("off", 8.0), eps_spent: float | None = None,
-         cold: bool = False, unit: str | None = None) -> Path:
+         cold: bool = False, unit: str | None = None, training: dict | None = None) -> Path:
     d = root / rel
     d.mkdir(parents=True)
     summary = {"test": {"food": _metrics(ndcgs[0]), "kitchen": _metrics(ndcgs[1])},
                "test_full": {"food": _metrics(ndcgs[0] / 10), "kitchen": _metrics(ndcgs[1] / 10)},
-               "training": {"mode": mode, "device": "cpu"}, "dataset": {"name": "toy"},
+               "training": {"mode": mode, "device": "cpu", **(training or {})}, "dataset": {"name": "toy"},
                "privacy": {"eps_spent_median": eps_spent} if eps_spent is not None else {"mode": "off"},
                "baselines": {"popularity": {"food": _metrics(0.05), "kitchen": _metrics(0.07)},
                              "popularity_full": {"food": _metrics(0.005), "kitchen": _metrics(0.007)}},
@@ -64,15 +64,17 @@ def test_report_of_a_reproduce_output(tmp_path):
     values = {0: (0.10, 0.20), 1: (0.14, 0.30), 2: (0.12, 0.10)}
     cells = []
     for s, v in values.items():
+        chosen = {"selection": "best_valid", "best_round": 10 * (s + 1), "rounds_run": 10 * (s + 3)}
         cells.append(str(_run(root, f"runs/toy/fedscope/off-seed{s}", _cell("fedscope", "off"), v, s,
-                              cold=True).relative_to(root)))
+                              cold=True, training=chosen).relative_to(root)))
         cells.append(str(_run(root, f"runs/toy/centralized/off-seed{s}", _cell("centralized", "n/a", "centralized"),
-                              (0.3, 0.4), s, mode="centralized").relative_to(root)))
+                              (0.3, 0.4), s, mode="centralized", training={"best_epoch": 7}).relative_to(root)))
     sweep = root / "runs/toy/fedscope/sweep-seed0"
     for mode in ("personalized", "uniform"):
         for eps in (1.0, 8.0):
             _run(sweep, f"{mode}-eps{eps:g}-seed0", _cell("fedscope", f"{mode}-eps{eps:g}", eps=eps, pmode=mode),
-                 (eps / 100, eps / 50), 0, privacy=(mode, eps), eps_spent=eps * 0.9)
+                 (eps / 100, eps / 50), 0, privacy=(mode, eps), eps_spent=eps * 0.9,
+                 training={"selection": "final", "best_round": None, "rounds_run": 50})
     _run(sweep, "personalized-epsinf-seed0", _cell("fedscope", "off", pmode="off"), (0.2, 0.2), 0)
     copy = _run(sweep, "uniform-epsinf-seed0", _cell("fedscope", "off", pmode="off"), (0.2, 0.2), 0)
     cfg = json.loads((copy / "config.json").read_text())
@@ -104,6 +106,7 @@ def test_report_of_a_reproduce_output(tmp_path):
     assert float(food["HR@10 mean"]) == pytest.approx(2 * v.mean())
     assert float(food["NDCG@10 (full) mean"]) == pytest.approx(v.mean() / 10)
     assert food["seeds"] == "3" and food["dp"] == "off" and food["attributes"] == "none"
+    assert (food["selection"], food["tested round/epoch"]) == ("best valid", "10/20/30")
     kit = rows[("FEDSCOPE", "kitchen")]
     assert float(kit["NDCG@10 std"]) == pytest.approx(np.std([0.2, 0.3, 0.1], ddof=1))
     pop = rows[("Popularity (reference)", "kitchen")]    # one reference row per domain, from the baselines
@@ -111,11 +114,15 @@ def test_report_of_a_reproduce_output(tmp_path):
     assert pop["seeds"] == "-" and sum(r["method"] == "Popularity (reference)" for r in rows.values()) == 2
     cen = rows[("CENTRALIZED", "food")]
     assert cen["dp"] == "n/a" and float(cen["NDCG@10 std"]) == 0.0
+    assert (cen["selection"], cen["tested round/epoch"]) == ("best valid", "7/7/7")
     pu = _csv(out / "privacy_utility.csv")
     assert len(pu) == 2 * 7       # 5 client-unit groups (inf once: the copy is not counted) + 2 user ones, x 2 domains
     p1 = next(r for r in pu if r["dp"] == "personalized-eps1" and r["domain"] == "food")
     assert float(p1["NDCG@10 mean"]) == pytest.approx(0.01) and p1["NDCG@10 std"] == "nan"
     assert float(p1["eps_spent (median) mean"]) == pytest.approx(0.9) and p1["unit"] == "client"
+    assert (p1["selection"], p1["tested round/epoch"]) == ("final", "-")
+    # a federated summary from before runs selected tested its final round
+    assert next(r for r in pu if r["dp"] == "off" and r["domain"] == "food")["selection"] == "final"
     u1 = next(r for r in pu if r["dp"] == "personalized-user-eps1" and r["domain"] == "kitchen")
     assert float(u1["NDCG@10 mean"]) == pytest.approx(0.06) and u1["unit"] == "user"
     off = {r["dp"]: r for r in pu if r["domain"] == "food" and r["dp"].startswith("off")}
@@ -129,6 +136,7 @@ def test_report_of_a_reproduce_output(tmp_path):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "unit: what one DP record is, 'user'" in report
+    assert "'final' (the last round: every private run" in report
     assert "profile: **quick**" in report and "cpu" in report and "FedSCOPE ran ID-only" in report
     assert "`toy-u30-i10-s0`: 28 users, 10 + 10 items, 300 interactions (30 users drawn; item core of 10" in report
     assert "against 99 sampled negatives" in report and "HR@10 = 0.100 and NDCG@10 ~ 0.0454" in report

@@ -234,6 +234,10 @@ def test_cli_sweep_equals_single_runs(tmp_path: Path):
             assert np.max(np.abs(x - y)) < tol, (p.name, where, float(np.max(np.abs(x - y))))
         if p.privacy_mode != "off":
             assert ours["privacy"]["eps_spent_max"] == pytest.approx(single["privacy"]["eps_spent_max"], rel=1e-9)
+        # without DP the best validated round is tested (the only validation: round 2), with DP the final one
+        selection = ("final", None) if p.privacy_mode != "off" else ("best_valid", 2)
+        for summary in (ours, single):
+            assert (summary["training"]["selection"], summary["training"]["best_round"]) == selection
 
 
 # The attention key bias has a gradient that is zero in exact arithmetic (it adds the same q.b to every logit

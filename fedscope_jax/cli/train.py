@@ -116,8 +116,12 @@ def run_federated(args: argparse.Namespace, cfg: Any, ds: Any, semantic: Any, ex
               f"{privacy_facts['eps_spent_median']:.3g} / max {privacy_facts['eps_spent_max']:.3g} "
               f"(nominal {pcfg.epsilon:g}, delta {pcfg.delta:g}); "
               f"{len(privacy_facts['stopped_clients'])} clients stopped by their budget")
-    print(f"run written to {args.out} ({cfg.federated.rounds} rounds, chunk {summary['federated']['chunk_size']}, "
-          "test " + ", ".join(f"{d} NDCG@10 {m.get('NDCG@10', float('nan')):.4f}"
+    tr = summary["training"]
+    tested = (f"tested round {tr['best_round']} (best validation"
+              + (", stopped early" if tr["stopped_early"] else "") + ")"
+              if tr["selection"] == "best_valid" else "tested the final round")
+    print(f"run written to {args.out} ({tr['rounds_run']} of {cfg.federated.rounds} rounds, {tested}, "
+          f"chunk {summary['federated']['chunk_size']}, test " + ", ".join(f"{d} NDCG@10 {m.get('NDCG@10', float('nan')):.4f}"
                               for d, m in summary["test"].items()) + ")")
     return 0
 

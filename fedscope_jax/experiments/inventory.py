@@ -7,7 +7,8 @@ seconds for the full profile). Priced with per-unit seconds measured on a device
 `fedscope benchmark --sweep` JSON made there; `hours`), they size a profile for that device. Federated slot
 counts depend on the client chunk (each bucket's slots are padded up to a multiple of it) and assume every
 sampled client trains (a client out of its privacy budget trains no steps but keeps its slot). Epoch-mode
-counts are upper bounds: early stopping usually ends those runs before `train.epochs`.
+and non-private federated counts are upper bounds: early stopping (`train.patience`) usually ends those runs
+before `train.epochs` / `federated.rounds`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from fedscope_jax.experiments.tables import (Group, breakdown_rows, find_runs, g
 from fedscope_jax.utils.io import read_json
 
 COLUMNS = ("dataset", "method", "dp", "unit", "variant", "domain", "HR@10", "NDCG@10", "MRR", "NDCG@10 (full)",
-           "eps_spent (median)", "seeds", "attributes")
+           "eps_spent (median)", "selection", "tested round/epoch", "seeds", "attributes")
 
 
 def _study_groups(root: Path, cells: list[str]) -> tuple[list[Group], list[str]]:
@@ -64,7 +64,12 @@ def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None
                   "non-private upper bound). unit: what one DP record is, 'user' (one user's whole history; each silo "
                   "runs DP-SGD over its users and eps protects a user against the server and the other silos) or "
                   "'client' (a silo's whole data; eps protects the silo). eps_spent: the median client's spent "
-                  "epsilon in that unit (dp-accounting). "
+                  "epsilon in that unit (dp-accounting). selection: the model each run tested, 'best valid' "
+                  "(the round or epoch of the best validation `train.select_metric`, training stopped after "
+                  "`train.patience` validations without gain: centralized, local-only and non-private federated "
+                  "runs) or 'final' (the last round: every private run, since choosing a round by the clients' "
+                  "held-out data would be a release outside the budget); 'tested round/epoch': that round or "
+                  "epoch of each seed. "
                   f"A random ranking scores HR@10 = {hr:.3f} and NDCG@10 ~ {ndcg:.4f} under {neg} sampled negatives.",
                   ""]
         lines += _data_lines(plan)

@@ -135,6 +135,27 @@ class Group:
         units = {r.config.get("privacy", {}).get("unit", "client") for r in self.runs}
         return "/".join(sorted(units))
 
+    def selection(self) -> str:
+        """How the tested model was chosen: "best valid" (the best validated round or epoch, early stopping;
+        local-only: each client's own) or "final" (the last round: private runs, and federated runs written
+        before runs selected)."""
+        labels = set()
+        for r in self.runs:
+            tr = r.summary.get("training", {})
+            best = tr.get("selection") == "best_valid" or "best_epoch" in tr or tr.get("mode") == "local"
+            labels.add("best valid" if best else "final")
+        return "/".join(sorted(labels))
+
+    def best_at(self) -> str:
+        """The tested round or epoch of each seed ("30/35/40"; "-" for a final-model selection, "per client" for
+        local-only runs whose clients each chose their own epoch)."""
+        vals = []
+        for r in self.runs:
+            tr = r.summary.get("training", {})
+            at = tr.get("best_round") or tr.get("best_epoch")
+            vals.append(str(at) if at else ("per client" if tr.get("mode") == "local" else "-"))
+        return "/".join(vals)
+
     def eps_spent(self) -> np.ndarray:
         vals = [r.summary.get("privacy", {}).get("eps_spent_median") for r in self.runs]
         return np.array([math.nan if v is None else float(v) for v in vals])
@@ -175,6 +196,8 @@ def metric_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
                 name = metric if proto == "sampled" else f"{metric} (full)"
                 row[name] = mean_std(g.values(domain, metric, proto))
             row["eps_spent (median)"] = mean_std(g.eps_spent())
+            row["selection"] = g.selection()
+            row["tested round/epoch"] = g.best_at()
             rows.append(row)
     return rows
 
@@ -198,6 +221,8 @@ def popularity_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
                 section = base.get("popularity" if proto == "sampled" else "popularity_full", {})
                 row[name] = (float(section.get(domain, {}).get(metric, math.nan)), math.nan)
             row["eps_spent (median)"] = (math.nan, math.nan)
+            row["selection"] = "-"
+            row["tested round/epoch"] = "-"
             rows.append(row)
     return rows
 

@@ -39,6 +39,7 @@ from fedscope_jax.train.final_eval import final_metrics
 from fedscope_jax.train import vocab
 from fedscope_jax.train.loop import ClientSource, Track, run_tracks
 from fedscope_jax.train.programs import PROGRAMS, Programs
+from fedscope_jax.train.selection import Selection, final_facts, selection_for
 from fedscope_jax.utils.io import read_json, write_json
 
 __all__ = ["SeedContext", "check_distributed", "check_privacy_knobs", "check_resume_config", "client_config",
@@ -219,17 +220,23 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
 
 
 def finish_run(ctx: SeedContext, cfg: Any, out: Path, state: Any, records: list[dict[str, Any]],
-               facts: dict[str, Any], t_start: float) -> dict[str, Any]:
-    """Test / valid evaluation of the final params; writes params.msgpack and summary.json; returns the summary."""
+               facts: dict[str, Any], t_start: float, selection: Selection | None = None) -> dict[str, Any]:
+    """Test / valid evaluation of the tested params (`selection`'s best round, else the final ones); writes
+    them to params.msgpack and summary.json; returns the summary."""
     mc, ec, fcfg, ds, semantic = cfg.model, cfg.eval, cfg.federated, ctx.ds, ctx.semantic
     facts = dict(facts)
     privacy_facts = facts.pop("privacy", {"mode": "off"})
-    params = hosts.fetch(state.params)
+    if selection is not None and selection.best_round:
+        params, chosen = selection.best_params, selection.facts()
+    else:
+        params = hosts.fetch(state.params)
+        chosen = final_facts(records[-1]["round"] if records else 0)
     sets = {"valid": ctx.valid_set, "test": eval_set(ds, "test", mc.max_len, ec)}
     trained = [r for r in records if r.get("clients", 0) > 0]
     summary = {
         **final_metrics(params, ds, cfg, semantic, sets=sets),
-        "training": {"mode": "federated", "rounds": fcfg.rounds, "seconds_this_process": time.time() - t_start,
+        "training": {"mode": "federated", "rounds": fcfg.rounds, **chosen,
+                     "seconds_this_process": time.time() - t_start,
                      "device": jax.devices()[0].device_kind, "final_loss": trained[-1]["loss"] if trained else None},
         "federated": {**dataclasses.asdict(fcfg), **facts, "partition": ctx.part.summary(ds),
                       "mean_padding_waste": float(np.mean([r["padding_waste"] for r in trained])) if trained else 0.0,
@@ -266,6 +273,7 @@ def train_federated(ds: Any, cfg: Any, out: str | Path, semantic: Any = None, ex
     hosts.all_ok(error)   # and none reads RUN/checkpoints while process 0 replaces it
     if not resume:
         write_json(resolved, out / "config.json")
-    states, records, facts = run_tracks([Track(out, session, ctx.eval_fn)], ctx.source, ctx.n_clients, ctx.params,
-                                        ctx.client_cfg, cfg.federated, resume=resume, programs=programs)
-    return finish_run(ctx, cfg, out, states[0], records[0], facts[0], t_start)
+    track = Track(out, session, ctx.eval_fn, selection_for(cfg))
+    states, records, facts = run_tracks([track], ctx.source, ctx.n_clients, ctx.params, ctx.client_cfg,
+                                        cfg.federated, resume=resume, programs=programs)
+    return finish_run(ctx, cfg, out, states[0], records[0], facts[0], t_start, track.selection)

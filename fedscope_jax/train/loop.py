@@ -44,6 +44,7 @@ from fedscope_jax.engine.tune import autotune_chunk_size, block, candidate_chunk
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.train.federated_config import FederatedConfig
 from fedscope_jax.train.programs import PROGRAMS, Programs
+from fedscope_jax.train.selection import Selection
 from fedscope_jax.utils.progress import progress
 
 ClientSource = Callable[[int, int], ClientShard]   # (round, client) -> the client's data that round
@@ -63,6 +64,11 @@ class Track:
     run_dir: Path
     privacy: Any = None
     eval_fn: Callable[[Any], dict[str, Any]] | None = None
+    selection: Selection | None = None   # best validated round, early stopping (needs eval_fn); None: final
+
+    @property
+    def stopped(self) -> bool:
+        return self.selection is not None and self.selection.stopped
 
 
 # ---- groups: tracks that share one compiled round ----------------------------------------------------------
@@ -213,14 +219,19 @@ def restore(tracks: Sequence[Track], params: Any, server_opt: Any, resume: bool
     for i, (t, ckpt) in enumerate(zip(tracks, ckpts)):
         metrics_path = t.run_dir / "metrics.jsonl"
         if resume:
-            state = ckpt.restore(init)
-            done = int(state.round)
+            done = ckpt.latest_round() or 0
             if metrics_path.exists():
                 for line in metrics_path.read_text(encoding="utf-8").splitlines():
                     rec = json.loads(line)
                     if rec["round"] <= done:
                         records[i].append(rec)
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records[i]), encoding="utf-8")
+            sel = t.selection
+            if sel is not None:   # the selection as of the checkpoint: its records, its best params
+                sel.replay(records[i])
+            state, best = ckpt.restore_with_best(init, with_best=bool(sel is not None and sel.best_round))
+            if best is not None:
+                sel.best_params = best
         elif ckpt.latest_round() is not None:
             raise FedscopeError(f"{t.run_dir}: holds checkpoints of another run; use --resume or --force")
         else:
@@ -289,13 +300,16 @@ def compile_groups(loop: LoopState, states: Sequence[ServerState], params: Any, 
         return
     cohorts, _ = pop.cohorts(loop.source, start, first_union, loop.multiple, loop.table_rows)
     per = [_vectors(t, fcfg, first_ids[i]) for i, t in enumerate(loop.tracks)]
+    error = None
     for g in loop.groups:
         try:
             g.fn.compile(g.state, g.inputs(cohorts, pop.n_clients, per), loop.key)
         except ProgramTooLarge as exc:
             distributed = any(_distributed(loop.tracks[i]) for i in g.members)
-            raise FedscopeError(f"--chunk-size {g.chunk}: {exc}; "
-                                f"{_chunk_that_fits(g.chunk, exc, g.settings[1] > 0, distributed)}") from None
+            error = FedscopeError(f"--chunk-size {g.chunk}: {exc}; "
+                                  f"{_chunk_that_fits(g.chunk, exc, g.settings[1] > 0, distributed)}")
+            break
+    hosts.all_ok(error)   # each host checks its own memory: one that refuses stops the others too
 
 
 def _chunk_that_fits(chunk: int, exc: ProgramTooLarge, secure: bool = False, distributed: bool = False) -> str:
@@ -386,11 +400,15 @@ def norms_of(metrics: Any, ids: np.ndarray) -> np.ndarray:
     return np.array([by_id.get(int(c), np.nan) for c in ids], np.float32)
 
 
-def write_round(loop: LoopState, step: RoundStep, logs: Sequence[Any]) -> None:
+def write_round(loop: LoopState, step: RoundStep, logs: Sequence[Any]) -> bool:
     """Each track's record of the round (privacy ledger advanced with it), validation every eval_every rounds
-    and at the end, the checkpoint (ledger state first), and the metrics.jsonl line."""
+    and at the end (a selecting track keeps its best round and stops after patience validations without
+    gain), the checkpoint (ledger state first), and the metrics.jsonl line. A stopped track of a sweep is
+    still computed (its config slot) but writes no record. Returns whether every track has stopped."""
     fcfg, r = loop.fcfg, step.round
     for i, t in enumerate(loop.tracks):
+        if t.stopped:
+            continue
         g = loop.group_of(i)
         ids = step.ids[i]
         record: dict[str, Any]
@@ -413,18 +431,25 @@ def write_round(loop: LoopState, step: RoundStep, logs: Sequence[Any]) -> None:
         if not math.isfinite(record.get("loss", 0.0)):
             raise FedscopeError(f"{t.run_dir}: round {r + 1}: training loss is not finite; lower --client-lr")
         last = r + 1 == fcfg.rounds
-        need_eval = t.eval_fn is not None and ((r + 1) % fcfg.eval_every == 0 or last)
-        need_ckpt = (r + 1) % fcfg.checkpoint_every == 0 or last
-        state_i = g.state_of(i) if need_eval or need_ckpt else None
-        if need_eval:
+        if t.eval_fn is not None and ((r + 1) % fcfg.eval_every == 0 or last):
+            state_i = g.state_of(i)
             record["valid"] = t.eval_fn(state_i.params)
+            if t.selection is not None and t.selection.observe(r + 1, float(record["valid"]["select"]),
+                                                               lambda: hosts.fetch(state_i.params)):
+                record["stopped_early"] = True
+        elif t.selection is not None:
+            t.selection.last_round = r + 1
         logs[i].write(json.dumps(record) + "\n")
         logs[i].flush()
         loop.records[i].append(record)
-        if need_ckpt:
+    stopped = all(t.stopped for t in loop.tracks)
+    if (r + 1) % fcfg.checkpoint_every == 0 or r + 1 == fcfg.rounds or stopped:
+        for i, t in enumerate(loop.tracks):   # every track at the same round (a stopped one too): resume
             if t.privacy is not None:  # first: a checkpoint on disk always has its ledger state
                 t.privacy.save_state(t.run_dir, r + 1)
-            loop.checkpointers[i].save(state_i)
+            best = t.selection.best_params if t.selection is not None else None
+            loop.checkpointers[i].save(loop.group_of(i).state_of(i), best=best)
+    return stopped
 
 
 def loop_facts(loop: LoopState, timing: dict[str, Any], start: int, devices: int) -> list[dict[str, Any]]:
@@ -477,10 +502,14 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
     bar = progress(total=fcfg.rounds, initial=start, desc=desc, unit="round")
     try:
         for r in range(start, fcfg.rounds):
-            write_round(loop, run_round(loop, r), logs)
+            if all(t.stopped for t in tracks):   # resumed after every track stopped early
+                break
+            stopped = write_round(loop, run_round(loop, r), logs)
             bar.update(1)
             rec0 = loop.records[0][-1]
             bar.set_postfix(loss=f"{rec0.get('loss', float('nan')):.3f}", clients=rec0["clients"])
+            if stopped:
+                break
     finally:
         bar.close()
         for log in logs:

@@ -234,18 +234,19 @@ def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any
     run_tracks loop; puts each summary into `summaries`, returns the loop's facts per configuration."""
     from fedscope_jax.train.federated import finish_run, seed_context
     from fedscope_jax.train.loop import Track, run_tracks
+    from fedscope_jax.train.selection import selection_for
     from fedscope_jax.utils.progress import progress
 
     private = [p for p in trained if p.cfg.privacy.mode != "off"]   # a private point decides the batching
     ctx = seed_context(ds, (private or trained)[0].cfg, semantic, client_cfg)
-    tracks = [Track(out / p.name, ctx.session(p.cfg.privacy), ctx.eval_fn) for p in trained]
+    tracks = [Track(out / p.name, ctx.session(p.cfg.privacy), ctx.eval_fn, selection_for(p.cfg)) for p in trained]
     states, records, facts = run_tracks(tracks, ctx.source, ctx.n_clients, ctx.params, ctx.client_cfg,
                                         trained[0].cfg.federated, resume=resume,
                                         desc=f"sweep seed {trained[0].seed} ({len(trained)} configs)",
                                         config_chunk=config_chunk)
-    for p, state, recs, fct in zip(progress(trained, desc="final evaluation (valid + test)", unit="config",
-                                            leave=False), states, records, facts):
-        summaries[p.name] = finish_run(ctx, p.cfg, out / p.name, state, recs, fct, t_start)
+    for p, track, state, recs, fct in zip(progress(trained, desc="final evaluation (valid + test)", unit="config",
+                                                   leave=False), tracks, states, records, facts):
+        summaries[p.name] = finish_run(ctx, p.cfg, out / p.name, state, recs, fct, t_start, track.selection)
     return facts
 
 
