@@ -113,8 +113,51 @@ def test_c2dsr_history_as_train_and_train_file(tmp_path):
 def test_c2dsr_user_in_two_files_is_an_error(tmp_path):
     src = _c2dsr(tmp_path)
     (src / "testdata_new.txt").write_text("2\t1\t2|1|d|\t1|2|d|\n")
-    with pytest.raises(FedscopeError, match=r"testdata_new.txt: user index 2 also has a line in validdata_new"):
+    with pytest.raises(FedscopeError, match=r"testdata_new.txt:1: user index 2 also has a line in validdata_new"):
         prepare(src, tmp_path / "out")
+
+
+def test_c2dsr_variants_of_later_papers(tmp_path):
+    """B ids already global (|A| + index) and positions instead of timestamps read as the original layout
+    does; a user with one held-out line per target domain is refused, naming the variant and the csv command."""
+    import subprocess
+
+    from fedscope_jax.data.formats.c2dsr import CSV_COMMAND
+
+    prepare(_c2dsr(tmp_path / "orig"), tmp_path / "orig-out")
+    ref = load_dataset(tmp_path / "orig-out")
+    glob = _c2dsr(tmp_path / "glob")
+    (glob / "Blist.txt").write_text("9\tB0\t2\n")          # |A| = 2: B's index 0 is the global id 2
+    pos = _c2dsr(tmp_path / "pos")                            # the same orders as positions (0-based, 1-based)
+    (pos / "validdata_new.txt").write_text("2\t0\t0|2|\t1|0|\t2|1|\n")
+    (pos / "testdata_new.txt").write_text("0\t1\t2|1|\t1|2|\n")
+    for src, variants in ((glob, ["b_ids_global"]), (pos, ["positions"])):
+        meta = prepare(src, tmp_path / f"{src.parent.name}-out")
+        ds = load_dataset(tmp_path / f"{src.parent.name}-out")
+        assert meta["variants"] == ds.meta["variants"] == variants
+        for field in ("user", "domain", "item", "split"):
+            np.testing.assert_array_equal(getattr(ds, field), getattr(ref, field))
+        assert ds.n_items == ref.n_items and ds.items["source_id"].to_pylist() == ["A0", "A1", "B0"]
+    assert ref.meta["variants"] == [] and (load_dataset(tmp_path / "pos-out").timestamp == -1).all()
+    (glob / "Blist.txt").write_text("9\tB0\t5\n")
+    with pytest.raises(FedscopeError, match=r"Blist.txt: item indices are not the dense range 0..0 or 2..2"):
+        prepare(glob, tmp_path / "bad")
+    two = _c2dsr(tmp_path / "two")   # user 2 twice in valid (targets A then B), user 0 with 3 interactions
+    (two / "validdata_new.txt").write_text("2\t0\t0|9|d|\t1|5|d|\n2\t3\t0|9|d|\t1|5|d|\t2|11|d|\n")
+    (two / "testdata_new.txt").write_text("0\t1\t2|1|d|\t1|2|d|\t0|3|d|\n")
+    with pytest.raises(FedscopeError, match=r"validdata_new.txt:2: user index 2 .* one held-out line per target "
+                                            r"domain .*awk") as err:
+        prepare(two, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    # the command the error gives, run in the folder, makes a csv dataset of users 2 and 0, each once
+    assert CSV_COMMAND in str(err.value)
+    assert CSV_COMMAND.replace(" > interactions.csv", "") in (Path(__file__).parents[1] / "docs/data.md").read_text()
+    subprocess.run(["bash", "-c", CSV_COMMAND], cwd=two, check=True)
+    assert (two / "interactions.csv").read_text().splitlines() == [
+        "user,domain,item,timestamp", "2,A,0,9", "2,A,1,5", "2,B,2,11", "0,B,2,1", "0,A,1,2", "0,A,0,3"]
+    prepare(two, tmp_path / "csv-out", fmt="csv")
+    csv = load_dataset(tmp_path / "csv-out")
+    assert csv.n_users == 2 and len(csv.user) == 6
 
 
 def test_option_for_another_format_is_refused(tmp_path):

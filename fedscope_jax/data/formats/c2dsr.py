@@ -33,8 +33,10 @@ def detect(src: Path) -> bool:
     return (src / "Alist.txt").is_file() and (src / "Blist.txt").is_file() and (src / "userlist.txt").is_file()
 
 
-def _item_list(path: Path) -> tuple[list[str], list[int]]:
-    """ASINs and original ids of one domain, indexed by the 0-based item id of the third column."""
+def _item_list(path: Path, global_start: int = 0) -> tuple[list[str], list[int], int]:
+    """ASINs and original ids of one domain, indexed by the item id of the third column, and where those ids
+    start: 0 (C2DSR's own lists), or `global_start` (> 0) for a B list whose ids are already the global
+    sequence ids (offset by |A|, a variant of later papers)."""
     asins: dict[int, str] = {}
     orig: dict[int, int] = {}
     for n, line in lines(path, "one line per item: `orig_id \\t ASIN \\t idx`"):
@@ -45,14 +47,21 @@ def _item_list(path: Path) -> tuple[list[str], list[int]]:
         if idx in asins:
             raise at(path, n, f"item index {idx} appears twice")
         asins[idx], orig[idx] = fields[1], parse_int(fields[0], path, n, "original id")
-    if sorted(asins) != list(range(len(asins))):
-        raise FedscopeError(f"{path}: item indices are not the dense range 0..{len(asins) - 1}")
-    return [asins[i] for i in range(len(asins))], [orig[i] for i in range(len(asins))]
+    count, start = len(asins), min(asins, default=0)
+    starts = (0, global_start) if global_start else (0,)
+    if start not in starts or sorted(asins) != list(range(start, start + count)):
+        expected = " or ".join(f"{s}..{s + count - 1}" for s in starts)
+        also = f" (global ids: |A| + index, from {global_start})" if global_start else ""
+        raise FedscopeError(f"{path}: item indices are not the dense range {expected}{also}; they run "
+                            f"{start}..{max(asins, default=0)} over {count} lines")
+    return [asins[start + i] for i in range(count)], [orig[start + i] for i in range(count)], start
 
 
-def _sequences(path: Path, n_items: int, kind: str) -> tuple[list[int], list[int], list[int], list[int]]:
-    """(user index per line, length per line, item ids, timestamps) of one sequence file, in file order."""
-    users, lengths, gid, ts = [], [], [], []
+def _sequences(path: Path, n_items: int, kind: str
+               ) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """(user index per line, length per line, item ids, second fields, line numbers) of one sequence file, in
+    file order; the second fields are unix timestamps or, in a variant, positions (`_positions`)."""
+    users, lengths, gid, ts, lines_at = [], [], [], [], []
     for n, line in lines(path, "one line per user: `user_idx \\t seq_idx \\t item|ts|date| ...`"):
         fields = line.split("\t")
         if len(fields) < 3:
@@ -71,14 +80,36 @@ def _sequences(path: Path, n_items: int, kind: str) -> tuple[list[int], list[int
             if not 0 <= item < n_items:
                 raise at(path, n, f"unknown item id {item}; expected 0..{n_items - 1} (Alist + Blist)")
             gid.append(item)
-            ts.append(parse_timestamp(parts[1], path, n))
+            ts.append(parse_int(parts[1], path, n, "timestamp"))   # or a position: checked per dataset in read
             count += 1
         if count < MIN_LENGTH:
             need = "a training pair" if kind == "train" else f"history and the {kind} target"
             raise at(path, n, f"sequence has {count} item{'s' * (count != 1)}; expected at least {MIN_LENGTH} "
                      f"({need})")
         lengths.append(count)
-    return users, lengths, gid, ts
+        lines_at.append(n)
+    return users, lengths, gid, ts, lines_at
+
+
+def _positions(lengths: Sequence[int], ts: Sequence[int]) -> bool:
+    """Whether every line's second fields are positions (a permutation of 0..L-1 or of 1..L) rather than unix
+    timestamps (a variant of later papers; no real timestamps are that small)."""
+    start = 0
+    for n in lengths:
+        got = sorted(ts[start:start + n])
+        start += n
+        if got != list(range(n)) and got != list(range(1, n + 1)):
+            return False
+    return True
+
+
+def _check_timestamps(path: Path, lengths: Sequence[int], ts: Sequence[int], lines_at: Sequence[int]) -> None:
+    """Every second field of a file read as unix seconds is one (the error names the line)."""
+    start = 0
+    for n, line in zip(lengths, lines_at):
+        for t in ts[start:start + n]:
+            parse_timestamp(str(t), path, line)
+        start += n
 
 
 def read(src: Path, domains: Sequence[str] | None = None, history_split: str = "context") -> RawDataset:
@@ -87,8 +118,8 @@ def read(src: Path, domains: Sequence[str] | None = None, history_split: str = "
     if history_split not in ("context", "train"):
         raise FedscopeError(f"--history-split: expected 'context' or 'train', got {history_split!r}")
     names = domain_names(src, ("A", "B"), domains)
-    asins_a, orig_a = _item_list(src / "Alist.txt")
-    asins_b, orig_b = _item_list(src / "Blist.txt")
+    asins_a, orig_a, _ = _item_list(src / "Alist.txt")
+    asins_b, orig_b, b_start = _item_list(src / "Blist.txt", global_start=len(asins_a))
     n_a, n_b = len(asins_a), len(asins_b)
     n_listed = sum(1 for _ in lines(src / "userlist.txt"))
 
@@ -100,13 +131,18 @@ def read(src: Path, domains: Sequence[str] | None = None, history_split: str = "
     # Evaluation users keep their userlist index order; each training line is a user of its own, after them.
     blocks = []  # (sort key, length, gid, ts, target split, history split)
     seen: dict[int, str] = {}
+    read_files = {k: _sequences(src / FILES[k], n_a + n_b, k) for k in present}
+    positions = all(_positions(r[1], r[3]) for r in read_files.values())
+    if not positions:
+        for k, (_, lengths, _, ts, lines_at) in read_files.items():
+            _check_timestamps(src / FILES[k], lengths, ts, lines_at)
     for k in present:
-        users, lengths, gid, ts = _sequences(src / FILES[k], n_a + n_b, k)
+        users, lengths, gid, ts, lines_at = read_files[k]
         off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         for i, u in enumerate(users):
             if k != "train":
                 if u in seen:
-                    raise FedscopeError(f"{src / FILES[k]}: user index {u} also has a line in {seen[u]}")
+                    raise FedscopeError(_held_out_twice(src, FILES[k], u, lines_at[i], seen[u]))
                 seen[u] = FILES[k]
             key = (0, u) if k != "train" else (1, i)
             blocks.append((key, lengths[i], gid[off[i]:off[i + 1]], ts[off[i]:off[i + 1]],
@@ -133,7 +169,30 @@ def read(src: Path, domains: Sequence[str] | None = None, history_split: str = "
         "complete": not missing,
         "missing_files": missing,
         "userlist_users": n_listed,
+        # layouts of later papers' copies, detected without guessing (docs/data.md, "C2DSR variants")
+        "variants": (["b_ids_global"] if b_start else []) + (["positions"] if positions else []),
     }
     return RawDataset(domains=names, source_ids=(tuple(asins_a), tuple(asins_b)),
                       titles=((None,) * n_a, (None,) * n_b), user=user, domain=domain, item=item, split=split,
-                      timestamp=ts_arr, item_extra={"orig_id": (orig_a, orig_b)}, meta=meta)
+                      timestamp=None if positions else ts_arr, item_extra={"orig_id": (orig_a, orig_b)}, meta=meta)
+
+
+# The one command that turns a C2DSR-layout folder into the `csv` format (run inside the folder, then
+# `fedscope data prepare DIR --format csv`): every valid/test line's interactions under its user index, each
+# (user, item, timestamp) once; the csv format then splits each user leave-one-out (not the published targets).
+CSV_COMMAND = ("awk -F'\\t' -v na=$(grep -c . Alist.txt) 'BEGIN{print \"user,domain,item,timestamp\"} "
+               "{for(i=3;i<=NF;i++){split($i,t,\"|\"); k=$1 SUBSEP t[1] SUBSEP t[2]; "
+               "if(t[1]!=\"\" && !(k in s)){s[k]=1; print $1\",\"(t[1]+0<na?\"A\":\"B\")\",\"t[1]\",\"t[2]}}}' "
+               "validdata_new.txt testdata_new.txt > interactions.csv")
+
+
+def _held_out_twice(src: Path, name: str, user: int, line: int, first: str) -> str:
+    """The error for a user index with two held-out lines: the variant with one line per target domain (in
+    one file), or a user in both files. Which line's history is whose is not in the data, so it is refused."""
+    where = f"{src / name}:{line}: user index {user} also has a line in {first}"
+    if first == name:
+        where += (": the variant with one held-out line per target domain for the same user (later papers' "
+                  "copies). How its lines' histories combine is not in the data, so it is not read as C2DSR")
+    return (f"{where}. Convert the folder to the csv format (one sequence per user, split leave-one-out, "
+            f"not the published targets) inside it with: {CSV_COMMAND} ; then fedscope data prepare "
+            f"{src} --format csv (docs/data.md, 'C2DSR variants')")
