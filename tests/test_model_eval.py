@@ -173,3 +173,40 @@ def test_final_metrics_sections(tiny):
             # the pooled metric is the targets-weighted mean of the head and tail ones
             parts = [(lt[g]["HR@10"], lt["targets"][g]) for g in ("head", "tail") if lt["targets"][g]]
             assert sum(v * n for v, n in parts) / m[key][d]["targets"] == pytest.approx(m[key][d]["HR@10"])
+
+
+def test_feddcsr_protocol_draws_with_replacement_and_counts_ties_for_the_target(tiny):
+    """eval.protocol=feddcsr (the peer's code): negatives uniform with replacement over the domain but the
+    target (the user's other items included), full ranking over every item but the target, rank = candidates
+    strictly above; the fedscope protocol counts ties against the target."""
+    ds = tiny
+    es = eval_set(ds, "test", 5, EvalConfig(num_negatives=300, seed=1, protocol="feddcsr"))
+    assert es.strict and es.seen.shape == (len(es), 1) and not es.seen.any()
+    drawn = {d: set() for d in range(2)}
+    drew_seen = False
+    for e in range(len(es)):
+        d, u, neg = es.domain[e], es.user[e], es.negatives[e]
+        assert es.target[e] not in neg and neg.min() >= 1 and neg.max() <= ds.n_items[d]
+        assert len(set(neg)) < neg.size                       # 300 draws over <= 49 items: with replacement
+        drew_seen |= bool(set(ds.item[(ds.user == u) & (ds.domain == d)] + 1) - {es.target[e]} & set(neg))
+        drawn[d] |= set(neg)
+    assert drew_seen and all(drawn[d] == set(range(1, ds.n_items[d] + 1)) for d in range(2))
+    again = eval_set(ds, "test", 5, EvalConfig(num_negatives=300, seed=1, protocol="feddcsr"))
+    np.testing.assert_array_equal(again.negatives, es.negatives)
+    pop = popularity_scores(ds)
+    ranks = popularity_ranks(es, pop)
+    for e in range(len(es)):
+        s = pop[es.domain[e]]
+        t = s[es.target[e]]
+        assert ranks["sampled"][e] == sum(s[c] > t for c in es.negatives[e])
+        assert ranks["full"][e] == sum(s[i] > t for i in range(1, len(s)) if i != es.target[e])
+    # a model that scores every item alike: the peer's rule ranks each target first, ours last
+    cfg = ModelConfig(dim=8, blocks=1, heads=2, max_len=5)
+    flat = jax.tree.map(np.zeros_like, init_params(jax.random.key(0), cfg, ds.n_items))
+    peer = model_ranks(flat, cfg, es, batch_size=16)
+    assert not peer["sampled"].any() and not peer["full"].any()
+    ours_es = eval_set(ds, "test", 5, EvalConfig(num_negatives=10))
+    ours = model_ranks(flat, cfg, ours_es, batch_size=16)
+    assert (ours["sampled"] == 10).all()
+    with pytest.raises(FedscopeError, match="eval.protocol='peer'; expected one of fedscope, feddcsr"):
+        EvalConfig(protocol="peer")

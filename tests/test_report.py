@@ -21,7 +21,7 @@ def _metrics(ndcg: float) -> dict[str, float]:
 
 def _run(root: Path, rel: str, cell: dict | None, ndcgs: tuple[float, float], seed: int, mode: str = "federated",
          privacy: tuple[str, float] = ("off", 8.0), eps_spent: float | None = None,
-         cold: bool = False, unit: str | None = None, training: dict | None = None) -> Path:
+         cold: bool = False, unit: str | None = None, training: dict | None = None, protocol: str = "") -> Path:
     d = root / rel
     d.mkdir(parents=True)
     summary = {"test": {"food": _metrics(ndcgs[0]), "kitchen": _metrics(ndcgs[1])},
@@ -30,7 +30,7 @@ def _run(root: Path, rel: str, cell: dict | None, ndcgs: tuple[float, float], se
                "privacy": {"eps_spent_median": eps_spent} if eps_spent is not None else {"mode": "off"},
                "baselines": {"popularity": {"food": _metrics(0.05), "kitchen": _metrics(0.07)},
                              "popularity_full": {"food": _metrics(0.005), "kitchen": _metrics(0.007)}},
-               "protocol": {"sampled_negatives": 99}}
+               "protocol": {"sampled_negatives": 99, **({"name": protocol} if protocol else {})}}
     if cold:
         summary["cold_start"] = {"sampled": {dom: {"1-2": {"targets": 4, "model": _metrics(v)},
                                                    ">10": {"targets": 6, "model": _metrics(2 * v)}}
@@ -68,7 +68,8 @@ def test_report_of_a_reproduce_output(tmp_path):
         cells.append(str(_run(root, f"runs/toy/fedscope/off-seed{s}", _cell("fedscope", "off"), v, s,
                               cold=True, training=chosen).relative_to(root)))
         cells.append(str(_run(root, f"runs/toy/centralized/off-seed{s}", _cell("centralized", "n/a", "centralized"),
-                              (0.3, 0.4), s, mode="centralized", training={"best_epoch": 7}).relative_to(root)))
+                              (0.3, 0.4), s, mode="centralized", training={"best_epoch": 7},
+                              protocol="feddcsr").relative_to(root)))
     sweep = root / "runs/toy/fedscope/sweep-seed0"
     for mode in ("personalized", "uniform"):
         for eps in (1.0, 8.0):
@@ -106,7 +107,7 @@ def test_report_of_a_reproduce_output(tmp_path):
     assert float(food["HR@10 mean"]) == pytest.approx(2 * v.mean())
     assert float(food["NDCG@10 (full) mean"]) == pytest.approx(v.mean() / 10)
     assert food["seeds"] == "3" and food["dp"] == "off" and food["attributes"] == "none"
-    assert (food["selection"], food["tested round/epoch"]) == ("best valid", "10/20/30")
+    assert (food["selection"], food["tested round/epoch"], food["protocol"]) == ("best valid", "10/20/30", "fedscope")
     kit = rows[("FEDSCOPE", "kitchen")]
     assert float(kit["NDCG@10 std"]) == pytest.approx(np.std([0.2, 0.3, 0.1], ddof=1))
     pop = rows[("Popularity (reference)", "kitchen")]    # one reference row per domain, from the baselines
@@ -114,7 +115,7 @@ def test_report_of_a_reproduce_output(tmp_path):
     assert pop["seeds"] == "-" and sum(r["method"] == "Popularity (reference)" for r in rows.values()) == 2
     cen = rows[("CENTRALIZED", "food")]
     assert cen["dp"] == "n/a" and float(cen["NDCG@10 std"]) == 0.0
-    assert (cen["selection"], cen["tested round/epoch"]) == ("best valid", "7/7/7")
+    assert (cen["selection"], cen["tested round/epoch"], cen["protocol"]) == ("best valid", "7/7/7", "feddcsr")
     pu = _csv(out / "privacy_utility.csv")
     assert len(pu) == 2 * 7       # 5 client-unit groups (inf once: the copy is not counted) + 2 user ones, x 2 domains
     p1 = next(r for r in pu if r["dp"] == "personalized-eps1" and r["domain"] == "food")

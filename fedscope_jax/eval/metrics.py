@@ -2,6 +2,7 @@
 
 Ties are counted pessimistically: a candidate with the same score as the target ranks above it, so a model
 that scores everything equal gets the worst rank, never a lucky one. A NaN score also counts against the target.
+`strict_rank` is the FedDCSR protocol's rule (ties count for the target), for comparison with that peer only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ def pessimistic_rank(target_score: np.ndarray, other_scores: np.ndarray) -> np.n
     """int [E]: number of other candidates [E, M] not strictly below the target's score [E] (NaN counts)."""
     target_score = np.asarray(target_score)
     return np.sum(~(np.asarray(other_scores) < target_score[:, None]), axis=1)
+
+
+def strict_rank(target_score: np.ndarray, other_scores: np.ndarray) -> np.ndarray:
+    """int [E]: number of other candidates [E, M] strictly above the target's score [E], ties counting for the
+    target (the FedDCSR protocol's rank - 1; NaN still counts against)."""
+    target_score = np.asarray(target_score)
+    return np.sum(~(np.asarray(other_scores) <= target_score[:, None]), axis=1)
 
 
 def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:

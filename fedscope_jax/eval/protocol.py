@@ -4,8 +4,15 @@ For every target (a `valid` or `test` interaction), the history is the user's ea
 target's domain (any split), last max_len of them. Both protocols rank the target only against items the user
 never interacted with in that domain (its past and future items are neither negatives nor competitors).
 Protocol "sampled": against `num_negatives` of those drawn uniformly without replacement, seeded by
-(seed, split) only, so every method sees the same candidates. Protocol "full": against all of them. A popularity baseline (train-split counts) is ranked on
-exactly the same candidates, and metrics are also broken down by in-domain history length (cold start).
+(seed, split) only, so every method sees the same candidates. Protocol "full": against all of them. A popularity
+baseline (train-split counts) is ranked on exactly the same candidates, and metrics are also broken down by
+in-domain history length (cold start). Ties count against the target.
+
+`eval.protocol = "feddcsr"` evaluates as the FedDCSR code (SDM'24) does, so that numbers can be set beside that
+peer's: the sampled negatives are drawn uniformly *with* replacement from the target's domain, only the target
+excluded (the user's other items may be drawn), "full" ranks against every item but the target, and a target
+ranks 1 + the candidates scoring strictly higher (ties count for it). The peer's other settings are run
+settings: one client per domain (`--scheme domain`), histories of 16 (`model.max_len=16`), 999 negatives.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ import numpy as np
 from fedscope_jax.data.batching import group_order
 from fedscope_jax.data.canonical import SPLITS, TRAIN, CanonicalDataset
 from fedscope_jax.errors import FedscopeError
-from fedscope_jax.eval.metrics import pessimistic_rank, ranking_metrics
+from fedscope_jax.eval.metrics import pessimistic_rank, ranking_metrics, strict_rank
 from fedscope_jax.model import ModelConfig, Params, Semantic, all_item_repr, encode
 
 PROTOCOLS = ("sampled", "full")
+EVAL_PROTOCOLS = ("fedscope", "feddcsr")   # eval.protocol: how candidates are drawn and ties counted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +40,9 @@ class EvalConfig:
     """num_negatives: sampled-protocol negatives per target; seed: of those negatives; buckets: lower edges
     of the cold-start history-length buckets (e.g. (1, 3, 6, 11) -> 0, 1-2, 3-5, 6-10, >10); head_share: the
     share of each domain's items, most popular first by train interactions, that forms the long-tail study's
-    head (0.2: the Pareto "short head"; every other item, unseen ones included, is the tail)."""
+    head (0.2: the Pareto "short head"; every other item, unseen ones included, is the tail); protocol: "fedscope"
+    (unseen distinct negatives, ties against the target) or "feddcsr" (the peer's: negatives with replacement,
+    only the target excluded, ties for the target)."""
 
     num_negatives: int = 999
     seed: int = 0
@@ -40,8 +50,11 @@ class EvalConfig:
     buckets: tuple[int, ...] = (1, 3, 6, 11)
     batch_size: int = 512
     head_share: float = 0.2
+    protocol: str = "fedscope"
 
     def __post_init__(self) -> None:
+        if self.protocol not in EVAL_PROTOCOLS:
+            raise FedscopeError(f"eval.protocol={self.protocol!r}; expected one of {', '.join(EVAL_PROTOCOLS)}")
         if self.num_negatives < 1 or self.batch_size < 1 or not self.ks or min(self.ks) < 1:
             raise FedscopeError("eval.num_negatives, eval.batch_size and eval.ks must be >= 1")
         if not 0.0 < self.head_share < 1.0:
@@ -61,7 +74,8 @@ class EvalSet:
     history: np.ndarray     # int32 [E, L] left-padded shifted ids (last L in-domain items before the target)
     hist_len: np.ndarray    # int32 [E] full in-domain history length (before truncation)
     negatives: np.ndarray   # int32 [E, M] shifted ids of the sampled protocol
-    seen: np.ndarray        # int32 [E, S] shifted ids of the user's other items in that domain (0 = padding)
+    seen: np.ndarray        # int32 [E, S] shifted ids excluded from the full ranking besides the target (0 = pad)
+    strict: bool = False    # ties count for the target (rank = candidates strictly higher): eval.protocol feddcsr
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
@@ -69,7 +83,7 @@ class EvalSet:
     def subset(self, rows: np.ndarray) -> "EvalSet":
         """The targets at `rows` (e.g. one client's users), every array sliced alike."""
         return dataclasses.replace(self, **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)
-                                            if f.name != "split"})
+                                            if f.name not in ("split", "strict")})
 
 
 def _sample_negatives(user: np.ndarray, n_items: int, seen_keys: np.ndarray, m: int,
@@ -115,6 +129,16 @@ def eval_set(ds: CanonicalDataset, split: str, max_len: int, cfg: EvalConfig) ->
     seen_items = np.where(seen_items == target[:, None], 0, seen_items).astype(np.int32)
     negatives = np.zeros((len(t), cfg.num_negatives), np.int32)
     rng = np.random.default_rng([cfg.seed, code])
+    if cfg.protocol == "feddcsr":
+        for d, n_items in enumerate(ds.n_items):
+            sel = np.flatnonzero(domain == d)
+            if sel.size and n_items < 2:
+                raise FedscopeError(f"eval.protocol=feddcsr: domain {ds.domains[d]!r} has {n_items} item; "
+                                    "negatives need at least one other")
+            draw = rng.integers(0, n_items - 1, size=(sel.size, cfg.num_negatives))   # 0-based, target skipped
+            negatives[sel] = draw + (draw >= target[sel, None] - 1) + 1
+        return EvalSet(split=split, user=user, domain=domain, target=target, history=history, hist_len=hist_len,
+                       negatives=negatives, seen=np.zeros((len(t), 1), np.int32), strict=True)
     for d, n_items in enumerate(ds.n_items):
         sel = np.flatnonzero(domain == d)
         if not sel.size:
@@ -150,32 +174,36 @@ def _drop_seen(scores: np.ndarray, seen: np.ndarray) -> np.ndarray:
 
 
 def popularity_ranks(es: EvalSet, pop: Sequence[np.ndarray], chunk: int = 512) -> dict[str, np.ndarray]:
-    """Ranks of the popularity baseline under both protocols (same candidates as the model)."""
+    """Ranks of the popularity baseline under both protocols (same candidates and ties as the model)."""
     sampled = np.zeros(len(es), np.int64)
     full = np.zeros(len(es), np.int64)
+    rank = strict_rank if es.strict else pessimistic_rank
+    itself = 0 if es.strict else 1   # a pessimistic rank counts the target's own column
     for d, scores in enumerate(pop):
         sel = np.flatnonzero(es.domain == d)
         t = scores[es.target[sel]]
-        sampled[sel] = pessimistic_rank(t, scores[es.negatives[sel]])
+        sampled[sel] = rank(t, scores[es.negatives[sel]])
         for lo in range(0, sel.size, chunk):
             idx = sel[lo:lo + chunk]
             rows = _drop_seen(np.broadcast_to(scores, (idx.size, scores.size)), es.seen[idx])
-            full[idx] = pessimistic_rank(scores[es.target[idx]], rows[:, 1:]) - 1   # minus the target itself
+            full[idx] = rank(scores[es.target[idx]], rows[:, 1:]) - itself
     return {"sampled": sampled, "full": full}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "d"))
+@functools.partial(jax.jit, static_argnames=("config", "d", "strict"))
 def _model_ranks(params: Params, semantic: Semantic, history: jnp.ndarray, target: jnp.ndarray,
                  negatives: jnp.ndarray, seen: jnp.ndarray, config: ModelConfig,
-                 d: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(sampled rank, full rank) of a batch of targets of domain d, pessimistic ties, NaN counted against."""
+                 d: int, strict: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sampled rank, full rank) of a batch of targets of domain d, NaN counted against; ties against the
+    target, or (`strict`) for it."""
     h = encode(params, config, d, history, semantic)[:, -1]                       # [E, dim]
     scores = h @ all_item_repr(params, config, d, semantic).T                     # [E, N+1], column 0 = padding
     t_score = jnp.take_along_axis(scores, target[:, None], axis=1)                # [E, 1]
     n_score = jnp.take_along_axis(scores, negatives, axis=1)                      # [E, M]
-    sampled = jnp.sum(~(n_score < t_score), axis=1)
+    above = (lambda x: ~(x <= t_score)) if strict else (lambda x: ~(x < t_score))
+    sampled = jnp.sum(above(n_score), axis=1)
     competitors = scores.at[jnp.arange(scores.shape[0])[:, None], seen].set(-jnp.inf)   # seen items (and col 0)
-    full = jnp.sum(~(competitors[:, 1:] < t_score), axis=1) - 1                   # minus the target itself
+    full = jnp.sum(above(competitors[:, 1:]), axis=1) - (0 if strict else 1)      # minus the target itself
     return sampled, full
 
 
@@ -191,7 +219,7 @@ def model_ranks(params: Params, config: ModelConfig, es: EvalSet, semantic: Sema
             pad = batch_size - idx.size
             take = np.concatenate([idx, np.full(pad, idx[0])])
             s, f = _model_ranks(params, semantic, es.history[take], es.target[take], es.negatives[take],
-                                es.seen[take], config=config, d=d)
+                                es.seen[take], config=config, d=d, strict=es.strict)
             sampled[idx] = np.asarray(s)[:idx.size]
             full[idx] = np.asarray(f)[:idx.size]
     return {"sampled": sampled, "full": full}

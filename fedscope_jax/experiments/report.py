@@ -19,7 +19,7 @@ from fedscope_jax.experiments.tables import (Group, breakdown_rows, find_runs, g
 from fedscope_jax.utils.io import read_json
 
 COLUMNS = ("dataset", "method", "dp", "unit", "variant", "domain", "HR@10", "NDCG@10", "MRR", "NDCG@10 (full)",
-           "eps_spent (median)", "selection", "tested round/epoch", "seeds", "attributes")
+           "eps_spent (median)", "selection", "tested round/epoch", "protocol", "seeds", "attributes")
 
 
 def _study_groups(root: Path, cells: list[str]) -> tuple[list[Group], list[str]]:
@@ -69,7 +69,9 @@ def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None
                   "`train.patience` validations without gain: centralized, local-only and non-private federated "
                   "runs) or 'final' (the last round: every private run, since choosing a round by the clients' "
                   "held-out data would be a release outside the budget); 'tested round/epoch': that round or "
-                  "epoch of each seed. "
+                  "epoch of each seed. protocol: `eval.protocol`, 'fedscope' (as above) or 'feddcsr' (the FedDCSR code's: "
+                  "negatives drawn with replacement from the target's domain, only the target excluded, ties "
+                  "counted for the target; set beside that peer's numbers only). "
                   f"A random ranking scores HR@10 = {hr:.3f} and NDCG@10 ~ {ndcg:.4f} under {neg} sampled negatives.",
                   ""]
         lines += _data_lines(plan)

@@ -146,6 +146,10 @@ class Group:
             labels.add("best valid" if best else "final")
         return "/".join(sorted(labels))
 
+    def protocol(self) -> str:
+        """The evaluation protocol of the runs' numbers (`eval.protocol`; summaries from before it: fedscope)."""
+        return "/".join(sorted({r.summary.get("protocol", {}).get("name", "fedscope") for r in self.runs}))
+
     def best_at(self) -> str:
         """The tested round or epoch of each seed ("30/35/40"; "-" for a final-model selection, "per client" for
         local-only runs whose clients each chose their own epoch)."""
@@ -197,6 +201,7 @@ def metric_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
                 row[name] = mean_std(g.values(domain, metric, proto))
             row["eps_spent (median)"] = mean_std(g.eps_spent())
             row["selection"] = g.selection()
+            row["protocol"] = g.protocol()
             row["tested round/epoch"] = g.best_at()
             rows.append(row)
     return rows
@@ -222,6 +227,7 @@ def popularity_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
                 row[name] = (float(section.get(domain, {}).get(metric, math.nan)), math.nan)
             row["eps_spent (median)"] = (math.nan, math.nan)
             row["selection"] = "-"
+            row["protocol"] = g.protocol()
             row["tested round/epoch"] = "-"
             rows.append(row)
     return rows

@@ -28,9 +28,12 @@ def eval_sets(ds: CanonicalDataset, cfg: RunConfig) -> dict[str, EvalSet]:
 def protocol_facts(cfg: RunConfig) -> dict[str, Any]:
     """What a reader needs to compare numbers across runs."""
     ec = cfg.eval
-    return {"sampled_negatives": ec.num_negatives, "negatives_seed": ec.seed, "ties": "pessimistic",
-            "history": "in-domain, last model.max_len items",
-            "candidates": "items the user never interacted with in the target's domain",
+    peer = ec.protocol == "feddcsr"
+    return {"name": ec.protocol, "sampled_negatives": ec.num_negatives, "negatives_seed": ec.seed,
+            "ties": "count for the target (rank = 1 + candidates strictly higher)" if peer else "pessimistic",
+            "history": f"in-domain, last {cfg.model.max_len} items (model.max_len)",
+            "candidates": ("every item of the target's domain but the target; sampled ones drawn with replacement"
+                           if peer else "items the user never interacted with in the target's domain"),
             "long_tail_head": f"the ceil({ec.head_share} * N) items of a domain with the most train interactions"}
 
 
