@@ -85,7 +85,13 @@ def test_centralized_run_directory_and_determinism(tiny, capsys):
     ev = json.loads(capsys.readouterr().out)
     assert ev["model"]["sampled"] == s["test"] and ev["model"]["full"] == s["test_full"]
     assert ev["popularity"]["sampled"] == s["baselines"]["popularity"]
-    assert ev["long_tail"] == s["long_tail"]
+    assert ev["long_tail"] == s["long_tail"] and ev["protocol"] == "fedscope"
+    # re-scored under the FedDCSR code's protocol: its candidates and tie rule, the same parameters
+    assert main(["evaluate", "--run", str(run), "--json", "--protocol", "feddcsr"]) == 0
+    peer = json.loads(capsys.readouterr().out)
+    assert peer["protocol"] == "feddcsr" and peer["targets"] == ev["targets"]
+    assert peer["model"]["full"]["domA"]["targets"] == s["test_full"]["domA"]["targets"]
+    assert peer["model"]["sampled"] != ev["model"]["sampled"]
 
 
 def test_semantic_attributes_feed_the_fusion_mlp(tiny, capsys):

@@ -18,11 +18,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--data", metavar="DIR", help="prepared dataset (default: the one recorded in the run)")
     p.add_argument("--attributes", metavar="DIR", help="item_embeddings.arrow folder (default: the run's)")
     p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--protocol", choices=["fedscope", "feddcsr"],
+                   help="evaluation protocol (default: the run's eval.protocol); feddcsr re-scores the run as the "
+                        "FedDCSR code does, to set it beside that peer's numbers (docs/model.md)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
     import time
     from pathlib import Path
 
@@ -40,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     raw = read_json(run_dir / "config.json")
     cfg = from_dict(RunConfig, {k: raw[k] for k in ("model", "train", "eval") if k in raw})
+    if args.protocol:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, protocol=args.protocol))
     data = args.data or raw.get("data")
     if not data:
         raise FedscopeError(f"{run_dir / 'config.json'}: no dataset recorded; pass --data")
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     t2 = time.time()
     model = summarize(es, ranks, ds.domains, cfg.eval.ks)
     pop = summarize(es, popularity_ranks(es, popularity_scores(ds)), ds.domains, cfg.eval.ks)
-    result = {"split": args.split, "model": model, "popularity": pop,
+    result = {"split": args.split, "protocol": cfg.eval.protocol, "model": model, "popularity": pop,
               "seconds": {"build_targets": t1 - t0, "score": t2 - t1}, "targets": len(es)}
     if args.split == "test":
         result["long_tail"] = long_tail(es, ranks, ds, cfg.eval)
