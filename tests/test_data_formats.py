@@ -158,6 +158,12 @@ def test_c2dsr_variants_of_later_papers(tmp_path):
     prepare(two, tmp_path / "csv-out", fmt="csv")
     csv = load_dataset(tmp_path / "csv-out")
     assert csv.n_users == 2 and len(csv.user) == 6
+    # with positions two lines cannot be merged into one order: no command is offered
+    (two / "validdata_new.txt").write_text("2\t0\t0|1|\t1|0|\n2\t3\t0|1|\t1|0|\t2|2|\n")
+    (two / "testdata_new.txt").write_text("0\t1\t2|0|\t1|1|\t0|2|\n")
+    with pytest.raises(FedscopeError, match=r"positions, not timestamps, so the lines cannot be merged") as err:
+        prepare(two, tmp_path / "bad", fmt="c2dsr")   # the folder holds interactions.csv now, too
+    assert "awk" not in str(err.value)
 
 
 def test_option_for_another_format_is_refused(tmp_path):

@@ -76,7 +76,7 @@ def _trajectory(tmp_path: Path):
 
 
 def test_a_run_tests_its_best_round_stops_after_patience_and_resumes_to_the_same_choice(tmp_path: Path):
-    from fedscope_jax.errors import ResumeMismatch
+    from fedscope_jax.errors import FedscopeError, ResumeMismatch
 
     seen, _, score = _trajectory(tmp_path)
     tracks, states, records = _run(tmp_path / "sel", score, True)
@@ -99,6 +99,13 @@ def test_a_run_tests_its_best_round_stops_after_patience_and_resumes_to_the_same
     again, states, recs = _run(tmp_path / "sel", score, True, resume=True)
     assert int(states[0].round) == BEST + PATIENCE and len(recs[0]) == BEST + PATIENCE
     np.testing.assert_array_equal(again[0].selection.best_params["w"], seen[BEST - 1])
+    # a resume that finds no checkpoint fails and keeps the log whole
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text('{"round": 1}\n')
+    with pytest.raises(FedscopeError, match="no checkpoint"):
+        _run(empty, score, True, resume=True)
+    assert (empty / "metrics.jsonl").read_text() == '{"round": 1}\n'
     # a checkpoint written without best params (no selection) cannot resume a selecting run
     with pytest.raises(ResumeMismatch, match="best-round"):
         _run(tmp_path / "plain", score, True, resume=True)

@@ -225,13 +225,14 @@ def restore(tracks: Sequence[Track], params: Any, server_opt: Any, resume: bool
                     rec = json.loads(line)
                     if rec["round"] <= done:
                         records[i].append(rec)
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records[i]), encoding="utf-8")
             sel = t.selection
             if sel is not None:   # the selection as of the checkpoint: its records, its best params
                 sel.replay(records[i])
             state, best = ckpt.restore_with_best(init, with_best=bool(sel is not None and sel.best_round))
             if best is not None:
                 sel.best_params = best
+            # only once the checkpoint is read: a resume that fails (no checkpoint yet) keeps the log whole
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records[i]), encoding="utf-8")
         elif ckpt.latest_round() is not None:
             raise FedscopeError(f"{t.run_dir}: holds checkpoints of another run; use --resume or --force")
         else:

@@ -142,7 +142,7 @@ def read(src: Path, domains: Sequence[str] | None = None, history_split: str = "
         for i, u in enumerate(users):
             if k != "train":
                 if u in seen:
-                    raise FedscopeError(_held_out_twice(src, FILES[k], u, lines_at[i], seen[u]))
+                    raise FedscopeError(_held_out_twice(src, FILES[k], u, lines_at[i], seen[u], positions))
                 seen[u] = FILES[k]
             key = (0, u) if k != "train" else (1, i)
             blocks.append((key, lengths[i], gid[off[i]:off[i + 1]], ts[off[i]:off[i + 1]],
@@ -180,19 +180,22 @@ def read(src: Path, domains: Sequence[str] | None = None, history_split: str = "
 # The one command that turns a C2DSR-layout folder into the `csv` format (run inside the folder, then
 # `fedscope data prepare DIR --format csv`): every valid/test line's interactions under its user index, each
 # (user, item, timestamp) once; the csv format then splits each user leave-one-out (not the published targets).
-CSV_COMMAND = ("awk -F'\\t' -v na=$(grep -c . Alist.txt) 'BEGIN{print \"user,domain,item,timestamp\"} "
+CSV_COMMAND = ("awk -F'\\t' -v na=$(grep -c '[^[:space:]]' Alist.txt) 'BEGIN{print \"user,domain,item,timestamp\"} "
                "{for(i=3;i<=NF;i++){split($i,t,\"|\"); k=$1 SUBSEP t[1] SUBSEP t[2]; "
                "if(t[1]!=\"\" && !(k in s)){s[k]=1; print $1\",\"(t[1]+0<na?\"A\":\"B\")\",\"t[1]\",\"t[2]}}}' "
                "validdata_new.txt testdata_new.txt > interactions.csv")
 
 
-def _held_out_twice(src: Path, name: str, user: int, line: int, first: str) -> str:
+def _held_out_twice(src: Path, name: str, user: int, line: int, first: str, positions: bool) -> str:
     """The error for a user index with two held-out lines: the variant with one line per target domain (in
     one file), or a user in both files. Which line's history is whose is not in the data, so it is refused."""
     where = f"{src / name}:{line}: user index {user} also has a line in {first}"
     if first == name:
         where += (": the variant with one held-out line per target domain for the same user (later papers' "
                   "copies). How its lines' histories combine is not in the data, so it is not read as C2DSR")
+    if positions:   # positions of two lines cannot be merged into one order: no command can convert it
+        return (f"{where}. Its tokens hold positions, not timestamps, so the lines cannot be merged into one "
+                "sequence either; give each user one line (docs/data.md, 'C2DSR variants')")
     return (f"{where}. Convert the folder to the csv format (one sequence per user, split leave-one-out, "
             f"not the published targets) inside it with: {CSV_COMMAND} ; then fedscope data prepare "
             f"{src} --format csv (docs/data.md, 'C2DSR variants')")
