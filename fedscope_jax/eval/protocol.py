@@ -120,16 +120,9 @@ def eval_set(ds: CanonicalDataset, split: str, max_len: int, cfg: EvalConfig) ->
     history = np.where(ok, ds.item[rows[np.maximum(cols, 0)]] + 1, 0).astype(np.int32)
     t = rows[at]
     user, domain, target = ds.user[t], ds.domain[t], ds.item[t].astype(np.int32) + 1
-    # every item of the target's (user, domain) group except the target: excluded from the full ranking
-    size = np.bincount(start, minlength=len(rows))[start[at]]
-    width = int(size.max()) if size.size else 1
-    cols = start[at][:, None] + np.arange(width)[None, :]
-    in_group = np.arange(width)[None, :] < size[:, None]
-    seen_items = np.where(in_group, ds.item[rows[np.minimum(cols, len(rows) - 1)]] + 1, 0)
-    seen_items = np.where(seen_items == target[:, None], 0, seen_items).astype(np.int32)
     negatives = np.zeros((len(t), cfg.num_negatives), np.int32)
     rng = np.random.default_rng([cfg.seed, code])
-    if cfg.protocol == "feddcsr":
+    if cfg.protocol == "feddcsr":   # nothing but the target is excluded: no seen items to gather
         for d, n_items in enumerate(ds.n_items):
             sel = np.flatnonzero(domain == d)
             if sel.size and n_items < 2:
@@ -139,6 +132,13 @@ def eval_set(ds: CanonicalDataset, split: str, max_len: int, cfg: EvalConfig) ->
             negatives[sel] = draw + (draw >= target[sel, None] - 1) + 1
         return EvalSet(split=split, user=user, domain=domain, target=target, history=history, hist_len=hist_len,
                        negatives=negatives, seen=np.zeros((len(t), 1), np.int32), strict=True)
+    # every item of the target's (user, domain) group except the target: excluded from the full ranking
+    size = np.bincount(start, minlength=len(rows))[start[at]]
+    width = int(size.max()) if size.size else 1
+    cols = start[at][:, None] + np.arange(width)[None, :]
+    in_group = np.arange(width)[None, :] < size[:, None]
+    seen_items = np.where(in_group, ds.item[rows[np.minimum(cols, len(rows) - 1)]] + 1, 0)
+    seen_items = np.where(seen_items == target[:, None], 0, seen_items).astype(np.int32)
     for d, n_items in enumerate(ds.n_items):
         sel = np.flatnonzero(domain == d)
         if not sel.size:
