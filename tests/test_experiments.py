@@ -209,7 +209,7 @@ def test_subset_keeps_whole_users_and_attribute_vectors_follow_the_items(tmp_pat
 
     from fedscope_jax.data.canonical import load_dataset
     from fedscope_jax.data.synth import SynthConfig, synthesize
-    from fedscope_jax.experiments.datasets import semantic_for, subset_users, write_subset
+    from fedscope_jax.experiments.datasets import semantic_for, semantic_tables, subset_users, write_subset
     from fedscope_jax.utils.io import write_arrow
 
     synthesize(SynthConfig(users=60, items=(40, 50), min_length=6, max_length=12, mean_length=8.0, min_per_domain=3, topics=4),
@@ -241,6 +241,10 @@ def test_subset_keeps_whole_users_and_attribute_vectors_follow_the_items(tmp_pat
         if (d, item) != (0, 3):
             assert vec.tolist() == [d, item, 1, 1]
     assert coverage[full.domains[1]]["items"] == sub.n_items[1]
+    # what `fedscope train --data SUB --attributes DIR` reads: the same mapped tables, from the directory
+    same, same_coverage = semantic_tables(tmp_path / "attrs" / "toy", tmp_path / "sub", sub)
+    assert same_coverage == coverage
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(same, tables) for k in ("vectors", "mask"))
     none, _, why = semantic_for(tmp_path / "sub", sub, tmp_path / "attrs", "other")
     assert none is None and why.startswith("none (") and "item_embeddings.arrow missing" in why
 

@@ -192,19 +192,28 @@ def semantic_for(dataset_dir: str | Path, ds: Any, attributes_root: str | Path |
 
     Reads `<attributes_root>/<name>/item_embeddings.arrow` (ids of the full prepared dataset) and follows a
     subset's item_map.arrow. Label "none: ..." says why a run is ID-only."""
-    from fedscope_jax.data.canonical import load_dataset
-    from fedscope_jax.model.semantic import EMBEDDINGS_FILE, load_semantic
-    from fedscope_jax.utils.io import read_arrow
+    from fedscope_jax.model.semantic import EMBEDDINGS_FILE
 
     if attributes_root is None:
         return None, None, "none (no --attributes-root)"
     file = Path(attributes_root) / name / EMBEDDINGS_FILE
     if not file.is_file():
         return None, None, f"none ({file} missing)"
+    tables, coverage = semantic_tables(file, dataset_dir, ds)
+    return tables, coverage, str(file)
+
+
+def semantic_tables(file: str | Path, dataset_dir: str | Path, ds: Any) -> tuple[Any, dict[str, Any]]:
+    """(semantic tables, coverage) of the dataset prepared at `dataset_dir` from an item_embeddings.arrow (or
+    the enrichment directory holding it) made for it or, when `dataset_dir` is a subset, for its full dataset
+    (the subset's item_map.arrow maps the ids)."""
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.model.semantic import load_semantic
+    from fedscope_jax.utils.io import read_arrow
+
     map_file = Path(dataset_dir) / ITEM_MAP_FILE
     if not map_file.is_file():
-        tables, coverage = load_semantic(file, ds.domains, ds.n_items)
-        return tables, coverage, str(file)
+        return load_semantic(file, ds.domains, ds.n_items)
     source = load_dataset(ds.meta["subset"]["source"])
     tables, _ = load_semantic(file, source.domains, source.n_items)
     imap = read_arrow(map_file)
@@ -216,4 +225,4 @@ def semantic_for(dataset_dir: str | Path, ds: Any, attributes_root: str | Path |
         table = {k: v[rows] for k, v in tables[d].items()}
         out.append(table)
         coverage[name_d] = {"items": int(len(src_ids)), "with_vector": int(table["mask"][1:].sum())}
-    return out, coverage, str(file)
+    return out, coverage
