@@ -26,15 +26,22 @@ def _metadata(items: shards.Items, row: int) -> dict[str, Any]:
     return {c: items.table[c][row].as_py() for c in items.metadata_columns}
 
 
-def fingerprint(args: argparse.Namespace, items_path: Path, llm_dir: Path, embed_dir: Path,
+TITLE_TEXT = "title"   # --text: embed the raw title alone, no LLM
+
+
+def fingerprint(args: argparse.Namespace, items_path: Path, llm_dir: Path | None, embed_dir: Path,
                 domains: Sequence[str]) -> dict[str, Any]:
-    """Everything that shapes the output rows; a resumed run must match it exactly."""
-    return {
+    """Everything that shapes the output rows; a resumed run must match it exactly.
+
+    `--text title` adds {"text": "title"} (no instruct model: `model_dir` None); the attribute runs keep the
+    fingerprint they had before the option existed, so they still resume."""
+    title = {"text": TITLE_TEXT} if args.text == TITLE_TEXT else {}
+    return {**title,
         "items_sha256": models.file_sha256(items_path),
         "domains": list(domains),
         "limit": args.limit,
         "shard_size": args.shard_size,
-        "model_dir": str(llm_dir),
+        "model_dir": None if llm_dir is None else str(llm_dir),
         "embed_model_dir": str(embed_dir),
         "prompt_versions": {d: prompts.prompt_version(d) for d in domains},
         "schema_version": schema_lib.SCHEMA_VERSION,
@@ -58,21 +65,24 @@ class Generated:
 
 
 class Enricher:
-    """Holds the two models and turns one shard of items into its two Arrow tables."""
+    """Holds the two models and turns one shard of items into its two Arrow tables.
 
-    def __init__(self, args: argparse.Namespace, llm_dir: Path, embed_dir: Path, domains: Sequence[str], llm=None):
+    `llm_dir` None (`--text title`): no instruct model; every titled item is embedded from its title alone."""
+
+    def __init__(self, args: argparse.Namespace, llm_dir: Path | None, embed_dir: Path, domains: Sequence[str],
+                 llm=None):
         """`llm`: an already started vllm.LLM to reuse (the benchmark shares one engine with its bare baseline)."""
         from enrich import generate
         from enrich.embed import SentenceEmbedder
 
         self.generate = generate
         self.domains = tuple(domains)
-        self.model_id = llm_dir.name
-        kwargs = generate.engine_kwargs(
+        self.title_only = llm_dir is None
+        self.model_id = "none (title only)" if llm_dir is None else llm_dir.name
+        self.engine_kwargs = None if llm_dir is None else generate.engine_kwargs(
             llm_dir, tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
             max_model_len=args.max_model_len, dtype=args.dtype, enforce_eager=args.enforce_eager, seed=args.seed,
             extra=generate.parse_vllm_args(args.vllm_arg))
-        self.engine_kwargs = kwargs
         self._llm = llm     # started on the first prompt: a shard whose items all lack a title needs no engine
         self.embedder = SentenceEmbedder(embed_dir, batch_size=args.embed_batch_size, dtype=args.embed_dtype)
         self.plan = retry.attempt_plan(args.max_tokens, args.max_retries, args.seed)
@@ -98,6 +108,9 @@ class Enricher:
         titles = [prompts.clean_text(items.table["title"][r].as_py(), prompts.MAX_TITLE_CHARS) for r in rows]
         metas = [_metadata(items, r) for r in rows]
         with_title = [k for k, t in enumerate(titles) if t is not None]
+        if self.title_only:
+            results = [retry.title_only_result() if t is not None else retry.missing_title_result() for t in titles]
+            return Generated(shard, doms, titles, metas, results)
         conversations = [prompts.render_messages(doms[k], titles[k], metas[k]) for k in with_title]
         t0 = time.perf_counter()
         generated = self.results(conversations)
@@ -160,7 +173,9 @@ class Enricher:
         vector = pa.FixedSizeListArray.from_arrays(flat, dim)
         # The vector's status: "ok" when it was made from the title and schema-valid attributes (first try or
         # retried), else the attribute status (missing_title: domain wording only; failed: title only).
-        vec_status = pa.array([retry.OK if r.attributes is not None else r.status for r in results], pa.string())
+        # A title_only vector is what `--text title` asks for, so it is "ok" too.
+        vec_status = pa.array([retry.OK if r.attributes is not None or r.status == retry.TITLE_ONLY else r.status
+                               for r in results], pa.string())
         embeddings = pa.Table.from_arrays([item_id, domain, vector, vec_status], schema=shards.embeddings_schema(dim))
         return attributes, embeddings
 
@@ -184,7 +199,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         parse_vllm_args(args.vllm_arg)
     except ValueError as exc:
         raise JobError(str(exc)) from None
-    llm_dir = models.resolve_llm(args.model)
+    title_only = args.text == TITLE_TEXT
+    if title_only and args.model is not None:
+        raise JobError("--model with --text title: the title-only arm runs no instruct model; drop --model")
+    llm_dir = None if title_only else models.resolve_llm(args.model)
     embed_dir = models.resolve_embed(args.embed_model)
     fp = fingerprint(args, data / shards.ITEMS_FILE, llm_dir, embed_dir, domains)
     shards.check_run(out, fp, args.force)
@@ -197,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         enricher = Enricher(args, llm_dir, embed_dir, items.domains)
         titles = items.table["title"]
-        if any(prompts.clean_text(titles[int(r)].as_py(), prompts.MAX_TITLE_CHARS) for s in todo for r in s.rows):
+        if not title_only and any(prompts.clean_text(titles[int(r)].as_py(), prompts.MAX_TITLE_CHARS) for s in todo for r in s.rows):
             enricher.llm                                   # start the engine now, so its time is reported apart
         timing["engine_start_s"] = time.perf_counter() - t0
         bar = _bar(total, total - sum(s.size for s in todo))
@@ -219,11 +237,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "items": attributes.num_rows,
         "status_counts": {s: status.count(s) for s in retry.STATUSES},
         "domains": domains,
-        "model": llm_dir.name,
-        "model_dir": str(llm_dir),
+        "text": args.text,
+        "model": None if llm_dir is None else llm_dir.name,
+        "model_dir": None if llm_dir is None else str(llm_dir),
         "embed_model_dir": str(embed_dir),
         "embedding_dim": embeddings.schema.field("vector").type.list_size,
-        "embedding_text": "title + attribute fields, one 'Field: value' line each (see docs/enrich.md)",
+        "embedding_text": ("title (+ metadata) alone, no LLM: the title-only arm (see docs/enrich.md)" if title_only
+                           else "title + attribute fields, one 'Field: value' line each (see docs/enrich.md)"),
         "prompt_versions": fp["prompt_versions"],
         "schema": schema_lib.ATTRIBUTE_SCHEMA,
         "this_invocation": {**timing,

@@ -8,6 +8,8 @@ whose vectors are made from valid attributes, and the same status otherwise):
   embedding is made from the domain wording and any metadata);
 - failed: every attempt was invalid; attributes are null, raw_json keeps the last text, the embedding is made
   from title and metadata alone. Never dropped.
+- title_only: `--text title` (the ablation's title-only arm): no generation was asked for; the embedding is
+  made from title and metadata alone, and item_embeddings.arrow writes "ok" (the vector is what was asked for).
 
 Greedy decoding is deterministic, so a retry must change something. The schema bounds every string, so a
 complete object fits the first budget unless the model loops ("café-café-café-..." in multi-token
@@ -27,7 +29,8 @@ OK = "ok"
 RETRIED = "invalid_json_retried"
 MISSING_TITLE = "missing_title"
 FAILED = "failed"
-STATUSES = (OK, RETRIED, MISSING_TITLE, FAILED)
+TITLE_ONLY = "title_only"
+STATUSES = (OK, RETRIED, MISSING_TITLE, FAILED, TITLE_ONLY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,3 +112,8 @@ def run_with_retries(n: int, generate: Generate, plan: Sequence[Attempt],
 def missing_title_result() -> ItemResult:
     """The result of an item without a title: nothing generated."""
     return ItemResult(MISSING_TITLE, None, None, 0, 0, None)
+
+
+def title_only_result() -> ItemResult:
+    """The result of a titled item under `--text title`: nothing generated, by request."""
+    return ItemResult(TITLE_ONLY, None, None, 0, 0, None)

@@ -308,12 +308,18 @@ def test_run_fingerprint_survives_its_json_file(tmp_path):
     other = job.fingerprint(options.build_parser().parse_args(["--data", str(data), "--out", "o", "--max-retries", "1"]),
                             data / "items.arrow", Path("/m"), Path("/e"), ["food", "kitchen"])
     assert other["attempts"] != fp["attempts"]
+    # --text title is in the fingerprint (no instruct model); attribute runs keep their old fingerprint (resume)
+    assert "text" not in fp
+    title = job.fingerprint(options.build_parser().parse_args(["--data", str(data), "--out", "o", "--text", "title"]),
+                            data / "items.arrow", None, Path("/e"), ["food", "kitchen"])
+    assert title["text"] == "title" and title["model_dir"] is None and json.loads(json.dumps(title)) == title
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--vllm-arg", "novalue"], "--vllm-arg 'novalue': expected KEY=VALUE"),
     (["--domains", "toys"], "--domains 'toys': not in items.arrow"),
     (["--limit", "0"], "--limit 0: expected a positive integer"),
+    (["--text", "title", "--model", "/x"], "--model with --text title: the title-only arm runs no instruct model"),
 ])
 def test_job_reports_bad_options_in_one_line_before_starting_vllm(tmp_path, capsys, extra, message):
     from enrich import job

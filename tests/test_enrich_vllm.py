@@ -228,3 +228,45 @@ def test_items_without_titles_get_the_documented_fallback(tmp_path):
     vectors = np.stack(embeddings["vector"].to_numpy(zero_copy_only=False))
     assert np.all(np.isfinite(vectors)) and np.allclose(vectors[0], vectors[1])
     assert not np.allclose(vectors[0], vectors[2])
+
+
+def test_title_only_arm_embeds_the_raw_title_without_an_llm(tmp_path):
+    """`--text title` (the ablation's title-only arm): no instruct model runs; a titled item's vector is the
+    sentence encoder's vector of "Title: <title>" (status title_only, vector status ok), an untitled one keeps
+    the missing_title fallback; the summary says which text was embedded."""
+    venv = _venv()
+    from fedscope_jax.data.canonical import items_table
+    from fedscope_jax.utils.io import write_arrow
+
+    data = tmp_path / "data"
+    data.mkdir()
+    titles = ["Stainless Steel Garlic Press", None, "Organic Dark Roast Coffee Beans, 2 lb"]
+    write_arrow(items_table(["kitchen", "food"], np.array([0, 0, 1]), np.array([0, 1, 0]), ["K1", "K2", "F1"],
+                            titles), data / "items.arrow")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fedscope_jax", "enrich", "--data", str(data), "--out", str(out),
+                           "--text", "title"], env=dict(os.environ, FEDSCOPE_NO_PROGRESS="1"), capture_output=True,
+                          text=True, timeout=JOB_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    attributes = read_arrow(out / "attributes.arrow")
+    embeddings = read_arrow(out / "item_embeddings.arrow")
+    assert attributes["status"].to_pylist() == [retry.TITLE_ONLY, retry.MISSING_TITLE, retry.TITLE_ONLY]
+    assert attributes["attempts"].to_pylist() == [0, 0, 0] and attributes["generated_tokens"].to_pylist() == [0] * 3
+    assert all(attributes[f].null_count == 3 for f in schema_lib.FIELDS)
+    assert embeddings["status"].to_pylist() == [retry.OK, retry.MISSING_TITLE, retry.OK]
+    summary = json.loads((out / "enrich.json").read_text())
+    assert summary["text"] == "title" and summary["model"] is None
+    assert summary["this_invocation"]["generated_tokens"] == 0
+
+    # the same encoder on the bare title text, computed apart in the enrichment environment
+    script = ("import json, sys; from enrich.embed import SentenceEmbedder; from enrich.models import "
+              "default_embed_dir; v = SentenceEmbedder(default_embed_dir()).embed(json.loads(sys.argv[1])); "
+              "print(json.dumps(v.tolist()))")
+    texts = ["Title: " + titles[0], "Title: " + titles[2]]
+    ref = subprocess.run([str(venv / "bin" / "python"), "-c", script, json.dumps(texts)], cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    expected = np.asarray(json.loads(ref.stdout.strip().splitlines()[-1]), np.float32)
+    vectors = np.stack(embeddings["vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(vectors[[0, 2]], expected, atol=2e-2)
+    assert float(vectors[0] @ expected[0]) > 0.999 and float(vectors[0] @ expected[1]) < 0.9
