@@ -101,6 +101,38 @@ def test_semantic_fusion_only_touches_items_with_a_vector():
         item_repr(p, CFG, 0, jnp.array([1, 2]))
 
 
+def test_without_item_ids_an_item_is_its_vector_and_the_rest_share_one():
+    """model.item_ids=off: no per-item parameter (no item_emb), an item with a vector is the fusion MLP
+    of that vector alone (two items with equal vectors are equal), every item without one is the domain's
+    unknown vector, and no gradient has a per-item row."""
+    rng = np.random.default_rng(7)
+    sem = _semantic(rng)
+    vec = np.asarray(sem[0]["vectors"]).copy()
+    mask = np.asarray(sem[0]["mask"]) > 0
+    a, b = np.flatnonzero(mask)[:2]
+    vec[b] = vec[a]
+    sem = [{"vectors": jnp.array(vec), "mask": sem[0]["mask"]}, sem[1]]
+    cfg = dataclasses.replace(CFG, item_ids="off")
+    p = init_params(jax.random.key(1), cfg, N_ITEMS, sem)
+    tower = p["domain_0"]
+    assert "item_emb" not in tower and tower["unknown_emb"].shape == (CFG.dim,)
+    assert tower["fuse_in"]["kernel"].shape == (6, 8)        # the vector alone, no ID half
+    reps = np.asarray(all_item_repr(p, cfg, 0, sem))
+    np.testing.assert_allclose(reps[b], reps[a], atol=1e-6)
+    np.testing.assert_allclose(reps[~mask], np.broadcast_to(tower["unknown_emb"], reps[~mask].shape), atol=1e-6)
+    assert np.abs(reps[mask] - np.asarray(tower["unknown_emb"])).min() > 1e-4
+    grads = jax.jit(jax.grad(lambda q: loss_fn(q, _batch(rng), jax.random.key(0), cfg, True, sem)[0]))(p)
+    sizes = {"/".join(str(getattr(k, "key", k)) for k in path): int(np.size(g))
+             for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    assert not any("item_emb" in k for k in sizes) and sum(sizes.values()) < sum(
+        int(np.size(g)) for g in jax.tree.leaves(init_params(jax.random.key(1), CFG, N_ITEMS, sem)))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+    with pytest.raises(Exception, match="model.item_ids=off .* --attributes"):
+        init_params(jax.random.key(1), cfg, N_ITEMS)
+    with pytest.raises(Exception, match="model.item_ids"):
+        ModelConfig(item_ids="frozen")
+
+
 def test_iidcl_gradients_finite_and_zero_at_weight_zero(params):
     batch = _batch(np.random.default_rng(4))
     key = jax.random.key(5)

@@ -116,6 +116,30 @@ def test_semantic_attributes_feed_the_fusion_mlp(tiny, capsys):
     assert "books" in capsys.readouterr().err
 
 
+def test_a_federated_run_without_item_ids_trains_checkpoints_and_scores(tiny, capsys):
+    """model.item_ids=off end to end: a federated run trains, checkpoints (no zero-size or per-item array)
+    and scores; its params hold no item table; without item vectors it stops with a one-line error."""
+    from flax import serialization
+
+    root, ds = tiny
+    emb = _embeddings(root / "enrich-off", ds)
+    run = root / "fed-off"
+    assert main(["train", "--mode", "federated", "--data", str(ds.path), "--out", str(run), "--attributes", str(emb),
+                 "--clients", "2", "--rounds", "2", "--eval-every", "1", "--privacy", "off",
+                 *_sets(["model.item_ids=off"])]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["training"]["rounds_run"] == 2
+    for d in ds.domains:
+        assert 0.0 <= summary["test"][d]["NDCG@10"] <= 1.0
+    params = serialization.msgpack_restore((run / "params.msgpack").read_bytes())
+    assert all("item_emb" not in tower and "unknown_emb" in tower for tower in params.values())
+    capsys.readouterr()
+    assert main(["train", "--mode", "federated", "--data", str(ds.path), "--out", str(root / "fed-off-2"),
+                 "--clients", "2", "--rounds", "1", "--privacy", "off", *_sets(["model.item_ids=off"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.item_ids=off" in err and "--attributes" in err and "\n" not in err
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(FedscopeError, match="model.loss.rec"):
         load_config(None, ["model.loss.rec=softmax"])

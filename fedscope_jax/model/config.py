@@ -48,6 +48,12 @@ class LossConfig:
                 raise FedscopeError(f"model.loss.{name}={getattr(self, name)}; expected a share in [0, 1]")
 
 
+# model.item_ids: "train" = each item has a trained ID embedding (fused with its semantic vector when it has one);
+# "off" = no per-item parameter: an item is the fusion MLP of its public semantic vector, and every item without
+# one shares the domain's trained "unknown item" vector (fewer private dimensions under DP; docs/model.md).
+ITEM_IDS = ("train", "off")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """SASRec-style encoder per domain (paper-like defaults) plus optional semantic fusion, and its losses."""
@@ -58,6 +64,7 @@ class ModelConfig:
     dropout: float = 0.3
     max_len: int = 50
     fusion_hidden: int = 64     # hidden width of the [ID ; semantic] fusion MLP
+    item_ids: str = "train"     # "train": a trained ID embedding per item; "off": items from their public vectors
     loss: LossConfig = LossConfig()
 
     def __post_init__(self) -> None:
@@ -65,6 +72,8 @@ class ModelConfig:
             raise FedscopeError("model.dim, blocks, heads, max_len, fusion_hidden must be >= 1")
         if self.dim % self.heads:
             raise FedscopeError(f"model.dim={self.dim} must be divisible by model.heads={self.heads}")
+        if self.item_ids not in ITEM_IDS:
+            raise FedscopeError(f"model.item_ids={self.item_ids!r}; expected one of {', '.join(ITEM_IDS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise FedscopeError(f"model.dropout={self.dropout}; expected 0 <= dropout < 1")
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from fedscope_jax.errors import FedscopeError
 from fedscope_jax.model.config import ModelConfig
 from fedscope_jax.model.network import DomainTower, SemanticTable
 
@@ -22,19 +23,34 @@ def domain_key(d: int) -> str:
     return f"domain_{d}"
 
 
-def _tower(params: Params, config: ModelConfig, d: int) -> DomainTower:
-    p = params[domain_key(d)]
-    n_items = p["item_emb"].shape[0] - 1
-    semantic_dim = p["fuse_in"]["kernel"].shape[0] - config.dim if "fuse_in" in p else 0
-    return DomainTower(n_items=n_items, cfg=config, semantic_dim=semantic_dim)
-
-
 def _sem(semantic: Semantic, d: int) -> SemanticTable | None:
     return None if semantic is None else semantic[d]
 
 
+def n_items(params: Params, d: int, semantic: Semantic = None) -> int:
+    """Domain d's item count N: the ID table's rows - 1, or (model.item_ids=off) the semantic table's."""
+    p = params[domain_key(d)]
+    if "item_emb" in p:
+        return p["item_emb"].shape[0] - 1
+    sem = _sem(semantic, d)
+    if sem is None:
+        raise ValueError("a model without item IDs (model.item_ids='off') needs its semantic tables")
+    return sem["mask"].shape[0] - 1
+
+
+def _tower(params: Params, config: ModelConfig, d: int, semantic: Semantic = None) -> DomainTower:
+    p = params[domain_key(d)]
+    id_dim = p["item_emb"].shape[1] if "item_emb" in p else 0
+    semantic_dim = p["fuse_in"]["kernel"].shape[0] - id_dim if "fuse_in" in p else 0
+    count = n_items(params, d, semantic) if "item_emb" in p or semantic is not None else 0
+    return DomainTower(n_items=count, cfg=config, semantic_dim=semantic_dim)
+
+
 def init_params(key: jax.Array, config: ModelConfig, n_items: Sequence[int], semantic: Semantic = None) -> Params:
     """Initial parameters for len(n_items) domains; a domain gets a fusion MLP iff it has a semantic table."""
+    if config.item_ids == "off" and (semantic is None or any(s is None for s in semantic)):
+        raise FedscopeError("model.item_ids=off represents every item by its semantic vector: give the item "
+                            "vectors (--attributes DIR with item_embeddings.arrow), or use model.item_ids=train")
     params = {}
     for d, (k, n) in enumerate(zip(jax.random.split(key, len(n_items)), n_items)):
         sem = _sem(semantic, d)
@@ -50,7 +66,7 @@ def encode(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, semant
     """float32 [B, L, dim]: domain d's encoder outputs for left-padded shifted ids [B, L] (key: dropout).
 
     keep: optional bool [B, L], False where an item is masked (zero mask token; losses/seqcl.py)."""
-    tower = _tower(params, config, d)
+    tower = _tower(params, config, d, semantic)
     rngs = {"dropout": key} if train else {}
     if train and key is None:
         raise ValueError("encode(train=True) needs a dropout key")
@@ -60,11 +76,10 @@ def encode(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, semant
 
 def item_repr(params: Params, config: ModelConfig, d: int, ids: jnp.ndarray, semantic: Semantic = None) -> jnp.ndarray:
     """float32 [..., dim]: domain d's item representations (fused when it has semantic vectors) of shifted ids."""
-    tower = _tower(params, config, d)
+    tower = _tower(params, config, d, semantic)
     return tower.apply({"params": params[domain_key(d)]}, ids, _sem(semantic, d), method=DomainTower.items)
 
 
 def all_item_repr(params: Params, config: ModelConfig, d: int, semantic: Semantic = None) -> jnp.ndarray:
     """float32 [N+1, dim]: every item of domain d (row 0 = padding)."""
-    n = params[domain_key(d)]["item_emb"].shape[0]
-    return item_repr(params, config, d, jnp.arange(n), semantic)
+    return item_repr(params, config, d, jnp.arange(n_items(params, d, semantic) + 1), semantic)

@@ -54,6 +54,8 @@ class DomainTower(nn.Module):
 
     Item representation: e_i = E[i] + m_i * MLP([E[i] ; s_i]) where s_i is the item's semantic vector and
     m_i in {0, 1} says whether it has one; without a semantic table (semantic_dim = 0) e_i = E[i].
+    With cfg.item_ids "off" there is no E: e_i = m_i * MLP(s_i) + (1 - m_i) * u, with u the domain's one
+    trained "unknown item" vector (the item count then comes from the semantic table).
     """
 
     n_items: int
@@ -62,7 +64,14 @@ class DomainTower(nn.Module):
 
     def setup(self) -> None:
         d = self.cfg.dim
-        self.item_emb = self.param("item_emb", nn.initializers.normal(d ** -0.5), (self.n_items + 1, d))
+        ids = self.cfg.item_ids == "train"
+        if not ids and not self.semantic_dim:
+            raise ValueError("model.item_ids='off' represents items by their semantic vectors: pass the semantic "
+                             "tables (--attributes)")
+        if ids:
+            self.item_emb = self.param("item_emb", nn.initializers.normal(d ** -0.5), (self.n_items + 1, d))
+        else:
+            self.unknown_emb = self.param("unknown_emb", nn.initializers.normal(d ** -0.5), (d,))
         self.pos_emb = self.param("pos_emb", nn.initializers.normal(d ** -0.5), (self.cfg.max_len, d))
         self.blocks = [Block(self.cfg, name=f"block_{i}") for i in range(self.cfg.blocks)]
         self.ln_out = nn.LayerNorm(name="ln_out")
@@ -73,15 +82,18 @@ class DomainTower(nn.Module):
 
     def items(self, ids: jnp.ndarray, semantic: SemanticTable | None) -> jnp.ndarray:
         """float32 [..., d]: representations of shifted item ids (any shape)."""
+        if semantic is None and self.semantic_dim:
+            raise ValueError("this model was built with semantic fusion; pass its semantic table")
+        if self.cfg.item_ids == "off":   # the item is its vector's MLP, or the domain's unknown vector
+            s = jnp.take(semantic["vectors"], ids, axis=0)
+            m = jnp.take(semantic["mask"], ids, axis=0)[..., None]
+            return jnp.where(m > 0, self.fuse_out(nn.gelu(self.fuse_in(s))), self.unknown_emb)
         e = jnp.take(self.item_emb, ids, axis=0)
         if not self.semantic_dim:
             return e
-        if semantic is None:
-            raise ValueError("this model was built with semantic fusion; pass its semantic table")
         s = jnp.take(semantic["vectors"], ids, axis=0)
-        m = jnp.take(semantic["mask"], ids, axis=0)
-        f = self.fuse_out(nn.gelu(self.fuse_in(jnp.concatenate([e, s], axis=-1))))
-        return e + m[..., None] * f
+        m = jnp.take(semantic["mask"], ids, axis=0)[..., None]
+        return e + m * self.fuse_out(nn.gelu(self.fuse_in(jnp.concatenate([e, s], axis=-1))))
 
     def all_items(self, semantic: SemanticTable | None) -> jnp.ndarray:
         """float32 [N+1, d]: every item's representation (row 0 is padding)."""

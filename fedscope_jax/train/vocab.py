@@ -10,7 +10,8 @@ S x M), so the round keeps one program shape. The semantic tables, which are con
 read through the client's vocabulary (`model.objective.loss_fn` reads batch["vocab"]).
 
 Not used where a client's update must cover every row: the full softmax (every item is a candidate), the
-user unit of DP (its per-step noise must reach every row), and secure aggregation (dense vectors).
+user unit of DP (its per-step noise must reach every row), and secure aggregation (dense vectors); nor
+without item IDs (`model.item_ids=off`: there are no per-item rows to train).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ NEGATIVES_TAG = 0x0E6A   # seeds a client's host-drawn negatives apart from its 
 
 def uses_local_vocab(cfg: Any) -> bool:
     """Whether the federated client trains local item vocabularies (see the module docstring)."""
-    return cfg.model.loss.rec != "full" and cfg.privacy.unit != "user" and not cfg.privacy.secagg
+    return (cfg.model.loss.rec != "full" and cfg.privacy.unit != "user" and not cfg.privacy.secagg
+            and cfg.model.item_ids == "train")
 
 
 def sparse_tables(n_domains: int) -> tuple[SparseTable, ...]:
