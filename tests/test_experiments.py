@@ -431,3 +431,59 @@ def test_compile_cache_reads_back_a_program_dropped_from_memory(tmp_path, monkey
         assert jnp.array_equal(jax.jit(f)(x), y) and compiles["cache_hits"] >= 1
     with runner.persistent_compile_cache(None) as (cache, _):
         assert cache["enabled"] == bool(before[0])
+
+
+def test_the_title_only_arm_reads_the_title_vectors_or_is_not_run(tmp_path, monkeypatch):
+    """The ablation's title-only arm (method vectors "title") trains on the vectors of --title-root, mapped
+    through the subset's item_map like the LLM vectors, and FedSCOPE keeps its own (none here); without
+    --title-root its cells are listed as not run (never trained ID-only under its name) and the report says so."""
+    import numpy as np
+    import pyarrow as pa
+
+    from fedscope_jax.cli import main
+    from fedscope_jax.experiments import report, runner
+    from fedscope_jax.utils.io import write_arrow
+
+    title_root = tmp_path / "titles"
+    (title_root / "abxi-food-kitchen").mkdir(parents=True)
+    n = 3000   # vectors for the first items of each domain of the full prepared dataset (ids 0..n-1)
+    rng = np.random.default_rng(0)
+    write_arrow(pa.table({"item_id": pa.array(list(range(n)) * 2, pa.int32()),
+                          "domain": pa.array(["food"] * n + ["kitchen"] * n),
+                          "vector": pa.FixedSizeListArray.from_arrays(
+                              pa.array(rng.normal(size=2 * n * 4).astype(np.float32)), 4),
+                          "status": pa.array(["ok"] * (2 * n))}),
+                title_root / "abxi-food-kitchen" / "item_embeddings.arrow")
+    calls: dict[str, tuple] = {}
+
+    def fake_run_cell(cell, cell_dir, ds, semantic, coverage, label, *rest):
+        calls[cell.method] = (semantic, coverage, label)
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        (cell_dir / "summary.json").write_text("{}")
+        return True
+
+    monkeypatch.setattr(runner, "release_programs", lambda: None)
+    monkeypatch.setattr(report, "write_report", lambda root, out, benchmark=None: out / "report.md")
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    args = ["reproduce", "--profile", "quick", "--dry-run", "--smoke", "--studies", "ablation", "--datasets",
+            "abxi-food-kitchen", "--data-root", str(real_dataset("abxi-food-kitchen").parent)]
+    assert main([*args, "--out", str(tmp_path / "with"), "--title-root", str(title_root)]) == 0
+    semantic, coverage, label = calls["fedscope_title"]
+    assert semantic is not None and label == str(title_root / "abxi-food-kitchen" / "item_embeddings.arrow")
+    assert 0 < coverage["food"]["with_vector"] <= coverage["food"]["items"]
+    assert calls["fedscope"][0] is None and calls["fedscope"][2].startswith("none (no --attributes-root")
+    plan = json.loads((tmp_path / "with" / "dry-run" / "plan.json").read_text())
+    assert plan["title_root"] == str(title_root) and "not_run" not in plan["studies"]["ablation"]
+
+    calls.clear()
+    assert main([*args, "--out", str(tmp_path / "without")]) == 0
+    assert "fedscope_title" not in calls and "fedscope" in calls
+    plan = json.loads((tmp_path / "without" / "dry-run" / "plan.json").read_text())
+    info = plan["studies"]["ablation"]
+    assert [r["method"] for r in info["not_run"]] == ["fedscope_title"]
+    assert info["not_run"][0]["why"].startswith("none (no --title-root")
+    assert not any("/fedscope_title/" in rel for rel in info["cells"])
+    (tmp_path / "rep").mkdir()
+    lines = "\n".join(report._study_section(tmp_path / "without" / "dry-run", tmp_path / "rep", "ablation",
+                                            {**info, "cells": []}, plan))
+    assert "1 cell(s) not run" in lines and "`fedscope_title` on abxi-food-kitchen: none (no --title-root" in lines

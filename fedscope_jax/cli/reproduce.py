@@ -29,6 +29,9 @@ def add_parser(subparsers: Any) -> None:
                    "$FEDSCOPE_SHARED_DATA, else ../shared/data beside this checkout)")
     p.add_argument("--attributes-root", metavar="DIR", help="enrichment outputs, one folder per dataset holding "
                    "item_embeddings.arrow; without it FedSCOPE runs ID-only and the report says so")
+    p.add_argument("--title-root", metavar="DIR", help="title-only item vectors (`fedscope enrich --text title`), "
+                   "one folder per dataset holding item_embeddings.arrow: the ablation's title-only arm; without "
+                   "it that arm is not run and the report says so")
     p.add_argument("--dry-run", action="store_true", help="check every cell's config and run each study's cells "
                    "with a tiny budget (1 round / 1 epoch, tiny model, 120 users, one seed) under OUT/dry-run")
     p.add_argument("--smoke", action="store_true", help="run only the first cell of each study's methods and of each "
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
                    Path(args.attributes_root) if args.attributes_root else None, args.dry_run,
                    tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else None,
                    args.smoke, args.compile_cache,
-                   Path(args.compile_cache_dir) if args.compile_cache_dir else None)
+                   Path(args.compile_cache_dir) if args.compile_cache_dir else None,
+                   Path(args.title_root) if args.title_root else None)
     if args.calibrate and not args.inventory:
         raise FedscopeError("--calibrate FILE: only with --inventory (it prices the counted steps)")
     if args.inventory:

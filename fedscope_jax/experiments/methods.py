@@ -1,7 +1,9 @@
 """The compared methods, defined once: how each one trains (mode) and what it changes in the RunConfig.
 
 A study config names methods; a cell's RunConfig is profile overrides + DP setting + the method's overrides.
-`attributes`: whether the method reads the LLM attribute vectors (item_embeddings.arrow) when they exist.
+`vectors`: which item vectors the method reads: "llm" (the LLM attribute vectors of `--attributes-root`, when
+they exist), "title" (the raw titles' vectors of `--title-root`, `fedscope enrich --text title`: the ablation's
+title-only arm; its cells are not run without them) or "none" (ID only).
 `dp_mode`: the FedAvg baselines and the uniform-DP ablation run DP with one budget for every client
 (privacy mode "uniform", i.e. DP-FedAvg with local noise) at the cell's epsilon; FedSCOPE uses the cell's mode.
 `dp`: "any" (federated: runs with and without DP), "none" (DP does not apply: local-only training shares
@@ -16,6 +18,7 @@ from fedscope_jax.errors import FedscopeError
 
 MODES = ("federated", "local", "centralized")
 DP_RULES = ("any", "none", "required")
+VECTORS = ("llm", "title", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +29,7 @@ class Method:
     label: str
     mode: str
     overrides: tuple[tuple[str, str], ...] = ()
-    attributes: bool = True
+    vectors: str = "llm"
     dp: str = "any"
     dp_mode: str | None = None   # the privacy mode this method uses when a cell has DP on (None: the cell's)
     note: str = ""
@@ -36,8 +39,8 @@ class Method:
         return tuple(f"{k}={v}" for k, v in self.overrides)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES or self.dp not in DP_RULES:
-            raise ValueError(f"method {self.name}: bad mode {self.mode!r} or dp {self.dp!r}")
+        if self.mode not in MODES or self.dp not in DP_RULES or self.vectors not in VECTORS:
+            raise ValueError(f"method {self.name}: bad mode {self.mode!r}, dp {self.dp!r} or vectors {self.vectors!r}")
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -45,15 +48,18 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            note="federated, LLM attributes (when enriched), intra + inter contrastive terms, personalized DP"),
     Method("local", "Local-only", "local",
            dp="none", note="the FedSCOPE model trained by each client on its own data alone; nothing is shared"),
-    Method("fedsasrec", "FedSASRec", "federated", (("model.loss.alpha", "0"),), attributes=False, dp_mode="uniform",
+    Method("fedsasrec", "FedSASRec", "federated", (("model.loss.alpha", "0"),), vectors="none", dp_mode="uniform",
            note="FedAvg of SASRec: no attributes, no contrastive terms"),
     Method("fedcl4srec", "FedCL4SRec", "federated",
-           (("model.loss.alpha", "0"), ("model.loss.seqcl_weight", "0.1")), attributes=False, dp_mode="uniform",
+           (("model.loss.alpha", "0"), ("model.loss.seqcl_weight", "0.1")), vectors="none", dp_mode="uniform",
            note="FedSASRec plus the CL4SRec-style sequence contrastive term (weight 0.1)"),
-    Method("centralized", "Centralized SASRec", "centralized", (("model.loss.alpha", "0"),), attributes=False,
+    Method("centralized", "Centralized SASRec", "centralized", (("model.loss.alpha", "0"),), vectors="none",
            dp="none", note="SASRec on the pooled data: the non-private upper bound"),
-    Method("fedscope_wo_llm", "w/o LLM", "federated", attributes=False,
+    Method("fedscope_wo_llm", "w/o LLM", "federated", vectors="none",
            note="FedSCOPE without the attribute vectors (ID embeddings only)"),
+    Method("fedscope_title", "title only", "federated", vectors="title",
+           note="FedSCOPE with vectors of the raw titles (the same sentence encoder, no LLM) in place of the LLM "
+                "attribute vectors: what the LLM adds beyond embedding the title"),
     Method("fedscope_wo_intra", "w/o intra", "federated", (("model.loss.lambda_intra", "0"),),
            note="FedSCOPE without the intra-domain contrastive term"),
     Method("fedscope_wo_inter", "w/o inter", "federated", (("model.loss.lambda_inter", "0"),),

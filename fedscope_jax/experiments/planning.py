@@ -13,6 +13,7 @@ from fedscope_jax.data.canonical import load_dataset
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.experiments.cells import DRY_RUN_USERS, Cell, expand, run_config
 from fedscope_jax.experiments.datasets import DATASETS, dataset_for, semantic_for
+from fedscope_jax.experiments.methods import METHODS
 from fedscope_jax.experiments.spec import Study
 
 __all__ = ["CellData", "Options", "TRAINERS", "plan", "trainer"]
@@ -52,6 +53,7 @@ class Options:
     smoke: bool = False    # keep the first cell of each (study, method) and of each privacy unit: a fast plumbing check
     compile_cache: bool = True   # JAX's persistent compilation cache (compile_cache_dir)
     compile_cache_root: Path | None = None   # where that cache lives (None: OUT/cache/xla)
+    title_root: Path | None = None   # title-only item vectors (`fedscope enrich --text title`), one folder per dataset
 
 
 def plan(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> dict[str, list[Cell]]:
@@ -102,7 +104,23 @@ class CellData:
     def __init__(self, opts: Options):
         self.opts = opts
         self.loaded: dict[tuple[str, int, int], tuple[Path, Any, Any, Any, str]] = {}
+        self.titles: dict[tuple[str, int, int], tuple[Any, Any, str]] = {}
         self.facts: dict[str, dict[str, Any]] = {}
+
+    def for_cell(self, study: Study, cell: Cell) -> tuple[tuple[Path, Any, Any, Any, str], str | None]:
+        """((dataset dir, dataset, semantic, coverage, label), why not run or None) of a cell: the LLM
+        attribute vectors (the label keys every cell's directory), or for the title-only arm (method vectors
+        "title") the vectors of --title-root; without them that arm's cells are not run (never ID-only under
+        its name)."""
+        path, ds, semantic, coverage, label = self.get(study, cell.dataset)
+        if METHODS[cell.method].vectors != "title":
+            return (path, ds, semantic, coverage, label), None
+        key = (cell.dataset, *_limits(study, cell.dataset, self.opts))
+        if key not in self.titles:
+            sem, cov, why = semantic_for(path, ds, self.opts.title_root, cell.dataset)
+            self.titles[key] = (sem, cov, why.replace("--attributes-root", "--title-root"))
+        sem, cov, title_label = self.titles[key]
+        return (path, ds, sem, cov, title_label), (title_label if sem is None else None)
 
     def get(self, study: Study, name: str) -> tuple[Path, Any, Any, Any, str]:
         users, items = _limits(study, name, self.opts)

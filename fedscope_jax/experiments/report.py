@@ -56,7 +56,9 @@ def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None
                   f"device(s), {hw.get('cpu_cores', '?')} CPU cores), jax {hw.get('jax', '?')}",
                   _status_line(plan),
                   f"- attributes root: {plan.get('attributes_root') or 'none given: FedSCOPE ran ID-only '}"
-                  + ("" if plan.get("attributes_root") else "(column 'attributes' = none)"), "",
+                  + ("" if plan.get("attributes_root") else "(column 'attributes' = none)"),
+                  f"- title root (the ablation's title-only arm): {plan.get('title_root') or 'none given: that arm not run'}",
+                  "",
                   f"Metrics: test split, leave-one-out; HR@10 / NDCG@10 / MRR rank the target against {neg} sampled "
                   "negatives (the 'sampled' protocol; `eval.num_negatives`), '(full)' against every item the user "
                   "never interacted with in the domain. Cells: mean ± sample std over seeds. DP 'n/a': DP does "
@@ -191,6 +193,11 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
     failed = {k: v for k, v in plan.get("failed", {}).items() if k in set(info.get("cells", []))}
     if failed:
         lines += [f"**{len(failed)} cell(s) FAILED**:", ""] + [f"- `{k}`: {v}" for k, v in failed.items()] + [""]
+    not_run = info.get("not_run", [])
+    if not_run:   # the title-only arm without --title-root: never run ID-only under its name
+        arms = sorted({(r["method"], r["dataset"], r["why"]) for r in not_run})
+        lines += [f"**{len(not_run)} cell(s) not run**:", ""] + [
+            f"- `{m}` on {d}: {why}" for m, d, why in arms] + [""]
     if missing:
         lines += [f"**{len(missing)} cell(s) not finished**: " + ", ".join(f"`{m}`" for m in missing[:10])
                   + (" ..." if len(missing) > 10 else ""), ""]

@@ -55,6 +55,7 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
     data = CellData(opts)
     record: dict[str, Any] = {"profile": opts.profile, "dry_run": opts.dry_run, "data_root": str(opts.data_root),
                               "attributes_root": str(opts.attributes_root) if opts.attributes_root else None,
+                              "title_root": str(opts.title_root) if opts.title_root else None,
                               "hardware": hardware(), "data": data.facts, "studies": {}}
     todo = []
     for name, cells in cells_of.items():
@@ -64,7 +65,11 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
                                    "datasets": [d for d in study.datasets_for(opts.profile)
                                                 if opts.datasets is None or d in opts.datasets], "cells": []}
         for cell in cells:
-            path, ds, semantic, coverage, label = data.get(study, cell.dataset)
+            (path, ds, semantic, coverage, label), why = data.for_cell(study, cell)
+            if why is not None:
+                record["studies"][name].setdefault("not_run", []).append(
+                    {"method": cell.method, "dataset": cell.dataset, "seed": cell.seed, "why": why})
+                continue
             cell_dir = root / "runs" / cell.relative_dir(str(path), label)
             record["studies"][name]["cells"].append(str(cell_dir.relative_to(root)))
             todo.append((study, cell, cell_dir, (ds, semantic, coverage, label, path)))
@@ -294,8 +299,8 @@ def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, 
     writes cell.json last."""
     cfg = run_config(cell, str(study.path))
     method = METHODS[cell.method]
-    sem = semantic if method.attributes else None
-    attributes = label if method.attributes else "none (method uses no attributes)"
+    sem = semantic if method.vectors != "none" else None
+    attributes = label if method.vectors != "none" else "none (method uses no attributes)"
     ident = {**cell.identity(), "attributes": attributes, "semantic_coverage": coverage if sem is not None else None,
              "dataset_dir": str(dataset_dir), "overrides": list(cell.overrides)}
     if cell.mode == "sweep":
