@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(data)
     attributes = args.attributes or raw.get("attributes")
     semantic = None
-    if attributes:
-        from fedscope_jax.model.semantic import load_semantic
-        semantic, _ = load_semantic(attributes, ds.domains, ds.n_items)
+    if attributes and not str(attributes).startswith("none"):   # a reproduction cell records "none (why)"
+        from fedscope_jax.experiments.datasets import semantic_tables
+        semantic, _ = semantic_tables(attributes, data, ds)
     target = init_params(jax.random.key(0), cfg.model, ds.n_items, semantic)
     blob = (run_dir / "params.msgpack")
     if raw.get("mode") == "local" and not blob.is_file():

@@ -66,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data)
     semantic, coverage = None, None
     if args.attributes:
-        from fedscope_jax.model.semantic import load_semantic
+        from fedscope_jax.experiments.datasets import semantic_tables
 
-        semantic, coverage = load_semantic(args.attributes, ds.domains, ds.n_items)
+        semantic, coverage = semantic_tables(args.attributes, args.data, ds)
     extra = {"data": str(args.data), "attributes": args.attributes, "semantic_coverage": coverage,
              "mode": "federated"}
     summaries = run_sweep(ds, cfg, modes, epsilons, seeds, args.out, semantic=semantic, force=args.force,
