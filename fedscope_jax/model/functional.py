@@ -27,7 +27,7 @@ def _sem(semantic: Semantic, d: int) -> SemanticTable | None:
     return None if semantic is None else semantic[d]
 
 
-def n_items(params: Params, d: int, semantic: Semantic = None) -> int:
+def item_count(params: Params, d: int, semantic: Semantic = None) -> int:
     """Domain d's item count N: the ID table's rows - 1, or (model.item_ids=off) the semantic table's."""
     p = params[domain_key(d)]
     if "item_emb" in p:
@@ -42,7 +42,7 @@ def _tower(params: Params, config: ModelConfig, d: int, semantic: Semantic = Non
     p = params[domain_key(d)]
     id_dim = p["item_emb"].shape[1] if "item_emb" in p else 0
     semantic_dim = p["fuse_in"]["kernel"].shape[0] - id_dim if "fuse_in" in p else 0
-    count = n_items(params, d, semantic) if "item_emb" in p or semantic is not None else 0
+    count = item_count(params, d, semantic) if "item_emb" in p or semantic is not None else 0
     return DomainTower(n_items=count, cfg=config, semantic_dim=semantic_dim)
 
 
@@ -82,4 +82,4 @@ def item_repr(params: Params, config: ModelConfig, d: int, ids: jnp.ndarray, sem
 
 def all_item_repr(params: Params, config: ModelConfig, d: int, semantic: Semantic = None) -> jnp.ndarray:
     """float32 [N+1, dim]: every item of domain d (row 0 = padding)."""
-    return item_repr(params, config, d, jnp.arange(n_items(params, d, semantic) + 1), semantic)
+    return item_repr(params, config, d, jnp.arange(item_count(params, d, semantic) + 1), semantic)

@@ -18,7 +18,7 @@ from fedscope_jax.losses.rec import next_item_loss
 from fedscope_jax.losses.seqcl import augment, nt_xent
 from fedscope_jax.model.config import ModelConfig
 from fedscope_jax.model.functional import Params, Semantic, all_item_repr, domain_key, encode, item_repr
-from fedscope_jax.model.functional import n_items as domain_items
+from fedscope_jax.model.functional import item_count
 
 
 def _candidates(params: Params, config: ModelConfig, d: int, target: jnp.ndarray, key: jax.Array,
@@ -26,7 +26,7 @@ def _candidates(params: Params, config: ModelConfig, d: int, target: jnp.ndarray
     """Shared candidate ids [M] and their representations for domain d's next-item loss. neg: the step's
     negatives drawn on the host ([D, M], train/vocab.py), used instead of drawing them here."""
     lc = config.loss
-    n_items = domain_items(params, d, semantic)
+    n_items = item_count(params, d, semantic)
     if lc.rec == "full":
         return jnp.arange(n_items + 1), all_item_repr(params, config, d, semantic)
     if lc.rec == "sampled" and neg is not None:
