@@ -127,7 +127,7 @@ def test_without_item_ids_an_item_is_its_vector_and_the_rest_share_one():
     assert not any("item_emb" in k for k in sizes) and sum(sizes.values()) < sum(
         int(np.size(g)) for g in jax.tree.leaves(init_params(jax.random.key(1), CFG, N_ITEMS, sem)))
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
-    with pytest.raises(Exception, match="model.item_ids=off .* --attributes"):
+    with pytest.raises(Exception, match="model.item_ids=off .*--attributes"):
         init_params(jax.random.key(1), cfg, N_ITEMS)
     with pytest.raises(Exception, match="model.item_ids"):
         ModelConfig(item_ids="frozen")
