@@ -50,7 +50,8 @@ def test_main_cells_dp_rules_and_methods():
     dp = run_config(by[("abxi-food-kitchen", "fedscope", "personalized-user-eps8", 1)], "main")
     assert dp.privacy.mode == "personalized" and dp.privacy.epsilon == 8 and dp.train.seed == 1
     assert dp.privacy.unit == "user"                                          # the DP cells: user-level
-    assert not METHODS["fedsasrec"].attributes and METHODS["fedscope"].attributes
+    assert METHODS["fedsasrec"].vectors == "none" and METHODS["fedscope"].vectors == "llm"
+    assert METHODS["fedscope_title"].vectors == "title"
 
 
 def test_ablation_and_clients_variants():
