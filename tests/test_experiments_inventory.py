@@ -142,7 +142,7 @@ def test_reproduce_inventory_counts_every_study_without_training(shared_data, tm
     # ablation's full-FedSCOPE cells are main's: counted once, in main
     assert studies["ablation"]["cells"] - studies["ablation"]["new_cells"] == 6
     assert studies["ablation"]["not_run"] == 6          # the title-only arm: no --title-root given
-    assert "not run (not counted): 6 cell(s) of ablation" in text
+    assert "not run (not counted): 6 cell(s) of ablation (fedscope_title on abxi-food-kitchen: none (no --title-root" in text
     sweep = studies["privacy_utility"]["by_mode"]["sweep"]
     # per seed: the client unit's 2 modes x 6 epsilons and the user unit's, the eps-inf copy once in each
     assert sweep["runs"] == 3 * 2 * 11 and sweep["config_rounds"] == 3 * 2 * 11 * 10

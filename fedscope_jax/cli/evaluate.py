@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(data)
     attributes = args.attributes or raw.get("attributes")
     semantic = None
-    if attributes and not str(attributes).startswith("none"):   # a reproduction cell records "none (why)"
+    if attributes and not str(attributes).startswith("none ("):   # a reproduction cell records "none (why)"
         from fedscope_jax.experiments.datasets import semantic_tables
         semantic, _ = semantic_tables(attributes, data, ds)
     target = init_params(jax.random.key(0), cfg.model, ds.n_items, semantic)

@@ -203,16 +203,36 @@ def semantic_for(dataset_dir: str | Path, ds: Any, attributes_root: str | Path |
     return tables, coverage, str(file)
 
 
+def _made_for(file: str | Path, dataset_dir: str | Path) -> bool:
+    """Whether the enrichment that wrote `file` (an item_embeddings.arrow or its directory) read exactly the
+    items.arrow of `dataset_dir` (its run.json records that file's SHA-256)."""
+    import hashlib
+    import json
+
+    path = Path(file)
+    run = (path if path.is_dir() else path.parent) / "run.json"
+    items = Path(dataset_dir) / "items.arrow"
+    if not (run.is_file() and items.is_file()):
+        return False
+    try:
+        recorded = json.loads(run.read_text(encoding="utf-8")).get("items_sha256")
+    except (OSError, ValueError):
+        return False
+    return recorded == hashlib.sha256(items.read_bytes()).hexdigest()
+
+
 def semantic_tables(file: str | Path, dataset_dir: str | Path, ds: Any) -> tuple[Any, dict[str, Any]]:
     """(semantic tables, coverage) of the dataset prepared at `dataset_dir` from an item_embeddings.arrow (or
-    the enrichment directory holding it) made for it or, when `dataset_dir` is a subset, for its full dataset
-    (the subset's item_map.arrow maps the ids)."""
+    the enrichment directory holding it). Made for that dataset (its run.json names that items.arrow, or the
+    dataset is no subset): read by its ids; else, for a subset, made for its full dataset: the subset's
+    item_map.arrow maps the ids (a subset's own item ids are also valid ids of the full dataset, so the two
+    cannot be told apart from the vectors alone)."""
     from fedscope_jax.data.canonical import load_dataset
     from fedscope_jax.model.semantic import load_semantic
     from fedscope_jax.utils.io import read_arrow
 
     map_file = Path(dataset_dir) / ITEM_MAP_FILE
-    if not map_file.is_file():
+    if not map_file.is_file() or _made_for(file, dataset_dir):
         return load_semantic(file, ds.domains, ds.n_items)
     source = load_dataset(ds.meta["subset"]["source"])
     tables, _ = load_semantic(file, source.domains, source.n_items)

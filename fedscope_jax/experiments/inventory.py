@@ -215,11 +215,11 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
     for name, cells in cells_of.items():
         study = all_studies[name]
         by_mode: dict[str, Work] = {}
-        rows, spent, not_run = [], {"federated": 0.0, "epochs": 0.0, "validation": 0.0}, 0
+        rows, spent, not_run = [], {"federated": 0.0, "epochs": 0.0, "validation": 0.0}, []
         for cell in cells:
             (path, ds, _, _, label), why = data.for_cell(study, cell)
             if why is not None:   # not run by the reproduction either
-                not_run += 1
+                not_run.append(f"{cell.method} on {cell.dataset}: {why}")
                 continue
             rel = cell.relative_dir(str(path), label)
             if rel in seen:
@@ -236,7 +236,8 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
                 spent = {k: v + row["hours"][k] for k, v in spent.items()}
             rows.append(row)
         total = sum(by_mode.values(), Work())
-        out["studies"][name] = {"cells": len(cells) - not_run, "not_run": not_run, "new_cells": len(rows), "total": dataclasses.asdict(total),
+        out["studies"][name] = {"cells": len(cells) - len(not_run), "not_run": len(not_run),
+                                "not_run_why": sorted(set(not_run)), "new_cells": len(rows), "total": dataclasses.asdict(total),
                                 "by_mode": {m: dataclasses.asdict(w) for m, w in by_mode.items()},
                                 "hours": spent if cal is not None else None, "per_cell": rows}
     if cal is not None:   # timings of another step size price these cells wrongly: said, not hidden
@@ -269,10 +270,10 @@ def format_inventory(inv: Mapping[str, Any]) -> str:
             grand_h = {p: grand_h[p] + st["hours"][p] for p in parts}
         lines.append(row(name, str(st["cells"]), str(st["new_cells"]), t, st.get("hours")))
     lines.append(row("all", "", "", grand, grand_h if cal else None))
-    skipped = {name: st["not_run"] for name, st in inv["studies"].items() if st.get("not_run")}
-    if skipped:
-        lines.append("not run (not counted): " + ", ".join(f"{n} cell(s) of {name} (the title-only arm: no "
-                                                           "--title-root)" for name, n in skipped.items()))
+    for name, st in inv["studies"].items():
+        if st.get("not_run"):
+            lines.append(f"not run (not counted): {st['not_run']} cell(s) of {name} ("
+                         + "; ".join(st.get("not_run_why", [])) + ")")
     chunk = (f"client chunk {cal['single_chunk']} (single runs) / {cal['sweep_chunk']} (sweeps), as calibrated"
              if cal else "client chunk 1")
     lines.append(f"slot steps: the local steps (batches of train.batch_size users) the federated programs "

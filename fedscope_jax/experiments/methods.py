@@ -2,8 +2,8 @@
 
 A study config names methods; a cell's RunConfig is profile overrides + DP setting + the method's overrides.
 `vectors`: which item vectors the method reads: "llm" (the LLM attribute vectors of `--attributes-root`, when
-they exist), "title" (the raw titles' vectors of `--title-root`, `fedscope enrich --text title`: the ablation's
-title-only arm; its cells are not run without them) or "none" (ID only).
+they exist), "title" (vectors of the raw titles and metadata, `--title-root`, made by `fedscope enrich --text
+title`: the ablation's title-only arm; its cells are not run without them) or "none" (ID only).
 `dp_mode`: the FedAvg baselines and the uniform-DP ablation run DP with one budget for every client
 (privacy mode "uniform", i.e. DP-FedAvg with local noise) at the cell's epsilon; FedSCOPE uses the cell's mode.
 `dp`: "any" (federated: runs with and without DP), "none" (DP does not apply: local-only training shares
