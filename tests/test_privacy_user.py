@@ -224,3 +224,28 @@ def test_user_unit_refuses_what_it_does_not_support():
                      ({"amplification": True}, "amplification"), ({"secagg": True}, "secagg")]:
         with pytest.raises(FedscopeError, match=f"privacy.{flag}"):
             PrivacyConfig(unit="user", **kw)
+
+
+def test_without_item_ids_the_bound_holds_and_nothing_is_per_item():
+    """model.item_ids=off (fewer private dimensions): items come from public vectors (data, closed over by the
+    loss), every trained parameter is shared, one user's replacement still moves the pre-noise sum by <= 2C,
+    and no local vocabulary is used (there are no per-item rows)."""
+    import dataclasses
+
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.vocab import uses_local_vocab
+
+    rng = np.random.default_rng(5)
+    sem = [{"vectors": jnp.asarray(rng.normal(size=(n + 1, 4)).astype(np.float32)),
+            "mask": jnp.ones(n + 1, jnp.float32).at[0].set(0.0)} for n in N_ITEMS]
+    mc = dataclasses.replace(MC, item_ids="off")
+    p = init_params(jax.random.key(0), mc, N_ITEMS, sem)
+    assert not any("item_emb" in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(p))
+    loss = functools.partial(loss_fn, config=mc, train=True, per_user=True, semantic=sem)
+    batch, clip = _batch(rng, 6), 0.05
+    base, losses = _sum(loss, p, batch, clip)
+    assert np.all(np.isfinite(np.asarray(losses))) and float(optax.tree.norm(base)) > 0
+    for u in range(6):
+        assert _dist(_sum(loss, p, _replace_user(batch, u, rng), clip)[0], base) <= 2 * clip * (1 + 1e-5)
+    assert not uses_local_vocab(load_config(None, ["model.item_ids=off"]))
+    assert uses_local_vocab(load_config(None, []))
