@@ -107,10 +107,10 @@ class Enricher:
         doms = shard.domains(items)
         titles = [prompts.clean_text(items.table["title"][r].as_py(), prompts.MAX_TITLE_CHARS) for r in rows]
         metas = [_metadata(items, r) for r in rows]
-        with_title = [k for k, t in enumerate(titles) if t is not None]
         if self.title_only:
             results = [retry.title_only_result() if t is not None else retry.missing_title_result() for t in titles]
             return Generated(shard, doms, titles, metas, results)
+        with_title = [k for k, t in enumerate(titles) if t is not None]
         conversations = [prompts.render_messages(doms[k], titles[k], metas[k]) for k in with_title]
         t0 = time.perf_counter()
         generated = self.results(conversations)
@@ -215,7 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         enricher = Enricher(args, llm_dir, embed_dir, items.domains)
         titles = items.table["title"]
-        if not title_only and any(prompts.clean_text(titles[int(r)].as_py(), prompts.MAX_TITLE_CHARS) for s in todo for r in s.rows):
+        if not title_only and any(prompts.clean_text(titles[int(r)].as_py(), prompts.MAX_TITLE_CHARS)
+                                  for s in todo for r in s.rows):
             enricher.llm                                   # start the engine now, so its time is reported apart
         timing["engine_start_s"] = time.perf_counter() - t0
         bar = _bar(total, total - sum(s.size for s in todo))

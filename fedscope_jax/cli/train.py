@@ -26,9 +26,9 @@ def add_parser(subparsers: Any) -> None:
                    "(docs/model.md); flags given on the command line override it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.dim=32 --set model.loss.alpha=0 (repeatable)")
-    p.add_argument("--attributes", metavar="DIR", help="enrichment output holding item_embeddings.arrow (made for --data, or for the full dataset "
-                   "of a subset: its item_map.arrow maps the ids); without it the model is ID-only (the 'w/o LLM' "
-                   "ablation)")
+    p.add_argument("--attributes", metavar="DIR", help="enrichment output holding item_embeddings.arrow (made for "
+                   "--data, or for the full dataset of a subset: its item_map.arrow maps the ids); without it the "
+                   "model is ID-only (the 'w/o LLM' ablation)")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     add_federated_arguments(p)
     h = p.add_argument_group("several hosts (--mode federated; docs/engine.md, \"Devices and multi-host\")")

@@ -187,15 +187,16 @@ def dataset_for(name: str, data_root: str | Path, cache: str | Path, max_users: 
 
 
 def semantic_for(dataset_dir: str | Path, ds: Any, attributes_root: str | Path | None,
-                 name: str) -> tuple[Any, dict[str, Any] | None, str]:
+                 name: str, root_flag: str = "--attributes-root") -> tuple[Any, dict[str, Any] | None, str]:
     """(semantic tables or None, coverage, attributes label) for dataset `name` prepared at `dataset_dir`.
 
     Reads `<attributes_root>/<name>/item_embeddings.arrow` (ids of the full prepared dataset) and follows a
-    subset's item_map.arrow. Label "none: ..." says why a run is ID-only."""
+    subset's item_map.arrow. Label "none (...)" says why a run is ID-only (`root_flag`: the option that gives
+    the root, named when it was not given)."""
     from fedscope_jax.model.semantic import EMBEDDINGS_FILE
 
     if attributes_root is None:
-        return None, None, "none (no --attributes-root)"
+        return None, None, f"none (no {root_flag})"
     file = Path(attributes_root) / name / EMBEDDINGS_FILE
     if not file.is_file():
         return None, None, f"none ({file} missing)"

@@ -237,7 +237,8 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
             rows.append(row)
         total = sum(by_mode.values(), Work())
         out["studies"][name] = {"cells": len(cells) - len(not_run), "not_run": len(not_run),
-                                "not_run_why": sorted(set(not_run)), "new_cells": len(rows), "total": dataclasses.asdict(total),
+                                "not_run_why": sorted(set(not_run)), "new_cells": len(rows),
+                                "total": dataclasses.asdict(total),
                                 "by_mode": {m: dataclasses.asdict(w) for m, w in by_mode.items()},
                                 "hours": spent if cal is not None else None, "per_cell": rows}
     if cal is not None:   # timings of another step size price these cells wrongly: said, not hidden

@@ -117,8 +117,7 @@ class CellData:
             return (path, ds, semantic, coverage, label), None
         key = (cell.dataset, *_limits(study, cell.dataset, self.opts))
         if key not in self.titles:
-            sem, cov, why = semantic_for(path, ds, self.opts.title_root, cell.dataset)
-            self.titles[key] = (sem, cov, why.replace("--attributes-root", "--title-root"))
+            self.titles[key] = semantic_for(path, ds, self.opts.title_root, cell.dataset, "--title-root")
         sem, cov, title_label = self.titles[key]
         return (path, ds, sem, cov, title_label), (title_label if sem is None else None)
 

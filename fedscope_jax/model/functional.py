@@ -42,8 +42,7 @@ def _tower(params: Params, config: ModelConfig, d: int, semantic: Semantic = Non
     p = params[domain_key(d)]
     id_dim = p["item_emb"].shape[1] if "item_emb" in p else 0
     semantic_dim = p["fuse_in"]["kernel"].shape[0] - id_dim if "fuse_in" in p else 0
-    count = item_count(params, d, semantic) if "item_emb" in p or semantic is not None else 0
-    return DomainTower(n_items=count, cfg=config, semantic_dim=semantic_dim)
+    return DomainTower(n_items=item_count(params, d, semantic), cfg=config, semantic_dim=semantic_dim)
 
 
 def init_params(key: jax.Array, config: ModelConfig, n_items: Sequence[int], semantic: Semantic = None) -> Params:

@@ -82,17 +82,15 @@ class DomainTower(nn.Module):
 
     def items(self, ids: jnp.ndarray, semantic: SemanticTable | None) -> jnp.ndarray:
         """float32 [..., d]: representations of shifted item ids (any shape)."""
-        if semantic is None and self.semantic_dim:
+        if not self.semantic_dim:            # ID-only (item_ids "off" always has a semantic table: setup)
+            return jnp.take(self.item_emb, ids, axis=0)
+        if semantic is None:
             raise ValueError("this model was built with semantic fusion; pass its semantic table")
-        if self.cfg.item_ids == "off":   # the item is its vector's MLP, or the domain's unknown vector
-            s = jnp.take(semantic["vectors"], ids, axis=0)
-            m = jnp.take(semantic["mask"], ids, axis=0)[..., None]
-            return jnp.where(m > 0, self.fuse_out(nn.gelu(self.fuse_in(s))), self.unknown_emb)
-        e = jnp.take(self.item_emb, ids, axis=0)
-        if not self.semantic_dim:
-            return e
         s = jnp.take(semantic["vectors"], ids, axis=0)
         m = jnp.take(semantic["mask"], ids, axis=0)[..., None]
+        if self.cfg.item_ids == "off":   # the item is its vector's MLP, or the domain's unknown vector
+            return jnp.where(m > 0, self.fuse_out(nn.gelu(self.fuse_in(s))), self.unknown_emb)
+        e = jnp.take(self.item_emb, ids, axis=0)
         return e + m * self.fuse_out(nn.gelu(self.fuse_in(jnp.concatenate([e, s], axis=-1))))
 
     def all_items(self, semantic: SemanticTable | None) -> jnp.ndarray:
