@@ -48,7 +48,7 @@ def main() -> int:
             seen.add(kind)
             cell = dataclasses.replace(cell, overrides=cell.overrides + CUT)
             (path, ds, semantic, coverage, label), why = data.for_cell(studies[name], cell)
-            if why is not None:   # the title-only arm without its vectors: not run, as in the reproduction
+            if why is not None:   # an arm without the item vectors it needs: not run, as in the reproduction
                 print(json.dumps({"cell": "/".join(kind), "status": f"not run: {why}"}), flush=True)
                 continue
             t0 = time.time()

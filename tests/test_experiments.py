@@ -52,6 +52,10 @@ def test_main_cells_dp_rules_and_methods():
     assert dp.privacy.unit == "user"                                          # the DP cells: user-level
     assert METHODS["fedsasrec"].vectors == "none" and METHODS["fedscope"].vectors == "llm"
     assert METHODS["fedscope_title"].vectors == "title"
+    # items from their vectors alone (no item IDs): never run without them
+    assert METHODS["fedscope_noid"].needs_vectors and METHODS["fedscope_title_noid"].needs_vectors
+    assert METHODS["fedscope_title"].needs_vectors and not METHODS["fedscope"].needs_vectors
+    assert ("model.item_ids", "off") in METHODS["fedscope_title_noid"].overrides
 
 
 def test_ablation_and_clients_variants():
@@ -485,19 +489,24 @@ def test_the_title_only_arm_reads_the_title_vectors_or_is_not_run(tmp_path, monk
     monkeypatch.setattr(runner, "release_programs", lambda: None)
     monkeypatch.setattr(report, "write_report", lambda root, out, benchmark=None: out / "report.md")
     monkeypatch.setattr(runner, "run_cell", fake_run_cell)
-    args = ["reproduce", "--profile", "quick", "--dry-run", "--smoke", "--studies", "ablation", "--datasets",
-            "abxi-food-kitchen", "--data-root", str(real_dataset("abxi-food-kitchen").parent)]
+    args = ["reproduce", "--profile", "quick", "--dry-run", "--smoke", "--studies", "ablation,privacy_utility",
+            "--datasets", "abxi-food-kitchen", "--data-root", str(real_dataset("abxi-food-kitchen").parent)]
     assert main([*args, "--out", str(tmp_path / "with"), "--title-root", str(title_root)]) == 0
     semantic, coverage, label = calls["fedscope_title"]
     assert semantic is not None and label == str(title_root / "abxi-food-kitchen" / "item_embeddings.arrow")
     assert 0 < coverage["food"]["with_vector"] <= coverage["food"]["items"]
     assert calls["fedscope"][0] is None and calls["fedscope"][2].startswith("none (no --attributes-root")
+    # the privacy study's no-ID arm on title vectors runs on them (a sweep cell), the LLM one has none
+    assert calls["fedscope_title_noid"][2] == label and calls["fedscope_title_noid"][0] is not None
+    assert "fedscope_noid" not in calls
     plan = json.loads((tmp_path / "with" / "dry-run" / "plan.json").read_text())
     assert plan["title_root"] == str(title_root) and "not_run" not in plan["studies"]["ablation"]
+    assert {r["method"] for r in plan["studies"]["privacy_utility"]["not_run"]} == {"fedscope_noid"}
 
     calls.clear()
     assert main([*args, "--out", str(tmp_path / "without")]) == 0
     assert "fedscope_title" not in calls and "fedscope" in calls
+    assert "fedscope_title_noid" not in calls and "fedscope_noid" not in calls
     plan = json.loads((tmp_path / "without" / "dry-run" / "plan.json").read_text())
     info = plan["studies"]["ablation"]
     assert [r["method"] for r in info["not_run"]] == ["fedscope_title"]

@@ -143,6 +143,9 @@ def test_reproduce_inventory_counts_every_study_without_training(shared_data, tm
     assert studies["ablation"]["cells"] - studies["ablation"]["new_cells"] == 6
     assert studies["ablation"]["not_run"] == 6          # the title-only arm: no --title-root given
     assert "not run (not counted): 6 cell(s) of ablation (fedscope_title on abxi-food-kitchen: none (no --title-root" in text
+    # the privacy study's no-ID arms (2 units x 3 seeds each) need item vectors: neither root is given
+    assert studies["privacy_utility"]["not_run"] == 12
+    assert "not run (not counted): 12 cell(s) of privacy_utility (fedscope_noid on abxi-food-kitchen: none (" in text
     sweep = studies["privacy_utility"]["by_mode"]["sweep"]
     # per seed: the client unit's 2 modes x 6 epsilons and the user unit's, the eps-inf copy once in each
     assert sweep["runs"] == 3 * 2 * 11 and sweep["config_rounds"] == 3 * 2 * 11 * 10

@@ -240,3 +240,25 @@ def test_report_states_the_timings_of_a_stopped_reproduction(tmp_path):
     assert "120 s wall, 240 s CPU." in report
     assert (f"Per cell (3 trained; wall seconds in `plan.json`, `cells_seconds`): median 30 s, slowest "
             f"`{cells[0]}` (70 s), `{cells[2]}` (30 s), `{cells[1]}` (20 s).") in report
+
+
+def test_privacy_series_keeps_methods_apart(tmp_path):
+    """With several methods in a privacy study (FedSCOPE and its no-ID arm), each method gets its own lines; with
+    one method the labels stay bare."""
+    from fedscope_jax.experiments.plots import privacy_series
+    from fedscope_jax.experiments.tables import group_runs, load_run
+
+    runs = []
+    for method, base in (("fedscope", 0.05), ("fedscope_noid", 0.08)):
+        runs.append(load_run(_run(tmp_path, f"{method}/p8", _cell(method, "personalized-user-eps8", eps=8.0,
+                                                                   pmode="personalized"),
+                                  (base, base), 0, privacy=("personalized", 8.0), eps_spent=8.0, unit="user")))
+        runs.append(load_run(_run(tmp_path, f"{method}/off", _cell(method, "off", pmode="off"), (0.2, 0.2), 0)))
+    by_mode, nodp = privacy_series(group_runs(runs))
+    assert by_mode == {"FEDSCOPE: personalized (user unit)": [(8.0, pytest.approx(0.05), pytest.approx(math.nan,
+                                                                                                       nan_ok=True))],
+                       "FEDSCOPE_NOID: personalized (user unit)": [(8.0, pytest.approx(0.08),
+                                                                    pytest.approx(math.nan, nan_ok=True))]}
+    assert sorted(n for n, _, _ in nodp) == ["FEDSCOPE: off", "FEDSCOPE_NOID: off"]
+    one, _ = privacy_series(group_runs(runs[:2]))
+    assert list(one) == ["personalized (user unit)"]

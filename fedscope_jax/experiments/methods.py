@@ -4,6 +4,9 @@ A study config names methods; a cell's RunConfig is profile overrides + DP setti
 `vectors`: which item vectors the method reads: "llm" (the LLM attribute vectors of `--attributes-root`, when
 they exist), "title" (vectors of the raw titles and metadata, `--title-root`, made by `fedscope enrich --text
 title`: the ablation's title-only arm; its cells are not run without them) or "none" (ID only).
+A method with `model.item_ids=off` represents items by those vectors alone (no per-item parameter: fewer
+private dimensions under DP, docs/privacy.md) and so needs them: like the title-only arm, its cells are not run
+without them (`needs_vectors`).
 `dp_mode`: the FedAvg baselines and the uniform-DP ablation run DP with one budget for every client
 (privacy mode "uniform", i.e. DP-FedAvg with local noise) at the cell's epsilon; FedSCOPE uses the cell's mode.
 `dp`: "any" (federated: runs with and without DP), "none" (DP does not apply: local-only training shares
@@ -38,6 +41,11 @@ class Method:
         """The overrides as `--set` strings."""
         return tuple(f"{k}={v}" for k, v in self.overrides)
 
+    @property
+    def needs_vectors(self) -> bool:
+        """True when the method cannot train without its item vectors (never run ID-only under its name)."""
+        return self.vectors == "title" or ("model.item_ids", "off") in self.overrides
+
     def __post_init__(self) -> None:
         if self.mode not in MODES or self.dp not in DP_RULES or self.vectors not in VECTORS:
             raise ValueError(f"method {self.name}: bad mode {self.mode!r}, dp {self.dp!r} or vectors {self.vectors!r}")
@@ -60,6 +68,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fedscope_title", "title only", "federated", vectors="title",
            note="FedSCOPE with vectors of the raw titles (the same sentence encoder, no LLM) in place of the LLM "
                 "attribute vectors: what the LLM adds beyond embedding the title"),
+    Method("fedscope_noid", "no item IDs (LLM vectors)", "federated", (("model.item_ids", "off"),),
+           note="FedSCOPE whose items are the frozen public LLM attribute vectors through the trained fusion MLP, "
+                "with no item-ID table: the private parameters are the encoder and fusion layers only"),
+    Method("fedscope_title_noid", "no item IDs (title vectors)", "federated", (("model.item_ids", "off"),),
+           vectors="title", note="the same with the title vectors of --title-root (no LLM)"),
     Method("fedscope_wo_intra", "w/o intra", "federated", (("model.loss.lambda_intra", "0"),),
            note="FedSCOPE without the intra-domain contrastive term"),
     Method("fedscope_wo_inter", "w/o inter", "federated", (("model.loss.lambda_inter", "0"),),

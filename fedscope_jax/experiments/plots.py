@@ -24,20 +24,31 @@ def _plt():
     return plt
 
 
-def privacy_utility(groups: Sequence[Group], path: Path, title: str) -> Path | None:
-    """NDCG@10 (sampled, mean over domains) against epsilon, one line per privacy mode and unit; eps inf = no DP
-    (dashed)."""
+def privacy_series(groups: Sequence[Group]) -> tuple[dict[str, list[tuple[float, float, float]]],
+                                                      list[tuple[str, float, float]]]:
+    """The privacy-utility plot's data: ({"[method: ]mode (unit unit)": [(eps, mean, std)]}, [("[method: ]dp",
+    mean, std)] of the runs without DP); the method prefixes only when the groups hold several methods."""
     by_mode: dict[str, list[tuple[float, float, float]]] = {}
     nodp: list[tuple[str, float, float]] = []
+    methods = {g.cell.get("method") for g in groups}
     for g in groups:
         m, s = mean_std(g.mean_over_domains("NDCG@10"))
         eps, mode = g.cell.get("epsilon"), g.cell.get("privacy_mode")
+        who = f"{g.cell.get('label', g.cell.get('method'))}: " if len(methods) > 1 else ""
         if mode in (None, "off") or eps is None:
-            nodp.append((str(g.cell.get("dp")), m, s))
+            nodp.append((f"{who}{g.cell.get('dp')}", m, s))
         else:
-            by_mode.setdefault(f"{mode} ({g.privacy_unit()} unit)", []).append((float(eps), m, s))
+            by_mode.setdefault(f"{who}{mode} ({g.privacy_unit()} unit)", []).append((float(eps), m, s))
+    return by_mode, nodp
+
+
+def privacy_utility(groups: Sequence[Group], path: Path, title: str) -> Path | None:
+    """NDCG@10 (sampled, mean over domains) against epsilon, one line per privacy mode and unit (and method, when
+    the study has several); eps inf = no DP (dashed)."""
+    by_mode, nodp = privacy_series(groups)
     if not by_mode and not nodp:
         return None
+    methods = {g.cell.get("method") for g in groups}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for mode, pts in sorted(by_mode.items()):
@@ -45,9 +56,11 @@ def privacy_utility(groups: Sequence[Group], path: Path, title: str) -> Path | N
         x, y, e = (np.array(v) for v in zip(*pts))
         ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=mode)
     names = {"off": ("no DP (eps inf)", "k"), "off-user": ("user-unit training, no clip/noise", "tab:gray")}
-    for dp, m, s in sorted(nodp)[:2]:
-        label, color = names.get(dp, (f"{dp} (eps inf)", "k"))
-        ax.axhline(m, ls="--" if dp == "off" else ":", color=color, label=label)
+    for dp, m, s in sorted(nodp)[:2 * len(methods)]:
+        who, _, bare = dp.rpartition(": ")
+        label, color = names.get(bare, (f"{bare} (eps inf)", "k"))
+        label = f"{who}: {label}" if who else label
+        ax.axhline(m, ls="--" if bare == "off" else ":", color=color, label=label)
         if not math.isnan(s):
             ax.axhspan(m - s, m + s, color=color, alpha=0.08)
     ax.set_xscale("log", base=2)
