@@ -33,8 +33,11 @@ def main() -> int:
     ap.add_argument("--profile", default="full", choices=["quick", "full"])
     ap.add_argument("--studies", default="main,privacy_utility")
     ap.add_argument("--data-root", type=Path, default=None)
+    ap.add_argument("--attributes-root", type=Path, default=None, help="LLM attribute vectors (as reproduce)")
+    ap.add_argument("--title-root", type=Path, default=None, help="title-only vectors (as reproduce)")
     args = ap.parse_args()
-    opts = Options(args.profile, args.out, args.data_root or default_data_root())
+    opts = Options(args.profile, args.out, args.data_root or default_data_root(),
+                   attributes_root=args.attributes_root, title_root=args.title_root)
     studies = {s.name: s for s in load_studies(None, None)}
     cells_of = plan([studies[n] for n in args.studies.split(",")], studies, opts)
     data = CellData(opts)

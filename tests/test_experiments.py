@@ -56,6 +56,9 @@ def test_main_cells_dp_rules_and_methods():
     assert METHODS["fedscope_noid"].needs_vectors and METHODS["fedscope_title_noid"].needs_vectors
     assert METHODS["fedscope_title"].needs_vectors and not METHODS["fedscope"].needs_vectors
     assert ("model.item_ids", "off") in METHODS["fedscope_title_noid"].overrides
+    from fedscope_jax.experiments.methods import Method
+    with pytest.raises(ValueError, match="without item IDs"):
+        Method("x", "x", "federated", (("model.item_ids", "off"),), vectors="none")
 
 
 def test_ablation_and_clients_variants():

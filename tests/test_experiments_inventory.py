@@ -146,6 +146,7 @@ def test_reproduce_inventory_counts_every_study_without_training(shared_data, tm
     # the privacy study's no-ID arms (2 units x 3 seeds each) need item vectors: neither root is given
     assert studies["privacy_utility"]["not_run"] == 12
     assert "not run (not counted): 12 cell(s) of privacy_utility (fedscope_noid on abxi-food-kitchen: none (" in text
+    assert "fedscope_title_noid on abxi-food-kitchen: none (no --title-root" in text
     sweep = studies["privacy_utility"]["by_mode"]["sweep"]
     # per seed: the client unit's 2 modes x 6 epsilons and the user unit's, the eps-inf copy once in each
     assert sweep["runs"] == 3 * 2 * 11 and sweep["config_rounds"] == 3 * 2 * 11 * 10

@@ -262,3 +262,13 @@ def test_privacy_series_keeps_methods_apart(tmp_path):
     assert sorted(n for n, _, _ in nodp) == ["FEDSCOPE: off", "FEDSCOPE_NOID: off"]
     one, _ = privacy_series(group_runs(runs[:2]))
     assert list(one) == ["personalized (user unit)"]
+    from fedscope_jax.experiments.plots import privacy_utility
+    assert privacy_utility(group_runs(runs), tmp_path / "pu.png", "two methods").stat().st_size > 1000
+
+
+def test_attributes_column_names_the_vectors():
+    from fedscope_jax.experiments.tables import _short_attr
+
+    assert _short_attr("/t/titles/afk/item_embeddings.arrow", "fedscope_title_noid") == "title"
+    assert _short_attr("/t/llm/afk/item_embeddings.arrow", "fedscope") == "LLM"
+    assert _short_attr("none (no --attributes-root)", "fedscope") == "none" and _short_attr(None) == "none"

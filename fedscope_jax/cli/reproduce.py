@@ -28,10 +28,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--data-root", metavar="DIR", help="folder holding the shared dataset folders (default: "
                    "$FEDSCOPE_SHARED_DATA, else ../shared/data beside this checkout)")
     p.add_argument("--attributes-root", metavar="DIR", help="enrichment outputs, one folder per dataset holding "
-                   "item_embeddings.arrow; without it FedSCOPE runs ID-only and the report says so")
+                   "item_embeddings.arrow; without it FedSCOPE runs ID-only, the no-ID arm on LLM vectors is not run, and the "
+                   "report says so")
     p.add_argument("--title-root", metavar="DIR", help="title-only item vectors (`fedscope enrich --text title`), "
-                   "one folder per dataset holding item_embeddings.arrow: the ablation's title-only arm; without "
-                   "it that arm is not run and the report says so")
+                   "one folder per dataset holding item_embeddings.arrow: the ablation's title-only arm and the "
+                   "privacy study's no-ID arm on titles; without it those arms are not run and the report says so")
     p.add_argument("--dry-run", action="store_true", help="check every cell's config and run each study's cells "
                    "with a tiny budget (1 round / 1 epoch, tiny model, 120 users, one seed) under OUT/dry-run")
     p.add_argument("--smoke", action="store_true", help="run only the first cell of each study's methods and of each "

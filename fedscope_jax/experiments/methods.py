@@ -3,7 +3,8 @@
 A study config names methods; a cell's RunConfig is profile overrides + DP setting + the method's overrides.
 `vectors`: which item vectors the method reads: "llm" (the LLM attribute vectors of `--attributes-root`, when
 they exist), "title" (vectors of the raw titles and metadata, `--title-root`, made by `fedscope enrich --text
-title`: the ablation's title-only arm; its cells are not run without them) or "none" (ID only).
+title`: the ablation's title-only arm, the privacy study's no-ID arm on titles; not run without them) or "none"
+(ID only).
 A method with `model.item_ids=off` represents items by those vectors alone (no per-item parameter: fewer
 private dimensions under DP, docs/privacy.md) and so needs them: like the title-only arm, its cells are not run
 without them (`needs_vectors`).
@@ -49,6 +50,8 @@ class Method:
     def __post_init__(self) -> None:
         if self.mode not in MODES or self.dp not in DP_RULES or self.vectors not in VECTORS:
             raise ValueError(f"method {self.name}: bad mode {self.mode!r}, dp {self.dp!r} or vectors {self.vectors!r}")
+        if self.vectors == "none" and ("model.item_ids", "off") in self.overrides:
+            raise ValueError(f"method {self.name}: without item IDs its items are their vectors; vectors 'none'")
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -70,7 +73,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                 "attribute vectors: what the LLM adds beyond embedding the title"),
     Method("fedscope_noid", "no item IDs (LLM vectors)", "federated", (("model.item_ids", "off"),),
            note="FedSCOPE whose items are the frozen public LLM attribute vectors through the trained fusion MLP, "
-                "with no item-ID table: the private parameters are the encoder and fusion layers only"),
+                "with no item-ID table: the private parameters are the encoder, the fusion layers and one shared "
+                "vector for the items without one"),
     Method("fedscope_title_noid", "no item IDs (title vectors)", "federated", (("model.item_ids", "off"),),
            vectors="title", note="the same with the title vectors of --title-root (no LLM)"),
     Method("fedscope_wo_intra", "w/o intra", "federated", (("model.loss.lambda_intra", "0"),),

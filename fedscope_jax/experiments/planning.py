@@ -110,12 +110,13 @@ class CellData:
     def for_cell(self, study: Study, cell: Cell) -> tuple[tuple[Path, Any, Any, Any, str], str | None]:
         """((dataset dir, dataset, semantic, coverage, label), why not run or None) of a cell: the LLM
         attribute vectors (the label keys every cell's directory), or for the title-only arm (method vectors
-        "title") the vectors of --title-root; a method that needs its vectors (`Method.needs_vectors`) is not run
-        without them (never ID-only under its name)."""
+        "title") the vectors of --title-root; a cell that needs its vectors (`Method.needs_vectors`, or item IDs
+        turned off by its profile or variant) is not run without them (never ID-only under its name)."""
         path, ds, semantic, coverage, label = self.get(study, cell.dataset)
         method = METHODS[cell.method]
         if method.vectors != "title":
-            return (path, ds, semantic, coverage, label), (label if method.needs_vectors and semantic is None else None)
+            needs = method.needs_vectors or run_config(cell, str(study.path)).model.item_ids == "off"
+            return (path, ds, semantic, coverage, label), (label if needs and semantic is None else None)
         key = (cell.dataset, *_limits(study, cell.dataset, self.opts))
         if key not in self.titles:
             self.titles[key] = semantic_for(path, ds, self.opts.title_root, cell.dataset, "--title-root")

@@ -51,15 +51,20 @@ def privacy_utility(groups: Sequence[Group], path: Path, title: str) -> Path | N
     methods = {g.cell.get("method") for g in groups}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    # several methods: one colour per method, one line style per mode and unit
+    who_of = lambda name: name.rpartition(": ")[0]  # noqa: E731
+    colors = {w: f"C{i}" for i, w in enumerate(dict.fromkeys(who_of(n) for n in [*by_mode, *(d for d, _, _ in nodp)]))}
+    styles = {m: s for m, s in zip(dict.fromkeys(n.rpartition(": ")[2] for n in by_mode), ("-", "--", "-.", ":") * 4)}
     for mode, pts in sorted(by_mode.items()):
         pts.sort()
         x, y, e = (np.array(v) for v in zip(*pts))
-        ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=mode)
+        style = {"color": colors[who_of(mode)], "ls": styles[mode.rpartition(": ")[2]]} if len(methods) > 1 else {}
+        ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=mode, **style)
     names = {"off": ("no DP (eps inf)", "k"), "off-user": ("user-unit training, no clip/noise", "tab:gray")}
     for dp, m, s in sorted(nodp)[:2 * len(methods)]:
         who, _, bare = dp.rpartition(": ")
         label, color = names.get(bare, (f"{bare} (eps inf)", "k"))
-        label = f"{who}: {label}" if who else label
+        label, color = (f"{who}: {label}", colors[who]) if who else (label, color)
         ax.axhline(m, ls="--" if bare == "off" else ":", color=color, label=label)
         if not math.isnan(s):
             ax.axhspan(m - s, m + s, color=color, alpha=0.08)

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.experiments import plots
+from fedscope_jax.experiments.methods import METHODS
 from fedscope_jax.experiments.runner import PLAN_FILE
 from fedscope_jax.experiments.tables import (Group, breakdown_rows, find_runs, group_runs, load_run, metric_rows,
                                              popularity_rows, run_dirs, write_tables)
@@ -57,7 +58,8 @@ def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None
                   _status_line(plan),
                   f"- attributes root: {plan.get('attributes_root') or 'none given: FedSCOPE ran ID-only '}"
                   + ("" if plan.get("attributes_root") else "(column 'attributes' = none)"),
-                  f"- title root (the ablation's title-only arm): {plan.get('title_root') or 'none given: that arm not run'}",
+                  f"- title root (title-only vectors: the ablation's title-only arm, the privacy study's no-ID arm "
+                  f"on titles): {plan.get('title_root') or 'none given: those arms not run'}",
                   "",
                   f"Metrics: test split, leave-one-out; HR@10 / NDCG@10 / MRR rank the target against {neg} sampled "
                   "negatives (the 'sampled' protocol; `eval.num_negatives`), '(full)' against every item the user "
@@ -205,8 +207,10 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
         return lines + _breakdowns(out, name, groups)
     if name == "convergence":
         return lines + _convergence(out, name, groups)
-    if info.get("kind") == "sweep":   # user unit first, then by privacy mode, then epsilon (no DP last)
+    if info.get("kind") == "sweep":   # by method, user unit first, then privacy mode, then epsilon (no DP last)
+        order = list(METHODS)
         groups.sort(key=lambda g: (str(g.cell.get("dataset")),
+                                   order.index(g.cell["method"]) if g.cell.get("method") in order else len(order),
                                    g.runs[0].config.get("privacy", {}).get("unit", "client") != "user",
                                    g.cell.get("privacy_mode") in (None, "off"), str(g.cell.get("privacy_mode")),
                                    g.cell.get("epsilon") or float("inf")))

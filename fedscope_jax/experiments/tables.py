@@ -19,6 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from fedscope_jax.errors import FedscopeError
+from fedscope_jax.experiments.methods import METHODS
 from fedscope_jax.experiments.spec import dp_label
 from fedscope_jax.train.config import flatten
 from fedscope_jax.utils.io import read_json
@@ -194,8 +195,8 @@ def metric_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
         for domain in g.domains():
             row: dict[str, Any] = {"dataset": c.get("dataset"), "method": c.get("label", c.get("method")),
                                    "dp": c.get("dp"), "unit": g.privacy_unit(), "variant": c.get("variant"),
-                                   "domain": domain,
-                                   "attributes": _short_attr(c.get("attributes")), "seeds": len(g.runs)}
+                                   "domain": domain, "attributes": _short_attr(c.get("attributes"), c.get("method")),
+                                   "seeds": len(g.runs)}
             for metric, proto in METRICS:
                 name = metric if proto == "sampled" else f"{metric} (full)"
                 row[name] = mean_std(g.values(domain, metric, proto))
@@ -233,11 +234,14 @@ def popularity_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
     return rows
 
 
-def _short_attr(attr: Any) -> str:
+def _short_attr(attr: Any, method: Any = None) -> str:
+    """The attributes column: "none", or which item vectors the run read ("LLM" or "title")."""
     if not attr:
         return "none"
     text = str(attr)
-    return text.split(" (")[0] if text.startswith("none") else "LLM"
+    if text.startswith("none"):
+        return text.split(" (")[0]
+    return "title" if method in METHODS and METHODS[method].vectors == "title" else "LLM"
 
 
 def write_tables(rows: list[dict[str, Any]], stem: Path, columns: Sequence[str] | None = None) -> str:
