@@ -133,11 +133,12 @@ def _globalized(shard: ClientShard) -> ClientShard:
     return ClientShard(batch, {}, shard.step_mask)
 
 
-@pytest.mark.parametrize("semantic", [False, True])
-def test_local_item_vocabularies_equal_dense_tables(tiny_dataset: Path, semantic: bool):
+@pytest.mark.parametrize("semantic,item_bias", [(False, False), (True, False), (True, True)])
+def test_local_item_vocabularies_equal_dense_tables(tiny_dataset: Path, semantic: bool, item_bias: bool):
     """A client trains only the item rows its data and its host-drawn negatives name (train/vocab.py): the round
     equals the one on dense tables with the same negatives in global ids, with and without semantic fusion
-    (whose constant tables are read through the vocabulary)."""
+    (whose constant tables are read through the vocabulary), and with per-item biases (model.item_bias, a second
+    table through the same vocabulary)."""
     import dataclasses
 
     from fedscope_jax.data.canonical import load_dataset
@@ -157,9 +158,11 @@ def test_local_item_vocabularies_equal_dense_tables(tiny_dataset: Path, semantic
             tables.append({"vectors": jnp.asarray(rng.normal(size=(n + 1, 5)).astype(np.float32) * mask[:, None]),
                            "mask": jnp.asarray(mask)})
     cfg = load_config(None, TINY + ["federated.scheme=user", "privacy.mode=off", "federated.client_opt=sgd",
-                                    "federated.client_lr=0.5", "model.fusion_hidden=6"])
+                                    "federated.client_lr=0.5", "model.fusion_hidden=6",
+                                    f"model.item_bias={item_bias}"])
     ctx = seed_context(ds, cfg, tables)
-    assert [t.name for t in ctx.client_cfg.sparse_tables] == ["domain_0", "domain_1"]
+    names = ["item_emb", "item_bias"] if item_bias else ["item_emb"]
+    assert [t.path for t in ctx.client_cfg.sparse_tables] == [(f"domain_{d}", n) for d in range(2) for n in names]
     sparse = [ctx.source(0, c) for c in range(3)]     # one user each
     n_rows = [n + 1 for n in ds.n_items]
     assert all(len(s.vocab["domain_0"]) < n_rows[0] for s in sparse)       # fewer rows than the table
@@ -178,8 +181,11 @@ def test_local_item_vocabularies_equal_dense_tables(tiny_dataset: Path, semantic
         named = np.unique(np.concatenate([s.vocab[f"domain_{d}"] for s in sparse]))
         untouched = np.setdiff1d(np.arange(n_rows[d]), named)
         emb = f"domain_{d}"
-        np.testing.assert_array_equal(np.asarray(states[0].params[emb]["item_emb"])[untouched],
-                                      np.asarray(ctx.params[emb]["item_emb"])[untouched])
+        for name in names:
+            np.testing.assert_array_equal(np.asarray(states[0].params[emb][name])[untouched],
+                                          np.asarray(ctx.params[emb][name])[untouched])
+        if item_bias:    # the named items' biases trained (from zero)
+            assert np.abs(np.asarray(states[0].params[emb]["item_bias"])[named[named < n_rows[d]]]).max() > 1e-4
 
 
 def test_local_vocabularies_keep_one_shape_across_rounds(user_context):

@@ -73,17 +73,28 @@ def test_popularity_ranks_by_brute_force(tiny):
         assert ranks["full"][e] == sum(o >= t for o in others)
 
 
-def test_model_ranks_by_brute_force_and_summaries(tiny):
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_model_ranks_by_brute_force_and_summaries(tiny, item_bias):
+    """Ranks against numpy scores; with model.item_bias each item's bias (here drawn at scale 3, so it
+    reorders items) is added to its score."""
     ds = tiny
-    cfg = ModelConfig(dim=8, blocks=1, heads=2, max_len=5)
+    cfg = ModelConfig(dim=8, blocks=1, heads=2, max_len=5, item_bias=item_bias)
     ecfg = EvalConfig(num_negatives=15, buckets=(2, 4))
     es = eval_set(ds, "test", 5, ecfg)
     params = init_params(jax.random.key(0), cfg, ds.n_items)
+    biases = {}
+    for d in range(2):
+        tower = params[f"domain_{d}"]
+        assert ("item_bias" in tower) == item_bias
+        if item_bias:
+            assert tower["item_bias"].shape == (ds.n_items[d] + 1, 1) and not np.any(tower["item_bias"])
+            tower["item_bias"] = jax.random.normal(jax.random.key(d), tower["item_bias"].shape) * 3
+        biases[d] = np.asarray(tower["item_bias"])[:, 0] if item_bias else 0.0
     ranks = model_ranks(params, cfg, es, batch_size=7)          # several batches, the last one padded
     for d in range(2):
         sel = np.flatnonzero(es.domain == d)
         h = np.asarray(encode(params, cfg, d, es.history[sel]))[:, -1]
-        scores = h @ np.asarray(all_item_repr(params, cfg, d)).T
+        scores = h @ np.asarray(all_item_repr(params, cfg, d)).T + biases[d]
         for j, e in enumerate(sel):
             t = scores[j, es.target[e]]
             seen = set(ds.item[(ds.user == es.user[e]) & (ds.domain == d)] + 1)

@@ -16,14 +16,16 @@ intra_loss = jax.jit(iidcl.intra_loss, static_argnums=(2, 3, 4))
 inter_loss = jax.jit(iidcl.inter_loss, static_argnums=(4,))
 
 
-def _np_next_item(h, target, table, cand):
+def _np_next_item(h, target, table, cand, bias=None):
+    bias = np.zeros(table.shape[0]) if bias is None else bias
     tot, n = 0.0, 0
     for b in range(h.shape[0]):
         for l in range(h.shape[1]):
             t = target[b, l]
             if t == 0:
                 continue
-            logits = [h[b, l] @ table[t]] + [h[b, l] @ table[c] for c in cand if c != t and c != 0]
+            logits = [h[b, l] @ table[t] + bias[t]] + [h[b, l] @ table[c] + bias[c] for c in cand
+                                                       if c != t and c != 0]
             logits = np.array(logits, np.float64)
             tot += np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[0]
             n += 1
@@ -46,6 +48,29 @@ def test_next_item_loss_sampled_and_full_match_numpy():
     empty = next_item_loss(jnp.array(h), jnp.zeros_like(jnp.array(target)), jnp.array(table[target]),
                            jnp.array(cand), jnp.array(table[cand]))
     assert float(empty) == 0.0
+
+
+def test_next_item_loss_adds_each_items_bias_to_its_scores():
+    """model.item_bias: b_i is added to item i's score as target and as candidate (numpy reference); the
+    gradient reaches the biases of every target and candidate, never the padding row."""
+    rng = np.random.default_rng(1)
+    h = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    table = rng.normal(size=(9, 5)).astype(np.float32)
+    bias = rng.normal(size=9).astype(np.float32)
+    target = np.array([[0, 1, 2, 3], [0, 0, 4, 4], [8, 1, 6, 5]], np.int32)
+    cand = np.array([2, 5, 0, 7, 7], np.int32)
+
+    def loss(b):
+        return rec.next_item_loss(jnp.array(h), jnp.array(target), jnp.array(table[target]), jnp.array(cand),
+                                  jnp.array(table[cand]), b[target], b[cand])
+
+    got, grad = jax.jit(jax.value_and_grad(loss))(jnp.array(bias))
+    assert float(got) == pytest.approx(_np_next_item(h, target, table, cand, bias), rel=1e-5)
+    assert float(got) != pytest.approx(_np_next_item(h, target, table, cand), rel=1e-3)
+    touched = set(target.ravel()) | set(cand)
+    assert all(abs(float(grad[i])) > 0 for i in touched - {0}) and float(grad[0]) == 0.0
+    # item 7 is never a target: its bias only ever raises the loss (it is a negative)
+    assert float(grad[7]) > 0
 
 
 def _cos(a, b):

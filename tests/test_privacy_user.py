@@ -249,3 +249,32 @@ def test_without_item_ids_the_bound_holds_and_nothing_is_per_item():
         assert _dist(_sum(loss, p, _replace_user(batch, u, rng), clip)[0], base) <= 2 * clip * (1 + 1e-5)
     assert not uses_local_vocab(load_config(None, ["model.item_ids=off"]))
     assert uses_local_vocab(load_config(None, []))
+
+
+@pytest.mark.parametrize("item_ids", ["off", "train"])
+def test_per_item_biases_are_dense_and_keep_the_bound(item_ids):
+    """model.item_bias: the per-item score biases take the DP-SGD gradient like every other parameter (the
+    pre-noise sum of a batch reaches them, and one user's replacement moves it by <= 2C), and in the user
+    unit they are dense (no local vocabulary: every row gets the step's noise)."""
+    import dataclasses
+
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.federated import client_config
+    from fedscope_jax.train.vocab import uses_local_vocab
+
+    rng = np.random.default_rng(6)
+    sem = [{"vectors": jnp.asarray(rng.normal(size=(n + 1, 4)).astype(np.float32)),
+            "mask": jnp.ones(n + 1, jnp.float32).at[0].set(0.0)} for n in N_ITEMS]
+    mb = dataclasses.replace(MC, item_ids=item_ids, item_bias=True)
+    p = init_params(jax.random.key(0), mb, N_ITEMS, sem)
+    for d in range(2):   # distinct per-item values (a constant shift would not change any softmax)
+        tower = p[f"domain_{d}"]
+        tower["item_bias"] = jnp.asarray(rng.normal(size=tower["item_bias"].shape).astype(np.float32))
+    loss = functools.partial(loss_fn, config=mb, train=True, per_user=True, semantic=sem)
+    batch, clip = _batch(rng, 6), 0.05
+    base, _ = _sum(loss, p, batch, clip)
+    assert all(float(optax.tree.norm(base[f"domain_{d}"]["item_bias"])) > 0 for d in range(2))
+    for u in range(6):
+        assert _dist(_sum(loss, p, _replace_user(batch, u, rng), clip)[0], base) <= 2 * clip * (1 + 1e-5)
+    user = load_config(None, [f"model.item_ids={item_ids}", "model.item_bias=true", "privacy.unit=user"])
+    assert not uses_local_vocab(user) and client_config(user, n_domains=2).sparse_tables == ()

@@ -31,7 +31,8 @@ class SparseTable:
     """A parameter table trained through a per-client local vocabulary.
 
     path: keys leading to the [N, d] table inside the params pytree (nested dicts).
-    name: key of the client's row ids in `ClientData.vocab` (int32[V]; ids >= N are padding).
+    name: key of the client's row ids in `ClientData.vocab` (int32[V]; ids >= N are padding); several tables
+    may share one vocabulary (e.g. a domain's item embeddings and item biases).
     """
 
     path: tuple[str, ...]

@@ -29,7 +29,7 @@ from fedscope_jax.data.batching import group_order
 from fedscope_jax.data.canonical import SPLITS, TRAIN, CanonicalDataset
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.eval.metrics import pessimistic_rank, ranking_metrics, strict_rank
-from fedscope_jax.model import ModelConfig, Params, Semantic, all_item_repr, encode
+from fedscope_jax.model import ModelConfig, Params, Semantic, all_item_repr, encode, item_bias
 
 PROTOCOLS = ("sampled", "full")
 EVAL_PROTOCOLS = ("fedscope", "feddcsr")   # eval.protocol: how candidates are drawn and ties counted
@@ -198,6 +198,9 @@ def _model_ranks(params: Params, semantic: Semantic, history: jnp.ndarray, targe
     target, or (`strict`) for it."""
     h = encode(params, config, d, history, semantic)[:, -1]                       # [E, dim]
     scores = h @ all_item_repr(params, config, d, semantic).T                     # [E, N+1], column 0 = padding
+    bias = item_bias(params, d, jnp.arange(scores.shape[1]))
+    if bias is not None:
+        scores = scores + bias[None, :]
     t_score = jnp.take_along_axis(scores, target[:, None], axis=1)                # [E, 1]
     n_score = jnp.take_along_axis(scores, negatives, axis=1)                      # [E, M]
     above = (lambda x: ~(x <= t_score)) if strict else (lambda x: ~(x < t_score))

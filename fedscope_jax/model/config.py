@@ -51,6 +51,7 @@ class LossConfig:
 # model.item_ids: "train" = each item has a trained ID embedding (fused with its semantic vector when it has one);
 # "off" = no per-item parameter: an item is the fusion MLP of its public semantic vector, and every item without
 # one shares the domain's trained "unknown item" vector (fewer private dimensions under DP; docs/model.md).
+# model.item_bias adds one trained scalar per item (a score bias) in either mode.
 ITEM_IDS = ("train", "off")
 
 
@@ -65,6 +66,7 @@ class ModelConfig:
     max_len: int = 50
     fusion_hidden: int = 64     # hidden width of the [ID ; semantic] fusion MLP
     item_ids: str = "train"     # "train": a trained ID embedding per item; "off": items from their public vectors
+    item_bias: bool = False     # a trained scalar per item added to its every score (an item's popularity)
     loss: LossConfig = LossConfig()
 
     def __post_init__(self) -> None:

@@ -79,6 +79,12 @@ def item_repr(params: Params, config: ModelConfig, d: int, ids: jnp.ndarray, sem
     return tower.apply({"params": params[domain_key(d)]}, ids, _sem(semantic, d), method=DomainTower.items)
 
 
+def item_bias(params: Params, d: int, ids: jnp.ndarray) -> jnp.ndarray | None:
+    """float32 [...]: domain d's per-item score biases of shifted ids (`model.item_bias`), or None without."""
+    p = params[domain_key(d)]
+    return jnp.take(p["item_bias"][:, 0], ids, axis=0) if "item_bias" in p else None
+
+
 def all_item_repr(params: Params, config: ModelConfig, d: int, semantic: Semantic = None) -> jnp.ndarray:
     """float32 [N+1, dim]: every item of domain d (row 0 = padding)."""
     return item_repr(params, config, d, jnp.arange(item_count(params, d, semantic) + 1), semantic)

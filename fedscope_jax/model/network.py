@@ -56,6 +56,9 @@ class DomainTower(nn.Module):
     m_i in {0, 1} says whether it has one; without a semantic table (semantic_dim = 0) e_i = E[i].
     With cfg.item_ids "off" there is no E: e_i = m_i * MLP(s_i) + (1 - m_i) * u, with u the domain's one
     trained "unknown item" vector (the item count then comes from the semantic table).
+    With cfg.item_bias, item i also has a trained scalar b_i (zero at init, an [N+1, 1] table so that it is a
+    row table like E), added to every score of i (`functional.item_bias`): a per-item term of one dimension
+    that can learn an item's popularity where the item has no ID embedding.
     """
 
     n_items: int
@@ -72,6 +75,8 @@ class DomainTower(nn.Module):
             self.item_emb = self.param("item_emb", nn.initializers.normal(d ** -0.5), (self.n_items + 1, d))
         else:
             self.unknown_emb = self.param("unknown_emb", nn.initializers.normal(d ** -0.5), (d,))
+        if self.cfg.item_bias:
+            self.item_bias = self.param("item_bias", nn.initializers.zeros, (self.n_items + 1, 1))
         self.pos_emb = self.param("pos_emb", nn.initializers.normal(d ** -0.5), (self.cfg.max_len, d))
         self.blocks = [Block(self.cfg, name=f"block_{i}") for i in range(self.cfg.blocks)]
         self.ln_out = nn.LayerNorm(name="ln_out")

@@ -17,8 +17,8 @@ from fedscope_jax.losses.iidcl import inter_item_loss, inter_loss, intra_loss
 from fedscope_jax.losses.rec import next_item_loss
 from fedscope_jax.losses.seqcl import augment, nt_xent
 from fedscope_jax.model.config import ModelConfig
-from fedscope_jax.model.functional import Params, Semantic, all_item_repr, domain_key, encode, item_repr
-from fedscope_jax.model.functional import item_count
+from fedscope_jax.model.functional import (Params, Semantic, all_item_repr, domain_key, encode, item_bias,
+                                           item_count, item_repr)
 
 
 def _candidates(params: Params, config: ModelConfig, d: int, target: jnp.ndarray, key: jax.Array,
@@ -97,7 +97,8 @@ def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, confi
         h = encode(params, config, d, seq[:, d], semantic, k_drop, train)
         cand_ids, cand_emb = _candidates(params, config, d, target[:, d], k_neg, semantic, batch.get("neg"))
         tgt_emb = item_repr(params, config, d, target[:, d], semantic)
-        rec = rec + next_item_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb)
+        tgt_bias, cand_bias = item_bias(params, d, target[:, d]), item_bias(params, d, cand_ids)
+        rec = rec + next_item_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb, tgt_bias, cand_bias)
         users.append(h[:, -1])
         valid.append(seq[:, d, -1] > 0)
         items.append(cand_emb)

@@ -138,12 +138,13 @@ def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS,
     client lr, unit, semantic tables object or none): the seeds of a reproduction cell and a sweep's seeds
     share it; other tables, even equal ones, get another. The user unit of DP trains with DP-SGD over users:
     the loss taken one user at a time (`loss_fn(per_user=True)`), divided by the expected batch. Where it can
-    (`train.vocab.uses_local_vocab`), a client trains local item vocabularies of its `n_domains` tables."""
+    (`train.vocab.uses_local_vocab`), a client trains local item vocabularies of its `n_domains` domains (the item
+    table and, with `model.item_bias`, the bias table of each)."""
     model_cfg, client_lr, opt = cfg.model, float(cfg.federated.client_lr), cfg.federated.client_opt
     user = cfg.privacy.unit == "user"
     expected = int(cfg.train.batch_size) if user else 0
     micro = int(cfg.federated.user_microbatch) if user else 0
-    tables = vocab.sparse_tables(n_domains) if vocab.uses_local_vocab(cfg) else ()
+    tables = vocab.sparse_tables(n_domains, item_bias=model_cfg.item_bias) if vocab.uses_local_vocab(cfg) else ()
 
     def build() -> ClientConfig:
         loss = functools.partial(loss_fn, config=model_cfg, train=True, semantic=semantic, per_user=user)
@@ -172,8 +173,9 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
     if client_cfg is None:
         client_cfg = client_config(cfg, semantic, n_domains=len(ds.domains))
     local_vocab = bool(client_cfg.sparse_tables)   # batches carry their negatives and local item ids
-    if local_vocab and len(client_cfg.sparse_tables) != len(ds.domains):
-        raise FedscopeError(f"client config: local vocabularies for {len(client_cfg.sparse_tables)} item tables, "
+    n_vocab = len({t.name for t in client_cfg.sparse_tables})
+    if local_vocab and n_vocab != len(ds.domains):
+        raise FedscopeError(f"client config: local vocabularies of {n_vocab} domains, "
                             f"but {ds.path} has {len(ds.domains)} domains; build it with "
                             f"client_config(..., n_domains={len(ds.domains)})")
     if cfg.privacy.unit == "user":   # DP-SGD over users: every step Poisson-samples the silo's users

@@ -11,7 +11,8 @@ read through the client's vocabulary (`model.objective.loss_fn` reads batch["voc
 
 Not used where a client's update must cover every row: the full softmax (every item is a candidate), the
 user unit of DP (its per-step noise must reach every row), and secure aggregation (dense vectors); nor
-without item IDs (`model.item_ids=off`: there are no per-item rows to train).
+without item IDs (`model.item_ids=off`: no item table to localize; a per-item bias, `model.item_bias`, then stays
+dense). With item IDs the bias table is trained through the same vocabulary as the item table.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ def uses_local_vocab(cfg: Any) -> bool:
             and cfg.model.item_ids == "train")
 
 
-def sparse_tables(n_domains: int) -> tuple[SparseTable, ...]:
-    """Each domain's item table, trained through the vocabulary of the same name."""
-    return tuple(SparseTable((domain_key(d), "item_emb"), domain_key(d)) for d in range(n_domains))
+def sparse_tables(n_domains: int, *, item_bias: bool) -> tuple[SparseTable, ...]:
+    """Each domain's item table (and its per-item biases, `model.item_bias`), trained through the vocabulary of
+    the same name."""
+    names = ("item_emb", "item_bias") if item_bias else ("item_emb",)
+    return tuple(SparseTable((domain_key(d), n), domain_key(d)) for d in range(n_domains) for n in names)
 
 
 def add_negatives(batch: dict[str, np.ndarray], n_items: Sequence[int], num_negatives: int,
