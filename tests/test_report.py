@@ -272,3 +272,29 @@ def test_attributes_column_names_the_vectors():
     assert _short_attr("/t/titles/afk/item_embeddings.arrow", "fedscope_title_noid") == "title"
     assert _short_attr("/t/llm/afk/item_embeddings.arrow", "fedscope") == "LLM"
     assert _short_attr("none (no --attributes-root)", "fedscope") == "none" and _short_attr(None) == "none"
+
+
+def test_cells_at_or_below_popularity_are_named_with_their_curves(tmp_path):
+    """A trained cell whose mean test NDCG@10 is at or below the popularity ranking's (0.05 / 0.07 here) is
+    listed in the report with its value, and its validation curve is drawn; cells above it are not listed."""
+    root = tmp_path / "rep"
+    cells = []
+    at = {**_cell("fedscope", "off"), "variant": "clients=50"}
+    for s in range(2):
+        cells.append(str(_run(root, f"runs/toy/fedsasrec/off-seed{s}", _cell("fedsasrec", "off"),
+                              (0.10, 0.06 + 0.01 * s), s).relative_to(root)))      # kitchen 0.065 <= 0.07
+        cells.append(str(_run(root, f"runs/toy/fedscope/off-seed{s}", _cell("fedscope", "off"),
+                              (0.10, 0.08), s).relative_to(root)))
+        cells.append(str(_run(root, f"runs/toy/fedscope/off-c50-seed{s}", at, (0.05, 0.08), s).relative_to(root)))
+    studies = {"main": {"title": "Main", "kind": "cells", "cells": cells, "datasets": ["toy"]}}
+    (root / "plan.json").write_text(json.dumps({"profile": "quick", "dry_run": False, "status": "complete",
+                                                "hardware": {"device": "cpu"}, "studies": studies}))
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(root), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "**2 cell(s) at or below the popularity ranking**" in report
+    assert "- FEDSASREC (off) on toy kitchen: 0.0650 against 0.0700" in report
+    assert "- FEDSCOPE (off) clients=50 on toy food: 0.0500 against 0.0500" in report     # "at" counts
+    assert "FEDSCOPE (off) on toy" not in report
+    assert (out / "main_below_popularity_toy.png").stat().st_size > 1000
+    assert "(main_below_popularity_toy.png)" in report

@@ -97,6 +97,13 @@ def curve(run: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.array(xs, float), np.array([np.mean(points[x]) for x in xs], float)
 
 
+def group_label(g: Group) -> str:
+    """"METHOD (dp)", plus the variant where the cell has one ("FedSCOPE (off) clients=50")."""
+    variant = g.cell.get("variant")
+    return (f"{g.cell.get('label', g.cell.get('method'))} ({g.cell.get('dp')})"
+            + (f" {variant}" if variant not in (None, "", "base") else ""))
+
+
 def convergence(groups: Sequence[Group], path: Path, title: str) -> Path | None:
     """Validation metric per round / epoch, one line per group (mean over seeds, band = min..max)."""
     plt = _plt()
@@ -110,7 +117,7 @@ def convergence(groups: Sequence[Group], path: Path, title: str) -> Path | None:
         n = min(c[0].size for c in curves)
         x = curves[0][0][:n]
         y = np.stack([c[1][:n] for c in curves])
-        label = f"{g.cell.get('label', g.cell.get('method'))} ({g.cell.get('dp')})"
+        label = group_label(g)
         ax.plot(x, y.mean(0), marker="." if n < 40 else None, label=label)
         if len(curves) > 1:
             ax.fill_between(x, y.min(0), y.max(0), alpha=0.15)

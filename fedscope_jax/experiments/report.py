@@ -15,8 +15,8 @@ from fedscope_jax.errors import FedscopeError
 from fedscope_jax.experiments import plots
 from fedscope_jax.experiments.methods import METHODS
 from fedscope_jax.experiments.runner import PLAN_FILE
-from fedscope_jax.experiments.tables import (Group, breakdown_rows, find_runs, group_runs, load_run, metric_rows,
-                                             popularity_rows, run_dirs, write_tables)
+from fedscope_jax.experiments.tables import (Group, below_popularity, breakdown_rows, find_runs, group_runs, load_run,
+                                             metric_rows, popularity_rows, run_dirs, write_tables)
 from fedscope_jax.utils.io import read_json
 
 COLUMNS = ("dataset", "method", "dp", "unit", "variant", "domain", "HR@10", "NDCG@10", "MRR", "NDCG@10 (full)",
@@ -219,6 +219,8 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
         rows += popularity_rows(groups)
     text = write_tables(rows, out / name, COLUMNS)
     lines += [text, f"Table: [{name}.md]({name}.md), [{name}.csv]({name}.csv)", ""]
+    if info.get("kind") == "cells":
+        lines += _below_popularity(out, name, groups)
     if info.get("kind") == "sweep":
         for ds in sorted({g.cell.get("dataset") for g in groups}):
             png = plots.privacy_utility([g for g in groups if g.cell.get("dataset") == ds],
@@ -228,6 +230,24 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
     png = plots.variants(groups, out / f"{name}_variants.png", info.get("title", name))
     if png:
         lines += [f"![{name}]({png.name})", ""]
+    return lines
+
+
+def _below_popularity(out: Path, name: str, groups: list[Group]) -> list[str]:
+    """The cells whose trained model is at or below the popularity ranking, and their validation curves."""
+    below = below_popularity(groups)
+    if not below:
+        return []
+    lines = [f"**{len(below)} cell(s) at or below the popularity ranking** (test NDCG@10 against sampled negatives, "
+             "mean over seeds; their validation curves follow, also for private runs, which test their last "
+             "round):", ""]
+    lines += [f"- {plots.group_label(g)} on {g.cell.get('dataset')} {domain}: {mean:.4f} against {ref:.4f}"
+              for g, domain, mean, ref in below] + [""]
+    for ds in sorted({str(g.cell.get("dataset")) for g, *_ in below}):
+        mine = list({id(g): g for g, *_ in below if str(g.cell.get("dataset")) == ds}.values())
+        png = plots.convergence(mine, out / f"{name}_below_popularity_{ds}.png", f"at or below popularity: {ds}")
+        if png:
+            lines += [f"![at or below popularity {ds}]({png.name})", ""]
     return lines
 
 

@@ -234,6 +234,23 @@ def popularity_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
     return rows
 
 
+def below_popularity(groups: Sequence[Group], metric: str = "NDCG@10") -> list[tuple[Group, str, float, float]]:
+    """(group, domain, mean over seeds, popularity) of each trained cell whose mean test `metric` (sampled) is at
+    or below the popularity ranking's on the same targets: a trained model there needs a reason (the report
+    lists them with their validation curves)."""
+    out = []
+    for g in groups:
+        if g.cell.get("dry_run"):     # plumbing only: its numbers mean nothing
+            continue
+        pop = g.runs[0].summary.get("baselines", {}).get("popularity", {})
+        for domain in g.domains():
+            mean, _ = mean_std(g.values(domain, metric))
+            ref = pop.get(domain, {}).get(metric)
+            if ref is not None and not math.isnan(mean) and mean <= float(ref):
+                out.append((g, domain, mean, float(ref)))
+    return out
+
+
 def _short_attr(attr: Any, method: Any = None) -> str:
     """The attributes column: "none", or which item vectors the run read ("LLM" or "title")."""
     if not attr:
