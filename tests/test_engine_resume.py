@@ -123,3 +123,23 @@ def test_existing_checkpoints_need_resume(tmp_path: Path):
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
     with pytest.raises(FedscopeError, match="--resume"):
         run_rounds(tmp_path, lambda r, c: data[c], 3, {"w": jnp.zeros(2)}, ccfg, fcfg)
+
+
+def test_a_setting_added_after_the_run_started_resumes_at_its_default(tmp_path: Path):
+    """The stored config.json of a run started before a setting existed lacks its key: resuming with the
+    setting at its default (what the older code did) passes; at another value, or any other changed key, not."""
+    import json
+
+    from fedscope_jax.errors import ResumeMismatch
+    from fedscope_jax.train.config import load_config, to_dict
+    from fedscope_jax.train.federated import check_resume_config
+
+    stored = to_dict(load_config(None, []))
+    del stored["model"]["item_bias"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(stored))
+    check_resume_config(path, to_dict(load_config(None, [])))
+    with pytest.raises(ResumeMismatch, match="model.item_bias is True here but None"):
+        check_resume_config(path, to_dict(load_config(None, ["model.item_bias=true"])))
+    with pytest.raises(ResumeMismatch, match="model.dim"):
+        check_resume_config(path, to_dict(load_config(None, ["model.dim=16"])))
