@@ -86,6 +86,12 @@ def test_padding_users_change_nothing(params):
     np.testing.assert_allclose(np.asarray(lb)[:4], np.asarray(la), rtol=1e-6)
 
 
+def _public_vectors(rng: np.random.Generator) -> list[dict[str, jnp.ndarray]]:
+    """A public vector for every item of each domain (semantic tables; row 0 = padding)."""
+    return [{"vectors": jnp.asarray(rng.normal(size=(n + 1, 4)).astype(np.float32)),
+             "mask": jnp.ones(n + 1, jnp.float32).at[0].set(0.0)} for n in N_ITEMS]
+
+
 def _replace_user(batch, u, rng):
     other = _batch(rng, 1)
     return {k: (v.at[u].set(other[k][0]) if k != "user_mask" else v) for k, v in batch.items()}
@@ -236,8 +242,7 @@ def test_without_item_ids_the_bound_holds_and_nothing_is_per_item():
     from fedscope_jax.train.vocab import uses_local_vocab
 
     rng = np.random.default_rng(5)
-    sem = [{"vectors": jnp.asarray(rng.normal(size=(n + 1, 4)).astype(np.float32)),
-            "mask": jnp.ones(n + 1, jnp.float32).at[0].set(0.0)} for n in N_ITEMS]
+    sem = _public_vectors(rng)
     mc = dataclasses.replace(MC, item_ids="off")
     p = init_params(jax.random.key(0), mc, N_ITEMS, sem)
     assert not any("item_emb" in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(p))
@@ -263,8 +268,7 @@ def test_per_item_biases_are_dense_and_keep_the_bound(item_ids):
     from fedscope_jax.train.vocab import uses_local_vocab
 
     rng = np.random.default_rng(6)
-    sem = [{"vectors": jnp.asarray(rng.normal(size=(n + 1, 4)).astype(np.float32)),
-            "mask": jnp.ones(n + 1, jnp.float32).at[0].set(0.0)} for n in N_ITEMS]
+    sem = _public_vectors(rng)
     mb = dataclasses.replace(MC, item_ids=item_ids, item_bias=True)
     p = init_params(jax.random.key(0), mb, N_ITEMS, sem)
     for d in range(2):   # distinct per-item values (a constant shift would not change any softmax)

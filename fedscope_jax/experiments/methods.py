@@ -6,8 +6,8 @@ they exist), "title" (vectors of the raw titles and metadata, `--title-root`, ma
 title`: the ablation's title-only arm, the privacy study's no-ID arm on titles; not run without them) or "none"
 (ID only).
 A method with `model.item_ids=off` represents items by those vectors alone (no item table: fewer private
-dimensions under DP, docs/privacy.md; a profile that sets `model.item_bias` adds one scalar per item) and so needs them: like the title-only arm, its cells are not run
-without them (`needs_vectors`).
+dimensions under DP, docs/privacy.md; a profile that sets `model.item_bias` adds one scalar per item) and so
+needs them: like the title-only arm, its cells are not run without them (`needs_vectors`).
 `dp_mode`: the FedAvg baselines and the uniform-DP ablation run DP with one budget for every client
 (privacy mode "uniform", i.e. DP-FedAvg with local noise) at the cell's epsilon; FedSCOPE uses the cell's mode.
 `dp`: "any" (federated: runs with and without DP), "none" (DP does not apply: local-only training shares
