@@ -188,6 +188,17 @@ def test_local_item_vocabularies_equal_dense_tables(tiny_dataset: Path, semantic
             assert np.abs(np.asarray(states[0].params[emb]["item_bias"])[named[named < n_rows[d]]]).max() > 1e-4
 
 
+def test_losses_over_most_of_the_catalogue_train_dense_tables():
+    """Local vocabularies only where a client's step names few rows: the sampled and in-batch softmax, not the
+    full softmax (every item) nor gBCE (each user's own negatives)."""
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.vocab import uses_local_vocab
+
+    got = {rec: uses_local_vocab(load_config(None, [f"model.loss.rec={rec}"]))
+           for rec in ("sampled", "in_batch", "full", "gbce")}
+    assert got == {"sampled": True, "in_batch": True, "full": False, "gbce": False}
+
+
 def test_local_vocabularies_keep_one_shape_across_rounds(user_context):
     """A client's vocabulary is padded to a bound that does not depend on the round's negatives."""
     ctx = user_context

@@ -73,6 +73,114 @@ def test_next_item_loss_adds_each_items_bias_to_its_scores():
     assert float(grad[7]) > 0
 
 
+def _np_gbce(h, target, table, cand, beta):
+    """gSASRec's loss, one position at a time: -beta log s(pos) - sum log(1 - s(neg))."""
+    sig = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    per = []
+    for b in range(h.shape[0]):
+        for l in range(h.shape[1]):
+            t = target[b, l]
+            if t == 0:
+                continue
+            pos = float(h[b, l] @ table[t])
+            negs = [float(h[b, l] @ table[c]) for c in cand if c != t and c != 0]
+            per.append(-beta * np.log(sig(pos)) - sum(np.log(1 - sig(x)) for x in negs))
+    return float(np.mean(per))
+
+
+def test_gbce_beta_is_the_papers_calibration():
+    """beta = alpha (t (1 - 1/alpha) + 1/alpha) with alpha = M / (N - 1); t = 0 is plain BCE (beta 1), t = 1
+    gives beta = alpha; a sample as large as the catalogue caps alpha at 1."""
+    for m, n, t in [(5, 11, 0.75), (256, 16258, 0.75), (50, 1001, 0.5), (3, 7, 1.0), (3, 7, 0.0)]:
+        alpha = m / (n - 1)
+        assert float(rec.gbce_beta(m, n, t)) == pytest.approx(alpha * (t * (1 - 1 / alpha) + 1 / alpha), rel=1e-6)
+    assert float(rec.gbce_beta(5, 11, 1.0)) == pytest.approx(0.5)
+    assert float(rec.gbce_beta(5, 11, 0.0)) == 1.0
+    assert float(rec.gbce_beta(100, 50, 0.75)) == 1.0      # M > N - 1
+    assert float(rec.gbce_beta(100, 0, 0.75)) == 1.0       # a padding step's zero pool stays finite
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.3])
+def test_gbce_loss_matches_numpy(beta):
+    """gBCE against a numpy reference (accidental hits and padding candidates removed); beta < 1 weighs the
+    positive less, so the loss falls, and the gradient pushes the positive up and the negatives down."""
+    rng = np.random.default_rng(2)
+    h = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    table = rng.normal(size=(9, 5)).astype(np.float32)
+    target = np.array([[0, 1, 2, 3], [0, 0, 4, 4], [8, 7, 6, 5]], np.int32)
+    cand = np.array([2, 5, 0, 7, 7], np.int32)
+    loss = jax.jit(rec.gbce_loss)
+    got = loss(jnp.array(h), jnp.array(target), jnp.array(table[target]), jnp.array(cand), jnp.array(table[cand]),
+               beta)
+    assert float(got) == pytest.approx(_np_gbce(h, target, table, cand, beta), rel=1e-5)
+    if beta < 1:
+        assert float(got) < _np_gbce(h, target, table, cand, 1.0)
+    bias = jnp.zeros(9)
+    grad = jax.grad(lambda b: rec.gbce_loss(jnp.array(h), jnp.array(target), jnp.array(table[target]),
+                                            jnp.array(cand), jnp.array(table[cand]), beta, b[target], b[cand]))(bias)
+    assert float(grad[1]) < 0 and float(grad[7]) > 0 and float(grad[0]) == 0.0   # 1: only a target; 7: mostly negative
+    empty = loss(jnp.array(h), jnp.zeros((3, 4), jnp.int32), jnp.array(table[target]), jnp.array(cand),
+                 jnp.array(table[cand]), beta)
+    assert float(empty) == 0.0
+
+
+def test_in_batch_log_q_is_each_items_share_of_the_real_targets():
+    target = jnp.array([[0, 3, 3, 5], [0, 0, 3, 9]], jnp.int32)          # real targets: 3, 3, 5, 3, 9
+    got = np.exp(np.asarray(rec.in_batch_log_q(target, jnp.array([3, 5, 9, 4, 0]))))
+    np.testing.assert_allclose(got, [3 / 5, 1 / 5, 1 / 5, 1 / 5, 1 / 5], rtol=1e-6)   # 4 and 0: never drawn
+
+
+def test_logq_corrected_in_batch_softmax_matches_numpy():
+    """model.loss.logq: every score (target and candidates) minus log q of its item, q its share of the batch's
+    real targets, then the same softmax; numpy reference."""
+    from fedscope_jax.model import init_params, loss_fn
+    from fedscope_jax.model.config import LossConfig, ModelConfig
+    from fedscope_jax.model.functional import encode, item_repr
+
+    cfg = ModelConfig(dim=8, blocks=1, heads=1, max_len=5, dropout=0.0,
+                      loss=LossConfig(rec="in_batch", num_negatives=6, alpha=0.0, logq=True))
+    params = init_params(jax.random.key(0), cfg, [9])
+    seq = jnp.array([[[0, 1, 2, 3, 3]], [[0, 0, 4, 3, 2]], [[5, 6, 7, 8, 1]]], jnp.int32)
+    target = jnp.array([[[0, 2, 3, 3, 4]], [[0, 0, 3, 2, 3]], [[6, 7, 8, 1, 3]]], jnp.int32)
+    key = jax.random.key(3)
+    got, _ = loss_fn(params, {"seq": seq, "target": target}, key, cfg, train=False)
+    # the same negatives as the loss: its key split (domain 0; negatives key), then in_batch_negatives
+    from fedscope_jax.model.objective import in_batch_negatives
+    _, k_neg = jax.random.split(jax.random.split(key, 1)[0])
+    cand = np.asarray(in_batch_negatives(target[:, 0], k_neg, 6))
+    h = np.asarray(encode(params, cfg, 0, seq[:, 0]), np.float64)
+    table = np.asarray(item_repr(params, cfg, 0, jnp.arange(10)), np.float64)
+    t = np.asarray(target[:, 0])
+    real = t[t > 0]
+    log_q = {i: np.log(np.sum(real == i) / real.size) for i in set(real)}
+    tot, n = 0.0, 0
+    for b in range(t.shape[0]):
+        for l in range(t.shape[1]):
+            if t[b, l] == 0:
+                continue
+            logits = [h[b, l] @ table[t[b, l]] - log_q[t[b, l]]]
+            logits += [h[b, l] @ table[c] - log_q[c] for c in cand if c != t[b, l] and c != 0]
+            logits = np.array(logits)
+            tot += np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[0]
+            n += 1
+    assert float(got) == pytest.approx(tot / n, rel=1e-5)
+    plain, _ = loss_fn(params, {"seq": seq, "target": target}, key,
+                       ModelConfig(dim=8, blocks=1, heads=1, max_len=5, dropout=0.0,
+                                   loss=LossConfig(rec="in_batch", num_negatives=6, alpha=0.0)), train=False)
+    assert float(plain) != pytest.approx(float(got), rel=1e-3)
+
+
+@pytest.mark.parametrize("kw,msg", [({"rec": "bpr"}, "expected one of sampled, in_batch, full, gbce"),
+                                    ({"rec": "gbce", "gbce_t": 1.5}, "gbce_t=1.5"),
+                                    ({"rec": "sampled", "logq": True}, "logq=true needs model.loss.rec=in_batch")])
+def test_loss_config_refuses_bad_settings(kw, msg):
+    from fedscope_jax.errors import FedscopeError
+    from fedscope_jax.model.config import LossConfig
+
+    with pytest.raises(FedscopeError, match=msg):
+        LossConfig(**kw)
+
+
 def _cos(a, b):
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)

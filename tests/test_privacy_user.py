@@ -3,6 +3,7 @@ engine/client.py `private_gradient`), Poisson user sampling (data/batching.py), 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -109,6 +110,23 @@ def test_replacing_one_user_moves_the_sum_by_at_most_the_sensitivity(params, see
         assert moved <= 2 * clip * (1 + 1e-5), (u, moved)
         removed = dict(batch, user_mask=batch["user_mask"].at[u].set(False))
         assert _dist(_sum(_user_loss(), params, removed, clip)[0], base) <= clip * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("loss_cfg", [LossConfig(rec="gbce", num_negatives=6, alpha=0.5),
+                                      LossConfig(rec="in_batch", logq=True, num_negatives=6, alpha=0.5)])
+def test_other_next_item_losses_keep_the_bound(params, loss_cfg):
+    """gBCE (negatives drawn per user: public randomness) and the logQ-corrected in-batch softmax (the loss is
+    taken one user at a time, so q counts that user's own targets) read no other user's data: 2C per replaced
+    user, and padding users change nothing."""
+    loss = functools.partial(loss_fn, config=dataclasses.replace(MC, loss=loss_cfg), train=True, per_user=True)
+    rng = np.random.default_rng(30)
+    batch, clip = _batch(rng, 6), 0.05
+    base, losses = _sum(loss, params, batch, clip)
+    assert np.all(np.isfinite(np.asarray(losses))) and float(optax.tree.norm(base)) > 0
+    for u in range(6):
+        assert _dist(_sum(loss, params, _replace_user(batch, u, rng), clip)[0], base) <= 2 * clip * (1 + 1e-5)
+    padded, _ = _sum(loss, params, _batch(np.random.default_rng(30), 6, pad=2), clip)
+    assert _dist(padded, base) < 1e-6
 
 
 def test_an_unsafe_loss_breaks_the_bound(params):
@@ -236,7 +254,6 @@ def test_without_item_ids_the_bound_holds_and_nothing_is_per_item():
     """model.item_ids=off (fewer private dimensions): items come from public vectors (data, closed over by the
     loss), every trained parameter is shared, one user's replacement still moves the pre-noise sum by <= 2C,
     and no local vocabulary is used (there are no per-item rows)."""
-    import dataclasses
 
     from fedscope_jax.train.config import load_config
     from fedscope_jax.train.vocab import uses_local_vocab
@@ -261,7 +278,6 @@ def test_per_item_biases_are_dense_and_keep_the_bound(item_ids):
     """model.item_bias: the per-item score biases take the DP-SGD gradient like every other parameter (the
     pre-noise sum of a batch reaches them, and one user's replacement moves it by <= 2C), and in the user
     unit they are dense (no local vocabulary: every row gets the step's noise)."""
-    import dataclasses
 
     from fedscope_jax.train.config import load_config
     from fedscope_jax.train.federated import client_config

@@ -7,18 +7,26 @@ import dataclasses
 from fedscope_jax.errors import FedscopeError
 
 
+REC_LOSSES = ("sampled", "in_batch", "full", "gbce")   # model.loss.rec
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """Next-item loss and IIDCL weights. Total = L_rec + alpha * (lambda_intra * L_intra + lambda_inter * L_inter)
     + seqcl_weight * L_seqcl (the CL4SRec-style baseline term, losses/seqcl.py; off by default).
 
-    rec: "sampled" (uniform negatives shared by the batch), "in_batch" (negatives drawn from the batch's own
-    targets, i.e. by popularity) or "full" (softmax over every item of the domain; memory B*L*N floats).
+    rec: "sampled" (softmax over uniform negatives shared by the batch), "in_batch" (softmax over negatives drawn
+    from the batch's own targets, i.e. by popularity; `logq` corrects for that), "full" (softmax over every item
+    of the domain; memory B*L*N floats) or "gbce" (gSASRec's generalized binary cross-entropy over uniform
+    negatives drawn per user, calibrated by `gbce_t`; Petrov & Macdonald, RecSys 2023). losses/rec.py has the
+    formulas.
     A weight of 0 removes the term from the traced program (its gradient is exactly zero).
     """
 
     rec: str = "sampled"
     num_negatives: int = 100
+    gbce_t: float = 0.75      # gbce: calibration t in [0, 1]; 0 = plain BCE, 1 = fully corrected (gSASRec's 0.75)
+    logq: bool = False        # in_batch: subtract log q (an item's in-batch sampling probability) from its scores
     alpha: float = 0.1
     lambda_intra: float = 1.0
     lambda_inter: float = 1.0
@@ -33,8 +41,14 @@ class LossConfig:
     seqcl_reorder: float = 0.6  # beta: share of the items a reorder shuffles
 
     def __post_init__(self) -> None:
-        if self.rec not in ("sampled", "in_batch", "full"):
-            raise FedscopeError(f"model.loss.rec={self.rec!r}; expected one of sampled, in_batch, full")
+        if self.rec not in REC_LOSSES:
+            raise FedscopeError(f"model.loss.rec={self.rec!r}; expected one of {', '.join(REC_LOSSES)}")
+        if not 0.0 <= self.gbce_t <= 1.0:
+            raise FedscopeError(f"model.loss.gbce_t={self.gbce_t}; expected 0 <= t <= 1")
+        if self.logq and self.rec != "in_batch":
+            raise FedscopeError(f"model.loss.logq=true needs model.loss.rec=in_batch (got {self.rec!r}): only "
+                                "in-batch negatives are drawn by popularity; uniform negatives shift every score "
+                                "by the same log q, which changes no softmax")
         if self.num_negatives < 1 or self.k_max < 1:
             raise FedscopeError("model.loss.num_negatives and model.loss.k_max must be >= 1")
         if min(self.tau_intra, self.tau_inter) <= 0:

@@ -2,8 +2,9 @@
 + seqcl_weight * L_seqcl (the CL4SRec-style baseline term; off, i.e. absent from the program, by default).
 
 batch = {"seq": int32 [B, D, L], "target": int32 [B, D, L], ...}: per user and domain, the left-padded input
-sequence of shifted item ids and, at each position, the next item (0 = none). Extra keys (masks) are ignored:
-a padding user is an all-zero row and contributes nothing. Terms are summed over domains (and domain pairs).
+sequence of shifted item ids and, at each position, the next item (0 = none); optional "neg" [D, M]
+(host-drawn uniform negatives) and "vocab" (a client's local item ids; train/vocab.py). Other keys (masks) are
+ignored: a padding user is an all-zero row and contributes nothing. Terms are summed over domains (and domain pairs).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fedscope_jax.losses.iidcl import inter_item_loss, inter_loss, intra_loss
-from fedscope_jax.losses.rec import next_item_loss
+from fedscope_jax.losses.rec import gbce_beta, gbce_loss, in_batch_log_q, next_item_loss
 from fedscope_jax.losses.seqcl import augment, nt_xent
 from fedscope_jax.model.config import ModelConfig
 from fedscope_jax.model.functional import (Params, Semantic, all_item_repr, domain_key, encode, item_bias,
@@ -23,13 +24,17 @@ from fedscope_jax.model.functional import (Params, Semantic, all_item_repr, doma
 
 def _candidates(params: Params, config: ModelConfig, d: int, target: jnp.ndarray, key: jax.Array,
                 semantic: Semantic, neg: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Shared candidate ids [M] and their representations for domain d's next-item loss. neg: the step's
-    negatives drawn on the host ([D, M], train/vocab.py), used instead of drawing them here."""
+    """Candidate ids and their representations for domain d's next-item loss: [M] shared by the batch, or
+    (gbce) [B, M] per user. neg: the step's negatives drawn on the host ([D, M], train/vocab.py), used instead
+    of drawing them here."""
     lc = config.loss
     n_items = item_count(params, d, semantic)
     if lc.rec == "full":
         return jnp.arange(n_items + 1), all_item_repr(params, config, d, semantic)
-    if lc.rec == "sampled" and neg is not None:
+    if lc.rec == "gbce":
+        # per user, as gSASRec draws them (per position there; shared by the batch measured no better here)
+        ids = jax.random.randint(key, (target.shape[0], lc.num_negatives), 1, n_items + 1)
+    elif lc.rec == "sampled" and neg is not None:
         ids = neg[d]
     elif lc.rec == "sampled":
         ids = jax.random.randint(key, (lc.num_negatives,), 1, n_items + 1)
@@ -77,6 +82,10 @@ def local_semantic(semantic: Semantic, vocab: dict[str, jnp.ndarray]) -> Semanti
             for d, t in enumerate(semantic)]
 
 
+def _minus(a: jnp.ndarray | None, b: jnp.ndarray) -> jnp.ndarray:
+    return -b if a is None else a - b
+
+
 def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, config: ModelConfig,
             train: bool = True, semantic: Semantic = None,
             per_user: bool = False) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
@@ -98,10 +107,17 @@ def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, confi
         cand_ids, cand_emb = _candidates(params, config, d, target[:, d], k_neg, semantic, batch.get("neg"))
         tgt_emb = item_repr(params, config, d, target[:, d], semantic)
         tgt_bias, cand_bias = item_bias(params, d, target[:, d]), item_bias(params, d, cand_ids)
-        rec = rec + next_item_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb, tgt_bias, cand_bias)
+        if lc.logq:   # sampled-softmax correction: each score minus the log of its item's in-batch draw probability
+            tgt_bias = _minus(tgt_bias, in_batch_log_q(target[:, d], target[:, d]))
+            cand_bias = _minus(cand_bias, in_batch_log_q(target[:, d], cand_ids))
+        if lc.rec == "gbce":
+            beta = gbce_beta(lc.num_negatives, item_count(params, d, semantic), lc.gbce_t)
+            rec = rec + gbce_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb, beta, tgt_bias, cand_bias)
+        else:
+            rec = rec + next_item_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb, tgt_bias, cand_bias)
         users.append(h[:, -1])
         valid.append(seq[:, d, -1] > 0)
-        items.append(cand_emb)
+        items.append(cand_emb.reshape(-1, cand_emb.shape[-1]))   # per-user candidates (gbce): all of them
     intra = jnp.zeros(())
     if lc.alpha and lc.lambda_intra and not per_user:
         for z, v in zip(users, valid):

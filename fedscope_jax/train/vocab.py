@@ -9,8 +9,9 @@ row 0. Its size is padded to a bound that does not change from round to round (t
 S x M), so the round keeps one program shape. The semantic tables, which are constants indexed by item, are
 read through the client's vocabulary (`model.objective.loss_fn` reads batch["vocab"]).
 
-Not used where a client's update must cover every row: the full softmax (every item is a candidate), the
-user unit of DP (its per-step noise must reach every row), and secure aggregation (dense vectors); nor
+Not used where a client's update must cover every row: the full softmax (every item is a candidate), gBCE
+(each user draws its own negatives: batch x M of them a step cover most of a catalogue), the user unit of DP
+(its per-step noise must reach every row), and secure aggregation (dense vectors); nor
 without item IDs (`model.item_ids=off`: no item table to localize; a per-item bias, `model.item_bias`, then stays
 dense). With item IDs the bias table is trained through the same vocabulary as the item table.
 """
@@ -32,8 +33,8 @@ NEGATIVES_TAG = 0x0E6A   # seeds a client's host-drawn negatives apart from its 
 
 def uses_local_vocab(cfg: Any) -> bool:
     """Whether the federated client trains local item vocabularies (see the module docstring)."""
-    return (cfg.model.loss.rec != "full" and cfg.privacy.unit != "user" and not cfg.privacy.secagg
-            and cfg.model.item_ids == "train")
+    return (cfg.model.loss.rec in ("sampled", "in_batch") and cfg.privacy.unit != "user"
+            and not cfg.privacy.secagg and cfg.model.item_ids == "train")
 
 
 def sparse_tables(n_domains: int, *, item_bias: bool) -> tuple[SparseTable, ...]:
