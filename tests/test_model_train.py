@@ -94,6 +94,25 @@ def test_centralized_run_directory_and_determinism(tiny, capsys):
     assert peer["model"]["sampled"] != ev["model"]["sampled"]
 
 
+@pytest.mark.parametrize("mode", ["centralized", "local"])
+def test_a_step_that_does_not_fit_the_memory_is_refused_before_training(tiny, capsys, monkeypatch, mode):
+    """Memory is planned in the epoch trainers too: the step is compiled before it first runs and its XLA
+    memory analysis checked; one that does not fit (here the device is told it has 1 KiB) is a one-line error
+    naming the batch size and the full softmax that sizes it, never an XLA traceback, and nothing is written."""
+    from fedscope_jax.engine import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 1024)
+    root, ds = tiny
+    run = root / f"too-large-{mode}"
+    # model.dim 6: a step no other test compiled (a kept program would skip the check)
+    assert main(["train", "--mode", mode, "--data", str(ds.path), "--out", str(run), "--clients", "2",
+                 *_sets(["model.dim=6", "model.heads=1", "model.loss.rec=full"])]) == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size=16 (model.loss.rec=full: B x L x N logits" in err, err
+    assert "the training step needs" in err and "even a batch of 1 may not fit" in err
+    assert "Traceback" not in err and not run.exists()
+
+
 def test_semantic_attributes_feed_the_fusion_mlp(tiny, capsys):
     root, ds = tiny
     emb = _embeddings(root / "enrich", ds)

@@ -313,8 +313,9 @@ class CompiledFn:
     The compile seconds are counted apart (`compile_seconds`, `compiles`), so training time can be reported
     without them; calls with an already seen signature reuse the executable (e.g. across runs or seeds)."""
 
-    def __init__(self, jitted: Callable[..., Any]):
+    def __init__(self, jitted: Callable[..., Any], what: str = "the round program"):
         self._jitted = jitted
+        self._what = what
         self._executables: dict[Any, Any] = {}
         self.compile_seconds = 0.0
         self.compiles = 0
@@ -337,7 +338,7 @@ class CompiledFn:
             exe = self._jitted.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - t0
             self.compiles += 1
-            memory.check_fits(exe, "the round program")
+            memory.check_fits(exe, self._what)
             self._executables[sig] = exe
         return exe
 

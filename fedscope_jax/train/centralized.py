@@ -19,6 +19,8 @@ from flax import serialization
 
 from fedscope_jax.data.batching import make_batches, train_sequences
 from fedscope_jax.data.canonical import CanonicalDataset
+from fedscope_jax.engine.memory import ProgramTooLarge
+from fedscope_jax.engine.round import CompiledFn
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.eval.protocol import EvalSet, model_ranks, summarize
 from fedscope_jax.model import ModelConfig, Params, Semantic, init_params, loss_fn
@@ -46,8 +48,23 @@ def make_train_step(config: ModelConfig, lr: float, weight_decay: float) -> Call
 
 
 def train_step(config: ModelConfig, lr: float, weight_decay: float, programs: Programs = PROGRAMS) -> Callable:
-    """`make_train_step`, kept by `programs`: runs with the same settings in one process compile once."""
-    return programs.get(("train_step", config, lr, weight_decay), lambda: make_train_step(config, lr, weight_decay))
+    """`make_train_step`, kept by `programs`: runs with the same settings in one process compile once. Compiled
+    ahead of its first call and checked to fit the device's memory (`CompiledFn`: `ProgramTooLarge` before it
+    runs)."""
+    return programs.get(("train_step", config, lr, weight_decay),
+                        lambda: CompiledFn(make_train_step(config, lr, weight_decay), "the training step"))
+
+
+def batch_that_fits(cfg: RunConfig, exc: ProgramTooLarge) -> FedscopeError:
+    """The one-line refusal of a step that does not fit: the batch size and the loss that size it, and a batch
+    scaled to the available share (memory grows with the batch; part of it does not, so the scaled size errs
+    small)."""
+    b = cfg.train.batch_size
+    fit = int(b * exc.available / exc.needed)
+    hint = (f"about train.batch_size={fit} fits" if fit >= 1 else
+            "even a batch of 1 may not fit: lower model.dim or model.max_len")
+    loss = " (model.loss.rec=full: B x L x N logits; `sampled` needs far less)" if cfg.model.loss.rec == "full" else ""
+    return FedscopeError(f"train.batch_size={b}{loss}: {exc}; {hint}")
 
 
 def evaluate(params: Params, config: ModelConfig, es: EvalSet, domains: tuple[str, ...], ks: tuple[int, ...],
@@ -95,8 +112,11 @@ def train_centralized(ds: CanonicalDataset, cfg: RunConfig, out: str | Path, sem
             sums = np.zeros(5)
             for s in range(batches["seq"].shape[0]):
                 batch = {"seq": batches["seq"][s], "target": batches["target"][s]}
-                params, opt_state, loss, aux = step(params, opt_state, batch,
-                                                    jax.random.fold_in(key_train, global_step), semantic)
+                try:
+                    params, opt_state, loss, aux = step(params, opt_state, batch,
+                                                        jax.random.fold_in(key_train, global_step), semantic)
+                except ProgramTooLarge as exc:   # raised by the ahead-of-time check, before anything ran
+                    raise batch_that_fits(cfg, exc) from None
                 global_step += 1
                 sums += np.array([float(loss), *(float(aux[k]) for k in ("rec", "intra", "inter", "seqcl"))])
             n = batches["seq"].shape[0]

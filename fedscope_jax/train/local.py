@@ -24,10 +24,11 @@ import numpy as np
 from fedscope_jax.data.batching import TrainSequences, make_batches, train_sequences
 from fedscope_jax.data.canonical import CanonicalDataset
 from fedscope_jax.data.partition import Partition, partition
+from fedscope_jax.engine.memory import ProgramTooLarge
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.eval.protocol import EvalSet, model_ranks, summarize
 from fedscope_jax.model import Semantic, init_params
-from fedscope_jax.train.centralized import evaluate, make_optimizer, selection_score, train_step
+from fedscope_jax.train.centralized import batch_that_fits, evaluate, make_optimizer, selection_score, train_step
 from fedscope_jax.train.config import RunConfig, to_dict
 from fedscope_jax.train.final_eval import SPLITS, eval_sets, metrics_from_ranks
 from fedscope_jax.utils.io import atomic_output_dir, write_json
@@ -73,7 +74,11 @@ def train_client(c: int, rows: np.ndarray, valid_set: EvalSet, init: Any, seqs: 
         sums = np.zeros(5)
         for s in range(batches["seq"].shape[0]):
             batch = {"seq": batches["seq"][s], "target": batches["target"][s]}
-            params, opt_state, loss, aux = step(params, opt_state, batch, jax.random.fold_in(key_c, steps), semantic)
+            try:
+                params, opt_state, loss, aux = step(params, opt_state, batch, jax.random.fold_in(key_c, steps),
+                                                    semantic)
+            except ProgramTooLarge as exc:   # raised by the ahead-of-time check, before anything ran
+                raise batch_that_fits(cfg, exc) from None
             steps += 1
             sums += np.array([float(loss), *(float(aux[k]) for k in ("rec", "intra", "inter", "seqcl"))])
         n = batches["seq"].shape[0]
