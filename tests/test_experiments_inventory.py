@@ -111,7 +111,12 @@ def test_calibration_says_where_it_timed_another_step():
     """Hours priced with a benchmark of another batch or model size are flagged, field by field."""
     workload = {"batch_size": 256, "model": {"dim": 16, "blocks": 2, "max_len": 10, "num_negatives": 100}}
     shape = inv.calibrated_shape(workload)
-    assert shape == {"batch_size": 256, "dim": 16, "blocks": 2, "max_len": 10, "num_negatives": 100}
+    # a report without the loss (written before it was recorded) timed the sampled softmax
+    assert shape == {"batch_size": 256, "dim": 16, "blocks": 2, "max_len": 10, "num_negatives": 100,
+                     "rec": "sampled"}
+    assert inv.calibrated_shape({**workload, "model": {**workload["model"], "rec": "full"}})["rec"] == "full"
+    assert inv.shape_mismatch(shape, [{**shape, "rec": "full"}]) == {"rec": {"calibrated": "sampled",
+                                                                            "cells": {"full": 1}}}
     assert inv.calibrated_shape(None) is None and inv.calibrated_shape({"batch_size": 8}) is None
     cells = [{**shape, "dim": 64, "max_len": 50}, {**shape, "dim": 64, "max_len": 50}, {**shape, "dim": 32}, shape]
     mismatch = inv.shape_mismatch(shape, cells)

@@ -124,6 +124,33 @@ def test_gbce_loss_matches_numpy(beta):
     assert float(empty) == 0.0
 
 
+def test_per_user_candidates_with_biases_match_a_loop():
+    """Candidates per user ([B, M], how gbce draws them) with per-item biases, for both losses: each user's
+    positions scored against that user's own candidates only (numpy loop over users)."""
+    rng = np.random.default_rng(4)
+    h = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    table = rng.normal(size=(9, 5)).astype(np.float32)
+    bias = rng.normal(size=9).astype(np.float32)
+    target = np.array([[0, 1, 2, 3], [0, 0, 4, 4], [8, 7, 6, 5]], np.int32)
+    cand = np.array([[2, 5, 0, 7], [4, 4, 1, 3], [6, 1, 1, 8]], np.int32)    # hits, padding, repeats
+    args = (jnp.array(h), jnp.array(target), jnp.array(table[target]), jnp.array(cand), jnp.array(table[cand]))
+    tb, cb = jnp.array(bias[target]), jnp.array(bias[cand])
+    sig = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    soft, binary = [], []
+    for b in range(3):
+        for l in range(4):
+            t = target[b, l]
+            if t == 0:
+                continue
+            pos = float(h[b, l] @ table[t] + bias[t])
+            negs = np.array([h[b, l] @ table[c] + bias[c] for c in cand[b] if c != t and c != 0], np.float64)
+            logits = np.concatenate([[pos], negs])
+            soft.append(np.log(np.exp(logits - logits.max()).sum()) + logits.max() - pos)
+            binary.append(-0.4 * np.log(sig(pos)) - np.sum(np.log(1 - sig(negs))))
+    assert float(rec.next_item_loss(*args, tb, cb)) == pytest.approx(np.mean(soft), rel=1e-5)
+    assert float(rec.gbce_loss(*args, 0.4, tb, cb)) == pytest.approx(np.mean(binary), rel=1e-5)
+
+
 def test_in_batch_log_q_is_each_items_share_of_the_real_targets():
     target = jnp.array([[0, 3, 3, 5], [0, 0, 3, 9]], jnp.int32)          # real targets: 3, 3, 5, 3, 9
     got = np.exp(np.asarray(rec.in_batch_log_q(target, jnp.array([3, 5, 9, 4, 0]))))

@@ -109,8 +109,19 @@ def test_a_step_that_does_not_fit_the_memory_is_refused_before_training(tiny, ca
                  *_sets(["model.dim=6", "model.heads=1", "model.loss.rec=full"])]) == 2
     err = capsys.readouterr().err
     assert "train.batch_size=16 (model.loss.rec=full: B x L x N logits" in err, err
-    assert "the training step needs" in err and "even a batch of 1 may not fit" in err
+    assert "the training step needs" in err and "even a batch of 1 does not fit" in err
+    assert ("client 0: train.batch_size" in err) == (mode == "local")
     assert "Traceback" not in err and not run.exists()
+
+
+def test_the_batch_that_fits_scales_what_grows_with_the_batch():
+    """needed = inputs + what grows with the batch: 16 x (60 - 20) / (100 - 20) = 8."""
+    from fedscope_jax.engine.memory import ProgramTooLarge
+    from fedscope_jax.train.centralized import batch_that_fits
+
+    cfg = load_config(None, ["train.batch_size=16"])
+    assert str(batch_that_fits(cfg, ProgramTooLarge(100, 60, arguments=20))).endswith("train.batch_size=8 should fit")
+    assert "even a batch of 1 does not fit" in str(batch_that_fits(cfg, ProgramTooLarge(100, 15, arguments=20)))
 
 
 def test_semantic_attributes_feed_the_fusion_mlp(tiny, capsys):

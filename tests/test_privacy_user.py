@@ -115,9 +115,11 @@ def test_replacing_one_user_moves_the_sum_by_at_most_the_sensitivity(params, see
 @pytest.mark.parametrize("loss_cfg", [LossConfig(rec="gbce", num_negatives=6, alpha=0.5),
                                       LossConfig(rec="in_batch", logq=True, num_negatives=6, alpha=0.5)])
 def test_other_next_item_losses_keep_the_bound(params, loss_cfg):
-    """gBCE (negatives drawn per user: public randomness) and the logQ-corrected in-batch softmax (the loss is
-    taken one user at a time, so q counts that user's own targets) read no other user's data: 2C per replaced
-    user, and padding users change nothing."""
+    """The two newer next-item losses in the user unit: gBCE (negatives drawn per user: public randomness) and
+    the logQ-corrected in-batch softmax (q from the user's own targets). The bound itself comes from
+    `clipped_user_sum` calling the loss one user at a time (a loss closed over the batch breaks it: the test
+    below); this checks that these losses run there, give a nonzero finite sum, keep 2C per replaced user and
+    are unchanged by padding users."""
     loss = functools.partial(loss_fn, config=dataclasses.replace(MC, loss=loss_cfg), train=True, per_user=True)
     rng = np.random.default_rng(30)
     batch, clip = _batch(rng, 6), 0.05

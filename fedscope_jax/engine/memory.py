@@ -24,10 +24,11 @@ HEADROOM = 0.9   # share of the available memory a program may plan to use (the 
 
 
 class ProgramTooLarge(FedscopeError):
-    """A compiled program needs more memory than the device has (sizes in bytes)."""
+    """A compiled program needs more memory than the device has (sizes in bytes; `arguments`: the part that is
+    its inputs, e.g. parameters and optimizer state, where known)."""
 
-    def __init__(self, needed: int, available: int, what: str = "the program"):
-        self.needed, self.available = int(needed), int(available)
+    def __init__(self, needed: int, available: int, what: str = "the program", arguments: int = 0):
+        self.needed, self.available, self.arguments = int(needed), int(available), int(arguments)
         super().__init__(f"{what} needs {gib(needed)} (XLA memory analysis: arguments, outputs and temporaries) "
                          f"but {gib(available)} is available on {jax.devices()[0].platform}")
 
@@ -73,4 +74,4 @@ def check_fits(compiled: Any, what: str = "the program", available: int | None =
     needed = program_bytes(compiled)
     available = available_bytes() if available is None else available
     if needed is not None and available is not None and needed > available:
-        raise ProgramTooLarge(needed, available, what)
+        raise ProgramTooLarge(needed, available, what, compiled.memory_analysis().argument_size_in_bytes)

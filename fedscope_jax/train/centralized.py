@@ -55,16 +55,17 @@ def train_step(config: ModelConfig, lr: float, weight_decay: float, programs: Pr
                         lambda: CompiledFn(make_train_step(config, lr, weight_decay), "the training step"))
 
 
-def batch_that_fits(cfg: RunConfig, exc: ProgramTooLarge) -> FedscopeError:
-    """The one-line refusal of a step that does not fit: the batch size and the loss that size it, and a batch
-    scaled to the available share (memory grows with the batch; part of it does not, so the scaled size errs
-    small)."""
+def batch_that_fits(cfg: RunConfig, exc: ProgramTooLarge, who: str = "") -> FedscopeError:
+    """The one-line refusal of a step that does not fit: the batch size and the loss that size it, and the
+    batch that fits if memory beyond the step's inputs (parameters, optimizer state, the batch) grows in
+    proportion to the batch: b (available - inputs) / (needed - inputs); counting the batch as fixed errs small."""
     b = cfg.train.batch_size
-    fit = int(b * exc.available / exc.needed)
-    hint = (f"about train.batch_size={fit} fits" if fit >= 1 else
-            "even a batch of 1 may not fit: lower model.dim or model.max_len")
+    grows = exc.needed - exc.arguments
+    fit = int(b * (exc.available - exc.arguments) / grows) if grows > 0 else 0
+    hint = (f"train.batch_size={fit} should fit" if fit >= 1 else
+            "even a batch of 1 does not fit: lower model.dim or model.max_len")
     loss = " (model.loss.rec=full: B x L x N logits; `sampled` needs far less)" if cfg.model.loss.rec == "full" else ""
-    return FedscopeError(f"train.batch_size={b}{loss}: {exc}; {hint}")
+    return FedscopeError(f"{who}train.batch_size={b}{loss}: {exc}; {hint}")
 
 
 def evaluate(params: Params, config: ModelConfig, es: EvalSet, domains: tuple[str, ...], ks: tuple[int, ...],

@@ -60,10 +60,10 @@ class RunConfig:
 
 # The settings that size one training step, each with its config key.
 STEP_SHAPE = {"batch_size": "train.batch_size", "dim": "model.dim", "blocks": "model.blocks",
-              "max_len": "model.max_len", "num_negatives": "model.loss.num_negatives"}
+              "max_len": "model.max_len", "num_negatives": "model.loss.num_negatives", "rec": "model.loss.rec"}
 
 
-def step_shape(cfg: RunConfig) -> dict[str, int]:
+def step_shape(cfg: RunConfig) -> dict[str, Any]:
     """The values of `STEP_SHAPE` in `cfg`, read by their `--set` keys (`flatten`): a benchmark records them with
     its timings, so that pricing other runs with those timings (experiments.inventory) can check it prices the
     same step."""

@@ -78,7 +78,7 @@ def train_client(c: int, rows: np.ndarray, valid_set: EvalSet, init: Any, seqs: 
                 params, opt_state, loss, aux = step(params, opt_state, batch, jax.random.fold_in(key_c, steps),
                                                     semantic)
             except ProgramTooLarge as exc:   # raised by the ahead-of-time check, before anything ran
-                raise batch_that_fits(cfg, exc) from None
+                raise batch_that_fits(cfg, exc, f"client {c}: ") from None
             steps += 1
             sums += np.array([float(loss), *(float(aux[k]) for k in ("rec", "intra", "inter", "seqcl"))])
         n = batches["seq"].shape[0]
