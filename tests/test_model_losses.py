@@ -74,8 +74,9 @@ def test_next_item_loss_adds_each_items_bias_to_its_scores():
 
 
 def _np_gbce(h, target, table, cand, beta):
-    """gSASRec's loss, one position at a time: -beta log s(pos) - sum log(1 - s(neg))."""
-    sig = lambda x: 1.0 / (1.0 + np.exp(-x))  # noqa: E731
+    """gSASRec's loss, one position at a time: -beta log s(pos) - sum log(1 - s(neg)), every score shifted by
+    log(beta / M) (M candidates)."""
+    sig = lambda x: 1.0 / (1.0 + np.exp(-(x + np.log(beta / len(cand)))))  # noqa: E731
     per = []
     for b in range(h.shape[0]):
         for l in range(h.shape[1]):
@@ -113,8 +114,11 @@ def test_gbce_loss_matches_numpy(beta):
     got = loss(jnp.array(h), jnp.array(target), jnp.array(table[target]), jnp.array(cand), jnp.array(table[cand]),
                beta)
     assert float(got) == pytest.approx(_np_gbce(h, target, table, cand, beta), rel=1e-5)
-    if beta < 1:
-        assert float(got) < _np_gbce(h, target, table, cand, 1.0)
+    # all scores equal (h = 0): each position sits at the constant-score optimum the shift starts from,
+    # beta log(1 + M / beta) + M log(1 + beta / M) with M = 5 candidates (hits and padding removed count out)
+    flat = loss(jnp.zeros((1, 4, 5)), jnp.array([[0, 1, 3, 4]]), jnp.array(table[[[0, 1, 3, 4]]]),
+                jnp.array([2, 5, 6, 7, 8]), jnp.array(table[[2, 5, 6, 7, 8]]), beta)
+    assert float(flat) == pytest.approx(beta * np.log(1 + 5 / beta) + 5 * np.log(1 + beta / 5), rel=1e-5)
     bias = jnp.zeros(9)
     grad = jax.grad(lambda b: rec.gbce_loss(jnp.array(h), jnp.array(target), jnp.array(table[target]),
                                             jnp.array(cand), jnp.array(table[cand]), beta, b[target], b[cand]))(bias)
@@ -146,7 +150,7 @@ def test_per_user_candidates_with_biases_match_a_loop():
             negs = np.array([h[b, l] @ table[c] + bias[c] for c in cand[b] if c != t and c != 0], np.float64)
             logits = np.concatenate([[pos], negs])
             soft.append(np.log(np.exp(logits - logits.max()).sum()) + logits.max() - pos)
-            binary.append(-0.4 * np.log(sig(pos)) - np.sum(np.log(1 - sig(negs))))
+            binary.append(-0.4 * np.log(sig(pos + np.log(0.4 / 4))) - np.sum(np.log(1 - sig(negs + np.log(0.4 / 4)))))
     assert float(rec.next_item_loss(*args, tb, cb)) == pytest.approx(np.mean(soft), rel=1e-5)
     assert float(rec.gbce_loss(*args, 0.4, tb, cb)) == pytest.approx(np.mean(binary), rel=1e-5)
 
