@@ -23,7 +23,7 @@ def _max_diff(a, b) -> float:
 def _widen(shard: ClientShard, width: int) -> ClientShard:
     """The shard padded with all-zero users up to `width` (the layout before per-client batch widths)."""
     pad = lambda v: np.pad(v, [(0, 0), (0, width - v.shape[1])] + [(0, 0)] * (v.ndim - 2))  # noqa: E731
-    users = ("seq", "target", "user_mask")   # the fields with a user axis ("neg" [S, D, M] has none)
+    users = ("seq", "target", "user_mask")   # the fields with a user axis (the sampled loss's "neg" has none)
     return ClientShard({k: pad(v) if k in users else v for k, v in shard.batch.items()}, shard.vocab,
                        shard.step_mask)
 
@@ -129,16 +129,20 @@ def _globalized(shard: ClientShard) -> ClientShard:
         ids = shard.vocab[f"domain_{d}"]
         batch["seq"][:, :, d] = ids[batch["seq"][:, :, d]]
         batch["target"][:, :, d] = ids[batch["target"][:, :, d]]
-        batch["neg"][:, d] = ids[batch["neg"][:, d]]
+        batch["neg"][..., d, :] = ids[batch["neg"][..., d, :]]
+    batch.pop("neg_pool", None)   # dense tables: the loss reads the catalogue's size from the table
     return ClientShard(batch, {}, shard.step_mask)
 
 
-@pytest.mark.parametrize("semantic,item_bias", [(False, False), (True, False), (True, True)])
-def test_local_item_vocabularies_equal_dense_tables(tiny_dataset: Path, semantic: bool, item_bias: bool):
+@pytest.mark.parametrize("semantic,item_bias,loss", [(False, False, "sampled"), (True, False, "sampled"),
+                                                     (True, True, "sampled"), (False, True, "gbce")])
+def test_local_item_vocabularies_equal_dense_tables(tiny_dataset: Path, semantic: bool, item_bias: bool,
+                                                    loss: str):
     """A client trains only the item rows its data and its host-drawn negatives name (train/vocab.py): the round
     equals the one on dense tables with the same negatives in global ids, with and without semantic fusion
-    (whose constant tables are read through the vocabulary), and with per-item biases (model.item_bias, a second
-    table through the same vocabulary)."""
+    (whose constant tables are read through the vocabulary), with per-item biases (model.item_bias, a second
+    table through the same vocabulary), and with the gbce loss (negatives per user; its calibration must read
+    the catalogue's item count from the batch, not the local vocabulary's)."""
     import dataclasses
 
     from fedscope_jax.data.canonical import load_dataset
@@ -159,14 +163,15 @@ def test_local_item_vocabularies_equal_dense_tables(tiny_dataset: Path, semantic
                            "mask": jnp.asarray(mask)})
     cfg = load_config(None, TINY + ["federated.scheme=user", "privacy.mode=off", "federated.client_opt=sgd",
                                     "federated.client_lr=0.5", "model.fusion_hidden=6",
-                                    f"model.item_bias={item_bias}"])
+                                    f"model.item_bias={item_bias}", f"model.loss.rec={loss}"])
     ctx = seed_context(ds, cfg, tables)
     names = ["item_emb", "item_bias"] if item_bias else ["item_emb"]
     assert [t.path for t in ctx.client_cfg.sparse_tables] == [(f"domain_{d}", n) for d in range(2) for n in names]
     sparse = [ctx.source(0, c) for c in range(3)]     # one user each
     n_rows = [n + 1 for n in ds.n_items]
     assert all(len(s.vocab["domain_0"]) < n_rows[0] for s in sparse)       # fewer rows than the table
-    assert all(s.batch["neg"].shape[1:] == (2, 10) for s in sparse)
+    assert all(s.batch["neg"].shape[-2:] == (2, 10) for s in sparse)
+    assert all(s.batch["neg"].ndim == (4 if loss == "gbce" else 3) for s in sparse)   # [S, (B,) D, M]
     dense = [_globalized(s) for s in sparse]
     dense_cfg = dataclasses.replace(ctx.client_cfg, sparse_tables=())
     opt = server_optimizer("fedavg")
@@ -188,15 +193,15 @@ def test_local_item_vocabularies_equal_dense_tables(tiny_dataset: Path, semantic
             assert np.abs(np.asarray(states[0].params[emb]["item_bias"])[named[named < n_rows[d]]]).max() > 1e-4
 
 
-def test_losses_over_most_of_the_catalogue_train_dense_tables():
-    """Local vocabularies only where a client's step names few rows: the sampled and in-batch softmax, not the
-    full softmax (every item) nor gBCE (each user's own negatives)."""
+def test_only_the_full_softmax_trains_dense_tables():
+    """Local vocabularies wherever a client's step names few rows: the sampled and in-batch softmax and gbce
+    (its per-user negatives drawn on the host), not the full softmax (every item is a candidate)."""
     from fedscope_jax.train.config import load_config
     from fedscope_jax.train.vocab import uses_local_vocab
 
     got = {rec: uses_local_vocab(load_config(None, [f"model.loss.rec={rec}"]))
            for rec in ("sampled", "in_batch", "full", "gbce")}
-    assert got == {"sampled": True, "in_batch": True, "full": False, "gbce": False}
+    assert got == {"sampled": True, "in_batch": True, "full": False, "gbce": True}
 
 
 def test_local_vocabularies_keep_one_shape_across_rounds(user_context):

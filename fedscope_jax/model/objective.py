@@ -2,9 +2,10 @@
 + seqcl_weight * L_seqcl (the CL4SRec-style baseline term; off, i.e. absent from the program, by default).
 
 batch = {"seq": int32 [B, D, L], "target": int32 [B, D, L], ...}: per user and domain, the left-padded input
-sequence of shifted item ids and, at each position, the next item (0 = none); optional "neg" [D, M]
-(host-drawn uniform negatives) and "vocab" (a client's local item ids; train/vocab.py). Other keys (masks) are
-ignored: a padding user is an all-zero row and contributes nothing. Terms are summed over domains (and domain pairs).
+sequence of shifted item ids and, at each position, the next item (0 = none); optional "neg" [D, M] or
+[B, D, M] and "neg_pool" [D] (host-drawn uniform negatives and the item counts they come from) and "vocab" (a
+client's local item ids; train/vocab.py). Other keys (masks) are ignored: a padding user is an all-zero row
+and contributes nothing. Terms are summed over domains (and domain pairs).
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ from fedscope_jax.model.functional import (Params, Semantic, all_item_repr, doma
 def _candidates(params: Params, config: ModelConfig, d: int, target: jnp.ndarray, key: jax.Array,
                 semantic: Semantic, neg: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Candidate ids and their representations for domain d's next-item loss: [M] shared by the batch, or
-    (gbce) [B, M] per user. neg: the step's negatives drawn on the host ([D, M], train/vocab.py), used instead
-    of drawing them here."""
+    (gbce) [B, M] per user. neg: the step's negatives drawn on the host ([D, M], or [B, D, M] per user;
+    train/vocab.py), used instead of drawing them here."""
     lc = config.loss
     n_items = item_count(params, d, semantic)
     if lc.rec == "full":
         return jnp.arange(n_items + 1), all_item_repr(params, config, d, semantic)
-    if lc.rec == "gbce":
+    if lc.rec in ("sampled", "gbce") and neg is not None:
+        ids = neg[..., d, :]
+    elif lc.rec == "gbce":
         # per user, as gSASRec draws them (per position there; shared by the batch measured no better here)
         ids = jax.random.randint(key, (target.shape[0], lc.num_negatives), 1, n_items + 1)
-    elif lc.rec == "sampled" and neg is not None:
-        ids = neg[d]
     elif lc.rec == "sampled":
         ids = jax.random.randint(key, (lc.num_negatives,), 1, n_items + 1)
     else:  # in_batch: the targets of M positions drawn uniformly (with replacement) among the batch's real ones
@@ -110,8 +111,9 @@ def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, confi
         if lc.logq:   # sampled-softmax correction: each score minus the log of its item's in-batch draw probability
             tgt_bias = _minus(tgt_bias, in_batch_log_q(target[:, d], target[:, d]))
             cand_bias = _minus(cand_bias, in_batch_log_q(target[:, d], cand_ids))
-        if lc.rec == "gbce":
-            beta = gbce_beta(lc.num_negatives, item_count(params, d, semantic), lc.gbce_t)
+        if lc.rec == "gbce":   # the catalogue's size: the batch's where its ids are a client's local ones
+            n_items = batch["neg_pool"][d] if "neg_pool" in batch else item_count(params, d, semantic)
+            beta = gbce_beta(lc.num_negatives, n_items, lc.gbce_t)
             rec = rec + gbce_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb, beta, tgt_bias, cand_bias)
         else:
             rec = rec + next_item_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb, tgt_bias, cand_bias)

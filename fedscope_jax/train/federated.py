@@ -216,9 +216,9 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
             batch["target"] = batch["target"] * keep[None, None, :, None]
         if not local_vocab:
             return ClientShard(batch, step_mask=b["step_mask"])
-        if mc.loss.rec == "sampled":
+        if mc.loss.rec in ("sampled", "gbce"):
             batch = vocab.add_negatives(batch, ds.n_items, mc.loss.num_negatives, np.random.default_rng(
-                [fcfg.seed, round_index, client, vocab.NEGATIVES_TAG]))
+                [fcfg.seed, round_index, client, vocab.NEGATIVES_TAG]), per_user=mc.loss.rec == "gbce")
         return ClientShard(*vocab.localize(batch, ds.n_items), step_mask=b["step_mask"])
 
     return SeedContext(ds, cfg, semantic, part, n_clients, source, eval_set(ds, "valid", mc.max_len, cfg.eval),

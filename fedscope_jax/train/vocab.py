@@ -9,9 +9,11 @@ row 0. Its size is padded to a bound that does not change from round to round (t
 S x M), so the round keeps one program shape. The semantic tables, which are constants indexed by item, are
 read through the client's vocabulary (`model.objective.loss_fn` reads batch["vocab"]).
 
-Not used where a client's update must cover every row: the full softmax (every item is a candidate), gBCE
-(each user draws its own negatives: batch x M of them a step cover most of a catalogue), the user unit of DP
-(its per-step noise must reach every row), and secure aggregation (dense vectors); nor
+The gbce loss draws M negatives per user, also on the host ("neg" [S, B, D, M]); with them comes each domain's
+item count ("neg_pool"), since its calibration needs the catalogue's size, not the vocabulary's.
+
+Not used where a client's update must cover every row: the full softmax (every item is a candidate), the user
+unit of DP (its per-step noise must reach every row), and secure aggregation (dense vectors); nor
 without item IDs (`model.item_ids=off`: no item table to localize; a per-item bias, `model.item_bias`, then stays
 dense). With item IDs the bias table is trained through the same vocabulary as the item table.
 """
@@ -33,8 +35,8 @@ NEGATIVES_TAG = 0x0E6A   # seeds a client's host-drawn negatives apart from its 
 
 def uses_local_vocab(cfg: Any) -> bool:
     """Whether the federated client trains local item vocabularies (see the module docstring)."""
-    return (cfg.model.loss.rec in ("sampled", "in_batch") and cfg.privacy.unit != "user"
-            and not cfg.privacy.secagg and cfg.model.item_ids == "train")
+    return (cfg.model.loss.rec != "full" and cfg.privacy.unit != "user" and not cfg.privacy.secagg
+            and cfg.model.item_ids == "train")
 
 
 def sparse_tables(n_domains: int, *, item_bias: bool) -> tuple[SparseTable, ...]:
@@ -45,32 +47,40 @@ def sparse_tables(n_domains: int, *, item_bias: bool) -> tuple[SparseTable, ...]
 
 
 def add_negatives(batch: dict[str, np.ndarray], n_items: Sequence[int], num_negatives: int,
-                  rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The batch with "neg" int32 [S, D, M]: each step's shared negatives of each domain, uniform over its
-    items 1..n_d (as the loss would draw them on the device)."""
-    steps = batch["seq"].shape[0]
-    neg = np.stack([rng.integers(1, int(n) + 1, size=(steps, num_negatives)) for n in n_items], axis=1)
-    return {**batch, "neg": neg.astype(np.int32)}
+                  rng: np.random.Generator, per_user: bool = False) -> dict[str, np.ndarray]:
+    """The batch with "neg": each step's negatives of each domain, uniform over its items 1..n_d (as the loss
+    would draw them on the device), int32 [S, D, M] shared by the step's users, or (per_user, the gbce loss)
+    [S, B, D, M], 0 (padding, never a candidate) for padding users, with "neg_pool" int32 [S, D]: the n_d they
+    come from (gbce's sampling rate needs the catalogue's size once item ids are a client's own)."""
+    steps, users = batch["seq"].shape[:2]
+    shape = (steps, users, num_negatives) if per_user else (steps, num_negatives)
+    neg = np.stack([rng.integers(1, int(n) + 1, size=shape) for n in n_items], axis=-2)
+    if not per_user:
+        return {**batch, "neg": neg.astype(np.int32)}
+    neg = neg * batch["user_mask"][:, :, None, None]
+    pool = np.broadcast_to(np.asarray(n_items, np.int32), (steps, len(n_items))).copy()
+    return {**batch, "neg": neg.astype(np.int32), "neg_pool": pool}
 
 
 def localize(batch: dict[str, np.ndarray], n_items: Sequence[int]
              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(batch with local item ids, vocab): per domain d, the sorted ids of row 0, the items of seq / target
-    [S, B, D, L] and neg [S, D, M] in that domain, padded with PAD_ROW to min(n_d + 1, own items + S x M)."""
+    [S, B, D, L] and neg ([S, D, M] or per user [S, B, D, M]) in that domain, padded with PAD_ROW to
+    min(n_d + 1, own items + the negatives' count)."""
     seq, target = np.array(batch["seq"], np.int32), np.array(batch["target"], np.int32)
     neg = batch.get("neg")
     local_neg = None if neg is None else np.array(neg, np.int32)
     vocab: dict[str, np.ndarray] = {}
     for d, n in enumerate(n_items):
         own = np.unique(np.concatenate([[0], seq[:, :, d].ravel(), target[:, :, d].ravel()]))
-        drawn = neg[:, d].ravel() if neg is not None else np.zeros(0, np.int64)
+        drawn = neg[..., d, :].ravel() if neg is not None else np.zeros(0, np.int64)
         ids = np.union1d(own, drawn)
         bound = min(int(n) + 1, len(own) + drawn.size)
         vocab[domain_key(d)] = np.concatenate([ids, np.full(bound - len(ids), PAD_ROW)]).astype(np.int32)
         seq[:, :, d] = np.searchsorted(ids, seq[:, :, d])
         target[:, :, d] = np.searchsorted(ids, target[:, :, d])
         if local_neg is not None:
-            local_neg[:, d] = np.searchsorted(ids, neg[:, d])
+            local_neg[..., d, :] = np.searchsorted(ids, neg[..., d, :])
     out = {**batch, "seq": seq, "target": target}
     if local_neg is not None:
         out["neg"] = local_neg
