@@ -65,10 +65,11 @@ def gbce_loss(h: jnp.ndarray, target: jnp.ndarray, target_emb: jnp.ndarray, cand
     per position, -beta log sigmoid(s+) - sum_j log(1 - sigmoid(s_j)). beta < 1 undoes the overconfidence that
     sampled negatives teach a BCE model (`gbce_beta`). Every score is first shifted by log(beta / M), the
     score that minimizes the loss when all items score alike: the model starts at that optimum and learns only
-    relative scores (a shift changes no ranking; without it this model stalled at that optimum, docs/model.md). The paper's code averages the 1 + M binary terms instead
-    of summing them: the same direction, but beside the contrastive terms (weighted for a softmax loss) that
-    shrinks the next-item gradient 1 + M times (docs/model.md). Inputs (candidates shared or, as gSASRec draws
-    them, per user) and the removal of accidental hits and padding as in `next_item_loss`."""
+    relative scores (a shift changes no ranking; without it this model stalled at that optimum, docs/model.md).
+    The paper's code averages the 1 + M binary terms instead of summing them: the same direction, but beside
+    the contrastive terms (weighted for a softmax loss) that would shrink the next-item gradient 1 + M times.
+    Inputs (candidates shared or, as gSASRec draws them, per user) and the removal of accidental hits and
+    padding as in `next_item_loss`."""
     pos, neg, keep = _scores(h, target, target_emb, cand_ids, cand_emb, target_bias, cand_bias)
     shift = jnp.log(beta / cand_ids.shape[-1])
     pos, neg = pos + shift, neg + shift

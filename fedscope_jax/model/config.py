@@ -8,6 +8,7 @@ from fedscope_jax.errors import FedscopeError
 
 
 REC_LOSSES = ("sampled", "in_batch", "full", "gbce")   # model.loss.rec
+UNIFORM_NEGATIVES = ("sampled", "gbce")                  # the losses whose negatives are uniform over the items
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from fedscope_jax.losses.iidcl import inter_item_loss, inter_loss, intra_loss
 from fedscope_jax.losses.rec import gbce_beta, gbce_loss, in_batch_log_q, next_item_loss
 from fedscope_jax.losses.seqcl import augment, nt_xent
-from fedscope_jax.model.config import ModelConfig
+from fedscope_jax.model.config import UNIFORM_NEGATIVES, ModelConfig
 from fedscope_jax.model.functional import (Params, Semantic, all_item_repr, domain_key, encode, item_bias,
                                            item_count, item_repr)
 
@@ -32,7 +32,7 @@ def _candidates(params: Params, config: ModelConfig, d: int, target: jnp.ndarray
     n_items = item_count(params, d, semantic)
     if lc.rec == "full":
         return jnp.arange(n_items + 1), all_item_repr(params, config, d, semantic)
-    if lc.rec in ("sampled", "gbce") and neg is not None:
+    if lc.rec in UNIFORM_NEGATIVES and neg is not None:
         ids = neg[..., d, :]
     elif lc.rec == "gbce":
         # per user, as gSASRec draws them (per position there; shared by the batch measured no better here)

@@ -31,6 +31,7 @@ from fedscope_jax.engine.cohort import ClientShard
 from fedscope_jax.errors import FedscopeError, ResumeMismatch
 from fedscope_jax.eval.protocol import eval_set
 from fedscope_jax.model import init_params, loss_fn
+from fedscope_jax.model.config import UNIFORM_NEGATIVES
 from fedscope_jax.privacy.plan import UserSteps
 from fedscope_jax.privacy.session import PrivacySession, check_engine_flags
 from fedscope_jax.train.centralized import evaluate, selection_score
@@ -216,7 +217,7 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
             batch["target"] = batch["target"] * keep[None, None, :, None]
         if not local_vocab:
             return ClientShard(batch, step_mask=b["step_mask"])
-        if mc.loss.rec in ("sampled", "gbce"):
+        if mc.loss.rec in UNIFORM_NEGATIVES:   # drawn on the host, so the client's vocabulary can name them
             batch = vocab.add_negatives(batch, ds.n_items, mc.loss.num_negatives, np.random.default_rng(
                 [fcfg.seed, round_index, client, vocab.NEGATIVES_TAG]), per_user=mc.loss.rec == "gbce")
         return ClientShard(*vocab.localize(batch, ds.n_items), step_mask=b["step_mask"])
