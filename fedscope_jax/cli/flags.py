@@ -14,7 +14,7 @@ __all__ = ["FEDERATED_FLAGS", "PRIVACY_FLAGS", "add_federated_arguments", "add_p
            "privacy_config_from_args"]
 
 FEDERATED_FLAGS = ("clients", "scheme", "sampling", "fraction", "rounds", "local_epochs", "client_lr", "client_opt",
-                   "server_opt",
+                   "server_opt", "aggregate",
                    "server_lr", "chunk_size", "clip", "noise_multiplier", "noise_mode", "max_buckets", "eval_every",
                    "checkpoint_every")
 # PrivacyConfig field -> argparse dest of its flag (--privacy sets `mode`)
@@ -44,6 +44,10 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"local optimizer: adam, sgd, or momentum (SGD, momentum 0.9) (default {d.client_opt})")
     g.add_argument("--server-opt", choices=["fedavg", "fedadam"], help=f"(default {d.server_opt})")
     g.add_argument("--server-lr", type=float, help=f"(default {d.server_lr:g})")
+    g.add_argument("--aggregate", choices=["mean", "group_mean"],
+                   help=f"mean: every parameter averaged over every client (FedAvg); group_mean: each domain's "
+                   f"tower (and a shared encoder) over the clients whose update changed it, e.g. one client a "
+                   f"domain (FedDCSR's layout); without DP only (default {d.aggregate})")
     g.add_argument("--chunk-size", type=int, help="clients per vmapped chunk per device (default 0: time "
                    "candidates and pick)")
     g.add_argument("--clip", type=float, help="raw per-client clipping bound (only with --privacy off; "

@@ -18,6 +18,9 @@ Secure aggregation (optional, `secagg=(bound, neighbors)`): each chunk's per-cli
 [+ noise_k]) are summed with `privacy.secagg.secure_sum` (quantized, pairwise-masked, the chunk's clients
 being one secagg group) instead of the plain sum; the difference to the plain sum is kept in `agg_error`.
 A client whose delta or loss is not finite is excluded (weight 0, no noise) and reported.
+Group means (`group_mean`, without noise only): each top-level subtree of the parameters (a domain's tower, a
+shared encoder) is divided by the weight of the clients whose update changed it instead of by every client's,
+so a group that only some clients train (one client a domain) is not shrunk by the others' zeros.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Accumulator(NamedTuple):
     weight_sum: jax.Array   # sum_k w_k over included clients
     noise_var: jax.Array    # sum_k (w_k z_k C_k)^2 over included clients ("sum" mode draws from it)
     agg_error: PyTree = 0.0  # secure sum - plain sum (dense like delta_sum with secagg; a scalar 0 without)
+    group_weight: PyTree = ()  # group means: {top-level key: sum_k w_k over the clients that changed it}
 
 
 class ClientReport(NamedTuple):
@@ -55,11 +59,24 @@ class ClientReport(NamedTuple):
     included: jax.Array     # bool: counted in the aggregate (real client with a finite update)
 
 
-def zeros_accumulator(params: PyTree, secagg: bool = False) -> Accumulator:
-    """An empty accumulator for `params` (with a dense aggregation-error sum when `secagg`)."""
+def zeros_accumulator(params: PyTree, secagg: bool = False, group_mean: bool = False) -> Accumulator:
+    """An empty accumulator for `params` (with a dense aggregation-error sum when `secagg`, and a weight per
+    top-level key of `params` when `group_mean`)."""
     zero = jnp.zeros((), jnp.float32)
     error = jax.tree.map(jnp.zeros_like, params) if secagg else zero
-    return Accumulator(jax.tree.map(jnp.zeros_like, params), zero, zero, error)
+    groups = {k: zero for k in params} if group_mean else ()
+    return Accumulator(jax.tree.map(jnp.zeros_like, params), zero, zero, error, groups)
+
+
+def _group_weights(acc: Accumulator, deltas: PyTree, weight: jax.Array) -> PyTree:
+    """acc.group_weight plus, per top-level key, the weights of the chunk's clients whose delta there is not 0."""
+    if not acc.group_weight:
+        return acc.group_weight
+    out = {}
+    for key, total in acc.group_weight.items():
+        changed = [jnp.any(x != 0, axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(deltas[key])]
+        out[key] = total + jnp.sum(jnp.where(jnp.any(jnp.stack(changed), axis=0), weight, 0.0))
+    return out
 
 
 def add_accumulators(a: Accumulator, b: Accumulator) -> Accumulator:
@@ -106,7 +123,8 @@ def accumulate_chunk(acc: Accumulator, deltas: PyTree, losses: jax.Array, steps:
         delta_sum, agg_error = _secure_chunk_sum(acc, deltas, scale, sigma, client_keys, client_id,
                                                  clipped.included, noise_key, noise_mode, secagg, bool(sparse))
     noise_var = acc.noise_var + jnp.sum(sigma**2) if noise_mode in ("per_client", "sum") else acc.noise_var
-    acc = Accumulator(delta_sum, acc.weight_sum + jnp.sum(weight), noise_var, agg_error)
+    acc = Accumulator(delta_sum, acc.weight_sum + jnp.sum(weight), noise_var, agg_error,
+                      _group_weights(acc, deltas, weight))
     report = ClientReport(client_id=client_id, loss=losses, steps=steps, norm=clipped.norm,
                           clip_factor=clipped.factor, included=clipped.included)
     return acc, report
@@ -149,12 +167,18 @@ def _secure_chunk_sum(acc: Accumulator, deltas: PyTree, scale: jax.Array, sigma:
 
 def finalize(acc: Accumulator, noise_key: jax.Array, noise_mode: str, central_std: jax.Array | None = None,
              denominator: jax.Array | None = None) -> tuple[PyTree, jax.Array]:
-    """The weighted mean update sum / W (plus the one aggregate draw in "sum" mode), and its noise std / W.
+    """The weighted mean update sum / W (plus the one aggregate draw in "sum" mode), and its noise std / W;
+    with group means each top-level group's sum / the weight of the clients that changed it (no noise).
 
     "central": N(0, central_std^2) is added once to the sum, and W = `denominator` (public inputs only)."""
     total = acc.delta_sum
     std = jnp.sqrt(acc.noise_var)
     sum_key = jax.random.fold_in(noise_key, 2)
+    if acc.group_weight:
+        if noise_mode != "off":
+            raise FedscopeError("group means divide by data-dependent weights: only without noise (noise_mode 'off')")
+        return {k: jax.tree.map(lambda t, w=acc.group_weight[k]: t / jnp.maximum(w, 1e-30), v)
+                for k, v in total.items()}, jnp.zeros((), jnp.float32)
     if noise_mode == "central":
         if central_std is None or denominator is None:
             raise FedscopeError("noise_mode 'central' needs central_std and denominator (engine/round.py)")

@@ -4,7 +4,8 @@ The sampled clients come as a tuple of `Cohort`s (buckets of clients padded to a
 and vocabulary size). For each cohort, the client axis is laid on the mesh axis "clients" (shard_map);
 each device runs its clients in chunks: `lax.scan` over chunks of `vmap(client_update)`, folding every
 chunk's clipped (and optionally noised) deltas into dense sums, so memory is bounded by one chunk. The
-partial sums are `psum`-ed over devices, divided by the total weight, and fed to the server optimizer.
+partial sums are `psum`-ed over devices, divided by the total weight (with group means: each parameter group's
+by its clients' weight), and fed to the server optimizer.
 Keys: round r uses fold_in(key, r); client k trains with fold_in(train_key, id_k) and noises with
 fold_in(noise_key, id_k), so results do not depend on bucketing, chunking, sharding or padding.
 """
@@ -39,12 +40,14 @@ class EngineConfig:
     """How a round is executed: clients per vmapped chunk (per device) and the noise mode.
 
     secagg_bound > 0 sums each chunk with simulated secure aggregation (privacy.secagg) over the coordinate
-    range [-secagg_bound, secagg_bound], with `secagg_neighbors` masking partners per client."""
+    range [-secagg_bound, secagg_bound], with `secagg_neighbors` masking partners per client. group_mean:
+    each top-level parameter group is averaged over the clients that changed it (engine/aggregate.py)."""
 
     chunk_size: int = 1
     noise_mode: str = "off"
     secagg_bound: float = 0.0
     secagg_neighbors: int | None = 16
+    group_mean: bool = False
 
     @property
     def secagg(self) -> tuple[float, int | None] | None:
@@ -57,6 +60,9 @@ class EngineConfig:
             raise FedscopeError(f"secagg_bound: expected >= 0, got {self.secagg_bound}")
         if self.noise_mode not in NOISE_MODES:
             raise FedscopeError(f"noise_mode: expected one of {', '.join(NOISE_MODES)}, got {self.noise_mode!r}")
+        if self.group_mean and (self.noise_mode != "off" or self.secagg_bound > 0):
+            raise FedscopeError("group_mean: only without noise and secure aggregation (its denominators depend "
+                                "on which clients changed a group, which no DP analysis here covers)")
 
 
 class RoundMetrics(NamedTuple):
@@ -120,7 +126,8 @@ def _cohort_sums(params: PyTree, cohort: Cohort, train_key: jax.Array, noise_key
     def body(acc: Accumulator, c: Cohort):
         return _local_round(params, c, train_key, noise_key, client_cfg, engine_cfg, acc)
 
-    acc, reports = jax.lax.scan(body, zeros_accumulator(params, engine_cfg.secagg is not None), chunks)
+    acc, reports = jax.lax.scan(body, zeros_accumulator(params, engine_cfg.secagg is not None,
+                                                        engine_cfg.group_mean), chunks)
     reports = jax.tree.map(lambda x: x.reshape((n_local,) + x.shape[2:]), reports)
     if axis_name is not None:
         acc = jax.lax.psum(acc, axis_name)
@@ -132,7 +139,7 @@ def round_step(state: ServerState, cohorts: Sequence[Cohort], key: jax.Array, cl
                mesh: Mesh | None = None) -> tuple[ServerState, RoundMetrics]:
     """One round (traceable; `make_round_fn` jits it)."""
     train_key, noise_key = _round_keys(key, state.round)
-    acc = zeros_accumulator(state.params, engine_cfg.secagg is not None)
+    acc = zeros_accumulator(state.params, engine_cfg.secagg is not None, engine_cfg.group_mean)
     reports = []
     for cohort in cohorts:
         if mesh is None:
@@ -276,12 +283,12 @@ class SequentialRunner:
                  key: jax.Array) -> tuple[ServerState, RoundMetrics]:
         train_key, noise_key = self._keys(key, state.round)
         secure = self.engine_cfg.secagg is not None
-        acc = zeros_accumulator(state.params, secure)
+        acc = zeros_accumulator(state.params, secure, self.engine_cfg.group_mean)
         reports = []
         for cohort in cohorts:
             if secure:   # each cohort summed from zero, then added: the engine's order (quantization-exact)
-                part, report = self._secure_cohort(zeros_accumulator(state.params, True), state.params, cohort,
-                                                   train_key, noise_key)
+                zero = zeros_accumulator(state.params, True, self.engine_cfg.group_mean)
+                part, report = self._secure_cohort(zero, state.params, cohort, train_key, noise_key)
                 acc = add_accumulators(acc, part)
                 reports.append(report)
                 continue

@@ -29,7 +29,7 @@ from fedscope_jax.data.batching import group_order
 from fedscope_jax.data.canonical import SPLITS, TRAIN, CanonicalDataset
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.eval.metrics import pessimistic_rank, ranking_metrics, strict_rank
-from fedscope_jax.model import ModelConfig, Params, Semantic, all_item_repr, encode, item_bias
+from fedscope_jax.model import ModelConfig, Params, Semantic, all_item_repr, encode, item_bias, n_domains
 
 PROTOCOLS = ("sampled", "full")
 EVAL_PROTOCOLS = ("fedscope", "feddcsr")   # eval.protocol: how candidates are drawn and ties counted
@@ -215,7 +215,7 @@ def model_ranks(params: Params, config: ModelConfig, es: EvalSet, semantic: Sema
     """Ranks of the model under both protocols, scored in fixed-size jitted batches per domain."""
     sampled = np.zeros(len(es), np.int64)
     full = np.zeros(len(es), np.int64)
-    for d in range(len(params)):
+    for d in range(n_domains(params)):
         sel = np.flatnonzero(es.domain == d)
         for lo in range(0, sel.size, batch_size):
             idx = sel[lo:lo + batch_size]

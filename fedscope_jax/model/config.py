@@ -72,7 +72,11 @@ ITEM_IDS = ("train", "off")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """SASRec-style encoder per domain (paper-like defaults) plus optional semantic fusion, and its losses."""
+    """SASRec-style encoder per domain (paper-like defaults) plus optional semantic fusion, and its losses.
+
+    shared_encoder: the domains share their transformer blocks and output LayerNorm (FedDCSR's FedSASRec
+    shares its self-attention encoder between its domain clients); item tables, fusion and positions stay
+    per domain."""
 
     dim: int = 64
     blocks: int = 2
@@ -82,6 +86,7 @@ class ModelConfig:
     fusion_hidden: int = 64     # hidden width of the [ID ; semantic] fusion MLP
     item_ids: str = "train"     # "train": a trained ID embedding per item; "off": items from their public vectors
     item_bias: bool = False     # a trained scalar per item added to its every score (an item's popularity)
+    shared_encoder: bool = False  # one stack of transformer blocks (and output LayerNorm) for every domain
     loss: LossConfig = LossConfig()
 
     def __post_init__(self) -> None:

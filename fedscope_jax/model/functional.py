@@ -1,6 +1,7 @@
 """Pure functions over the parameter pytree: init, encode, item representations.
 
-params = {"domain_0": <tower params>, "domain_1": ...}; every shape the towers need (item counts, semantic
+params = {"domain_0": <tower params>, "domain_1": ...}, plus {"encoder": {"block_i", "ln_out"}} with
+`model.shared_encoder` (those keys then leave the towers); every shape the towers need (item counts, semantic
 width) is read back from the arrays, so these functions take only (params, config) and stay jit/vmap friendly.
 """
 
@@ -19,8 +20,27 @@ Params = dict[str, Any]
 Semantic = Sequence[SemanticTable | None] | None
 
 
+ENCODER = "encoder"   # the shared blocks' key (model.shared_encoder)
+
+
 def domain_key(d: int) -> str:
     return f"domain_{d}"
+
+
+def n_domains(params: Params) -> int:
+    """The number of domain towers (the shared encoder's key is not one)."""
+    return sum(1 for k in params if k != ENCODER)
+
+
+def _is_encoder(name: str) -> bool:
+    """A tower parameter that `model.shared_encoder` shares: the transformer blocks and the output LayerNorm."""
+    return name.startswith("block_") or name == "ln_out"
+
+
+def tower_params(params: Params, d: int) -> Params:
+    """Domain d's whole tower: its own parameters, with the shared encoder's merged in when there is one."""
+    own = params[domain_key(d)]
+    return {**own, **params[ENCODER]} if ENCODER in params else own
 
 
 def _sem(semantic: Semantic, d: int) -> SemanticTable | None:
@@ -57,6 +77,10 @@ def init_params(key: jax.Array, config: ModelConfig, n_items: Sequence[int], sem
         tower = DomainTower(n_items=int(n), cfg=config, semantic_dim=sdim)
         seq = jnp.ones((1, config.max_len), jnp.int32)
         params[domain_key(d)] = tower.init(k, seq, sem, False)["params"]
+    if config.shared_encoder:   # domain 0's initial blocks become everyone's; each tower keeps the rest
+        params[ENCODER] = {n: v for n, v in params[domain_key(0)].items() if _is_encoder(n)}
+        for d in range(len(n_items)):
+            params[domain_key(d)] = {n: v for n, v in params[domain_key(d)].items() if not _is_encoder(n)}
     return params
 
 
@@ -69,14 +93,14 @@ def encode(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, semant
     rngs = {"dropout": key} if train else {}
     if train and key is None:
         raise ValueError("encode(train=True) needs a dropout key")
-    return tower.apply({"params": params[domain_key(d)]}, seq, _sem(semantic, d), train, keep, rngs=rngs,
+    return tower.apply({"params": tower_params(params, d)}, seq, _sem(semantic, d), train, keep, rngs=rngs,
                        method=DomainTower.encode)
 
 
 def item_repr(params: Params, config: ModelConfig, d: int, ids: jnp.ndarray, semantic: Semantic = None) -> jnp.ndarray:
     """float32 [..., dim]: domain d's item representations (fused when it has semantic vectors) of shifted ids."""
     tower = _tower(params, config, d, semantic)
-    return tower.apply({"params": params[domain_key(d)]}, ids, _sem(semantic, d), method=DomainTower.items)
+    return tower.apply({"params": tower_params(params, d)}, ids, _sem(semantic, d), method=DomainTower.items)
 
 
 def item_bias(params: Params, d: int, ids: jnp.ndarray) -> jnp.ndarray | None:

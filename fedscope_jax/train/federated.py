@@ -107,6 +107,7 @@ class SeedContext:
 
     def session(self, pcfg: Any) -> Any:
         """The PrivacySession of a privacy config (None for mode off)."""
+        check_group_mean(self.cfg.federated, pcfg)
         if pcfg.mode == "off":
             return None
         f = self.cfg.federated
@@ -116,6 +117,15 @@ class SeedContext:
         return PrivacySession(pcfg, self.part.sizes(self.ds)["train_interactions"], f.sampling, f.fraction,
                               f.rounds, f.seed, user_steps=self.user_steps, client_lr=float(f.client_lr),
                               batch_cap=self.user_batch_cap)
+
+
+def check_group_mean(fcfg: Any, pcfg: Any) -> None:
+    """Group means divide each parameter group by the weight of the clients whose update changed it: a
+    data-dependent denominator that no privacy analysis here covers, so they run without DP only."""
+    if fcfg.aggregate == "group_mean" and pcfg.mode != "off":
+        raise FedscopeError(f"--aggregate group_mean with --privacy {pcfg.mode}: its denominators depend on which "
+                            "clients trained each group (their data), which no DP analysis here covers; use "
+                            "--aggregate mean for private runs")
 
 
 def check_distributed(cfg: Any) -> None:
@@ -176,6 +186,7 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
     n_clients = part.n_clients
     rows_of = seqs.client_rows(part)
     steps = cap = rates = None
+    check_group_mean(fcfg, cfg.privacy)
     if client_cfg is None:
         client_cfg = client_config(cfg, semantic, n_domains=len(ds.domains))
     local_vocab = bool(client_cfg.sparse_tables)   # batches carry their negatives and local item ids

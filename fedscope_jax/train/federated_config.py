@@ -10,6 +10,7 @@ from fedscope_jax.errors import FedscopeError
 
 
 CLIENT_OPTIMIZERS = ("adam", "sgd", "momentum")
+AGGREGATES = ("mean", "group_mean")   # federated.aggregate
 SCHEME_COUNTS = ("user", "domain")   # schemes that fix the client count themselves (clients 0 = that count)
 
 
@@ -30,6 +31,8 @@ class FederatedConfig:
     user_microbatch: int = 8         # the user unit: users whose per-user gradients are computed at once (0: all)
     server_opt: str = "fedavg"       # fedavg | fedadam
     server_lr: float = 1.0
+    aggregate: str = "mean"          # mean: every parameter over every client; group_mean: each domain's tower
+    #                                  (and a shared encoder) over the clients that changed it (no noise only)
     chunk_size: int = 0              # clients per vmapped chunk per device; 0 = measure and pick
     clip: float = math.inf           # C_k for every client (inf = no clipping)
     noise_multiplier: float = 0.0    # z_k for every client (0 = no noise)
@@ -49,6 +52,12 @@ class FederatedConfig:
                 raise FedscopeError(f"{flag} {value}: expected >= 1")
         if self.client_opt not in CLIENT_OPTIMIZERS:
             raise FedscopeError(f"--client-opt {self.client_opt}: expected one of {', '.join(CLIENT_OPTIMIZERS)}")
+        if self.aggregate not in AGGREGATES:
+            raise FedscopeError(f"--aggregate {self.aggregate}: expected one of {', '.join(AGGREGATES)}")
+        if self.aggregate == "group_mean" and self.noise_mode != "off":
+            raise FedscopeError(f"--aggregate group_mean divides each group by the weight of the clients that "
+                                f"changed it, which depends on their data: only without noise, got --noise-mode "
+                                f"{self.noise_mode}")
         if self.user_microbatch < 0:
             raise FedscopeError(f"federated.user_microbatch={self.user_microbatch}: expected >= 0 (0: the whole batch)")
         if not 0.0 < self.fraction <= 1.0:

@@ -102,8 +102,9 @@ class Group:
     "clients" mesh over several devices) or the sweep program (several; the config axis on the "configs"
     mesh, padded to a multiple of the devices with inactive slots). Holds the group's server state."""
 
-    def __init__(self, settings: Settings, members: list[int], devices: int, config_chunk: int = 0):
-        self.settings, self.members = settings, members
+    def __init__(self, settings: Settings, members: list[int], devices: int, config_chunk: int = 0,
+                 group_mean: bool = False):
+        self.settings, self.members, self.group_mean = settings, members, group_mean
         self.sweep = len(members) > 1
         per_device = -(-len(members) // devices)
         self.config_chunk = min(config_chunk or default_config_chunk(per_device), per_device)
@@ -121,7 +122,7 @@ class Group:
 
     def engine_config(self, chunk: int) -> EngineConfig:
         mode, bound, neighbors = self.settings
-        return EngineConfig(chunk, mode, bound, neighbors if neighbors is not None else 16)
+        return EngineConfig(chunk, mode, bound, neighbors if neighbors is not None else 16, self.group_mean)
 
     def program(self, programs: Programs, client_cfg: Any, server_opt: Any, chunk: int) -> CompiledFn:
         return programs.round_program(client_cfg, server_opt, self.engine_config(chunk), self.sweep, self.mesh,
@@ -152,7 +153,8 @@ class Group:
 
 def make_groups(tracks: Sequence[Track], fcfg: FederatedConfig, devices: int, config_chunk: int = 0) -> list[Group]:
     """One `Group` per set of tracks that share a compiled round (`group_tracks`)."""
-    return [Group(settings, members, devices, config_chunk) for settings, members in group_tracks(tracks, fcfg)]
+    return [Group(settings, members, devices, config_chunk, fcfg.aggregate == "group_mean")
+            for settings, members in group_tracks(tracks, fcfg)]
 
 
 # ---- the loop's state ------------------------------------------------------------------------------------
