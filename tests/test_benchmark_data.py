@@ -166,7 +166,7 @@ def test_sweep_benchmark_cli(tiny, tmp_path, monkeypatch):
     # the step it timed, as the inventory's calibration reads it back to compare with the cells it prices
     from fedscope_jax.experiments.inventory import calibrated_shape
     assert calibrated_shape(report["workload"]) == {"batch_size": 8, "dim": 8, "blocks": 1, "max_len": 6,
-                                                    "num_negatives": 5, "rec": "sampled"}
+                                                    "num_negatives": 5, "rec": "gbce"}
     # both sides computed the same padded steps: 3 configurations x 2 rounds of the same cohorts
     assert report["sweep_slot_steps"] == report["one_by_one_slot_steps"] > 0
     assert report["sweep_slot_steps"] % 6 == 0

@@ -23,7 +23,9 @@ def _max_diff(a, b) -> float:
 def _widen(shard: ClientShard, width: int) -> ClientShard:
     """The shard padded with all-zero users up to `width` (the layout before per-client batch widths)."""
     pad = lambda v: np.pad(v, [(0, 0), (0, width - v.shape[1])] + [(0, 0)] * (v.ndim - 2))  # noqa: E731
-    users = ("seq", "target", "user_mask")   # the fields with a user axis (the sampled loss's "neg" has none)
+    users = {"seq", "target", "user_mask"}   # the fields with a user axis; gbce's "neg" [S, B, D, M] too (0 pads)
+    if shard.batch.get("neg") is not None and shard.batch["neg"].ndim == 4:
+        users.add("neg")
     return ClientShard({k: pad(v) if k in users else v for k, v in shard.batch.items()}, shard.vocab,
                        shard.step_mask)
 

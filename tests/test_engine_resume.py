@@ -143,3 +143,9 @@ def test_a_setting_added_after_the_run_started_resumes_at_its_default(tmp_path: 
         check_resume_config(path, to_dict(load_config(None, ["model.item_bias=true"])))
     with pytest.raises(ResumeMismatch, match="model.dim"):
         check_resume_config(path, to_dict(load_config(None, ["model.dim=16"])))
+    # the loss was recorded once there were several; a run from before ran the sampled softmax, not today's gbce
+    del stored["model"]["loss"]["rec"]
+    path.write_text(json.dumps(stored))
+    check_resume_config(path, to_dict(load_config(None, ["model.loss.rec=sampled"])))
+    with pytest.raises(ResumeMismatch, match="model.loss.rec is 'gbce' here but 'sampled'"):
+        check_resume_config(path, to_dict(load_config(None, [])))

@@ -209,6 +209,17 @@ def test_dry_run_every_study(tmp_path):
     assert main(["reproduce", "--profile", "quick", "--dry-run", "--smoke", "--datasets", "abxi-food-kitchen",
                  "--data-root", str(data_root), "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime for p in root.rglob("summary.json")} == before
+    # a finished cell whose settings differ from today's (here: trained before the loss was recorded, i.e. with
+    # the sampled softmax of then, where the default is now gbce) is trained again; the others stay skipped
+    stale = root / main_cells[0] / "config.json"
+    stored = json.loads(stale.read_text())
+    del stored["model"]["loss"]["rec"]
+    stale.write_text(json.dumps(stored))
+    assert main(["reproduce", "--profile", "quick", "--dry-run", "--smoke", "--datasets", "abxi-food-kitchen",
+                 "--data-root", str(data_root), "--out", str(out)]) == 0
+    after = {p: p.stat().st_mtime for p in root.rglob("summary.json")}
+    assert [p for p in after if after[p] != before[p]] == [root / main_cells[0] / "summary.json"]
+    assert json.loads(stale.read_text())["model"]["loss"]["rec"] == "gbce"
 
 
 def test_subset_keeps_whole_users_and_attribute_vectors_follow_the_items(tmp_path):

@@ -31,6 +31,8 @@ from fedscope_jax.experiments.inventory import cell_work
 from fedscope_jax.experiments.methods import METHODS
 from fedscope_jax.experiments.planning import CellData, Options, plan, trainer
 from fedscope_jax.experiments.spec import Study, dp_label
+from fedscope_jax.train.config import config_mismatch, to_dict
+from fedscope_jax.train.federated import RESULT_FREE
 from fedscope_jax.train.programs import PROGRAMS
 from fedscope_jax.train.sweep import sweep_points
 from fedscope_jax.utils.io import read_json, write_json
@@ -306,7 +308,10 @@ def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, 
     if cell.mode == "sweep":
         return run_sweep_cell(cell, cell_dir, ds, cfg, sem, ident)
     if (cell_dir / "summary.json").is_file():
-        return False
+        changed = _settings_changed(cell_dir, cfg)
+        if changed is None:
+            return False
+        print(f"{cell_dir}: trained with other settings ({changed}); training it again", file=sys.stderr)
     extra = {"data": str(dataset_dir), "attributes": attributes, "semantic_coverage": ident["semantic_coverage"],
              "mode": method.mode, "experiment": ident}
     fn = trainer(cell.mode)
@@ -322,6 +327,17 @@ def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, 
         fn(ds, cfg, cell_dir, semantic=sem, force=True, extra_config=extra)
     write_json(ident, cell_dir / CELL_FILE)
     return True
+
+
+def _settings_changed(cell_dir: Path, cfg: Any) -> str | None:
+    """How a finished cell's stored settings differ from the ones it would run with now (e.g. after a default
+    changed), or None: only the five config sections count, not where the data or the output lives."""
+    path = cell_dir / "config.json"
+    if not path.is_file():
+        return "no config.json"
+    now = to_dict(cfg)
+    stored = read_json(path)
+    return config_mismatch({k: stored[k] for k in now if k in stored}, now, RESULT_FREE)
 
 
 def run_sweep_cell(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ident: dict[str, Any]) -> bool:

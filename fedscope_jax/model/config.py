@@ -24,8 +24,8 @@ class LossConfig:
     A weight of 0 removes the term from the traced program (its gradient is exactly zero).
     """
 
-    rec: str = "sampled"
-    num_negatives: int = 100
+    rec: str = "gbce"         # the loss that ranks best against the whole catalogue within the CPU budget
+    num_negatives: int = 256  # gSASRec's 256; docs/experiments.md, "Losses for full ranking"
     gbce_t: float = 0.75      # gbce: calibration t in [0, 1]; 0 = plain BCE, 1 = fully corrected (gSASRec's 0.75)
     logq: bool = False        # in_batch: subtract log q (an item's in-batch sampling probability) from its scores
     alpha: float = 0.1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import shutil
 import time
@@ -35,7 +34,7 @@ from fedscope_jax.model.config import UNIFORM_NEGATIVES
 from fedscope_jax.privacy.plan import UserSteps
 from fedscope_jax.privacy.session import PrivacySession, check_engine_flags
 from fedscope_jax.train.centralized import evaluate, selection_score
-from fedscope_jax.train.config import RunConfig, flatten, to_dict
+from fedscope_jax.train.config import config_mismatch, to_dict
 from fedscope_jax.train.final_eval import final_metrics
 from fedscope_jax.train import vocab
 from fedscope_jax.train.loop import ClientSource, Track, run_tracks
@@ -53,20 +52,17 @@ def check_privacy_knobs(cfg: Any) -> None:
     check_engine_flags(cfg.privacy.mode, f.clip, f.noise_multiplier, None if f.noise_mode == "off" else f.noise_mode)
 
 
+RESULT_FREE = frozenset({"federated.chunk_size", "federated.checkpoint_every"})   # settings that change no result
+
+
 def check_resume_config(path: Path, resolved: dict[str, Any]) -> None:
     """--resume must continue the same run: its resolved config must equal the stored config.json
     (the chunk size and checkpoint cadence excepted: they do not change the results). A setting the stored
     config lacks (added to fedscope after the run started, e.g. model.item_bias) matches at its default, which
     is what the older code did."""
-    free = {"federated.chunk_size", "federated.checkpoint_every"}
-    old, new = flatten(read_json(path)), flatten(json.loads(json.dumps(resolved)))   # tuples -> lists
-    defaults = flatten(to_dict(RunConfig()))
-    for key in sorted(set(old) | set(new)):
-        if key not in old and key in defaults and new.get(key) == defaults[key]:
-            continue
-        if key not in free and old.get(key) != new.get(key):
-            raise ResumeMismatch(f"--resume: {key} is {new.get(key)!r} here but {old.get(key)!r} in {path}; "
-                                 "resume with the options of the interrupted run")
+    mismatch = config_mismatch(read_json(path), resolved, RESULT_FREE)
+    if mismatch is not None:
+        raise ResumeMismatch(f"--resume: {mismatch} ({path}); resume with the options of the interrupted run")
 
 
 def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
