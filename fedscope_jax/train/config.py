@@ -179,11 +179,11 @@ def config_mismatch(old: dict[str, Any], new: dict[str, Any], free: frozenset[st
     """The first dotted key (outside `free`) whose value differs between a stored config and a resolved one,
     as "KEY is NEW here but OLD in the stored config", or None. A key the stored config lacks (added to fedscope
     after it was written) matches at its default, which the older code used, or at its RECORDED_LATE value."""
-    old, new = flatten(old), flatten(json.loads(json.dumps(new)))   # tuples -> lists
-    defaults = {**flatten(to_dict(RunConfig())), **RECORDED_LATE}
+    old, new = {**RECORDED_LATE, **flatten(old)}, flatten(json.loads(json.dumps(new)))   # tuples -> lists
+    defaults = flatten(to_dict(RunConfig()))
     for key in sorted(set(old) | set(new)):
         if key not in old and key in defaults and new.get(key) == defaults[key]:
             continue
-        if key not in free and old.get(key, defaults.get(key) if key in RECORDED_LATE else None) != new.get(key):
-            return f"{key} is {new.get(key)!r} here but {old.get(key, RECORDED_LATE.get(key))!r} in the stored config"
+        if key not in free and old.get(key) != new.get(key):
+            return f"{key} is {new.get(key)!r} here but {old.get(key)!r} in the stored config"
     return None
