@@ -50,6 +50,28 @@ def test_next_item_loss_sampled_and_full_match_numpy():
     assert float(empty) == 0.0
 
 
+def test_full_softmax_matches_numpy_and_the_candidate_form():
+    """The full softmax without per-candidate masks: every item (the target once) against the numpy reference
+    and against `next_item_loss` given every item as its candidates, with and without per-item biases."""
+    rng = np.random.default_rng(4)
+    h = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    table = rng.normal(size=(9, 5)).astype(np.float32)
+    bias = rng.normal(size=9).astype(np.float32)
+    target = np.array([[0, 1, 2, 3], [0, 0, 4, 4], [8, 7, 6, 5]], np.int32)
+    full = np.arange(9, dtype=np.int32)
+    args = (jnp.array(h), jnp.array(target), jnp.array(table[target]))
+    got = jax.jit(rec.full_softmax_loss)(*args, jnp.array(table[1:]))
+    assert float(got) == pytest.approx(_np_next_item(h, target, table, full), rel=1e-5)
+    assert float(got) == pytest.approx(float(next_item_loss(*args, jnp.array(full), jnp.array(table))), rel=1e-6)
+    with_bias = jax.jit(rec.full_softmax_loss)(*args, jnp.array(table[1:]), jnp.array(bias[target]),
+                                              jnp.array(bias[1:]))
+    assert float(with_bias) == pytest.approx(_np_next_item(h, target, table, full, bias), rel=1e-5)
+    assert float(jax.jit(rec.full_softmax_loss)(args[0], jnp.zeros_like(args[1]), args[2],
+                                                jnp.array(table[1:]))) == 0.0
+    with pytest.raises(ValueError, match="both target_bias and item_bias"):
+        rec.full_softmax_loss(*args, jnp.array(table[1:]), jnp.array(bias[target]))
+
+
 def test_next_item_loss_adds_each_items_bias_to_its_scores():
     """model.item_bias: b_i is added to item i's score as target and as candidate (numpy reference); the
     gradient reaches the biases of every target and candidate, never the padding row."""

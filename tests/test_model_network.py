@@ -176,3 +176,39 @@ def test_loss_fn_vmaps_over_a_client_axis(params):
     vm = jax.jit(jax.vmap(lambda b, k: _loss(params, b, k, CFG, False)[0]))(stacked, keys)
     for i in range(3):
         assert float(vm[i]) == pytest.approx(float(_loss(params, batches[i], keys[i], CFG, False)[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss,per_user", [
+    (LossConfig(rec="full", seqcl_weight=0.5), False), (LossConfig(rec="sampled", num_negatives=7), False),
+    (LossConfig(rec="gbce", num_negatives=7), True), (LossConfig(rec="in_batch", logq=True, num_negatives=7), False),
+], ids=["full_seqcl", "sampled", "gbce_per_user", "in_batch_logq"])
+def test_a_domain_absent_from_the_batch_is_skipped_and_changes_nothing(loss, per_user, monkeypatch):
+    """A batch without any item of domain 1 (a domain client's batch under `--scheme domain`): the loss skips
+    that domain's terms (`objective.when_present`), and its value and every gradient equal those of the same
+    program computing them all (when_present replaced by a plain call); domain 1's gradient is exactly zero.
+    Under vmap (the predicate batched) clients with and without the domain give each its own loss."""
+    from fedscope_jax.model import objective
+
+    cfg = dataclasses.replace(CFG, loss=loss)
+    params = init_params(jax.random.key(3), cfg, N_ITEMS)
+    batch = _batch(np.random.default_rng(11))
+    one = {k: v.at[:, 1].set(0) for k, v in batch.items()}
+    key = jax.random.key(5)
+
+    def value_and_grad(b):
+        fn = lambda p: loss_fn(p, b, key, cfg, True, per_user=per_user)[0]  # noqa: E731
+        return jax.jit(jax.value_and_grad(fn))(params)   # a new jit: traced with the current when_present
+
+    skipped, g_skipped = value_and_grad(one)
+    with monkeypatch.context() as m:
+        m.setattr(objective, "when_present", lambda present, fn: fn())
+        computed, g_computed = value_and_grad(one)
+    assert float(skipped) == pytest.approx(float(computed), rel=1e-6) and float(skipped) > 0
+    for a, b in zip(jax.tree.leaves(g_skipped), jax.tree.leaves(g_computed)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert all(not np.asarray(g).any() for g in jax.tree.leaves(g_skipped["domain_1"]))
+    assert any(np.asarray(g).any() for g in jax.tree.leaves(g_skipped["domain_0"]))
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), batch, one)
+    vm = jax.jit(jax.vmap(lambda b: loss_fn(params, b, key, cfg, True, per_user=per_user)[0]))(stacked)
+    full = jax.jit(lambda b: loss_fn(params, b, key, cfg, True, per_user=per_user)[0])(batch)
+    np.testing.assert_allclose(np.asarray(vm), [float(full), float(skipped)], rtol=1e-5)

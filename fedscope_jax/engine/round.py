@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fedscope_jax.engine import memory
 from fedscope_jax.engine.aggregate import (NOISE_MODES, Accumulator, ClientReport, accumulate_chunk,
                                            add_accumulators, finalize, zeros_accumulator)
-from fedscope_jax.engine.client import ClientConfig, UserNoise, client_update
+from fedscope_jax.engine.client import ClientConfig, ClientData, UserNoise, client_update
 from fedscope_jax.engine.cohort import Cohort
 from fedscope_jax.engine.server import ServerState, server_step
 from fedscope_jax.errors import FedscopeError
@@ -103,13 +103,22 @@ def _local_round(params: PyTree, c: Cohort, train_key: jax.Array, noise_key: jax
     updates are summed as they are (a post-processing of the user-level mechanism)."""
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(train_key, c.client_id)
     clip, z = _aggregation_inputs(c, client_cfg)
-    if client_cfg.expected_batch:
-        update = jax.vmap(client_update, in_axes=(None, 0, 0, None, 0))
-        deltas, stats = update(params, c.data, keys, client_cfg, _user_noise(c, noise_key))
-    else:
-        deltas, stats = jax.vmap(client_update, in_axes=(None, 0, 0, None))(params, c.data, keys, client_cfg)
+    noise = _user_noise(c, noise_key) if client_cfg.expected_batch else None
+    deltas, stats = _clients_update(params, c.data, keys, client_cfg, noise)
     return accumulate_chunk(acc, deltas, stats.loss, stats.steps, c.data.vocab, c.client_id, c.weight, clip, z,
                             noise_key, client_cfg.sparse_tables, engine_cfg.noise_mode, engine_cfg.secagg)
+
+
+def _clients_update(params: PyTree, data: ClientData, keys: jax.Array, client_cfg: ClientConfig,
+                    noise: UserNoise | None) -> tuple[PyTree, Any]:
+    """`client_update` of a chunk of clients (leading axis [c]): vmapped, or for a chunk of one called on the
+    client itself, so that data-dependent branches stay branches (under vmap a `lax.cond` whose predicate
+    differs across clients computes both sides: e.g. the loss's skip of a domain a client does not hold)."""
+    if keys.shape[0] == 1:
+        first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
+        delta, stats = client_update(params, first(data), keys[0], client_cfg, first(noise))
+        return jax.tree.map(lambda x: x[None], (delta, stats))
+    return jax.vmap(client_update, in_axes=(None, 0, 0, None, 0))(params, data, keys, client_cfg, noise)
 
 
 def _cohort_sums(params: PyTree, cohort: Cohort, train_key: jax.Array, noise_key: jax.Array,

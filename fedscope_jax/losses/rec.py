@@ -50,6 +50,20 @@ def next_item_loss(h: jnp.ndarray, target: jnp.ndarray, target_emb: jnp.ndarray,
     return masked_mean(lse - pos, target > 0)
 
 
+def full_softmax_loss(h: jnp.ndarray, target: jnp.ndarray, target_emb: jnp.ndarray, item_emb: jnp.ndarray,
+                      target_bias: jnp.ndarray | None = None, item_bias: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Softmax cross-entropy over every item, averaged over targets: `next_item_loss` with every item a
+    candidate (the target among them once), without its per-candidate masks. item_emb [N, d] and item_bias [N]:
+    items 1..N (not the padding row); h, target, target_emb, target_bias as there."""
+    pos = jnp.sum(h * target_emb, axis=-1)
+    logits = jnp.einsum("bld,nd->bln", h, item_emb)
+    if (target_bias is None) != (item_bias is None):
+        raise ValueError("full softmax: give both target_bias and item_bias, or neither")
+    if target_bias is not None:
+        pos, logits = pos + target_bias, logits + item_bias
+    return masked_mean(logsumexp(logits, axis=-1) - pos, target > 0)
+
+
 def gbce_beta(num_negatives: int, n_items: jnp.ndarray | int, t: float) -> jnp.ndarray:
     """gSASRec's positive exponent beta = alpha (t (1 - 1/alpha) + 1/alpha) = 1 - t (1 - alpha), where
     alpha = M / (N - 1) is the negative sampling rate (capped at 1: M negatives cannot sample more than the

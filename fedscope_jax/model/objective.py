@@ -10,13 +10,14 @@ and contributes nothing. Terms are summed over domains (and domain pairs).
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from fedscope_jax.losses.iidcl import inter_item_loss, inter_loss, intra_loss
-from fedscope_jax.losses.rec import gbce_beta, gbce_loss, in_batch_log_q, next_item_loss
+from fedscope_jax.losses.rec import full_softmax_loss, gbce_beta, gbce_loss, in_batch_log_q, next_item_loss
 from fedscope_jax.losses.seqcl import augment, nt_xent
 from fedscope_jax.model.config import UNIFORM_NEGATIVES, ModelConfig
 from fedscope_jax.model.functional import (Params, Semantic, all_item_repr, domain_key, encode, item_bias,
@@ -87,6 +88,49 @@ def _minus(a: jnp.ndarray | None, b: jnp.ndarray) -> jnp.ndarray:
     return -b if a is None else a - b
 
 
+def _present(seq: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
+    """Whether a domain's slice of the batch ([B, L] each) names any item: without one, every term of the
+    domain is zero (all-zero users are padding) and so is its gradient."""
+    return jnp.any(seq > 0) | jnp.any(target > 0)
+
+
+def when_present(present: jnp.ndarray, fn: Callable[[], Any]) -> Any:
+    """fn(), or zeros of its shapes where `present` is false, which is what fn() gives then (an absent domain's
+    terms). A client whose data lacks a domain (one client a domain under `--scheme domain`; a user of one
+    domain) thus skips that domain's encoder and softmax at run time, forward and backward. Under vmap the
+    predicate is batched and both sides run (a select), as before; the engine runs a chunk of one client
+    without vmap (`engine.round`) so that the skip happens there."""
+    shapes = jax.eval_shape(fn)
+    return jax.lax.cond(present, fn, lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+
+def _domain_terms(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, target: jnp.ndarray,
+                  key: jax.Array, train: bool, semantic: Semantic, batch: dict[str, jnp.ndarray]
+                  ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Domain d's next-item loss, its users' representations [B, dim] and validity [B], and its candidate
+    item vectors (flattened [M', dim]; the inter-domain term of the user unit takes them as negatives)."""
+    lc = config.loss
+    k_drop, k_neg = jax.random.split(key)
+    h = encode(params, config, d, seq, semantic, k_drop, train)
+    cand_ids, cand_emb = _candidates(params, config, d, target, k_neg, semantic, batch.get("neg"))
+    tgt_emb = item_repr(params, config, d, target, semantic)
+    tgt_bias, cand_bias = item_bias(params, d, target), item_bias(params, d, cand_ids)
+    if lc.logq:   # sampled-softmax correction: each score minus the log of its item's in-batch draw probability
+        tgt_bias = _minus(tgt_bias, in_batch_log_q(target, target))
+        cand_bias = _minus(cand_bias, in_batch_log_q(target, cand_ids))
+    if lc.rec == "gbce":   # the catalogue's size: the batch's where its ids are a client's local ones
+        n_items = batch["neg_pool"][d] if "neg_pool" in batch else item_count(params, d, semantic)
+        beta = gbce_beta(lc.num_negatives, n_items, lc.gbce_t)
+        rec = gbce_loss(h, target, tgt_emb, cand_ids, cand_emb, beta, tgt_bias, cand_bias)
+    elif lc.rec == "full":   # the candidates are every item, padding row 0 first
+        rec = full_softmax_loss(h, target, tgt_emb, cand_emb[1:], tgt_bias,
+                                None if cand_bias is None else cand_bias[1:])
+    else:
+        rec = next_item_loss(h, target, tgt_emb, cand_ids, cand_emb, tgt_bias, cand_bias)
+    # per-user candidates (gbce): all of them
+    return rec, h[:, -1], seq[:, -1] > 0, cand_emb.reshape(-1, cand_emb.shape[-1])
+
+
 def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, config: ModelConfig,
             train: bool = True, semantic: Semantic = None,
             per_user: bool = False) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
@@ -103,23 +147,13 @@ def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, confi
     rec = jnp.zeros(())
     users, valid, items = [], [], []
     for d, k in enumerate(jax.random.split(key, n_dom)):
-        k_drop, k_neg = jax.random.split(k)
-        h = encode(params, config, d, seq[:, d], semantic, k_drop, train)
-        cand_ids, cand_emb = _candidates(params, config, d, target[:, d], k_neg, semantic, batch.get("neg"))
-        tgt_emb = item_repr(params, config, d, target[:, d], semantic)
-        tgt_bias, cand_bias = item_bias(params, d, target[:, d]), item_bias(params, d, cand_ids)
-        if lc.logq:   # sampled-softmax correction: each score minus the log of its item's in-batch draw probability
-            tgt_bias = _minus(tgt_bias, in_batch_log_q(target[:, d], target[:, d]))
-            cand_bias = _minus(cand_bias, in_batch_log_q(target[:, d], cand_ids))
-        if lc.rec == "gbce":   # the catalogue's size: the batch's where its ids are a client's local ones
-            n_items = batch["neg_pool"][d] if "neg_pool" in batch else item_count(params, d, semantic)
-            beta = gbce_beta(lc.num_negatives, n_items, lc.gbce_t)
-            rec = rec + gbce_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb, beta, tgt_bias, cand_bias)
-        else:
-            rec = rec + next_item_loss(h, target[:, d], tgt_emb, cand_ids, cand_emb, tgt_bias, cand_bias)
-        users.append(h[:, -1])
-        valid.append(seq[:, d, -1] > 0)
-        items.append(cand_emb.reshape(-1, cand_emb.shape[-1]))   # per-user candidates (gbce): all of them
+        def terms(d: int = d, k: jax.Array = k) -> tuple[jnp.ndarray, ...]:
+            return _domain_terms(params, config, d, seq[:, d], target[:, d], k, train, semantic, batch)
+        rec_d, user_d, valid_d, items_d = when_present(_present(seq[:, d], target[:, d]), terms)
+        rec = rec + rec_d
+        users.append(user_d)
+        valid.append(valid_d)
+        items.append(items_d)
     intra = jnp.zeros(())
     if lc.alpha and lc.lambda_intra and not per_user:
         for z, v in zip(users, valid):
@@ -136,7 +170,8 @@ def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, confi
     seqcl = jnp.zeros(())
     if lc.seqcl_weight:
         for d, k in enumerate(jax.random.split(jax.random.fold_in(key, _SEQCL_PURPOSE), n_dom)):
-            seqcl = seqcl + seqcl_loss(params, config, d, seq[:, d], k, train, semantic)
+            seqcl = seqcl + when_present(jnp.any(seq[:, d] > 0), functools.partial(
+                seqcl_loss, params, config, d, seq[:, d], k, train, semantic))
     total = rec + lc.alpha * (lc.lambda_intra * intra + lc.lambda_inter * inter) + lc.seqcl_weight * seqcl
     aux: dict[str, Any] = {"rec": rec, "intra": intra, "inter": inter, "seqcl": seqcl,
                            "targets": jnp.sum(target > 0)}
