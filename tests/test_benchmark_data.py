@@ -199,7 +199,7 @@ def test_privacy_unit_benchmark_cli(tiny, tmp_path, monkeypatch, capsys):
     assert report["ratio"] == pytest.approx(best["user-level"] / best["non-private"])
     assert report["workload"]["batch_size"] == 4 and report["epsilon"] == 8.0
     assert main(["benchmark", "--privacy-unit", "user", "--sweep", "--data", str(tiny)]) == 2
-    assert "three benchmarks; give one" in capsys.readouterr().err
+    assert "four benchmarks; give one" in capsys.readouterr().err
     assert main(["benchmark", "--privacy-unit", "user", "--clients", "2"]) == 2
     assert "--privacy-unit needs --data DIR" in capsys.readouterr().err
     assert main(["benchmark", "--privacy-unit", "user", "--data", str(tiny), "--batch-size", "40", "--clients", "2",

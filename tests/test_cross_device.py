@@ -121,7 +121,7 @@ def test_cross_device_benchmark_refuses_more_clients_than_users(tiny_dataset: Pa
     assert main(["benchmark", "--cross-device", "--data", str(tiny_dataset), "--clients", "61", *sets]) == 2
     assert "60 users with training data (one a client); give counts up to 60" in capsys.readouterr().err
     assert main(["benchmark", "--cross-device", "--sweep", "--data", str(tiny_dataset)]) == 2
-    assert "three benchmarks" in capsys.readouterr().err
+    assert "four benchmarks" in capsys.readouterr().err
 
 
 def _globalized(shard: ClientShard) -> ClientShard:
@@ -225,3 +225,45 @@ def test_in_batch_negatives_are_real_targets_whatever_the_padding():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert set(np.asarray(a).tolist()) == {3, 5, 7}
     assert not np.asarray(in_batch_negatives(jnp.zeros((2, 3), jnp.int32), key, 4)).any()
+
+
+def test_peer_benchmark_times_each_domain_client_beside_the_peer(tiny_dataset: Path, tmp_path: Path, capsys,
+                                                                 monkeypatch):
+    """`fedscope benchmark --peer feddcsr`: one row per domain client and the round of both, each vectorized
+    and sequential on the same truncated clients (they agree), seconds a step beside the peer's figures of the
+    same catalogues (the round's: their mean). The peer's settings are shrunk here (the published ones, checked
+    below, compile for minutes on this CPU); figures for other catalogues, or flags that would change the
+    workload, are refused."""
+    import json
+
+    from fedscope_jax.bench import peer
+    from fedscope_jax.cli import main
+
+    published = peer.peer_config("feddcsr")
+    assert (published.federated.scheme, published.model.dim, published.model.max_len, published.train.batch_size,
+            published.model.loss.rec, published.model.loss.alpha, published.federated.local_epochs) == (
+                "domain", 256, 16, 256, "full", 0.0, 3)
+    monkeypatch.setitem(peer.PEERS, "feddcsr", ("federated.scheme=domain", "federated.clients=2",
+                                                "federated.client_opt=sgd", "federated.client_lr=0.5",
+                                                "model.loss.rec=full", "model.loss.alpha=0", "privacy.mode=off",
+                                                *TINY))
+    result = tmp_path / "peer.json"
+    result.write_text(json.dumps({"torch": "x", "domains": [{"items": 80, "median_seconds": 0.5},
+                                                            {"items": 90, "median_seconds": 1.0}]}))
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--peer", "feddcsr", "--data", str(tiny_dataset), "--steps", "2", "--repeats", "1",
+                 "--peer-result", str(result), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] and [r["row"] for r in report["rows"]][-1] == "round"
+    assert [r["steps"] for r in report["rows"]] == [2, 2, 4]
+    assert [r["peer_seconds_per_step"] for r in report["rows"]] == [0.5, 1.0, 0.75]
+    for r in report["rows"]:
+        assert r["max_abs_diff_vs_sequential"] < 1e-5
+        assert r["seconds_per_step"] == pytest.approx(min(r["vmap_round_seconds"]) / r["steps"])
+        assert r["speed_vs_peer"] == pytest.approx(r["peer_seconds_per_step"] / r["seconds_per_step"])
+    assert "measured: " in capsys.readouterr().out
+    # the recorded figures are for abxi-food-kitchen's catalogues, not this dataset's
+    assert main(["benchmark", "--peer", "feddcsr", "--data", str(tiny_dataset)]) == 2
+    assert "--items 80,90" in capsys.readouterr().err
+    assert main(["benchmark", "--peer", "feddcsr", "--data", str(tiny_dataset), "--dim", "8"]) == 2
+    assert "--dim: not with --peer" in capsys.readouterr().err

@@ -76,6 +76,14 @@ def add_parser(subparsers: Any) -> None:
                    "model, one client a user of --data; --clients: clients a round, default 64,256,1024) against "
                    "the same users in --silos power-law silos, vectorized and sequential (docs/engine.md)")
     x.add_argument("--silos", type=int, default=8, help="silos of the silo workload (default 8)")
+    q = p.add_argument_group("peer benchmark (--peer feddcsr)")
+    q.add_argument("--peer", choices=["feddcsr"], help="time the FedDCSR peer's FedSASRec workload (one client a "
+                   "domain of --data, hidden 256, length 16, batch 256, full softmax) on our engine, seconds a local "
+                   "step beside the peer's PyTorch code (docs/engine.md)")
+    q.add_argument("--steps", type=int, default=4, help="local steps timed per client (default 4)")
+    q.add_argument("--peer-result", metavar="FILE.json", help="the peer's seconds a step from "
+                   "benchmarks/feddcsr_peer_step.py --out (default: the figures recorded on the project's 2-core "
+                   "reference CPU)")
     p.set_defaults(func=run)
 
 
@@ -86,14 +94,16 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             write_json(partial, args.out)
 
-    if sum(map(bool, (args.sweep, args.privacy_unit, args.cross_device))) > 1:
-        raise FedscopeError("--sweep, --privacy-unit and --cross-device are three benchmarks; give one")
+    if sum(map(bool, (args.sweep, args.privacy_unit, args.cross_device, args.peer))) > 1:
+        raise FedscopeError("--sweep, --privacy-unit, --cross-device and --peer are four benchmarks; give one")
     if args.sweep:
         report, table = _run_sweep(args, save)
     elif args.privacy_unit:
         report, table = _run_unit(args, save)
     elif args.cross_device:
         report, table = _run_cross_device(args, save)
+    elif args.peer:
+        report, table = _run_peer(args, save)
     else:
         if args.data and args.users is not None:
             raise FedscopeError(f"--users: only for synthetic data (--data {args.data} benchmarks that dataset's "
@@ -190,6 +200,37 @@ def _run_cross_device(args: argparse.Namespace,
     report = run_cross_device_benchmark(load_dataset(args.data), cfg, args.clients or (64, 256, 1024), args.silos,
                                         repeats=args.repeats if args.repeats is not None else 3, on_report=save)
     return report, format_cross_device_table(report)
+
+
+def _run_peer(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> tuple[dict[str, Any], str]:
+    """`--peer feddcsr`: the peer's workload on our engine, its seconds a step beside the peer's."""
+    import json
+
+    from fedscope_jax.bench.peer import format_peer_table, run_peer_benchmark
+    from fedscope_jax.data.canonical import load_dataset
+
+    if not args.data:
+        raise FedscopeError("--peer needs --data DIR (a prepared two-domain dataset, e.g. fedscope data prepare "
+                            "--format abxi)")
+    fixed = [f"--{k.replace('_', '-')}" for k in ("clients", "users", "max_len", "dim", "batch_size", "local_epochs",
+                                                   "rounds", "fraction", "chunk_size", "config")
+             if getattr(args, k) is not None] + (["--set"] if args.overrides else [])
+    if fixed:
+        raise FedscopeError(f"{', '.join(fixed)}: not with --peer (its workload is the peer's published settings, "
+                            "bench/peer.py PEERS; --steps and --repeats set how much is timed)")
+    peer = None
+    if args.peer_result:
+        try:
+            peer = json.loads(open(args.peer_result, encoding="utf-8").read())
+            peer["domains"] = [{"items": int(d["items"]), "median_seconds": float(d["median_seconds"])}
+                               for d in peer["domains"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FedscopeError(f"--peer-result {args.peer_result}: expected the JSON that "
+                                f"benchmarks/feddcsr_peer_step.py --out writes ({exc})") from None
+        peer["source"] = f"measured: {args.peer_result} (torch {peer.get('torch', '?')})"
+    report = run_peer_benchmark(load_dataset(args.data), args.peer, args.steps,
+                                args.repeats if args.repeats is not None else 2, peer, on_report=save)
+    return report, format_peer_table(report)
 
 
 __all__ = ["add_parser", "run"]
