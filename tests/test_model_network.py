@@ -183,10 +183,11 @@ def test_loss_fn_vmaps_over_a_client_axis(params):
     (LossConfig(rec="gbce", num_negatives=7), True), (LossConfig(rec="in_batch", logq=True, num_negatives=7), False),
 ], ids=["full_seqcl", "sampled", "gbce_per_user", "in_batch_logq"])
 def test_a_domain_absent_from_the_batch_is_skipped_and_changes_nothing(loss, per_user, monkeypatch):
-    """A batch without any item of domain 1 (a domain client's batch under `--scheme domain`): the loss skips
-    that domain's terms (`objective.when_present`), and its value and every gradient equal those of the same
-    program computing them all (when_present replaced by a plain call); domain 1's gradient is exactly zero.
-    Under vmap (the predicate batched) clients with and without the domain give each its own loss."""
+    """A batch without any item of domain 1 (a domain client's batch under `--scheme domain`): with
+    skip_absent the loss skips that domain's terms (`objective.when_present`), and its value and every gradient
+    equal those of the same program computing them all (when_present replaced by a plain call); domain 1's
+    gradient is exactly zero. Under vmap (the predicate batched) clients with and without the domain give each
+    its own loss, the one without skipping gives for the whole batch."""
     from fedscope_jax.model import objective
 
     cfg = dataclasses.replace(CFG, loss=loss)
@@ -196,7 +197,7 @@ def test_a_domain_absent_from_the_batch_is_skipped_and_changes_nothing(loss, per
     key = jax.random.key(5)
 
     def value_and_grad(b):
-        fn = lambda p: loss_fn(p, b, key, cfg, True, per_user=per_user)[0]  # noqa: E731
+        fn = lambda p: loss_fn(p, b, key, cfg, True, per_user=per_user, skip_absent=True)[0]  # noqa: E731
         return jax.jit(jax.value_and_grad(fn))(params)   # a new jit: traced with the current when_present
 
     skipped, g_skipped = value_and_grad(one)
@@ -209,6 +210,7 @@ def test_a_domain_absent_from_the_batch_is_skipped_and_changes_nothing(loss, per
     assert all(not np.asarray(g).any() for g in jax.tree.leaves(g_skipped["domain_1"]))
     assert any(np.asarray(g).any() for g in jax.tree.leaves(g_skipped["domain_0"]))
     stacked = jax.tree.map(lambda *x: jnp.stack(x), batch, one)
-    vm = jax.jit(jax.vmap(lambda b: loss_fn(params, b, key, cfg, True, per_user=per_user)[0]))(stacked)
+    vm = jax.jit(jax.vmap(lambda b: loss_fn(params, b, key, cfg, True, per_user=per_user,
+                                            skip_absent=True)[0]))(stacked)
     full = jax.jit(lambda b: loss_fn(params, b, key, cfg, True, per_user=per_user)[0])(batch)
     np.testing.assert_allclose(np.asarray(vm), [float(full), float(skipped)], rtol=1e-5)

@@ -149,7 +149,8 @@ def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS,
     object are reused by every run given that object, so `programs` keeps one object per (model settings,
     client lr, unit, semantic tables object or none): the seeds of a reproduction cell and a sweep's seeds
     share it; other tables, even equal ones, get another. The user unit of DP trains with DP-SGD over users:
-    the loss taken one user at a time (`loss_fn(per_user=True)`), divided by the expected batch. Where it can
+    the loss taken one user at a time (`loss_fn(per_user=True)`), divided by the expected batch. Under `--scheme
+    domain` a client skips the domains it does not hold (`loss_fn(skip_absent=True)`). Where it can
     (`train.vocab.uses_local_vocab`), a client trains local item vocabularies of its `n_domains` domains (the item
     table and, with `model.item_bias`, the bias table of each)."""
     model_cfg, client_lr, opt = cfg.model, float(cfg.federated.client_lr), cfg.federated.client_opt
@@ -157,13 +158,15 @@ def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS,
     expected = int(cfg.train.batch_size) if user else 0
     micro = int(cfg.federated.user_microbatch) if user else 0
     tables = vocab.sparse_tables(n_domains, item_bias=model_cfg.item_bias) if vocab.uses_local_vocab(cfg) else ()
+    skip = cfg.federated.scheme == "domain"   # a client holds one domain: skip the others' terms at run time
 
     def build() -> ClientConfig:
-        loss = functools.partial(loss_fn, config=model_cfg, train=True, semantic=semantic, per_user=user)
+        loss = functools.partial(loss_fn, config=model_cfg, train=True, semantic=semantic, per_user=user,
+                                 skip_absent=skip)
         return ClientConfig(loss, client_optimizer(opt, client_lr), local_epochs=1,  # batches hold the epochs
                             expected_batch=expected, microbatch=micro, sparse_tables=tables)
 
-    key = ("client_config", model_cfg, client_lr, opt, expected, micro, tables, id(semantic))
+    key = ("client_config", model_cfg, client_lr, opt, expected, micro, tables, skip, id(semantic))
     return programs.get(key, build, keep=semantic)
 
 
