@@ -29,8 +29,10 @@ def main() -> int:
     from fedscope_jax.utils.io import write_json
 
     print("devices:", jax.devices(), flush=True)
+    # the reference model: its agreement check (1e-4, below) holds with its local Adam at 1e-3; the FedSCOPE
+    # model's Adam at 1e-2 turns float noise into larger differences (docs/engine.md)
     cfg = BenchmarkConfig(clients=tuple(int(c) for c in args.clients.split(",")), repeats=args.repeats,
-                          dim=args.dim, max_len=args.max_len)
+                          dim=args.dim, max_len=args.max_len, model="reference")
     out = Path(os.environ.get("OUT", "."))
 
     def save(partial: dict) -> None:   # after each C: a run stopped by its time limit keeps the rows it finished

@@ -90,13 +90,18 @@ def _spy_writes(monkeypatch) -> list[dict]:
 
 
 def test_benchmark_cli_on_a_prepared_dataset(tiny, tmp_path, capsys, monkeypatch):
+    """The engine benchmark on a prepared dataset's users (here with the engine's reference model, which
+    compiles in seconds; the FedSCOPE model, the default, below)."""
     from fedscope_jax.cli import main
+
+    model = "reference"
 
     out = tmp_path / "bench.json"
     written = _spy_writes(monkeypatch)
     assert main(["benchmark", "--data", str(tiny), "--clients", "2,3", "--dim", "8", "--max-len", "8",
-                 "--batch-size", "8", "--repeats", "1", "--out", str(out)]) == 0
-    assert f"data: tiny ({tiny}): 30 users, 20 + 25 items" in capsys.readouterr().out
+                 "--batch-size", "8", "--repeats", "1", "--model", model, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"data: tiny ({tiny}): 30 users, 20 + 25 items" in printed and f"model: {model}" in printed
     # rewritten after each client count, so a stopped benchmark keeps its finished rows; the last is the report
     assert [(len(w["results"]), w["complete"]) for w in written] == [(1, False), (2, True)]
     report = json.loads(out.read_text())
@@ -107,6 +112,7 @@ def test_benchmark_cli_on_a_prepared_dataset(tiny, tmp_path, capsys, monkeypatch
     assert report["data"]["items"] == [20, 25] and report["data"]["path"] == str(tiny)
     assert report["data"]["train_interactions"] == int((load_dataset(tiny).split == TRAIN).sum())
     assert report["workload"]["users"] == 30 and report["workload"]["data"] == str(tiny)
+    assert report["workload"]["model"] == model
     row = report["results"][0]
     for key in ("clients", "vmap_updates_per_s", "sequential_updates_per_s", "speedup", "flops_per_round",
                 "flops_utilization", "padding_waste", "peak_memory_bytes"):
@@ -115,8 +121,25 @@ def test_benchmark_cli_on_a_prepared_dataset(tiny, tmp_path, capsys, monkeypatch
     assert row["max_abs_diff_vs_sequential"] < 1e-4
 
 
+def test_benchmark_of_the_fedscope_model_on_synthetic_users(tmp_path):
+    """Without --data the FedSCOPE model trains a synthesized dataset of --users users sized like
+    abxi-food-kitchen's catalogues; the report says the data were synthetic."""
+    from fedscope_jax.bench.engine import BenchmarkConfig, run_benchmark
+
+    report = run_benchmark(BenchmarkConfig(clients=(2,), users=24, items_a=40, items_b=50, dim=8, max_len=8,
+                                           batch_size=8, repeats=1))
+    assert report["data"] == {"source": "synthetic", "users": 24, "items": [40, 50]}
+    row = report["results"][0]
+    assert row["clients"] == 2 and row["flops_per_round"] > 0 and row["max_abs_diff_vs_sequential"] < 1e-4
+    with pytest.raises(FedscopeError, match="--model 'bert': expected one of fedscope, reference"):
+        BenchmarkConfig(model="bert")
+
+
 def test_benchmark_data_errors(tiny, tmp_path, capsys):
     from fedscope_jax.cli import main
+
+    assert main(["benchmark", "--cross-device", "--model", "reference", "--data", str(tiny)]) == 2
+    assert "--model reference: only for the engine benchmark" in capsys.readouterr().err
 
     assert main(["benchmark", "--data", str(tiny), "--users", "10"]) == 2
     assert "--users: only for synthetic data" in capsys.readouterr().err

@@ -2,8 +2,10 @@
 
 Synthetic data sized like abxi-food-kitchen (7,144 users; 11,837 + 16,258 items; Zipf popularity), or the
 real users of a prepared two-domain dataset (`BenchmarkConfig.data`), split over C clients with power-law
-sizes, trained with the engine's reference model (two domain towers,
-100 sampled negatives shared by each mini-batch, local vocabularies), clipping and noise on.
+sizes, trained with the FedSCOPE model that `fedscope train` builds (`BenchmarkConfig.model`, the default:
+its loss, local optimizer and local vocabularies at the run config's defaults, width, length and batch size
+from the benchmark's) or with the engine's reference model (two domain towers, one attention layer, 100
+sampled negatives shared by each mini-batch, local vocabularies); clipping and noise on.
 For each C: the chunk size is chosen by timing candidates; then vectorized and sequential rounds are timed
 alternately (best of `repeats`), both from the same cohorts; FLOPs come from XLA's cost analysis of one
 local step times the steps run; the matmul peak is measured in the same process.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,6 +69,46 @@ class BenchmarkConfig:
     noise_multiplier: float = 0.5
     repeats: int = 4
     seed: int = 0
+    model: str = "fedscope"      # fedscope (the model users train) | reference (the engine's test model)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise FedscopeError(f"--model {self.model!r}: expected one of {', '.join(MODELS)}")
+
+
+MODELS = ("fedscope", "reference")
+
+
+def fedscope_clients(ds: CanonicalDataset, cfg: BenchmarkConfig, n_clients: int
+                     ) -> tuple[list[ClientShard], ClientConfig, Any]:
+    """(shards, client config, initial params) of the FedSCOPE model's federated run of `ds` over `n_clients`
+    power-law silos (`fedscope train --scheme powerlaw`'s partition), as `train.federated.seed_context` builds
+    them: the run config's defaults with the benchmark's width, length, batch size, local epochs and seed;
+    round 0's batches. Privacy is left to the benchmark's own clipping and noise (cfg.clip, noise_multiplier)."""
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.federated import seed_context
+
+    run_cfg = load_config(None, [f"model.dim={cfg.dim}", f"model.max_len={cfg.max_len}",
+                                 f"train.batch_size={cfg.batch_size}", f"train.seed={cfg.seed}",
+                                 "federated.scheme=powerlaw", f"federated.clients={n_clients}",
+                                 f"federated.local_epochs={cfg.local_epochs}", "privacy.mode=off",
+                                 "eval.num_negatives=1"])   # nothing is evaluated: any catalogue will do
+    ctx = seed_context(ds, run_cfg, None)
+    return [ctx.source(0, c) for c in range(ctx.n_clients)], ctx.client_cfg, ctx.params
+
+
+def synthetic_dataset(cfg: BenchmarkConfig, where: str | Path) -> CanonicalDataset:
+    """A synthetic two-domain dataset of cfg.users users and cfg.items_a / items_b items (`data.synth`, seeded
+    by cfg.seed; lengths up to cfg.max_len + 1), written under `where` and loaded: the FedSCOPE model's
+    synthetic users."""
+    from fedscope_jax.data.synth import SynthConfig, synthesize
+
+    length = max(10, cfg.max_len + 1)
+    synth = SynthConfig(users=cfg.users, items=(cfg.items_a, cfg.items_b), max_length=length,
+                        mean_length=min(SynthConfig.mean_length, length), min_length=min(10, length),
+                        seed=cfg.seed, name="synthetic-benchmark")
+    synthesize(synth, Path(where) / "synthetic")
+    return load_dataset(Path(where) / "synthetic")
 
 
 def synthetic_clients(cfg: BenchmarkConfig, n_clients: int, model: rm.ReferenceConfig) -> list[ClientShard]:
@@ -152,12 +195,19 @@ def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float, ds: Canonic
     if ds is None and cfg.data is not None:
         ds = load_benchmark_data(cfg.data)
     n_a, n_b = (cfg.items_a, cfg.items_b) if ds is None else ds.n_items
-    model = rm.ReferenceConfig(n_items_a=n_a, n_items_b=n_b, dim=cfg.dim, max_len=cfg.max_len)
-    shards = synthetic_clients(cfg, n_clients, model) if ds is None else real_clients(ds, cfg, n_clients, model)
+    if cfg.model == "fedscope":
+        if ds is None:
+            raise FedscopeError("the FedSCOPE model's benchmark needs a dataset (run_benchmark synthesizes one)")
+        shards, ccfg, params = fedscope_clients(ds, cfg, n_clients)
+        rows: dict[str, int] = {}   # padding vocabulary entries: PAD_ROW
+    else:
+        model = rm.ReferenceConfig(n_items_a=n_a, n_items_b=n_b, dim=cfg.dim, max_len=cfg.max_len)
+        shards = (synthetic_clients(cfg, n_clients, model) if ds is None
+                  else real_clients(ds, cfg, n_clients, model))
+        rows = {"a": n_a + 1, "b": n_b + 1}
+        ccfg = ClientConfig(functools.partial(rm.loss_fn, config=model), optax.adam(1e-3), cfg.local_epochs, TABLES)
+        params = rm.init_params(jax.random.key(cfg.seed), model)
     plan = plan_buckets(shards, cfg.max_buckets)
-    rows = {"a": n_a + 1, "b": n_b + 1}
-    ccfg = ClientConfig(functools.partial(rm.loss_fn, config=model), optax.adam(1e-3), cfg.local_epochs, TABLES)
-    params = rm.init_params(jax.random.key(cfg.seed), model)
     privacy = dict(clip=np.full(n_clients, cfg.clip, np.float32),
                    noise_multiplier=np.full(n_clients, cfg.noise_multiplier, np.float32))
     timing = time_engines(shards, np.arange(n_clients), plan, rows, ccfg, params, cfg.noise_mode, cfg.repeats,
@@ -262,6 +312,14 @@ def run_benchmark(cfg: BenchmarkConfig,
     ds = load_benchmark_data(cfg.data) if cfg.data is not None else None
     if ds is not None:  # the workload record then states the dataset's sizes, not the synthetic defaults
         cfg = dataclasses.replace(cfg, users=int(ds.n_users), items_a=ds.n_items[0], items_b=ds.n_items[1])
+    with tempfile.TemporaryDirectory(prefix="fedscope-benchmark-") as tmp:
+        if ds is None and cfg.model == "fedscope":   # the FedSCOPE model trains a dataset: synthesize one
+            ds = synthetic_dataset(cfg, tmp)
+        return _run(cfg, ds, synthetic=cfg.data is None, on_report=on_report)
+
+
+def _run(cfg: BenchmarkConfig, ds: CanonicalDataset | None, synthetic: bool,
+         on_report: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     device = jax.devices()[0]
     peak = matmul_peak_flops()
     report: dict[str, Any] = {
@@ -272,7 +330,7 @@ def run_benchmark(cfg: BenchmarkConfig,
         "peak_flops": peak,
         "peak_flops_source": "best of 5 jitted 2048x2048 fp32 matmuls, same process",
         "workload": dataclasses.asdict(cfg),
-        "data": data_facts(cfg, ds),
+        "data": data_facts(cfg, None if synthetic else ds),
         "results": [],
         "complete": False,
     }
@@ -300,8 +358,9 @@ def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of the benchmark rows."""
     head = (f"{'C':>5} {'vmap upd/s':>11} {'seq upd/s':>10} {'speedup':>8} {'rounds/s':>9} {'chunk':>6} "
             f"{'waste':>6} {'GFLOP/rnd':>10} {'util':>6} {'mem MiB':>8} {'maxdiff':>8}")
+    model = report.get("workload", {}).get("model", "reference")
     lines = [f"device {report['device']} x{report['device_count']}, matmul peak "
-             f"{report['peak_flops'] / 1e9:.1f} GFLOP/s", describe_data(report.get("data")), head]
+             f"{report['peak_flops'] / 1e9:.1f} GFLOP/s; model: {model}", describe_data(report.get("data")), head]
     for r in report["results"]:
         lines.append(f"{r['clients']:>5} {r['vmap_updates_per_s']:>11.1f} {r['sequential_updates_per_s']:>10.1f} "
                      f"{r['speedup']:>8.2f} {r['vmap_rounds_per_s']:>9.3f} {r['chunk_size']:>6} "

@@ -52,6 +52,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--repeats", type=int, help="timed rounds per engine, alternating, best kept (default 4); "
                    "--sweep: alternating repeats of both sides, best kept (default 2)")
     p.add_argument("--noise-mode", choices=["off", "per_client", "sum"], default="sum")
+    p.add_argument("--model", choices=["fedscope", "reference"], default="fedscope",
+                   help="the model timed: fedscope (default: the model `fedscope train` builds, at the run "
+                   "config's defaults but for --dim, --max-len, --batch-size) or reference (the engine's "
+                   "one-layer test model, the table of before 2026-12-05)")
     p.add_argument("--seed", type=int, help="(default 0; --sweep: train.seed)")
     s = p.add_argument_group("sweep benchmark (--sweep)")
     s.add_argument("--sweep", action="store_true", help="time the sweep program against one-by-one runs")
@@ -96,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
     if sum(map(bool, (args.sweep, args.privacy_unit, args.cross_device, args.peer))) > 1:
         raise FedscopeError("--sweep, --privacy-unit, --cross-device and --peer are four benchmarks; give one")
+    if args.model != "fedscope" and (args.sweep or args.privacy_unit or args.cross_device or args.peer):
+        raise FedscopeError(f"--model {args.model}: only for the engine benchmark (the others time the FedSCOPE "
+                            "model)")
     if args.sweep:
         report, table = _run_sweep(args, save)
     elif args.privacy_unit:
@@ -119,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = BenchmarkConfig(clients=args.clients or (8, 32, 128, 512),
                               users=args.users if args.users is not None else 7144, data=args.data,
                               repeats=args.repeats if args.repeats is not None else 4,
-                              noise_mode=args.noise_mode, seed=args.seed or 0, **opts)
+                              noise_mode=args.noise_mode, seed=args.seed or 0, model=args.model, **opts)
         report = run_benchmark(cfg, on_report=save)
         table = format_table(report)
     print(table)
