@@ -35,24 +35,28 @@ def make_optimizer(lr: float, weight_decay: float) -> optax.GradientTransformati
     return optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
 
 
-def make_train_step(config: ModelConfig, lr: float, weight_decay: float) -> Callable:
-    """jit(params, opt_state, batch, key, semantic) -> (params, opt_state, loss, aux); params/state donated."""
+def make_train_step(config: ModelConfig, lr: float, weight_decay: float, skip_absent: bool = False) -> Callable:
+    """jit(params, opt_state, batch, key, semantic) -> (params, opt_state, loss, aux); params/state donated.
+    skip_absent: skip the terms of a domain a batch names no item of (`loss_fn`; local training of one domain)."""
     opt = make_optimizer(lr, weight_decay)
 
     def step(params, opt_state, batch, key, semantic):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key, config, True, semantic)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key, config, True, semantic,
+                                                                       skip_absent=skip_absent)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, aux
 
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def train_step(config: ModelConfig, lr: float, weight_decay: float, programs: Programs = PROGRAMS) -> Callable:
+def train_step(config: ModelConfig, lr: float, weight_decay: float, programs: Programs = PROGRAMS,
+               skip_absent: bool = False) -> Callable:
     """`make_train_step`, kept by `programs`: runs with the same settings in one process compile once. Compiled
     ahead of its first call and checked to fit the device's memory (`CompiledFn`: `ProgramTooLarge` before it
     runs)."""
-    return programs.get(("train_step", config, lr, weight_decay),
-                        lambda: CompiledFn(make_train_step(config, lr, weight_decay), "the training step"))
+    return programs.get(("train_step", config, lr, weight_decay, skip_absent),
+                        lambda: CompiledFn(make_train_step(config, lr, weight_decay, skip_absent),
+                                           "the training step"))
 
 
 def batch_that_fits(cfg: RunConfig, exc: ProgramTooLarge, who: str = "") -> FedscopeError:

@@ -59,7 +59,7 @@ def train_client(c: int, rows: np.ndarray, valid_set: EvalSet, init: Any, seqs: 
     Randomness: batch order from (train.seed, c); dropout and negatives from the run's train key folded with c.
     """
     mc, tc = cfg.model, cfg.train
-    step = train_step(mc, tc.lr, tc.weight_decay)
+    step = train_step(mc, tc.lr, tc.weight_decay, skip_absent=domain is not None)   # one domain: skip the others
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), init)   # a fresh copy: the step donates it
     opt_state = make_optimizer(tc.lr, tc.weight_decay).init(params)
     rng = np.random.default_rng([tc.seed, c])
