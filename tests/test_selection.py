@@ -30,6 +30,12 @@ def test_selection_keeps_the_first_best_and_stops_after_patience():
                   for r, s in zip(range(1, 31), np.repeat(scores, 5))])
     assert (again.best_round, again.best_score, again.waited, again.stopped, again.last_round) == (10, 0.3, 4, True, 30)
     assert final_facts(7) == {"selection": "final", "rounds_run": 7, "best_round": None, "stopped_early": False}
+    # patience running out at the last round of the budget is no early stop; before it, it is
+    for budget, early in ((30, False), (40, True)):
+        sel = Selection(patience=3, metric="NDCG@10", rounds=budget)
+        for i, s in enumerate(scores):
+            sel.observe(5 * (i + 1), s, lambda: None)
+        assert sel.stopped and sel.facts()["stopped_early"] is early
 
 
 def _linear():

@@ -438,8 +438,8 @@ def write_round(loop: LoopState, step: RoundStep, logs: Sequence[Any]) -> bool:
             state_i = g.state_of(i)
             record["valid"] = t.eval_fn(state_i.params)
             if t.selection is not None and t.selection.observe(r + 1, float(record["valid"]["select"]),
-                                                               lambda: hosts.fetch(state_i.params)):
-                record["stopped_early"] = True
+                                                               lambda: hosts.fetch(state_i.params)) and not last:
+                record["stopped_early"] = True   # patience ran out before the round budget did
         elif t.selection is not None:
             t.selection.last_round = r + 1
         logs[i].write(json.dumps(record) + "\n")

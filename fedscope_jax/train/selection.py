@@ -29,6 +29,7 @@ class Selection:
     waited: int = 0
     stopped: bool = False
     last_round: int = 0          # the last round this run trained (a stopped run: its stop round)
+    rounds: int = 0              # the run's round budget (0: unknown); patience running out at it is no early stop
 
     def observe(self, round_: int, score: float, params: Callable[[], Any]) -> bool:
         """Records round `round_`'s validation score; `params()` (host copy) is taken on a gain. Returns
@@ -53,7 +54,8 @@ class Selection:
         """summary.json "training" facts of the selection."""
         return {"selection": "best_valid", "select_metric": self.metric, "patience": self.patience,
                 "rounds_run": self.last_round, "best_round": self.best_round,
-                "best_valid_select": self.best_score if self.best_round else None, "stopped_early": self.stopped}
+                "best_valid_select": self.best_score if self.best_round else None,
+                "stopped_early": self.stopped and not 0 < self.rounds <= self.last_round}
 
 
 def final_facts(rounds_run: int) -> dict[str, Any]:
@@ -66,4 +68,4 @@ def selection_for(cfg: Any) -> Selection | None:
     for a private one."""
     if cfg.privacy.mode != "off":
         return None
-    return Selection(int(cfg.train.patience), str(cfg.train.select_metric))
+    return Selection(int(cfg.train.patience), str(cfg.train.select_metric), rounds=int(cfg.federated.rounds))
