@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import types
@@ -61,9 +62,9 @@ def main() -> None:
             t0 = time.perf_counter()
             trainer.train_batch(batch, None, n, peer_args)
             times.append(time.perf_counter() - t0)
-        timed = sorted(times[2:])
-        result["domains"].append({"items": n, "median_seconds": timed[len(timed) // 2], "min_seconds": timed[0]})
-        print(f"{n} items: {timed[len(timed) // 2]:.3f} s a step (median of {args.steps})", flush=True)
+        median = statistics.median(times[2:])
+        result["domains"].append({"items": n, "median_seconds": median, "min_seconds": min(times[2:])})
+        print(f"{n} items: {median:.3f} s a step (median of {args.steps})", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -178,29 +178,37 @@ def test_loss_fn_vmaps_over_a_client_axis(params):
         assert float(vm[i]) == pytest.approx(float(_loss(params, batches[i], keys[i], CFG, False)[0]), rel=1e-5)
 
 
-@pytest.mark.parametrize("loss,per_user", [
-    (LossConfig(rec="full", seqcl_weight=0.5), False), (LossConfig(rec="sampled", num_negatives=7), False),
-    (LossConfig(rec="gbce", num_negatives=7), True), (LossConfig(rec="in_batch", logq=True, num_negatives=7), False),
-], ids=["full_seqcl", "sampled", "gbce_per_user", "in_batch_logq"])
-def test_a_domain_absent_from_the_batch_is_skipped_and_changes_nothing(loss, per_user, monkeypatch):
+@pytest.mark.parametrize("loss,per_user,model", [
+    (LossConfig(rec="full", seqcl_weight=0.5), False, {}), (LossConfig(rec="sampled", num_negatives=7), False, {}),
+    (LossConfig(rec="gbce", num_negatives=7), True, {}),
+    (LossConfig(rec="in_batch", logq=True, num_negatives=7), False, {}),
+    (LossConfig(rec="gbce", num_negatives=7), False, {"item_bias": True, "shared_encoder": True}),
+], ids=["full_seqcl", "sampled", "gbce_per_user", "in_batch_logq", "gbce_bias_shared_encoder"])
+def test_a_domain_absent_from_the_batch_is_skipped_and_changes_nothing(loss, per_user, model, monkeypatch):
     """A batch without any item of domain 1 (a domain client's batch under `--scheme domain`): with
-    skip_absent the loss skips that domain's terms (`objective.when_present`), and its value and every gradient
-    equal those of the same program computing them all (when_present replaced by a plain call); domain 1's
-    gradient is exactly zero. Under vmap (the predicate batched) clients with and without the domain give each
-    its own loss, the one without skipping gives for the whole batch."""
+    skip_absent the loss takes the skip for each domain (`objective.when_present`, spied on; domain 1 is
+    absent, domain 0 present), and its value and every gradient equal those of the same program computing
+    them all (when_present replaced by a plain call); domain 1's gradient is exactly zero. Under vmap (the
+    predicate batched) clients with and without the domain get each its own loss and gradients."""
     from fedscope_jax.model import objective
 
-    cfg = dataclasses.replace(CFG, loss=loss)
+    cfg = dataclasses.replace(CFG, loss=loss, **model)
     params = init_params(jax.random.key(3), cfg, N_ITEMS)
     batch = _batch(np.random.default_rng(11))
     one = {k: v.at[:, 1].set(0) for k, v in batch.items()}
+    assert bool(objective._present(one["seq"][:, 0], one["target"][:, 0]))
+    assert not bool(objective._present(one["seq"][:, 1], one["target"][:, 1]))
     key = jax.random.key(5)
 
-    def value_and_grad(b):
-        fn = lambda p: loss_fn(p, b, key, cfg, True, per_user=per_user, skip_absent=True)[0]  # noqa: E731
+    def value_and_grad(b, skip=True):
+        fn = lambda p: loss_fn(p, b, key, cfg, True, per_user=per_user, skip_absent=skip)[0]  # noqa: E731
         return jax.jit(jax.value_and_grad(fn))(params)   # a new jit: traced with the current when_present
 
-    skipped, g_skipped = value_and_grad(one)
+    real, calls = objective.when_present, []
+    with monkeypatch.context() as m:
+        m.setattr(objective, "when_present", lambda present, fn: calls.append(1) or real(present, fn))
+        skipped, g_skipped = value_and_grad(one)
+    assert len(calls) == (4 if loss.seqcl_weight else 2)   # traced once: each domain's terms (and seqcl's)
     with monkeypatch.context() as m:
         m.setattr(objective, "when_present", lambda present, fn: fn())
         computed, g_computed = value_and_grad(one)
@@ -210,7 +218,33 @@ def test_a_domain_absent_from_the_batch_is_skipped_and_changes_nothing(loss, per
     assert all(not np.asarray(g).any() for g in jax.tree.leaves(g_skipped["domain_1"]))
     assert any(np.asarray(g).any() for g in jax.tree.leaves(g_skipped["domain_0"]))
     stacked = jax.tree.map(lambda *x: jnp.stack(x), batch, one)
-    vm = jax.jit(jax.vmap(lambda b: loss_fn(params, b, key, cfg, True, per_user=per_user,
-                                            skip_absent=True)[0]))(stacked)
-    full = jax.jit(lambda b: loss_fn(params, b, key, cfg, True, per_user=per_user)[0])(batch)
+    fn = lambda p, b: loss_fn(p, b, key, cfg, True, per_user=per_user, skip_absent=True)[0]  # noqa: E731
+    vm, g_vm = jax.jit(jax.vmap(jax.value_and_grad(fn), in_axes=(None, 0)))(params, stacked)
+    full, g_full = value_and_grad(batch, skip=False)
     np.testing.assert_allclose(np.asarray(vm), [float(full), float(skipped)], rtol=1e-5)
+    for i, ref in enumerate((g_full, g_skipped)):
+        for a, b in zip(jax.tree.leaves(g_vm), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_the_full_softmax_in_the_objective_is_every_item_as_a_candidate():
+    """loss_fn with rec=full (and per-item biases) equals the candidate-form softmax over every item, row 0
+    included as padding (next_item_loss removes it), summed over domains."""
+    from fedscope_jax.losses.rec import next_item_loss
+    from fedscope_jax.model.functional import item_bias
+
+    cfg = dataclasses.replace(CFG, loss=LossConfig(rec="full", alpha=0.0), item_bias=True)
+    params = init_params(jax.random.key(4), cfg, N_ITEMS)
+    for d in range(2):   # non-zero biases, so that their slicing matters
+        tower = params[f"domain_{d}"]
+        tower["item_bias"] = jax.random.normal(jax.random.key(d), tower["item_bias"].shape)
+    batch = _batch(np.random.default_rng(12))
+    got = _loss(params, batch, jax.random.key(0), cfg, False)[1]["rec"]
+    want = 0.0
+    for d, n in enumerate(N_ITEMS):
+        h = encode(params, cfg, d, batch["seq"][:, d])
+        ids = jnp.arange(n + 1)
+        tgt = batch["target"][:, d]
+        want += float(next_item_loss(h, tgt, item_repr(params, cfg, d, tgt), ids, all_item_repr(params, cfg, d),
+                                     item_bias(params, d, tgt), item_bias(params, d, ids)))
+    assert float(got) == pytest.approx(want, rel=1e-5)

@@ -79,21 +79,26 @@ class BenchmarkConfig:
 MODELS = ("fedscope", "reference")
 
 
+def fedscope_run_config(cfg: BenchmarkConfig, n_clients: int) -> Any:
+    """The run config of the FedSCOPE model's benchmark: the defaults with the benchmark's settings."""
+    from fedscope_jax.train.config import load_config
+
+    return load_config(None, [f"model.dim={cfg.dim}", f"model.max_len={cfg.max_len}",
+                              f"train.batch_size={cfg.batch_size}", f"train.seed={cfg.seed}",
+                              "federated.scheme=powerlaw", f"federated.clients={n_clients}",
+                              f"federated.local_epochs={cfg.local_epochs}", "privacy.mode=off",
+                              "eval.num_negatives=1"])   # nothing is evaluated: any catalogue will do
+
+
 def fedscope_clients(ds: CanonicalDataset, cfg: BenchmarkConfig, n_clients: int
                      ) -> tuple[list[ClientShard], ClientConfig, Any]:
     """(shards, client config, initial params) of the FedSCOPE model's federated run of `ds` over `n_clients`
     power-law silos (`fedscope train --scheme powerlaw`'s partition), as `train.federated.seed_context` builds
     them: the run config's defaults with the benchmark's width, length, batch size, local epochs and seed;
     round 0's batches. Privacy is left to the benchmark's own clipping and noise (cfg.clip, noise_multiplier)."""
-    from fedscope_jax.train.config import load_config
     from fedscope_jax.train.federated import seed_context
 
-    run_cfg = load_config(None, [f"model.dim={cfg.dim}", f"model.max_len={cfg.max_len}",
-                                 f"train.batch_size={cfg.batch_size}", f"train.seed={cfg.seed}",
-                                 "federated.scheme=powerlaw", f"federated.clients={n_clients}",
-                                 f"federated.local_epochs={cfg.local_epochs}", "privacy.mode=off",
-                                 "eval.num_negatives=1"])   # nothing is evaluated: any catalogue will do
-    ctx = seed_context(ds, run_cfg, None)
+    ctx = seed_context(ds, fedscope_run_config(cfg, n_clients), None)
     return [ctx.source(0, c) for c in range(ctx.n_clients)], ctx.client_cfg, ctx.params
 
 
@@ -222,9 +227,10 @@ def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float, ds: Canonic
         one_batch = jax.tree.map(lambda x: x[0, 0], cohort.data.batch)
         one_vocab = jax.tree.map(lambda x: x[0], cohort.data.vocab)
         f = step_flops(ccfg, params, one_batch, one_vocab)
-        real = int(np.sum(np.asarray(cohort.data.step_mask))) * cfg.local_epochs
+        real = int(np.sum(np.asarray(cohort.data.step_mask))) * ccfg.local_epochs   # (fedscope: 1, the
+        # batches hold every epoch)
         flops_useful += f * real
-        flops_executed += f * cohort.data.step_mask.size * cfg.local_epochs
+        flops_executed += f * cohort.data.step_mask.size * ccfg.local_epochs
     mem, mem_source = _memory(compiled)
     return {
         "clients": n_clients,
@@ -329,7 +335,7 @@ def _run(cfg: BenchmarkConfig, ds: CanonicalDataset | None, synthetic: bool,
         "jax": jax.__version__,
         "peak_flops": peak,
         "peak_flops_source": "best of 5 jitted 2048x2048 fp32 matmuls, same process",
-        "workload": dataclasses.asdict(cfg),
+        "workload": _workload(cfg),
         "data": data_facts(cfg, None if synthetic else ds),
         "results": [],
         "complete": False,
@@ -343,6 +349,19 @@ def _run(cfg: BenchmarkConfig, ds: CanonicalDataset | None, synthetic: bool,
             if on_report is not None:
                 on_report(report)
     return report
+
+
+def _workload(cfg: BenchmarkConfig) -> dict[str, Any]:
+    """The report's workload record: the benchmark's config, and for the FedSCOPE model the step shape of the
+    run config it trains (loss, negatives: not the reference model's `negatives` and partition exponent)."""
+    out = dataclasses.asdict(cfg)
+    if cfg.model == "fedscope":
+        from fedscope_jax.train.config import step_shape
+
+        for key in ("negatives", "size_alpha"):
+            out.pop(key)
+        out.update(step_shape(fedscope_run_config(cfg, max(cfg.clients))), partition="powerlaw, exponent 1")
+    return out
 
 
 def describe_data(data: dict[str, Any] | None) -> str:

@@ -32,15 +32,16 @@ PEERS = {
     "feddcsr": ("federated.scheme=domain", "federated.clients=2", "federated.local_epochs=3",
                 "federated.client_opt=adam", "federated.client_lr=0.001", "federated.aggregate=group_mean",
                 "model.dim=256", "model.heads=4", "model.blocks=2", "model.max_len=16", "model.dropout=0.3",
-                "model.shared_encoder=true", "model.loss.rec=full", "model.loss.alpha=0", "train.batch_size=256", "privacy.mode=off"),
+                "model.shared_encoder=true", "model.loss.rec=full", "model.loss.alpha=0", "train.batch_size=256",
+                "privacy.mode=off"),
 }
 
 # benchmarks/feddcsr_peer_step.py on the project's reference machine (2 cores, no GPU), 2026-12-05: torch
 # 2.13.0+cpu, 2 threads, median of 8 steps on abxi-food-kitchen's catalogues (11,837 and 16,258 items).
 RECORDED = {"feddcsr": {"source": "recorded: benchmarks/feddcsr_peer_step.py on the project's 2-core reference CPU, "
                                   "2026-12-05 (torch 2.13.0+cpu); on other hardware run it and pass --peer-result",
-                        "domains": [{"items": 11837, "median_seconds": 0.788},
-                                    {"items": 16258, "median_seconds": 0.993}]}}
+                        "domains": [{"items": 11837, "median_seconds": 0.800},
+                                    {"items": 16258, "median_seconds": 1.034}]}}
 
 
 def peer_config(name: str) -> Any:

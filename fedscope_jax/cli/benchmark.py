@@ -54,7 +54,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--noise-mode", choices=["off", "per_client", "sum"], default="sum")
     p.add_argument("--model", choices=["fedscope", "reference"], default="fedscope",
                    help="the model timed: fedscope (default: the model `fedscope train` builds, at the run "
-                   "config's defaults but for --dim, --max-len, --batch-size) or reference (the engine's "
+                   "config's defaults but for --dim, --max-len, --batch-size, --local-epochs, --seed) or "
+                   "reference (the engine's "
                    "one-layer test model, the table of before 2026-12-05)")
     p.add_argument("--seed", type=int, help="(default 0; --sweep: train.seed)")
     s = p.add_argument_group("sweep benchmark (--sweep)")
@@ -84,7 +85,7 @@ def add_parser(subparsers: Any) -> None:
     q.add_argument("--peer", choices=["feddcsr"], help="time the FedDCSR peer's FedSASRec workload (one client a "
                    "domain of --data, hidden 256, length 16, batch 256, full softmax) on our engine, seconds a local "
                    "step beside the peer's PyTorch code (docs/engine.md)")
-    q.add_argument("--steps", type=int, default=4, help="local steps timed per client (default 4)")
+    q.add_argument("--steps", type=int, help="local steps timed per client (default 4)")
     q.add_argument("--peer-result", metavar="FILE.json", help="the peer's seconds a step from "
                    "benchmarks/feddcsr_peer_step.py --out (default: the figures recorded on the project's 2-core "
                    "reference CPU)")
@@ -100,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     if sum(map(bool, (args.sweep, args.privacy_unit, args.cross_device, args.peer))) > 1:
         raise FedscopeError("--sweep, --privacy-unit, --cross-device and --peer are four benchmarks; give one")
+    if not args.peer and (args.steps is not None or args.peer_result):
+        raise FedscopeError(f"{'--steps' if args.steps is not None else '--peer-result'}: only with --peer")
     if args.model != "fedscope" and (args.sweep or args.privacy_unit or args.cross_device or args.peer):
         raise FedscopeError(f"--model {args.model}: only for the engine benchmark (the others time the FedSCOPE "
                             "model)")
@@ -212,6 +215,7 @@ def _run_cross_device(args: argparse.Namespace,
 def _run_peer(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> tuple[dict[str, Any], str]:
     """`--peer feddcsr`: the peer's workload on our engine, its seconds a step beside the peer's."""
     import json
+    from pathlib import Path
 
     from fedscope_jax.bench.peer import format_peer_table, run_peer_benchmark
     from fedscope_jax.data.canonical import load_dataset
@@ -220,7 +224,7 @@ def _run_peer(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) 
         raise FedscopeError("--peer needs --data DIR (a prepared two-domain dataset, e.g. fedscope data prepare "
                             "--format abxi)")
     fixed = [f"--{k.replace('_', '-')}" for k in ("clients", "users", "max_len", "dim", "batch_size", "local_epochs",
-                                                   "rounds", "fraction", "chunk_size", "config")
+                                                   "rounds", "fraction", "chunk_size", "config", "seed")
              if getattr(args, k) is not None] + (["--set"] if args.overrides else [])
     if fixed:
         raise FedscopeError(f"{', '.join(fixed)}: not with --peer (its workload is the peer's published settings, "
@@ -228,14 +232,14 @@ def _run_peer(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) 
     peer = None
     if args.peer_result:
         try:
-            peer = json.loads(open(args.peer_result, encoding="utf-8").read())
+            peer = json.loads(Path(args.peer_result).read_text(encoding="utf-8"))
             peer["domains"] = [{"items": int(d["items"]), "median_seconds": float(d["median_seconds"])}
                                for d in peer["domains"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FedscopeError(f"--peer-result {args.peer_result}: expected the JSON that "
                                 f"benchmarks/feddcsr_peer_step.py --out writes ({exc})") from None
         peer["source"] = f"measured: {args.peer_result} (torch {peer.get('torch', '?')})"
-    report = run_peer_benchmark(load_dataset(args.data), args.peer, args.steps,
+    report = run_peer_benchmark(load_dataset(args.data), args.peer, args.steps if args.steps is not None else 4,
                                 args.repeats if args.repeats is not None else 2, peer, on_report=save)
     return report, format_peer_table(report)
 

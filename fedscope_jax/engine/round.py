@@ -2,8 +2,9 @@
 
 The sampled clients come as a tuple of `Cohort`s (buckets of clients padded to a common number of steps
 and vocabulary size). For each cohort, the client axis is laid on the mesh axis "clients" (shard_map);
-each device runs its clients in chunks: `lax.scan` over chunks of `vmap(client_update)`, folding every
-chunk's clipped (and optionally noised) deltas into dense sums, so memory is bounded by one chunk. The
+each device runs its clients in chunks: `lax.scan` over chunks of `vmap(client_update)` (a chunk of one
+client: `client_update` itself, so data-dependent branches stay branches), folding every chunk's clipped
+(and optionally noised) deltas into dense sums, so memory is bounded by one chunk. The
 partial sums are `psum`-ed over devices, divided by the total weight (with group means: each parameter group's
 by its clients' weight), and fed to the server optimizer.
 Keys: round r uses fold_in(key, r); client k trains with fold_in(train_key, id_k) and noises with
@@ -37,7 +38,7 @@ AXIS = "clients"
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """How a round is executed: clients per vmapped chunk (per device) and the noise mode.
+    """How a round is executed: clients per vmapped chunk (per device; 1: not vmapped) and the noise mode.
 
     secagg_bound > 0 sums each chunk with simulated secure aggregation (privacy.secagg) over the coordinate
     range [-secagg_bound, secagg_bound], with `secagg_neighbors` masking partners per client. group_mean:

@@ -95,8 +95,10 @@ def _present(seq: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
 
 
 def when_present(present: jnp.ndarray, fn: Callable[[], Any]) -> Any:
-    """fn(), or zeros of its shapes where `present` is false, which is what fn() gives then (an absent domain's
-    terms): a client whose data lacks a domain (one client a domain under `--scheme domain`) skips that
+    """fn(), or zeros of its shapes where `present` is false: for an absent domain's terms the loss and its
+    gradients are then what fn() gives (its next-item loss, users and validity are zero then; its candidate
+    vectors are not, but every term that reads them is masked by the users' validity, which any new term
+    must keep). A client whose data lacks a domain (one client a domain under `--scheme domain`) skips that
     domain's encoder and softmax at run time, forward and backward. Under vmap the predicate is batched and
     both sides run (a select), and the gradient then also selects between both sides' residuals: 27% more time
     for the user unit's per-user gradients (measured), so `loss_fn` uses it only where asked (`skip_absent`);

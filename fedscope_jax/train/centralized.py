@@ -51,7 +51,8 @@ def make_train_step(config: ModelConfig, lr: float, weight_decay: float, skip_ab
 
 def train_step(config: ModelConfig, lr: float, weight_decay: float, programs: Programs = PROGRAMS,
                skip_absent: bool = False) -> Callable:
-    """`make_train_step`, kept by `programs`: runs with the same settings in one process compile once. Compiled
+    """`make_train_step` (skip_absent: see there), kept by `programs`: runs with the same settings in one process
+    compile once. Compiled
     ahead of its first call and checked to fit the device's memory (`CompiledFn`: `ProgramTooLarge` before it
     runs)."""
     return programs.get(("train_step", config, lr, weight_decay, skip_absent),

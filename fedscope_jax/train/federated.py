@@ -147,10 +147,11 @@ def check_distributed(cfg: Any) -> None:
 def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS, *, n_domains: int) -> ClientConfig:
     """How a client trains the FedSCOPE model (loss, local Adam). Programs compiled for one ClientConfig
     object are reused by every run given that object, so `programs` keeps one object per (model settings,
-    client lr, unit, semantic tables object or none): the seeds of a reproduction cell and a sweep's seeds
-    share it; other tables, even equal ones, get another. The user unit of DP trains with DP-SGD over users:
-    the loss taken one user at a time (`loss_fn(per_user=True)`), divided by the expected batch. Under `--scheme
-    domain` a client skips the domains it does not hold (`loss_fn(skip_absent=True)`). Where it can
+    client lr and optimizer, unit, local vocabularies, domain scheme, semantic tables object or none): the
+    seeds of a reproduction cell and a sweep's seeds share it; other tables, even equal ones, get another. The
+    user unit of DP trains with DP-SGD over users: the loss taken one user at a time (`loss_fn(per_user=True)`),
+    divided by the expected batch. Under `--scheme domain` a client skips the domains it does not hold
+    (`loss_fn(skip_absent=True)`). Where it can
     (`train.vocab.uses_local_vocab`), a client trains local item vocabularies of its `n_domains` domains (the item
     table and, with `model.item_bias`, the bias table of each)."""
     model_cfg, client_lr, opt = cfg.model, float(cfg.federated.client_lr), cfg.federated.client_opt
