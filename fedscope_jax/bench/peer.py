@@ -12,7 +12,6 @@ as a file or, by default, the figures recorded on the project's 2-core reference
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax

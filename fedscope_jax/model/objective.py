@@ -152,8 +152,8 @@ def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, confi
     rec = jnp.zeros(())
     users, valid, items = [], [], []
     for d, k in enumerate(jax.random.split(key, n_dom)):
-        def terms(d: int = d, k: jax.Array = k) -> tuple[jnp.ndarray, ...]:
-            return _domain_terms(params, config, d, seq[:, d], target[:, d], k, train, semantic, batch)
+        terms = functools.partial(_domain_terms, params, config, d, seq[:, d], target[:, d], k, train, semantic,
+                                  batch)
         rec_d, user_d, valid_d, items_d = (when_present(_present(seq[:, d], target[:, d]), terms) if skip_absent
                                            else terms())
         rec = rec + rec_d
