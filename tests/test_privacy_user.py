@@ -1,5 +1,6 @@
 """The user unit of DP: DP-SGD over users inside each silo (privacy/mechanism.py `clipped_user_sum`,
-engine/client.py `private_gradient`), Poisson user sampling (data/batching.py), its plan and ledger."""
+engine/client.py `private_gradient` and `user_rows_sum`), Poisson user sampling (data/batching.py), its plan and
+ledger."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import optax
 import pytest
 
 from fedscope_jax.data.batching import poisson_cap, poisson_masks, user_steps
-from fedscope_jax.engine.client import ClientConfig, UserNoise, private_gradient
+from fedscope_jax.engine.client import USER_VOCAB, ClientConfig, UserNoise, private_gradient, user_rows_sum
+from fedscope_jax.engine.cohort import PAD_ROW
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.losses.iidcl import inter_item_loss, inter_loss
 from fedscope_jax.model import ModelConfig, init_params, loss_fn
@@ -23,6 +25,7 @@ from fedscope_jax.privacy import accounting, mechanism
 from fedscope_jax.privacy.config import PrivacyConfig
 from fedscope_jax.privacy.ledger import PrivacyLedger, check_ledger, read_ledger
 from fedscope_jax.privacy.plan import UserSteps, plan_privacy
+from fedscope_jax.train.vocab import add_negatives, localize_users, sparse_tables
 
 MC = ModelConfig(dim=8, blocks=1, heads=1, max_len=5, dropout=0.0, fusion_hidden=8,
                  loss=LossConfig(num_negatives=6, alpha=0.5))
@@ -300,3 +303,112 @@ def test_per_item_biases_are_dense_and_keep_the_bound(item_ids):
         assert _dist(_sum(loss, p, _replace_user(batch, u, rng), clip)[0], base) <= 2 * clip * (1 + 1e-5)
     user = load_config(None, [f"model.item_ids={item_ids}", "model.item_bias=true", "privacy.unit=user"])
     assert not uses_local_vocab(user) and client_config(user, n_domains=2).sparse_tables == ()
+
+
+# --- per-user rows: each user's gradient of the item tables on that user's own rows (engine/client.py
+# `user_rows_sum`, train/vocab.py `localize_users`) ---
+
+_ROWS_SUM = jax.jit(user_rows_sum, static_argnums=(0, 5, 6))
+
+
+def _with_negatives(batch, loss_cfg, seed):
+    """The batch (numpy, a step axis of 1) with host-drawn negatives, as the user unit's source draws them."""
+    host = {k: np.asarray(v)[None] for k, v in batch.items()}
+    if loss_cfg.rec in ("gbce", "sampled"):
+        host = add_negatives(host, N_ITEMS, loss_cfg.num_negatives, np.random.default_rng(seed),
+                             per_user=loss_cfg.rec == "gbce")
+    return host
+
+
+def _rows_batch(host):
+    """(the per-user localized step of `host`, its tables): what `user_rows_sum` reads."""
+    local, rows = localize_users(host, N_ITEMS)
+    local.update({USER_VOCAB + name: ids for name, ids in rows.items()})
+    return {k: jnp.asarray(v[0]) for k, v in local.items()}
+
+
+def _dense_batch(host):
+    """The same step with global ids for `mechanism.clipped_user_sum` (every field per user: shared negatives
+    copied to each user; the catalogue size then comes from the dense tables)."""
+    out = {k: v[0] for k, v in host.items() if k != "neg_pool"}
+    if "neg" in out and out["neg"].ndim == 2:
+        out["neg"] = np.broadcast_to(out["neg"], (out["seq"].shape[0],) + out["neg"].shape)
+    return {k: jnp.asarray(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("loss_cfg,item_bias,semantic,microbatch", [
+    (LossConfig(rec="gbce", num_negatives=6, alpha=0.5), False, False, 0),
+    (LossConfig(rec="gbce", num_negatives=6, alpha=0.5), True, True, 2),
+    (LossConfig(rec="sampled", num_negatives=6, alpha=0.5), True, False, 2),
+    (LossConfig(rec="in_batch", logq=True, num_negatives=6, alpha=0.5), False, True, 0)])
+def test_per_user_rows_give_the_dense_clipped_sum(loss_cfg, item_bias, semantic, microbatch):
+    """The clipped sum taken on each user's own rows equals jax_privacy's per-user clipping of whole-table
+    gradients (same keys, same negatives): the same norms (unique rows), the same clipped sum, scattered dense;
+    padding users at the end change nothing; and with clip 0.05 the users are clipped (so the norms matter)."""
+    rng = np.random.default_rng(40)
+    sem = _public_vectors(rng) if semantic else None
+    mc = dataclasses.replace(MC, loss=loss_cfg, item_bias=item_bias)
+    p = init_params(jax.random.key(0), mc, N_ITEMS, sem)
+    if item_bias:
+        for d in range(2):
+            p[f"domain_{d}"]["item_bias"] = jnp.asarray(rng.normal(size=p[f"domain_{d}"]["item_bias"].shape),
+                                                        jnp.float32)
+    loss = functools.partial(loss_fn, config=mc, train=True, per_user=True, semantic=sem)
+    tables = sparse_tables(2, item_bias=item_bias)
+    host = _with_negatives(_batch(rng, 6, pad=2), loss_cfg, 41)
+    key, clip = jax.random.key(7), jnp.float32(0.05)
+    for c in (clip, jnp.float32(jnp.inf)):
+        dense, dense_loss = _CLIPPED_SUM(loss, p, _dense_batch(host), key, jnp.asarray(host["user_mask"][0]), c)
+        rows, rows_loss = _ROWS_SUM(loss, p, _rows_batch(host), key, c, tables, microbatch)
+        assert _dist(rows, dense) <= 1e-5 * max(float(optax.tree.norm(dense)), 1e-3)
+        np.testing.assert_allclose(np.asarray(rows_loss)[:6], np.asarray(dense_loss)[:6], rtol=1e-5)
+        assert np.all(np.asarray(rows_loss)[6:] == 0)
+    assert float(optax.tree.norm(dense)) > 8 * 0.05   # unclipped sum: well past the 6 C the clipped one is bounded by
+    unpadded = {k: v[:, :6] if k != "neg_pool" else v for k, v in host.items()}
+    alone, _ = _ROWS_SUM(loss, p, _rows_batch(unpadded), key, clip, tables, microbatch)
+    padded, _ = _ROWS_SUM(loss, p, _rows_batch(host), key, clip, tables, microbatch)
+    assert _dist(alone, padded) < 1e-6
+
+
+def test_per_user_rows_keep_the_sensitivity(params):
+    """Replacing one user moves the rows' clipped sum by <= 2C, removing one by <= C (gBCE, host negatives)."""
+    rng = np.random.default_rng(42)
+    tables, clip, key = sparse_tables(2, item_bias=False), jnp.float32(0.05), jax.random.key(3)
+    batch = _batch(rng, 6)
+    base, _ = _ROWS_SUM(USER_LOSS, params, _rows_batch(_with_negatives(batch, MC.loss, 1)), key, clip, tables, 0)
+    for u in range(6):
+        moved = _with_negatives(_replace_user(batch, u, rng), MC.loss, 1)
+        assert _dist(_ROWS_SUM(USER_LOSS, params, _rows_batch(moved), key, clip, tables, 0)[0], base) \
+            <= 2 * 0.05 * (1 + 1e-5)
+        removed = _with_negatives(dict(batch, user_mask=batch["user_mask"].at[u].set(False)), MC.loss, 1)
+        assert _dist(_ROWS_SUM(USER_LOSS, params, _rows_batch(removed), key, clip, tables, 0)[0], base) \
+            <= 0.05 * (1 + 1e-5)
+
+
+def test_localize_users_on_a_hand_made_batch():
+    """Each user's rows are its own sorted unique ids (row 0 first, PAD_ROW after); its local ids name them."""
+    seq = np.array([[[[0, 3, 5], [0, 0, 2]], [[4, 4, 1], [7, 7, 7]]]], np.int32)        # [S 1, B 2, D 2, L 3]
+    target = np.array([[[[3, 5, 9], [0, 2, 6]], [[4, 1, 4], [7, 7, 1]]]], np.int32)
+    neg = np.array([[[[9, 1], [6, 6]], [[2, 2], [3, 1]]]], np.int32)                     # per user [1, 2, 2, 2]
+    local, rows = localize_users({"seq": seq, "target": target, "neg": neg}, (9, 7))
+    pad = PAD_ROW
+    np.testing.assert_array_equal(rows["domain_0"][0], [[0, 1, 3, 5, 9, pad, pad, pad, pad],
+                                                        [0, 1, 2, 4, pad, pad, pad, pad, pad]])
+    np.testing.assert_array_equal(rows["domain_1"][0], [[0, 2, 6, pad, pad, pad, pad, pad],
+                                                        [0, 1, 3, 7, pad, pad, pad, pad]])
+    for field, glob in (("seq", seq), ("target", target), ("neg", neg)):
+        for d in range(2):
+            back = np.take_along_axis(rows[f"domain_{d}"], local[field][:, :, d], axis=-1)
+            np.testing.assert_array_equal(back, glob[:, :, d])
+    shared = localize_users({"seq": seq, "target": target, "neg": neg[:, 0]}, (9, 7))[0]["neg"]
+    assert shared.shape == (1, 2, 2, 2)                      # shared negatives: each user's own local ids
+    with pytest.raises(FedscopeError, match="domain 1 has item ids outside 0..7"):
+        localize_users({"seq": seq, "target": np.where(target == 6, 8, target), "neg": neg}, (9, 7))
+
+
+def test_local_item_ids_without_their_negatives_are_refused(params):
+    """On local rows the tables are not the catalogue: gBCE without the host's negatives and catalogue size
+    would draw and calibrate against the wrong item count, so it is refused."""
+    batch = dict(_batch(np.random.default_rng(0), 1), vocab={"domain_0": jnp.arange(6), "domain_1": jnp.arange(6)})
+    with pytest.raises(ValueError, match="needs the host-drawn batch fields"):
+        USER_LOSS(params, batch, jax.random.key(0))

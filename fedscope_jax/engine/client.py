@@ -46,7 +46,9 @@ class ClientConfig:
     expected_batch: > 0 for DP-SGD over users (the user unit of DP): each step's gradient is the sum of the
     batch's per-user clipped gradients plus Gaussian noise, divided by this expected (never the realized)
     batch size; the batch must then carry a bool "user_mask" [B]. microbatch: users whose per-user gradients
-    are computed at once (0: the whole batch; `mechanism.clipped_user_sum`)."""
+    are computed at once (0: the whole batch). user_tables: with DP-SGD over users, tables whose per-user
+    gradients are taken on each user's own rows (`user_rows_sum`; the batch carries each user's rows); without,
+    every user's gradient is taken on the whole tables (`mechanism.clipped_user_sum`, jax_privacy)."""
 
     loss_fn: LossFn
     optimizer: optax.GradientTransformation
@@ -54,6 +56,7 @@ class ClientConfig:
     sparse_tables: tuple[SparseTable, ...] = ()
     expected_batch: int = 0
     microbatch: int = 0
+    user_tables: tuple[SparseTable, ...] = ()
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -64,6 +67,9 @@ class ClientConfig:
             raise FedscopeError("DP-SGD over users (expected_batch > 0) noises every step's whole gradient: its "
                                 "tables must be dense (no sparse_tables), or rows outside a client's vocabulary "
                                 "would carry no noise")
+        if self.user_tables and not self.expected_batch:
+            raise FedscopeError("user_tables (per-user gradients on each user's own rows) are for DP-SGD over users: "
+                                "set expected_batch > 0")
 
 
 class UserNoise(NamedTuple):
@@ -129,12 +135,71 @@ def mask_padding_rows(delta: PyTree, global_params: PyTree, vocab: Mapping[str, 
     return delta
 
 
+USER_VOCAB = "user_vocab/"   # batch["user_vocab/<name>"] [B, V]: each user's own rows of the tables of that name
+SHARED_FIELDS = ("neg_pool",)   # batch fields of a step that have no user axis
+
+
+def user_rows_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array, clip: jax.Array,
+                  tables: tuple[SparseTable, ...], microbatch: int = 0) -> tuple[PyTree, jax.Array]:
+    """(sum over the real users of `batch` of each user's gradient clipped to L2 norm `clip`, each user's loss),
+    with each user's gradient of `tables` taken on that user's own rows only.
+
+    User u's rows are batch["user_vocab/<name>"][u]: unique global row ids (padding ids >= the table's rows),
+    which its item ids (local, as `train.vocab.localize_users` writes them) index. The loss reads no other
+    row, so the gradient of the whole table is the scatter of the rows' gradient and has the same norm: the
+    clipped sum equals `mechanism.clipped_user_sum` (tested), but a user's gradient costs its V rows, not the
+    catalogue's N. Clipping is `mechanism.clip` over the users of a microbatch (user_mask is the weight; a
+    non-finite loss or gradient excludes the user); the clipped rows are scattered into dense sums, so the
+    noise the caller adds reaches every row. Per-user keys are `jax.random.split(key, B)`, as jax_privacy
+    splits them. microbatch: users at once (the batch a multiple of it; 0: all); microbatches of padding users
+    only (they come last in a Poisson batch) are not computed."""
+    mask = batch["user_mask"]
+    users = mask.shape[0]
+    size = microbatch or users
+    if users % size:
+        raise FedscopeError(f"user_rows_sum: {users} users are not a multiple of the microbatch {size}")
+    keys = jax.random.split(key, users)
+    shared = {k: batch[k] for k in SHARED_FIELDS if k in batch}
+    vocab = {t.name: batch[USER_VOCAB + t.name] for t in tables}
+    per_user = {k: v for k, v in batch.items() if k not in shared and not k.startswith(USER_VOCAB)}
+
+    def one(user: PyTree, rows: Mapping[str, jax.Array], k: jax.Array) -> tuple[PyTree, jax.Array]:
+        local = localize_params(params, rows, tables)
+        b = {**jax.tree.map(lambda x: x[None], user), **shared, "vocab": rows}
+        (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(local, b, k)
+        return mask_padding_rows(g, params, rows, tables), loss
+
+    def group(i: jax.Array, acc: tuple[PyTree, jax.Array]) -> tuple[PyTree, jax.Array]:
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size)  # noqa: E731
+        user, rows, k, m = jax.tree.map(take, (per_user, vocab, keys, mask))
+        grads, loss = jax.vmap(one)(user, rows, k)
+        grads, clipped = mechanism.clip(grads, jnp.broadcast_to(clip, m.shape), m.astype(jnp.float32),
+                                        jnp.isfinite(loss))
+        total = jax.tree.map(lambda g: jnp.tensordot(clipped.scale, g, axes=1), grads)
+        for t in tables:   # the users' clipped rows, scattered into the dense table's sum
+            g = get_path(grads, t.path) * clipped.scale.reshape((-1,) + (1,) * (get_path(grads, t.path).ndim - 1))
+            dense = jnp.zeros_like(get_path(params, t.path)).at[rows[t.name].reshape(-1)].add(
+                g.reshape((-1,) + g.shape[2:]), mode="drop")
+            total = set_path(total, t.path, dense)
+        acc_grads, acc_loss = acc
+        return (jax.tree.map(jnp.add, acc_grads, total),
+                jax.lax.dynamic_update_slice_in_dim(acc_loss, loss.astype(acc_loss.dtype), i * size, 0))
+
+    n_groups = (jnp.sum(mask.astype(jnp.int32)) + size - 1) // size   # padding users come last
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((users,), jnp.float32))
+    return jax.lax.fori_loop(0, n_groups, group, init)
+
+
 def private_gradient(params: PyTree, batch: PyTree, key: jax.Array, config: ClientConfig,
                      noise: UserNoise, index: jax.Array) -> tuple[jax.Array, PyTree]:
     """One DP-SGD step's gradient (the user unit): (sum_u clip_C(g_u) + N(0, (z C)^2)) / expected batch, and
     the mean loss of the batch's real users. The noise of step `index` is drawn from fold_in(noise.key, index)."""
-    grads, losses = mechanism.clipped_user_sum(config.loss_fn, params, batch, key, batch["user_mask"], noise.clip,
-                                               config.microbatch)
+    if config.user_tables:
+        grads, losses = user_rows_sum(config.loss_fn, params, batch, key, noise.clip, config.user_tables,
+                                      config.microbatch)
+    else:
+        grads, losses = mechanism.clipped_user_sum(config.loss_fn, params, batch, key, batch["user_mask"],
+                                                   noise.clip, config.microbatch)
     std = mechanism.noise_std(noise.clip, noise.noise_multiplier)
     grads = mechanism.add_noise(grads, std, jax.random.fold_in(noise.key, index))
     grads = jax.tree.map(lambda g: g / config.expected_batch, grads)

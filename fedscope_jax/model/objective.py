@@ -113,6 +113,11 @@ def _domain_terms(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray,
     """Domain d's next-item loss, its users' representations [B, dim] and validity [B], and its candidate
     item vectors (flattened [M', dim]; the inter-domain term of the user unit takes them as negatives)."""
     lc = config.loss
+    needs = {"gbce": {"neg", "neg_pool"}, "sampled": {"neg"}}.get(lc.rec, set())
+    if "vocab" in batch and not needs <= batch.keys():
+        # on a local vocabulary the tables' rows are not the catalogue: draws and gBCE's rate need the batch's
+        raise ValueError(f"loss {lc.rec!r} on local item ids (batch['vocab']) needs the host-drawn batch fields "
+                         f"{sorted(needs)} (train/vocab.py add_negatives)")
     k_drop, k_neg = jax.random.split(key)
     h = encode(params, config, d, seq, semantic, k_drop, train)
     cand_ids, cand_emb = _candidates(params, config, d, target, k_neg, semantic, batch.get("neg"))

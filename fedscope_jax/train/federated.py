@@ -25,7 +25,7 @@ from fedscope_jax.data.batching import (POISSON_TAG, make_batches, poisson_batch
                                         user_steps)
 from fedscope_jax.data.partition import partition
 from fedscope_jax.engine import hosts
-from fedscope_jax.engine.client import ClientConfig
+from fedscope_jax.engine.client import USER_VOCAB, ClientConfig
 from fedscope_jax.engine.cohort import ClientShard
 from fedscope_jax.errors import FedscopeError, ResumeMismatch
 from fedscope_jax.eval.protocol import eval_set
@@ -150,24 +150,26 @@ def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS,
     client lr and optimizer, unit, local vocabularies, domain scheme, semantic tables object or none): the
     seeds of a reproduction cell and a sweep's seeds share it; other tables, even equal ones, get another. The
     user unit of DP trains with DP-SGD over users: the loss taken one user at a time (`loss_fn(per_user=True)`),
-    divided by the expected batch. Under `--scheme domain` a client skips the domains it does not hold
-    (`loss_fn(skip_absent=True)`). Where it can
-    (`train.vocab.uses_local_vocab`), a client trains local item vocabularies of its `n_domains` domains (the item
-    table and, with `model.item_bias`, the bias table of each)."""
+    divided by the expected batch, each user's gradient of the item tables taken on that user's own rows where
+    the loss allows (`train.vocab.uses_user_rows`). Under `--scheme domain` a client skips the domains it does
+    not hold (`loss_fn(skip_absent=True)`). Where it can (`train.vocab.uses_local_vocab`), a client trains local
+    item vocabularies of its `n_domains` domains (the item table and, with `model.item_bias`, the bias table of
+    each)."""
     model_cfg, client_lr, opt = cfg.model, float(cfg.federated.client_lr), cfg.federated.client_opt
     user = cfg.privacy.unit == "user"
     expected = int(cfg.train.batch_size) if user else 0
     micro = int(cfg.federated.user_microbatch) if user else 0
     tables = vocab.sparse_tables(n_domains, item_bias=model_cfg.item_bias) if vocab.uses_local_vocab(cfg) else ()
+    user_tables = vocab.sparse_tables(n_domains, item_bias=model_cfg.item_bias) if vocab.uses_user_rows(cfg) else ()
     skip = cfg.federated.scheme == "domain"   # a client holds one domain: skip the others' terms at run time
 
     def build() -> ClientConfig:
         loss = functools.partial(loss_fn, config=model_cfg, train=True, semantic=semantic, per_user=user,
                                  skip_absent=skip)
         return ClientConfig(loss, client_optimizer(opt, client_lr), local_epochs=1,  # batches hold the epochs
-                            expected_batch=expected, microbatch=micro, sparse_tables=tables)
+                            expected_batch=expected, microbatch=micro, sparse_tables=tables, user_tables=user_tables)
 
-    key = ("client_config", model_cfg, client_lr, opt, expected, micro, tables, skip, id(semantic))
+    key = ("client_config", model_cfg, client_lr, opt, expected, micro, tables, user_tables, skip, id(semantic))
     return programs.get(key, build, keep=semantic)
 
 
@@ -190,6 +192,7 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
     if client_cfg is None:
         client_cfg = client_config(cfg, semantic, n_domains=len(ds.domains))
     local_vocab = bool(client_cfg.sparse_tables)   # batches carry their negatives and local item ids
+    user_rows = bool(client_cfg.user_tables)      # ... or each user's own negatives, rows and local item ids
     n_vocab = len({t.name for t in client_cfg.sparse_tables})
     if local_vocab and n_vocab != len(ds.domains):
         raise FedscopeError(f"client config: local vocabularies of {n_vocab} domains, "
@@ -226,11 +229,15 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
             keep[client] = True
             batch["seq"] = batch["seq"] * keep[None, None, :, None]
             batch["target"] = batch["target"] * keep[None, None, :, None]
-        if not local_vocab:
+        if not (local_vocab or user_rows):
             return ClientShard(batch, step_mask=b["step_mask"])
-        if mc.loss.rec in UNIFORM_NEGATIVES:   # drawn on the host, so the client's vocabulary can name them
+        if mc.loss.rec in UNIFORM_NEGATIVES:   # drawn on the host, so the vocabularies can name them
             batch = vocab.add_negatives(batch, ds.n_items, mc.loss.num_negatives, np.random.default_rng(
                 [fcfg.seed, round_index, client, vocab.NEGATIVES_TAG]), per_user=mc.loss.rec == "gbce")
+        if user_rows:
+            batch, rows = vocab.localize_users(batch, ds.n_items)
+            batch.update({USER_VOCAB + name: ids for name, ids in rows.items()})
+            return ClientShard(batch, step_mask=b["step_mask"])
         return ClientShard(*vocab.localize(batch, ds.n_items), step_mask=b["step_mask"])
 
     return SeedContext(ds, cfg, semantic, part, n_clients, source, eval_set(ds, "valid", mc.max_len, cfg.eval),

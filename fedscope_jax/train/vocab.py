@@ -16,6 +16,10 @@ Not used where a client's update must cover every row: the full softmax (every i
 unit of DP (its per-step noise must reach every row), and secure aggregation (dense vectors); nor
 without item IDs (`model.item_ids=off`: no item table to localize; a per-item bias, `model.item_bias`, then stays
 dense). With item IDs the bias table is trained through the same vocabulary as the item table.
+
+The user unit has per-user vocabularies instead (`localize_users`): each user's gradient is taken on the rows
+that user's data and negatives name, then clipped and scattered into the dense sum that the step noises
+(engine/client.py `user_rows_sum`), so a per-user gradient costs its own rows, not the catalogue.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import numpy as np
 
 from fedscope_jax.engine.client import SparseTable
 from fedscope_jax.engine.cohort import PAD_ROW
+from fedscope_jax.errors import FedscopeError
 from fedscope_jax.model.functional import domain_key
 
-__all__ = ["NEGATIVES_TAG", "add_negatives", "localize", "sparse_tables", "uses_local_vocab"]
+__all__ = ["NEGATIVES_TAG", "add_negatives", "localize", "localize_users", "sparse_tables", "uses_local_vocab",
+           "uses_user_rows"]
 
 NEGATIVES_TAG = 0x0E6A   # seeds a client's host-drawn negatives apart from its batches and Poisson sampling
 
@@ -37,6 +43,13 @@ def uses_local_vocab(cfg: Any) -> bool:
     """Whether the federated client trains local item vocabularies (see the module docstring)."""
     return (cfg.model.loss.rec != "full" and cfg.privacy.unit != "user" and not cfg.privacy.secagg
             and cfg.model.item_ids == "train")
+
+
+def uses_user_rows(cfg: Any) -> bool:
+    """Whether the user unit of DP takes each user's gradient of the item tables on that user's own rows
+    (`localize_users`, engine/client.py `user_rows_sum`): wherever a loss reads only the rows its user names,
+    i.e. with item IDs and without the full softmax."""
+    return cfg.privacy.unit == "user" and cfg.model.loss.rec != "full" and cfg.model.item_ids == "train"
 
 
 def sparse_tables(n_domains: int, *, item_bias: bool) -> tuple[SparseTable, ...]:
@@ -84,4 +97,49 @@ def localize(batch: dict[str, np.ndarray], n_items: Sequence[int]
     out = {**batch, "seq": seq, "target": target}
     if local_neg is not None:
         out["neg"] = local_neg
+    return out, vocab
+
+
+def localize_users(batch: dict[str, np.ndarray], n_items: Sequence[int]
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(batch with each user's own local item ids, vocab): per step, user and domain d, the sorted unique ids of
+    row 0 and the user's items in seq / target [S, B, D, L] and neg ([S, D, M] shared by a step's users, or per
+    user [S, B, D, M]; per user in the output), padded with PAD_ROW to min(n_d + 1, 1 + 2L + M): vocab
+    int32 [S, B, V_d] per domain. The user unit of DP takes each user's gradient on these rows
+    (engine/client.py `user_rows_sum`); the ids must be unique there, or a row's gradient would be split over
+    copies and its norm understated. Vectorized: one sort of (id, position) keys per domain."""
+    seq, target = np.asarray(batch["seq"]), np.asarray(batch["target"])
+    steps, users, _, length = seq.shape
+    neg = batch.get("neg")
+    new_seq, new_target = np.empty(seq.shape, np.int32), np.empty(target.shape, np.int32)
+    new_neg = None if neg is None else np.empty((steps, users) + neg.shape[-2:], np.int32)
+    vocab: dict[str, np.ndarray] = {}
+    for d, n in enumerate(n_items):
+        parts = [np.zeros((steps, users, 1), np.int64), seq[:, :, d], target[:, :, d]]
+        if neg is not None:
+            drawn = neg[..., d, :]
+            parts.append(np.broadcast_to(drawn[:, None], (steps, users, drawn.shape[-1])) if neg.ndim == 3 else drawn)
+        ids = np.concatenate(parts, axis=-1).astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() > int(n)):
+            raise FedscopeError(f"localize_users: domain {d} has item ids outside 0..{int(n)} (its item count)")
+        width = ids.shape[-1]
+        # sorting (id, position) keys gives each position's rank among the distinct ids (its local id)
+        keyed = np.sort((ids << 20) | np.arange(width, dtype=np.int64), axis=-1)
+        order, ranked = keyed & 0xFFFFF, keyed >> 20
+        first = np.ones(ranked.shape, bool)
+        first[..., 1:] = ranked[..., 1:] != ranked[..., :-1]
+        rank = np.cumsum(first, axis=-1) - 1
+        local = np.empty(rank.shape, np.int64)
+        np.put_along_axis(local, order, rank, axis=-1)
+        size = min(int(n) + 1, width)
+        rows = np.full((steps, users, size + 1), PAD_ROW, np.int64)   # the last column takes the repeats
+        np.put_along_axis(rows, np.where(first, rank, size), ranked, axis=-1)
+        vocab[domain_key(d)] = rows[..., :size].astype(np.int32)
+        new_seq[:, :, d] = local[..., 1:1 + length]
+        new_target[:, :, d] = local[..., 1 + length:1 + 2 * length]
+        if new_neg is not None:
+            new_neg[:, :, d] = local[..., 1 + 2 * length:]
+    out = {**batch, "seq": new_seq, "target": new_target}
+    if new_neg is not None:
+        out["neg"] = new_neg
     return out, vocab
