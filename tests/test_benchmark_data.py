@@ -200,8 +200,9 @@ def test_sweep_benchmark_cli(tiny, tmp_path, monkeypatch):
 
 
 def test_privacy_unit_benchmark_cli(tiny, tmp_path, monkeypatch, capsys):
-    """`benchmark --privacy-unit user`: the user-level private round and the non-private one, side by side, in
-    alternating repeats; the ratio is of the best repeats; the JSON is rewritten after each repeat."""
+    """`benchmark --privacy-unit user`: the user-level private round and the non-private ones (dense item tables;
+    local vocabularies), side by side, in alternating repeats; the ratios are of the best repeats; the JSON is
+    rewritten after each repeat."""
     from fedscope_jax.cli import main
 
     out = tmp_path / "unit.json"
@@ -215,11 +216,13 @@ def test_privacy_unit_benchmark_cli(tiny, tmp_path, monkeypatch, capsys):
     assert [(w["repeats_done"], w["complete"]) for w in written] == [(1, False), (2, True)]
     report = json.loads(out.read_text())
     sides = report["repeats_seconds"]
-    assert set(sides) == {"non-private", "user-level"} and all(len(v) == 2 for v in sides.values())
+    assert set(sides) == {"non-private", "non-private-local", "user-level"} and all(len(v) == 2
+                                                                                     for v in sides.values())
     assert all(len(r["round_seconds"]) == 2 for v in sides.values() for r in v)
     best = {s: min(r["train_seconds"] for r in v) for s, v in sides.items()}
     assert report["train_seconds"] == best
     assert report["ratio"] == pytest.approx(best["user-level"] / best["non-private"])
+    assert report["ratio_local"] == pytest.approx(best["user-level"] / best["non-private-local"])
     assert report["workload"]["batch_size"] == 4 and report["epsilon"] == 8.0
     assert main(["benchmark", "--privacy-unit", "user", "--sweep", "--data", str(tiny)]) == 2
     assert "four benchmarks; give one" in capsys.readouterr().err

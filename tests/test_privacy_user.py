@@ -336,18 +336,19 @@ def _dense_batch(host):
     return {k: jnp.asarray(v) for k, v in out.items()}
 
 
-@pytest.mark.parametrize("loss_cfg,item_bias,semantic,microbatch", [
-    (LossConfig(rec="gbce", num_negatives=6, alpha=0.5), False, False, 0),
-    (LossConfig(rec="gbce", num_negatives=6, alpha=0.5), True, True, 2),
-    (LossConfig(rec="sampled", num_negatives=6, alpha=0.5), True, False, 2),
-    (LossConfig(rec="in_batch", logq=True, num_negatives=6, alpha=0.5), False, True, 0)])
-def test_per_user_rows_give_the_dense_clipped_sum(loss_cfg, item_bias, semantic, microbatch):
+@pytest.mark.parametrize("loss_cfg,item_bias,semantic,microbatch,dropout", [
+    (LossConfig(rec="gbce", num_negatives=6, alpha=0.5), False, False, 0, 0.0),
+    (LossConfig(rec="gbce", num_negatives=6, alpha=0.5), True, True, 2, 0.2),
+    (LossConfig(rec="sampled", num_negatives=6, alpha=0.5), True, False, 2, 0.0),
+    (LossConfig(rec="in_batch", logq=True, num_negatives=6, alpha=0.5), False, True, 2, 0.2)])
+def test_per_user_rows_give_the_dense_clipped_sum(loss_cfg, item_bias, semantic, microbatch, dropout):
     """The clipped sum taken on each user's own rows equals jax_privacy's per-user clipping of whole-table
-    gradients (same keys, same negatives): the same norms (unique rows), the same clipped sum, scattered dense;
-    padding users at the end change nothing; and with clip 0.05 the users are clipped (so the norms matter)."""
+    gradients (same keys, hence the same dropout and in-batch draws; the same host negatives): the same norms
+    (unique rows), the same clipped sum, scattered dense; padding users at the end change nothing; and every
+    user's raw gradient is above C (so the clipping, hence the norms, decide the sum)."""
     rng = np.random.default_rng(40)
     sem = _public_vectors(rng) if semantic else None
-    mc = dataclasses.replace(MC, loss=loss_cfg, item_bias=item_bias)
+    mc = dataclasses.replace(MC, loss=loss_cfg, item_bias=item_bias, dropout=dropout)
     p = init_params(jax.random.key(0), mc, N_ITEMS, sem)
     if item_bias:
         for d in range(2):
@@ -363,7 +364,11 @@ def test_per_user_rows_give_the_dense_clipped_sum(loss_cfg, item_bias, semantic,
         assert _dist(rows, dense) <= 1e-5 * max(float(optax.tree.norm(dense)), 1e-3)
         np.testing.assert_allclose(np.asarray(rows_loss)[:6], np.asarray(dense_loss)[:6], rtol=1e-5)
         assert np.all(np.asarray(rows_loss)[6:] == 0)
-    assert float(optax.tree.norm(dense)) > 8 * 0.05   # unclipped sum: well past the 6 C the clipped one is bounded by
+    for u in range(6):   # each user alone, unclipped: above C
+        alone = {k: v.copy() for k, v in host.items()}
+        alone["user_mask"] = (np.arange(8) == u)[None]
+        assert float(optax.tree.norm(_ROWS_SUM(loss, p, _rows_batch(alone), key, jnp.float32(jnp.inf), tables,
+                                               microbatch)[0])) > 0.05
     unpadded = {k: v[:, :6] if k != "neg_pool" else v for k, v in host.items()}
     alone, _ = _ROWS_SUM(loss, p, _rows_batch(unpadded), key, clip, tables, microbatch)
     padded, _ = _ROWS_SUM(loss, p, _rows_batch(host), key, clip, tables, microbatch)
@@ -383,6 +388,23 @@ def test_per_user_rows_keep_the_sensitivity(params):
         removed = _with_negatives(dict(batch, user_mask=batch["user_mask"].at[u].set(False)), MC.loss, 1)
         assert _dist(_ROWS_SUM(USER_LOSS, params, _rows_batch(removed), key, clip, tables, 0)[0], base) \
             <= 0.05 * (1 + 1e-5)
+
+
+def test_per_user_rows_with_padding_between_real_users(params):
+    """Padding users need not come last: a real user after a microbatch of padding is still counted (the
+    microbatches run through the last one that holds a real user), and removing any user moves the sum by <= C."""
+    rng = np.random.default_rng(43)
+    tables, clip, key = sparse_tables(2, item_bias=False), jnp.float32(0.05), jax.random.key(3)
+    batch = _batch(rng, 8)
+    gaps = dict(batch, user_mask=jnp.asarray([True, False, False, False, True, True, False, True]))
+    host = _with_negatives(gaps, MC.loss, 2)
+    base, losses = _ROWS_SUM(USER_LOSS, params, _rows_batch(host), key, clip, tables, 2)
+    assert np.all(np.asarray(losses)[[0, 4, 5, 7]] > 0)   # user 7's microbatch comes after one of padding only
+    for u in (0, 4, 5, 7):
+        removed = {k: v.copy() for k, v in host.items()}
+        removed["user_mask"][0, u] = False
+        moved = _dist(_ROWS_SUM(USER_LOSS, params, _rows_batch(removed), key, clip, tables, 2)[0], base)
+        assert 0 < moved <= 0.05 * (1 + 1e-5), (u, moved)
 
 
 def test_localize_users_on_a_hand_made_batch():
@@ -412,3 +434,6 @@ def test_local_item_ids_without_their_negatives_are_refused(params):
     batch = dict(_batch(np.random.default_rng(0), 1), vocab={"domain_0": jnp.arange(6), "domain_1": jnp.arange(6)})
     with pytest.raises(ValueError, match="needs the host-drawn batch fields"):
         USER_LOSS(params, batch, jax.random.key(0))
+    full = dataclasses.replace(MC, loss=dataclasses.replace(MC.loss, rec="full"))
+    with pytest.raises(ValueError, match="the full softmax needs every item"):
+        loss_fn(params, batch, jax.random.key(0), full, train=True, per_user=True)

@@ -136,7 +136,6 @@ def mask_padding_rows(delta: PyTree, global_params: PyTree, vocab: Mapping[str, 
 
 
 USER_VOCAB = "user_vocab/"   # batch["user_vocab/<name>"] [B, V]: each user's own rows of the tables of that name
-SHARED_FIELDS = ("neg_pool",)   # batch fields of a step that have no user axis
 
 
 def user_rows_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array, clip: jax.Array,
@@ -144,28 +143,29 @@ def user_rows_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array
     """(sum over the real users of `batch` of each user's gradient clipped to L2 norm `clip`, each user's loss),
     with each user's gradient of `tables` taken on that user's own rows only.
 
-    User u's rows are batch["user_vocab/<name>"][u]: unique global row ids (padding ids >= the table's rows),
-    which its item ids (local, as `train.vocab.localize_users` writes them) index. The loss reads no other
-    row, so the gradient of the whole table is the scatter of the rows' gradient and has the same norm: the
-    clipped sum equals `mechanism.clipped_user_sum` (tested), but a user's gradient costs its V rows, not the
-    catalogue's N. Clipping is `mechanism.clip` over the users of a microbatch (user_mask is the weight; a
-    non-finite loss or gradient excludes the user); the clipped rows are scattered into dense sums, so the
-    noise the caller adds reaches every row. Per-user keys are `jax.random.split(key, B)`, as jax_privacy
-    splits them. microbatch: users at once (the batch a multiple of it; 0: all); microbatches of padding users
-    only (they come last in a Poisson batch) are not computed."""
+    Every batch field has the user axis first. User u's rows are batch["user_vocab/<name>"][u]: unique global
+    row ids (padding ids >= the table's rows), which its item ids (local, as `train.vocab.localize_users`
+    writes them) index. The loss reads no other row, so the gradient of the whole table is the scatter of the
+    rows' gradient and has the same norm: the clipped sum equals `mechanism.clipped_user_sum` (tested), but a
+    user's gradient costs its V rows, not the catalogue's N. Clipping is `mechanism.clip` over the users of a
+    microbatch (user_mask is the weight; a non-finite loss or gradient excludes the user); the clipped rows are
+    scattered into the dense sum, so the noise the caller adds reaches every row. Per-user keys are
+    `jax.random.split(key, B)`, as jax_privacy splits them. microbatch: users at once (the batch a multiple of
+    it; 0: all); microbatches past the last one holding a real user are not computed (padding users come last
+    in a Poisson batch)."""
     mask = batch["user_mask"]
     users = mask.shape[0]
     size = microbatch or users
     if users % size:
         raise FedscopeError(f"user_rows_sum: {users} users are not a multiple of the microbatch {size}")
     keys = jax.random.split(key, users)
-    shared = {k: batch[k] for k in SHARED_FIELDS if k in batch}
     vocab = {t.name: batch[USER_VOCAB + t.name] for t in tables}
-    per_user = {k: v for k, v in batch.items() if k not in shared and not k.startswith(USER_VOCAB)}
+    per_user = {k: v for k, v in batch.items() if not k.startswith(USER_VOCAB)}
+    table_of = {t.path: t.name for t in tables}
 
     def one(user: PyTree, rows: Mapping[str, jax.Array], k: jax.Array) -> tuple[PyTree, jax.Array]:
         local = localize_params(params, rows, tables)
-        b = {**jax.tree.map(lambda x: x[None], user), **shared, "vocab": rows}
+        b = {**jax.tree.map(lambda x: x[None], user), "vocab": rows}
         (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(local, b, k)
         return mask_padding_rows(g, params, rows, tables), loss
 
@@ -175,17 +175,20 @@ def user_rows_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array
         grads, loss = jax.vmap(one)(user, rows, k)
         grads, clipped = mechanism.clip(grads, jnp.broadcast_to(clip, m.shape), m.astype(jnp.float32),
                                         jnp.isfinite(loss))
-        total = jax.tree.map(lambda g: jnp.tensordot(clipped.scale, g, axes=1), grads)
-        for t in tables:   # the users' clipped rows, scattered into the dense table's sum
-            g = get_path(grads, t.path) * clipped.scale.reshape((-1,) + (1,) * (get_path(grads, t.path).ndim - 1))
-            dense = jnp.zeros_like(get_path(params, t.path)).at[rows[t.name].reshape(-1)].add(
-                g.reshape((-1,) + g.shape[2:]), mode="drop")
-            total = set_path(total, t.path, dense)
+
+        def add(path: Any, total: jax.Array, g: jax.Array) -> jax.Array:
+            name = table_of.get(tuple(p.key for p in path))
+            if name is None:
+                return total + jnp.tensordot(clipped.scale, g, axes=1)
+            g = g * clipped.scale.reshape((-1,) + (1,) * (g.ndim - 1))   # the users' clipped rows, into the sum
+            return total.at[rows[name].reshape(-1)].add(g.reshape((-1,) + g.shape[2:]), mode="drop")
+
         acc_grads, acc_loss = acc
-        return (jax.tree.map(jnp.add, acc_grads, total),
+        return (jax.tree_util.tree_map_with_path(add, acc_grads, grads),
                 jax.lax.dynamic_update_slice_in_dim(acc_loss, loss.astype(acc_loss.dtype), i * size, 0))
 
-    n_groups = (jnp.sum(mask.astype(jnp.int32)) + size - 1) // size   # padding users come last
+    real_groups = jnp.any(mask.reshape(-1, size), axis=1)
+    n_groups = jnp.max(jnp.where(real_groups, jnp.arange(users // size) + 1, 0))   # through the last real one
     init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((users,), jnp.float32))
     return jax.lax.fori_loop(0, n_groups, group, init)
 

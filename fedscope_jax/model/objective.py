@@ -3,7 +3,7 @@
 
 batch = {"seq": int32 [B, D, L], "target": int32 [B, D, L], ...}: per user and domain, the left-padded input
 sequence of shifted item ids and, at each position, the next item (0 = none); optional "neg" [D, M] or
-[B, D, M] and "neg_pool" [D] (host-drawn uniform negatives and the item counts they come from) and "vocab" (a
+[B, D, M] and "neg_pool" [D] or [B, D] (host-drawn uniform negatives and the item counts they come from) and "vocab" (a
 client's local item ids; train/vocab.py). Other keys (masks) are ignored: a padding user is an all-zero row
 and contributes nothing. Terms are summed over domains (and domain pairs).
 """
@@ -114,10 +114,11 @@ def _domain_terms(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray,
     item vectors (flattened [M', dim]; the inter-domain term of the user unit takes them as negatives)."""
     lc = config.loss
     needs = {"gbce": {"neg", "neg_pool"}, "sampled": {"neg"}}.get(lc.rec, set())
-    if "vocab" in batch and not needs <= batch.keys():
+    if "vocab" in batch and (lc.rec == "full" or not needs <= batch.keys()):
         # on a local vocabulary the tables' rows are not the catalogue: draws and gBCE's rate need the batch's
-        raise ValueError(f"loss {lc.rec!r} on local item ids (batch['vocab']) needs the host-drawn batch fields "
-                         f"{sorted(needs)} (train/vocab.py add_negatives)")
+        raise ValueError(f"loss {lc.rec!r} on local item ids (batch['vocab']): "
+                         + ("the full softmax needs every item" if lc.rec == "full" else
+                            f"needs the host-drawn batch fields {sorted(needs)} (train/vocab.py add_negatives)"))
     k_drop, k_neg = jax.random.split(key)
     h = encode(params, config, d, seq, semantic, k_drop, train)
     cand_ids, cand_emb = _candidates(params, config, d, target, k_neg, semantic, batch.get("neg"))
@@ -127,7 +128,7 @@ def _domain_terms(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray,
         tgt_bias = _minus(tgt_bias, in_batch_log_q(target, target))
         cand_bias = _minus(cand_bias, in_batch_log_q(target, cand_ids))
     if lc.rec == "gbce":   # the catalogue's size: the batch's where its ids are a client's local ones
-        n_items = batch["neg_pool"][d] if "neg_pool" in batch else item_count(params, d, semantic)
+        n_items = batch["neg_pool"][..., d] if "neg_pool" in batch else item_count(params, d, semantic)
         beta = gbce_beta(lc.num_negatives, n_items, lc.gbce_t)
         rec = gbce_loss(h, target, tgt_emb, cand_ids, cand_emb, beta, tgt_bias, cand_bias)
     elif lc.rec == "full":   # the candidates are every item, padding row 0 first

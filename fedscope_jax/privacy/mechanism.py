@@ -10,7 +10,8 @@ padded. The Gaussian mechanism is then x + N(0, (z * sensitivity)^2): the engine
 with a central noise multiplier. The habit is jax_privacy's BoundedSensitivityCallable and optax's DP
 transforms; everything is a pure, jittable function over pytrees.
 
-The user unit clips per user inside a client's local step (`clipped_user_sum`, jax_privacy's `clipped_grad`):
+The user unit clips per user inside a client's local step (`clipped_user_sum`, jax_privacy's `clipped_grad`; or
+engine/client.py `user_rows_sum`, which takes each user's gradient on its own item rows and clips with `clip`):
 the sum over a Poisson-sampled batch of each user's clipped gradient has sensitivity C (add or remove one user;
 2C to replace one), and the step adds N(0, (z C)^2) to it (`add_noise`) before dividing by the expected batch.
 
@@ -118,8 +119,10 @@ def clipped_user_sum(loss_fn: Callable[[PyTree, PyTree, jax.Array], tuple[jax.Ar
     configuration, or a padding row) is a clip at 2^20 (a power of two: the scaling is exact), above any
     gradient of these models. Sensitivity of the sum: `clip` (add or remove one user), 2 clip (replace one).
     microbatch: users whose per-user gradients are computed at once (a loop over the rest; the batch size must
-    be a multiple); microbatches of padding users at the end of the batch are skipped. None: all at once.
-    """
+    be a multiple; jax_privacy groups users i, i + m, i + 2m, ... of the m microbatches, and skips only
+    microbatches without a real user, so with more real users than microbatches none is skipped). None: all
+    at once. engine/client.py `user_rows_sum` gives the same sum more cheaply where the loss reads only the
+    item rows each user names."""
     c = jnp.where(jnp.isfinite(clip), clip, 2.0 ** 20)
 
     def scaled(p: PyTree, b: PyTree, k: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -105,7 +105,7 @@ def localize_users(batch: dict[str, np.ndarray], n_items: Sequence[int]
     """(batch with each user's own local item ids, vocab): per step, user and domain d, the sorted unique ids of
     row 0 and the user's items in seq / target [S, B, D, L] and neg ([S, D, M] shared by a step's users, or per
     user [S, B, D, M]; per user in the output), padded with PAD_ROW to min(n_d + 1, 1 + 2L + M): vocab
-    int32 [S, B, V_d] per domain. The user unit of DP takes each user's gradient on these rows
+    int32 [S, B, V_d] per domain. "neg_pool" [S, D], if there, is given the user axis [S, B, D]. The user unit of DP takes each user's gradient on these rows
     (engine/client.py `user_rows_sum`); the ids must be unique there, or a row's gradient would be split over
     copies and its norm understated. Vectorized: one sort of (id, position) keys per domain."""
     seq, target = np.asarray(batch["seq"]), np.asarray(batch["target"])
@@ -123,6 +123,8 @@ def localize_users(batch: dict[str, np.ndarray], n_items: Sequence[int]
         if ids.size and (ids.min() < 0 or ids.max() > int(n)):
             raise FedscopeError(f"localize_users: domain {d} has item ids outside 0..{int(n)} (its item count)")
         width = ids.shape[-1]
+        if width >= 1 << 20:
+            raise FedscopeError(f"localize_users: {width} ids a user and domain; at most {(1 << 20) - 1} fit")
         # sorting (id, position) keys gives each position's rank among the distinct ids (its local id)
         keyed = np.sort((ids << 20) | np.arange(width, dtype=np.int64), axis=-1)
         order, ranked = keyed & 0xFFFFF, keyed >> 20
@@ -142,4 +144,7 @@ def localize_users(batch: dict[str, np.ndarray], n_items: Sequence[int]
     out = {**batch, "seq": new_seq, "target": new_target}
     if new_neg is not None:
         out["neg"] = new_neg
+    if "neg_pool" in batch:   # per user too: every field of a user-unit step has the user axis
+        pool = np.asarray(batch["neg_pool"])
+        out["neg_pool"] = np.broadcast_to(pool[:, None], (steps, users) + pool.shape[1:]).copy()
     return out, vocab
