@@ -434,6 +434,9 @@ def test_local_item_ids_without_their_negatives_are_refused(params):
     batch = dict(_batch(np.random.default_rng(0), 1), vocab={"domain_0": jnp.arange(6), "domain_1": jnp.arange(6)})
     with pytest.raises(ValueError, match="needs the host-drawn batch fields"):
         USER_LOSS(params, batch, jax.random.key(0))
+    with pytest.raises(FedscopeError, match="no field user_vocab/domain_0, user_vocab/domain_1"):
+        user_rows_sum(USER_LOSS, params, _batch(np.random.default_rng(0), 2), jax.random.key(0), jnp.float32(1.0),
+                      sparse_tables(2, item_bias=False))
     full = dataclasses.replace(MC, loss=dataclasses.replace(MC.loss, rec="full"))
     with pytest.raises(ValueError, match="the full softmax needs every item"):
         loss_fn(params, batch, jax.random.key(0), full, train=True, per_user=True)

@@ -158,6 +158,10 @@ def user_rows_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array
     size = microbatch or users
     if users % size:
         raise FedscopeError(f"user_rows_sum: {users} users are not a multiple of the microbatch {size}")
+    missing = sorted({USER_VOCAB + t.name for t in tables} - set(batch))
+    if missing:
+        raise FedscopeError(f"user_rows_sum: the batch has no field {', '.join(missing)} (each user's rows of that "
+                            "table; train/vocab.py localize_users writes them)")
     keys = jax.random.split(key, users)
     vocab = {t.name: batch[USER_VOCAB + t.name] for t in tables}
     per_user = {k: v for k, v in batch.items() if not k.startswith(USER_VOCAB)}
