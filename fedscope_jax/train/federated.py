@@ -159,8 +159,9 @@ def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS,
     user = cfg.privacy.unit == "user"
     expected = int(cfg.train.batch_size) if user else 0
     micro = int(cfg.federated.user_microbatch) if user else 0
-    tables = vocab.sparse_tables(n_domains, item_bias=model_cfg.item_bias) if vocab.uses_local_vocab(cfg) else ()
-    user_tables = vocab.sparse_tables(n_domains, item_bias=model_cfg.item_bias) if vocab.uses_user_rows(cfg) else ()
+    item_tables = vocab.sparse_tables(n_domains, item_bias=model_cfg.item_bias)
+    tables = item_tables if vocab.uses_local_vocab(cfg) else ()         # a client's local vocabularies
+    user_tables = item_tables if vocab.uses_user_rows(cfg) else ()      # the user unit: each user's own rows
     skip = cfg.federated.scheme == "domain"   # a client holds one domain: skip the others' terms at run time
 
     def build() -> ClientConfig:

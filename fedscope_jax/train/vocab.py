@@ -105,9 +105,10 @@ def localize_users(batch: dict[str, np.ndarray], n_items: Sequence[int]
     """(batch with each user's own local item ids, vocab): per step, user and domain d, the sorted unique ids of
     row 0 and the user's items in seq / target [S, B, D, L] and neg ([S, D, M] shared by a step's users, or per
     user [S, B, D, M]; per user in the output), padded with PAD_ROW to min(n_d + 1, 1 + 2L + M): vocab
-    int32 [S, B, V_d] per domain. "neg_pool" [S, D], if there, is given the user axis [S, B, D]. The user unit of DP takes each user's gradient on these rows
-    (engine/client.py `user_rows_sum`); the ids must be unique there, or a row's gradient would be split over
-    copies and its norm understated. Vectorized: one sort of (id, position) keys per domain."""
+    int32 [S, B, V_d] per domain. "neg_pool" [S, D], if there, is given the user axis [S, B, D]. The user unit
+    of DP takes each user's gradient on these rows (engine/client.py `user_rows_sum`); the ids must be unique
+    there, or a row's gradient would be split over copies and its norm understated. Vectorized: one sort of
+    (id, position) keys per domain."""
     seq, target = np.asarray(batch["seq"]), np.asarray(batch["target"])
     steps, users, _, length = seq.shape
     neg = batch.get("neg")
