@@ -149,3 +149,29 @@ def test_a_setting_added_after_the_run_started_resumes_at_its_default(tmp_path: 
     check_resume_config(path, to_dict(load_config(None, ["model.loss.rec=sampled"])))
     with pytest.raises(ResumeMismatch, match="model.loss.rec is 'gbce' here but 'sampled'"):
         check_resume_config(path, to_dict(load_config(None, [])))
+
+
+def test_next_round_built_during_the_round_once_and_changes_nothing(tmp_path: Path, monkeypatch):
+    """While the device runs round r the loop builds round r + 1's shards (train/loop.py prefetch): each
+    (round, client) shard is built once, and the run equals one that builds every round's shards in it."""
+    import collections
+
+    import jax
+
+    from fedscope_jax.train import loop
+    from fedscope_jax.train.loop import run_rounds
+
+    source, n, params, ccfg, fcfg, rows = _setup()
+    calls: collections.Counter = collections.Counter()
+
+    def counted(r: int, c: int):
+        calls[(r, c)] += 1
+        return source(r, c)
+
+    ahead_state, ahead, _ = run_rounds(tmp_path / "ahead", counted, n, params, ccfg, fcfg, rows)
+    assert max(calls.values()) == 1 and {r for r, _ in calls} == set(range(ROUNDS))
+    monkeypatch.setattr(loop, "prefetch", lambda *_: (-1, {}))
+    in_round_state, in_round, _ = run_rounds(tmp_path / "in-round", source, n, params, ccfg, fcfg, rows)
+    assert _strip(ahead) == _strip(in_round)
+    for x, y in zip(jax.tree.leaves(ahead_state.params), jax.tree.leaves(in_round_state.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

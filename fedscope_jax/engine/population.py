@@ -39,12 +39,16 @@ class Population:
         """Ids of the clients with training data."""
         return np.flatnonzero(self.steps_of > 0)
 
+    def sampled(self, round_index: int) -> np.ndarray:
+        """The round's sampled clients with data, before any track's budget is looked at."""
+        sampled = sample_clients(self.seed, round_index, self.n_clients, self.sampling, self.fraction)
+        return np.array([c for c in sampled if self.steps_of[c] > 0], np.int64)
+
     def participants(self, round_index: int, eligible: Sequence[np.ndarray | None]
                      ) -> tuple[list[np.ndarray], np.ndarray]:
         """(per track: its participants, their union): the round's sampled clients with data, each track
         keeping those its `eligible` mask (bool [n_clients], None = all) allows."""
-        sampled = sample_clients(self.seed, round_index, self.n_clients, self.sampling, self.fraction)
-        sampled = np.array([c for c in sampled if self.steps_of[c] > 0], np.int64)
+        sampled = self.sampled(round_index)
         ids = [sampled if e is None else sampled[e[sampled]] for e in eligible]
         union = np.unique(np.concatenate(ids)) if ids else sampled
         return ids, union
@@ -54,12 +58,16 @@ class Population:
         return bucket_layout([int(self.steps_of[c]) for c in ids], self.plan, multiple, capacity=self.capacity)
 
     def cohorts(self, source: Callable[[int, int], ClientShard], round_index: int, ids: np.ndarray, multiple: int,
-                table_rows: Mapping[str, int]) -> tuple[tuple[Cohort, ...], PaddingStats]:
-        """The padded cohorts of the clients `ids` in round `round_index` (round 0 reuses the base data)."""
+                table_rows: Mapping[str, int], ready: Mapping[int, ClientShard] | None = None
+                ) -> tuple[tuple[Cohort, ...], PaddingStats]:
+        """The padded cohorts of the clients `ids` in round `round_index` (round 0 reuses the base data).
+        ready: shards of this round already built (`shards`, while the previous round ran); the others are
+        built here. A shard is a pure function of (round, client), so where it was built changes nothing."""
         if round_index == 0 and self.base is not None:
             shards: Mapping[int, ClientShard] = self.base
         else:
-            shards = {int(c): source(round_index, int(c)) for c in ids}
+            ready = ready or {}
+            shards = {int(c): ready[int(c)] if int(c) in ready else source(round_index, int(c)) for c in ids}
         return build_cohorts(shards, ids, self.plan, table_rows, multiple=multiple, capacity=self.capacity)
 
 

@@ -16,7 +16,8 @@ Each round: sample clients (seeded by (seed, round)), ask each track's privacy s
 the cohorts of the union of participants once, then run one compiled round per group of tracks: a group of
 one track runs the single-run program, a larger group the sweep program (engine/sweep.py: vmap over a leading
 config axis; a client that does not take part in a config has weight 0 there). Everything a round uses derives
-from (seed, round), so a resumed run ends where an uninterrupted one would.
+from (seed, round), so a resumed run ends where an uninterrupted one would. While the device runs round r (JAX
+dispatches asynchronously), the host builds the client shards of round r + 1's sampled clients.
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ class LoopState:
     checkpointers: list[Checkpointer]
     meter: CompileMeter
     multiple: int = 1                       # cohort client counts are a multiple of this (every group's chunks)
+    ahead: tuple[int, dict[int, ClientShard]] = (-1, {})   # (round, its shards) built while the previous ran
 
     def group_of(self, track: int) -> Group:
         return next(g for g in self.groups if track in g.members)
@@ -352,19 +354,33 @@ def run_round(loop: LoopState, r: int) -> RoundStep:
     fcfg, pop = loop.fcfg, loop.population
     eligible = [t.privacy.begin_round(r + 1) if t.privacy is not None else None for t in loop.tracks]
     ids, union = pop.participants(r, eligible)
-    cohorts, pad = pop.cohorts(loop.source, r, union, loop.multiple, loop.table_rows) if len(union) else ((), None)
+    ready = loop.ahead[1] if loop.ahead[0] == r else None
+    cohorts, pad = (pop.cohorts(loop.source, r, union, loop.multiple, loop.table_rows, ready) if len(union)
+                    else ((), None))
     per = [_vectors(t, fcfg, ids[i]) for i, t in enumerate(loop.tracks)]
-    metrics: dict[int, Any] = {}
-    for g in loop.groups:
+    outs: dict[int, Any] = {}
+    for k, g in enumerate(loop.groups):
         if not any(len(ids[i]) for i in g.members):  # nobody takes part: the round is skipped
             g.state = g.state._replace(round=g.state.round + 1)
             continue
-        g.state, out = g.fn(g.state, g.inputs(cohorts, pop.n_clients, per), loop.key)
-        out = hosts.fetch(out)
+        g.state, outs[k] = g.fn(g.state, g.inputs(cohorts, pop.n_clients, per), loop.key)
+    loop.ahead = prefetch(loop, r + 1)   # the device computes round r meanwhile (asynchronous dispatch)
+    metrics: dict[int, Any] = {}
+    for k, out in outs.items():
+        g, out = loop.groups[k], hosts.fetch(out)
         for slot, i in enumerate(g.members):
             metrics[i] = unstack(out, slot) if g.sweep else out
     block([g.state for g in loop.groups])
     return RoundStep(r, ids, pad, metrics, time.perf_counter() - t0)
+
+
+def prefetch(loop: LoopState, r: int) -> tuple[int, dict[int, ClientShard]]:
+    """(r, the shards of round r's sampled clients): every client a track may let take part (the budgets are
+    asked at the round itself; a shard built for a client they then refuse is dropped). None past the last
+    round or once every track has stopped."""
+    if r >= loop.fcfg.rounds or all(t.stopped for t in loop.tracks):
+        return -1, {}
+    return r, {int(c): loop.source(r, int(c)) for c in loop.population.sampled(r)}
 
 
 def round_record(metrics: Any, pad: PaddingStats, ids: np.ndarray, seconds: float) -> dict[str, Any]:
