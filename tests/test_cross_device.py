@@ -267,3 +267,17 @@ def test_peer_benchmark_times_each_domain_client_beside_the_peer(tiny_dataset: P
     assert "--items 80,90" in capsys.readouterr().err
     assert main(["benchmark", "--peer", "feddcsr", "--data", str(tiny_dataset), "--dim", "8"]) == 2
     assert "--dim: not with --peer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "2", "--chunk-size", "4"], "--rounds, --chunk-size: only with --sweep or --privacy-unit"),
+    (["--config", "c.toml"], "--config: only with --sweep, --privacy-unit or --cross-device"),
+    (["--cross-device", "--data", "D", "--fraction", "0.5"], "--fraction: not with --cross-device"),
+    (["--peer", "feddcsr", "--data", "D", "--seed", "1", "--set", "model.dim=8"], "--seed, --set: not with --peer"),
+])
+def test_benchmark_names_every_flag_it_does_not_take(argv, message, capsys, tmp_path):
+    from fedscope_jax.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["benchmark", *argv, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()

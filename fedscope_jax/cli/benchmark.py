@@ -118,11 +118,8 @@ def run(args: argparse.Namespace) -> int:
         if args.data and args.users is not None:
             raise FedscopeError(f"--users: only for synthetic data (--data {args.data} benchmarks that dataset's "
                                 "users)")
-        for flag in ("rounds", "fraction", "chunk_size", "config"):
-            if getattr(args, flag) is not None:
-                where = ("--sweep, --privacy-unit or --cross-device" if flag == "config"
-                         else "--sweep or --privacy-unit")
-                raise FedscopeError(f"--{flag.replace('_', '-')}: only with {where}")
+        _refuse(args, ("rounds", "fraction", "chunk_size"), "only with --sweep or --privacy-unit")
+        _refuse(args, ("config",), "only with --sweep, --privacy-unit or --cross-device")
         from fedscope_jax.bench.engine import BenchmarkConfig, format_table, run_benchmark
 
         opts = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in ENGINE_DEFAULTS.items()}
@@ -136,6 +133,14 @@ def run(args: argparse.Namespace) -> int:
     if args.out:   # written by save() after the last client count / repeat
         print(f"written to {args.out}")
     return 0
+
+
+def _refuse(args: argparse.Namespace, flags: tuple[str, ...], why: str, also: tuple[str, ...] = ()) -> None:
+    """One error naming every flag of `flags` given on the command line (and `also`), and `why` they are not
+    taken there."""
+    given = [f"--{k.replace('_', '-')}" for k in flags if getattr(args, k) is not None] + list(also)
+    if given:
+        raise FedscopeError(f"{', '.join(given)}: {why}")
 
 
 def _run_config(args: argparse.Namespace, flag: str, client_counts: bool = False) -> Any:
@@ -198,10 +203,8 @@ def _run_cross_device(args: argparse.Namespace,
     from fedscope_jax.bench.cross_device import format_cross_device_table, run_cross_device_benchmark
     from fedscope_jax.data.canonical import load_dataset
 
-    for flag in ("rounds", "fraction", "chunk_size"):
-        if getattr(args, flag) is not None:
-            raise FedscopeError(f"--{flag.replace('_', '-')}: not with --cross-device (one round per row, every "
-                                "sampled client in it, the chunk size timed)")
+    _refuse(args, ("rounds", "fraction", "chunk_size"), "not with --cross-device (one round per row, every sampled "
+            "client in it, the chunk size timed)")
     if args.silos < 1:
         raise FedscopeError(f"--silos {args.silos}: expected >= 1")
     if args.repeats is not None and args.repeats < 1:
@@ -223,12 +226,10 @@ def _run_peer(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) 
     if not args.data:
         raise FedscopeError("--peer needs --data DIR (a prepared two-domain dataset, e.g. fedscope data prepare "
                             "--format abxi)")
-    fixed = [f"--{k.replace('_', '-')}" for k in ("clients", "users", "max_len", "dim", "batch_size", "local_epochs",
-                                                   "rounds", "fraction", "chunk_size", "config", "seed")
-             if getattr(args, k) is not None] + (["--set"] if args.overrides else [])
-    if fixed:
-        raise FedscopeError(f"{', '.join(fixed)}: not with --peer (its workload is the peer's published settings, "
-                            "bench/peer.py PEERS; --steps and --repeats set how much is timed)")
+    _refuse(args, ("clients", "users", "max_len", "dim", "batch_size", "local_epochs", "rounds", "fraction",
+                   "chunk_size", "config", "seed"),
+            "not with --peer (its workload is the peer's published settings, bench/peer.py PEERS; --steps and "
+            "--repeats set how much is timed)", also=("--set",) if args.overrides else ())
     peer = None
     if args.peer_result:
         try:
