@@ -52,6 +52,7 @@ def run_unit_benchmark(ds: Any, cfg: Any, epsilon: float = 8.0, repeats: int = 2
                 _, recs, facts = run_tracks([Track(out, ctx.session(run_cfg.privacy))], ctx.source, ctx.n_clients,
                                             ctx.params, ctx.client_cfg, fcfg, desc=side)
                 runs[side].append({"wall_seconds": time.perf_counter() - t0, **facts[0]["timing"],
+                                   "chunk_size": facts[0]["chunk_size"],
                                    "round_seconds": [r["seconds"] for r in recs[0]]})
             report = _report(ds, off, epsilon, runs, rep + 1, max(1, repeats))
             if on_report is not None:
