@@ -175,3 +175,22 @@ def test_next_round_built_during_the_round_once_and_changes_nothing(tmp_path: Pa
     assert _strip(ahead) == _strip(in_round)
     for x, y in zip(jax.tree.leaves(ahead_state.params), jax.tree.leaves(in_round_state.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_round_whose_data_fails_keeps_the_rounds_before_it(tmp_path: Path):
+    """A shard of round r that fails while round r - 1 runs (prefetch) fails the run at round r, after
+    round r - 1 is written and checkpointed, as it did before the loop built rounds ahead."""
+    from fedscope_jax.errors import FedscopeError
+    from fedscope_jax.train.loop import run_rounds
+
+    source, n, params, ccfg, fcfg, rows = _setup()
+
+    def broken(r: int, c: int):
+        if r == 3:
+            raise FedscopeError("round 3's data is unreadable")
+        return source(r, c)
+
+    with pytest.raises(FedscopeError, match="round 3's data"):
+        run_rounds(tmp_path / "run", broken, n, params, ccfg, fcfg, rows)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]

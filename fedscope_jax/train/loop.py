@@ -377,10 +377,14 @@ def run_round(loop: LoopState, r: int) -> RoundStep:
 def prefetch(loop: LoopState, r: int) -> tuple[int, dict[int, ClientShard]]:
     """(r, the shards of round r's sampled clients): every client a track may let take part (the budgets are
     asked at the round itself; a shard built for a client they then refuse is dropped). None past the last
-    round or once every track has stopped."""
+    round or once every track has stopped. A shard that fails to build is left to round r, which builds it
+    again and raises there, after round r - 1 is written and checkpointed."""
     if r >= loop.fcfg.rounds or all(t.stopped for t in loop.tracks):
         return -1, {}
-    return r, {int(c): loop.source(r, int(c)) for c in loop.population.sampled(r)}
+    try:
+        return r, {int(c): loop.source(r, int(c)) for c in loop.population.sampled(r)}
+    except Exception:   # noqa: BLE001 - deterministic: round r raises it again, in its place
+        return -1, {}
 
 
 def round_record(metrics: Any, pad: PaddingStats, ids: np.ndarray, seconds: float) -> dict[str, Any]:
