@@ -33,17 +33,20 @@ def test_every_study_parses_and_every_cell_config_is_valid():
 
 def test_main_cells_dp_rules_and_methods():
     main = load_study(default_config_dir() / "main.json")
-    assert len(expand(main, "quick", False)) == 3 * (3 * 2 + 2) * 3   # quick: three seeds too
-    assert len(expand(main, "quick", True)) == 3 * (3 * 2 + 2)        # a dry run keeps the first seed
+    # 3 datasets x (FedSCOPE, FedSASRec x 2 DP settings + FedCL4SRec without DP + local + centralized)
+    assert len(expand(main, "quick", False)) == 3 * (2 * 2 + 3) * 3   # quick: three seeds too
+    assert len(expand(main, "quick", True)) == 3 * (2 * 2 + 3)        # a dry run keeps the first seed
     quick = main.profile("quick")
     assert quick.max_items == 1000 and quick.users_for("abxi-food-kitchen") == 3000
     cells = expand(main, "full", False)
-    # 3 datasets x (3 federated methods x 2 DP settings + local + centralized) x 3 seeds
-    assert len(cells) == 3 * (3 * 2 + 2) * 3
+    assert len(cells) == 3 * (2 * 2 + 3) * 3
     by = {(c.dataset, c.method, c.dp.label, c.seed): c for c in cells}
     assert by[("abxi-food-kitchen", "fedscope", "personalized-user-eps8", 0)]
     assert by[("abxi-food-kitchen", "fedsasrec", "uniform-user-eps8", 1)]     # baselines: one uniform budget
     assert ("abxi-food-kitchen", "local", "personalized-user-eps8", 0) not in by   # DP does not apply
+    # the user unit leaves FedCL4SRec's contrastive term no negatives: its DP cell would be FedSASRec's
+    assert ("abxi-food-kitchen", "fedcl4srec", "uniform-user-eps8", 0) not in by
+    assert run_config(by[("abxi-food-kitchen", "fedcl4srec", "off", 0)], "main").model.loss.seqcl_weight > 0
     assert by[("abxi-food-kitchen", "centralized", "off", 0)].identity()["dp"] == "n/a"
     sas = run_config(by[("abxi-food-kitchen", "fedsasrec", "off", 0)], "main")
     assert sas.model.loss.alpha == 0 and sas.privacy.mode == "off"

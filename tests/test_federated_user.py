@@ -95,3 +95,22 @@ def test_a_silo_too_small_for_its_batch_is_refused_before_anything_is_written(ti
     err = capsys.readouterr().err
     assert "fewer than the expected batch train.batch_size=40" in err and "--set train.batch_size=" in err
     assert not run.exists()
+
+
+
+def test_user_unit_refuses_the_sequence_contrastive_term_it_would_zero(tiny_dataset: Path):
+    """With the user as the unit every user's loss sees that user alone, so CL4SRec's term has no negatives
+    (0, tests/test_privacy_user.py) and FedCL4SRec would train as FedSASRec: refused by name."""
+    import pytest
+
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.errors import FedscopeError
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.federated import seed_context
+
+    sets = [s for s in TINY if s != "--set"] + ["federated.clients=3", "model.loss.seqcl_weight=0.1"]
+    ds = load_dataset(tiny_dataset)
+    with pytest.raises(FedscopeError, match=r"model.loss.seqcl_weight=0.1 with --privacy-unit user.*"
+                                            r"model.loss.seqcl_weight=0"):
+        seed_context(ds, load_config(None, sets + ["privacy.unit=user"]))
+    assert seed_context(ds, load_config(None, sets)).n_clients == 3   # the client unit keeps the term

@@ -255,6 +255,26 @@ def test_user_unit_refuses_what_it_does_not_support():
             PrivacyConfig(unit="user", **kw)
 
 
+def test_one_users_sequence_contrastive_term_is_zero(params):
+    """Why the user unit refuses model.loss.seqcl_weight (train/federated.py): on a batch of one user CL4SRec's
+    InfoNCE has no negatives, so the term is 0 and changes neither the loss nor its gradient."""
+    cl = dataclasses.replace(MC, loss=dataclasses.replace(MC.loss, seqcl_weight=0.1))
+    one = {k: v[:1] for k, v in _batch(np.random.default_rng(5), 1).items() if k != "user_mask"}
+
+    def grad(config):
+        f = functools.partial(loss_fn, config=config, train=True, per_user=True)
+        return jax.value_and_grad(f, has_aux=True)(params, one, jax.random.key(2))
+
+    (total, aux), g = grad(cl)
+    (total0, _), g0 = grad(MC)
+    assert float(aux["seqcl"]) == 0.0 and float(total) == pytest.approx(float(total0), abs=1e-6)
+    assert _dist(g, g0) < 1e-6
+    two = {k: v[:2] for k, v in _batch(np.random.default_rng(5), 2).items() if k != "user_mask"}
+    (_, aux2), _ = jax.value_and_grad(functools.partial(loss_fn, config=cl, train=True), has_aux=True)(
+        params, two, jax.random.key(2))
+    assert float(aux2["seqcl"]) > 0.0   # with another user's views as negatives the term is there
+
+
 def test_without_item_ids_the_bound_holds_and_nothing_is_per_item():
     """model.item_ids=off (fewer private dimensions): items come from public vectors (data, closed over by the
     loss), every trained parameter is shared, one user's replacement still moves the pre-noise sum by <= 2C,

@@ -123,7 +123,8 @@ def expand(study: Study, profile: str, dry_run: bool) -> list[Cell]:
 
 
 def _dp_applies(rule: str, dp: DPSetting) -> bool:
-    return rule == "any" or (rule == "required" and dp.mode != "off")
+    return (rule == "any" or (rule == "required" and dp.mode != "off")
+            or (rule == "no-user" and (dp.mode == "off" or dp.unit != "user")))
 
 
 def run_config(cell: Cell, where: str) -> Any:

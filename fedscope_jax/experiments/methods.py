@@ -11,7 +11,9 @@ needs them: like the title-only arm, its cells are not run without them (`needs_
 `dp_mode`: the FedAvg baselines and the uniform-DP ablation run DP with one budget for every client
 (privacy mode "uniform", i.e. DP-FedAvg with local noise) at the cell's epsilon; FedSCOPE uses the cell's mode.
 `dp`: "any" (federated: runs with and without DP), "none" (DP does not apply: local-only training shares
-nothing, and the centralized upper bound pools raw data; tables say "n/a"), "required" (a DP ablation).
+nothing, and the centralized upper bound pools raw data; tables say "n/a"), "required" (a DP ablation),
+"no-user" (no cell with the user as the privacy unit: FedCL4SRec's contrastive term takes its negatives from
+the other users of a batch, so with a batch of one user it is 0 and the cell would be FedSASRec's).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import dataclasses
 from fedscope_jax.errors import FedscopeError
 
 MODES = ("federated", "local", "centralized")
-DP_RULES = ("any", "none", "required")
+DP_RULES = ("any", "none", "required", "no-user")
 VECTORS = ("llm", "title", "none")
 
 
@@ -62,8 +64,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fedsasrec", "FedSASRec", "federated", (("model.loss.alpha", "0"),), vectors="none", dp_mode="uniform",
            note="FedAvg of SASRec: no attributes, no contrastive terms"),
     Method("fedcl4srec", "FedCL4SRec", "federated",
-           (("model.loss.alpha", "0"), ("model.loss.seqcl_weight", "0.1")), vectors="none", dp_mode="uniform",
-           note="FedSASRec plus the CL4SRec-style sequence contrastive term (weight 0.1)"),
+           (("model.loss.alpha", "0"), ("model.loss.seqcl_weight", "0.1")), vectors="none", dp="no-user",
+           dp_mode="uniform", note="FedSASRec plus the CL4SRec-style sequence contrastive term (weight 0.1); no "
+                                   "user-level DP cell: there the term has no negatives and is 0"),
     Method("centralized", "Centralized SASRec", "centralized", (("model.loss.alpha", "0"),), vectors="none",
            dp="none", note="SASRec on the pooled data: the non-private upper bound"),
     Method("fedscope_wo_llm", "w/o LLM", "federated", vectors="none",

@@ -200,6 +200,11 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
                             f"but {ds.path} has {len(ds.domains)} domains; build it with "
                             f"client_config(..., n_domains={len(ds.domains)})")
     if cfg.privacy.unit == "user":   # DP-SGD over users: every step Poisson-samples the silo's users
+        if mc.loss.seqcl_weight:
+            raise FedscopeError(f"model.loss.seqcl_weight={mc.loss.seqcl_weight:g} with --privacy-unit user: each "
+                                "user's loss sees that user alone, so the sequence contrastive term has no "
+                                "negatives and is 0 (FedCL4SRec would train as FedSASRec); set "
+                                "model.loss.seqcl_weight=0, or use --privacy-unit client")
         if fcfg.scheme == "domain":
             raise FedscopeError("--privacy-unit user with --scheme domain: a user's record is split over the "
                                 "domain clients; use another scheme or --privacy-unit client")
