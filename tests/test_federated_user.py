@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from fedscope_jax.cli import main
 
@@ -97,12 +98,9 @@ def test_a_silo_too_small_for_its_batch_is_refused_before_anything_is_written(ti
     assert not run.exists()
 
 
-
 def test_user_unit_refuses_the_sequence_contrastive_term_it_would_zero(tiny_dataset: Path):
     """With the user as the unit every user's loss sees that user alone, so CL4SRec's term has no negatives
     (0, tests/test_privacy_user.py) and FedCL4SRec would train as FedSASRec: refused by name."""
-    import pytest
-
     from fedscope_jax.data.canonical import load_dataset
     from fedscope_jax.errors import FedscopeError
     from fedscope_jax.train.config import load_config

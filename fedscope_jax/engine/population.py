@@ -61,8 +61,8 @@ class Population:
                 table_rows: Mapping[str, int], ready: Mapping[int, ClientShard] | None = None
                 ) -> tuple[tuple[Cohort, ...], PaddingStats]:
         """The padded cohorts of the clients `ids` in round `round_index` (round 0 reuses the base data).
-        ready: shards of this round already built (`shards`, while the previous round ran); the others are
-        built here. A shard is a pure function of (round, client), so where it was built changes nothing."""
+        ready: shards of this round already built while the previous round ran (`train/loop.py prefetch`);
+        the others are built here. A shard is a pure function of (round, client), so where it was built changes nothing."""
         if round_index == 0 and self.base is not None:
             shards: Mapping[int, ClientShard] = self.base
         else:

@@ -358,16 +358,17 @@ def run_round(loop: LoopState, r: int) -> RoundStep:
     cohorts, pad = (pop.cohorts(loop.source, r, union, loop.multiple, loop.table_rows, ready) if len(union)
                     else ((), None))
     per = [_vectors(t, fcfg, ids[i]) for i, t in enumerate(loop.tracks)]
-    outs: dict[int, Any] = {}
-    for k, g in enumerate(loop.groups):
+    dispatched: list[tuple[Group, Any]] = []
+    for g in loop.groups:
         if not any(len(ids[i]) for i in g.members):  # nobody takes part: the round is skipped
             g.state = g.state._replace(round=g.state.round + 1)
             continue
-        g.state, outs[k] = g.fn(g.state, g.inputs(cohorts, pop.n_clients, per), loop.key)
+        g.state, out = g.fn(g.state, g.inputs(cohorts, pop.n_clients, per), loop.key)
+        dispatched.append((g, out))
     loop.ahead = prefetch(loop, r + 1)   # the device computes round r meanwhile (asynchronous dispatch)
     metrics: dict[int, Any] = {}
-    for k, out in outs.items():
-        g, out = loop.groups[k], hosts.fetch(out)
+    for g, out in dispatched:
+        out = hosts.fetch(out)
         for slot, i in enumerate(g.members):
             metrics[i] = unstack(out, slot) if g.sweep else out
     block([g.state for g in loop.groups])
