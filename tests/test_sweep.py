@@ -245,3 +245,25 @@ def test_cli_sweep_equals_single_runs(tmp_path: Path):
 # +-client_lr (m / sqrt(v) ~ sign(g)). Summation order differs between the vmapped and the single program, so
 # that one leaf may differ by a few client_lr (1e-3); every other leaf agrees to 1e-5.
 KEY_BIAS_ATOL = 0.02
+
+
+def test_later_seeds_reuse_the_chunk_the_first_seed_timed(tmp_path: Path):
+    """With federated.chunk_size 0 the first seed times the candidate chunks (each a compilation); the other
+    seeds train at the chunk it chose, untimed, and equal a sweep given that chunk outright."""
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.sweep import run_sweep
+    from model_helpers import write_tiny
+
+    write_tiny(tmp_path / "ds", users=40)
+    ds = load_dataset(tmp_path / "ds")
+    fed = ["federated.clients=4", "federated.rounds=2", "federated.max_buckets=1", "federated.eval_every=2"]
+    auto = run_sweep(ds, load_config(None, SETTINGS + fed + ["federated.chunk_size=0"]), ["personalized"], [2.0],
+                     [0, 1], tmp_path / "auto")
+    first, second = (s["federated"] for s in auto)
+    assert first["chunk_tuning_seconds"], "the first seed times the candidates"
+    assert second["chunk_tuning_seconds"] == {} and second["chunk_size"] == first["chunk_size"]
+    given = run_sweep(ds, load_config(None, SETTINGS + fed + [f"federated.chunk_size={first['chunk_size']}"]),
+                      ["personalized"], [2.0], [1], tmp_path / "given")
+    for dom in ds.domains:
+        assert auto[1]["test"][dom] == given[0]["test"][dom]

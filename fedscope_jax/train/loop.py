@@ -261,10 +261,13 @@ def _vectors(track: Track, fcfg: FederatedConfig, ids: np.ndarray) -> tuple[np.n
 
 
 def compile_groups(loop: LoopState, states: Sequence[ServerState], params: Any, client_cfg: Any, server_opt: Any,
-                   programs: Programs, start: int) -> None:
+                   programs: Programs, start: int, chunks: Sequence[int] | None = None) -> None:
     """Each group's client chunk (fcfg.chunk_size, or the fastest candidate timed on the first round's cohorts
-    when it is 0), its compiled program and its server state; then the loop's cohort multiple."""
+    when it is 0, or where `chunks` (one per track) is given the chunk its first track had before, e.g. in a
+    sweep's first seed), its compiled program and its server state; then the loop's cohort multiple."""
     fcfg, pop = loop.fcfg, loop.population
+    if chunks is not None and len(chunks) != len(loop.tracks):
+        raise ValueError(f"compile_groups: {len(chunks)} chunk sizes for {len(loop.tracks)} tracks")
     probe = jax.tree.map(np.asarray, init_server_state(params, server_opt))
     first_ids, first_union = pop.participants(start, [None] * len(loop.tracks))
     largest = max(pop.capacity)  # the most client slots of any bucket bounds the chunk sizes worth timing
@@ -275,6 +278,8 @@ def compile_groups(loop: LoopState, states: Sequence[ServerState], params: Any, 
         chunk, tuning = fcfg.chunk_size, {}
         if any(_distributed(loop.tracks[i]) for i in g.members):
             chunk = _whole_cohort_chunk(fcfg.chunk_size, pop.capacity, g.devices)
+        if chunk == 0 and chunks is not None:   # timed before on the same configurations: each try compiles
+            chunk = int(chunks[g.members[0]])
         if chunk == 0:
             def thunk_for(c: int, g: Group = g) -> Callable[[], Any]:
                 program = loop.meter.use(g.program(programs, client_cfg, server_opt, c))
@@ -498,13 +503,17 @@ def loop_facts(loop: LoopState, timing: dict[str, Any], start: int, devices: int
 
 def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, params: Any, client_cfg: Any,
                fcfg: FederatedConfig, table_rows: Mapping[str, int] | None = None, resume: bool = False,
-               desc: str = "train (federated)", config_chunk: int = 0, programs: Programs | None = None
+               desc: str = "train (federated)", config_chunk: int = 0, programs: Programs | None = None,
+               chunks: Sequence[int] | None = None
                ) -> tuple[list[ServerState], list[list[dict[str, Any]]], list[dict[str, Any]]]:
     """The round loop of one or several configurations that share their data (same fcfg, seed, source); each
     track writes its own metrics.jsonl, checkpoints/ and ledger.
 
     config_chunk: configurations a sweep program vectorizes at once (0: `engine.sweep.default_config_chunk`).
     programs: the compiled-program cache (default: the process's `train.programs.PROGRAMS`).
+    chunks: with fcfg.chunk_size 0, each track's client chunk chosen before (`facts[i]["chunk_size"]` of a
+    loop over the same configurations, e.g. a sweep's first seed), used instead of timing the candidates again
+    (each candidate is a compilation).
     Returns per track: (final server state, records, facts); facts["timing"] holds the loop's compile and
     training seconds (the same for every track of the call)."""
     t_loop = time.perf_counter()
@@ -519,7 +528,7 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
                      make_groups(tracks, fcfg, devices, config_chunk),
                      jax.random.fold_in(jax.random.key(fcfg.seed), 0xE6), dict(table_rows or {}), records, ckpts,
                      CompileMeter())
-    compile_groups(loop, states, params, client_cfg, server_opt, programs, start)
+    compile_groups(loop, states, params, client_cfg, server_opt, programs, start, chunks)
     compile_before = loop.meter.seconds()
     t_rounds = time.perf_counter()
     logs = [open(t.run_dir / "metrics.jsonl", "a", encoding="utf-8") for t in tracks]

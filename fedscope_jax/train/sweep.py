@@ -229,9 +229,11 @@ def _new_run_dirs(out: Path, mine: Sequence[SweepPoint], trained: Sequence[Sweep
 
 
 def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any, client_cfg: Any, resume: bool,
-                config_chunk: int, t_start: float, summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+                config_chunk: int, t_start: float, summaries: dict[str, dict[str, Any]],
+                chunks: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Trains (or, with `resume`, continues from their checkpoints) one seed's distinct configurations in one
-    run_tracks loop; puts each summary into `summaries`, returns the loop's facts per configuration."""
+    run_tracks loop; puts each summary into `summaries`, returns the loop's facts per configuration. chunks: the
+    client chunk of each configuration chosen by an earlier seed (`run_tracks`)."""
     from fedscope_jax.train.federated import finish_run, seed_context
     from fedscope_jax.train.loop import Track, run_tracks
     from fedscope_jax.train.selection import selection_for
@@ -243,7 +245,7 @@ def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any
     states, records, facts = run_tracks(tracks, ctx.source, ctx.n_clients, ctx.params, ctx.client_cfg,
                                         trained[0].cfg.federated, resume=resume,
                                         desc=f"sweep seed {trained[0].seed} ({len(trained)} configs)",
-                                        config_chunk=config_chunk)
+                                        config_chunk=config_chunk, chunks=chunks)
     for p, track, state, recs, fct in zip(progress(trained, desc="final evaluation (valid + test)", unit="config",
                                                    leave=False), tracks, states, records, facts):
         summaries[p.name] = finish_run(ctx, p.cfg, out / p.name, state, recs, fct, t_start, track.selection)
@@ -279,6 +281,7 @@ def run_sweep(ds: Any, cfg: Any, modes: Sequence[str], epsilons: Sequence[float]
         plans.append((seed, mine, trained, seed_status(out, trained, extra) if resume else "trained"))
     client_cfg = client_config(cfg, semantic, n_domains=len(ds.domains))  # one object for every seed's programs
     per_seed = []
+    chosen: dict[tuple[str, float], int] = {}   # (mode, epsilon) -> the client chunk an earlier seed timed
     for seed, mine, trained, status in plans:
         if status == "kept":
             for p in trained:
@@ -287,10 +290,15 @@ def run_sweep(ds: Any, cfg: Any, modes: Sequence[str], epsilons: Sequence[float]
         else:
             if status == "trained":
                 _new_run_dirs(out, mine, trained, extra)
+            known = [chosen.get((p.mode, p.epsilon)) for p in trained]
             facts = _train_seed(ds, out, trained, semantic, client_cfg, status == "resumed", config_chunk,
-                                t_start, summaries)
+                                t_start, summaries, None if None in known else known)
             timing, start = facts[0]["timing"], facts[0]["start_round"]
             programs = sorted({json.dumps(f["program"], sort_keys=True) for f in facts})
+        for p in trained:   # with --chunk-size 0 the first seed times the candidates; later seeds reuse its choice
+            chunk = summaries[p.name].get("federated", {}).get("chunk_size")
+            if chunk:
+                chosen.setdefault((p.mode, p.epsilon), int(chunk))
         for p in mine:
             if trained_as[p.name] != p.name:  # the same run under another name: copy its directory
                 _copy_run(out / trained_as[p.name], out / p.name, run_config_json(p, extra, trained_as[p.name]))
