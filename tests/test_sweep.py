@@ -267,3 +267,40 @@ def test_later_seeds_reuse_the_chunk_the_first_seed_timed(tmp_path: Path):
                       ["personalized"], [2.0], [1], tmp_path / "given")
     for dom in ds.domains:
         assert auto[1]["test"][dom] == given[0]["test"][dom]
+
+
+def test_a_chunk_chosen_before_is_compiled_untimed_or_the_smaller_ones_timed_where_it_no_longer_fits(
+        tmp_path: Path, monkeypatch):
+    from fedscope_jax.engine import memory
+    from fedscope_jax.train import loop as loop_mod
+    from fedscope_jax.train.federated_config import FederatedConfig
+    from fedscope_jax.train.loop import Track, run_tracks
+    from fedscope_jax.train.programs import Programs
+
+    source, params, ccfg, _ = _linear_setup(n_clients=6)
+    fcfg = FederatedConfig(clients=6, fraction=1.0, rounds=1, chunk_size=0, max_buckets=1, seed=1)
+
+    def run(name: str, chunks: list[int]) -> dict:
+        (tmp_path / name).mkdir()
+        return run_tracks([Track(tmp_path / name)], source, 6, params, ccfg, fcfg, chunks=chunks,
+                          programs=Programs())[2][0]
+
+    reused = run("reused", [2])
+    assert reused["chunk_size"] == 2 and reused["chunk_tuning_seconds"] == {}
+    # programs of a chunk >= 2 no longer fit (as where a later seed's buckets are larger): the chunk chosen
+    # before (4) is refused before it runs, and the candidates below it are timed instead (2 is refused too)
+    building = []
+    real_program = loop_mod.Group.program
+
+    def program(self, programs, client_cfg, server_opt, chunk):
+        building.append(chunk)
+        return real_program(self, programs, client_cfg, server_opt, chunk)
+
+    def check_fits(compiled, what="the program", available=None):
+        if building[-1] >= 2:
+            raise memory.ProgramTooLarge(2**30, 2**20, what)
+
+    monkeypatch.setattr(loop_mod.Group, "program", program)
+    monkeypatch.setattr(memory, "check_fits", check_fits)
+    refitted = run("refitted", [4])
+    assert building[0] == 4 and refitted["chunk_size"] == 1 and set(refitted["chunk_tuning_seconds"]) == {"1"}

@@ -150,6 +150,22 @@ def test_finished_seed_is_kept_and_only_the_killed_seed_trains(ds, full, tmp_pat
     _assert_same_runs(out, full, _names([0, 1]))
 
 
+def test_a_resumed_sweep_times_the_chunk_again_rather_than_reuse_a_kept_seeds(ds, tmp_path, monkeypatch):
+    """With chunk_size 0 a later seed reuses the chunk timed earlier in the same call only: a kept seed's stored
+    chunk (fixed by hand, or timed on another device) is not reused by the seed that resumes."""
+    from fedscope_jax.train.sweep import run_sweep
+
+    out, auto = tmp_path / "sweep", _config("federated.chunk_size=0")
+    _kill_seed_at(monkeypatch, 1, KILL_AT)
+    with pytest.raises(Killed):
+        run_sweep(ds, auto, ["personalized"], [2.0], [0, 1], out)
+    monkeypatch.undo()
+    summaries = run_sweep(ds, auto, ["personalized"], [2.0], [0, 1], out, resume=True)
+    report = json.loads((out / "sweep.json").read_text())
+    assert [s["status"] for s in report["per_seed"]] == ["kept", "resumed"]
+    assert summaries[0]["federated"]["chunk_tuning_seconds"] and summaries[1]["federated"]["chunk_tuning_seconds"]
+
+
 def test_seed_killed_before_its_first_checkpoint_is_trained_again(ds, full, tmp_path, monkeypatch):
     from fedscope_jax.train.sweep import run_sweep
 

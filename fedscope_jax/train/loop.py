@@ -263,8 +263,9 @@ def _vectors(track: Track, fcfg: FederatedConfig, ids: np.ndarray) -> tuple[np.n
 def compile_groups(loop: LoopState, states: Sequence[ServerState], params: Any, client_cfg: Any, server_opt: Any,
                    programs: Programs, start: int, chunks: Sequence[int] | None = None) -> None:
     """Each group's client chunk (fcfg.chunk_size, or the fastest candidate timed on the first round's cohorts
-    when it is 0, or where `chunks` (one per track) is given the chunk its first track had before, e.g. in a
-    sweep's first seed), its compiled program and its server state; then the loop's cohort multiple."""
+    when it is 0; with `chunks`, one per track, the chunk its first track had in an earlier loop, e.g. a sweep's
+    first seed, compiled without timing, or the smaller candidates timed where it no longer fits), its compiled
+    program and its server state; then the loop's cohort multiple."""
     fcfg, pop = loop.fcfg, loop.population
     if chunks is not None and len(chunks) != len(loop.tracks):
         raise ValueError(f"compile_groups: {len(chunks)} chunk sizes for {len(loop.tracks)} tracks")
@@ -278,23 +279,37 @@ def compile_groups(loop: LoopState, states: Sequence[ServerState], params: Any, 
         chunk, tuning = fcfg.chunk_size, {}
         if any(_distributed(loop.tracks[i]) for i in g.members):
             chunk = _whole_cohort_chunk(fcfg.chunk_size, pop.capacity, g.devices)
-        if chunk == 0 and chunks is not None:   # timed before on the same configurations: each try compiles
-            chunk = int(chunks[g.members[0]])
-        if chunk == 0:
-            def thunk_for(c: int, g: Group = g) -> Callable[[], Any]:
-                program = loop.meter.use(g.program(programs, client_cfg, server_opt, c))
-                cohorts, _ = pop.cohorts(loop.source, start, first_union, g.multiple(c), loop.table_rows)
-                per = [_vectors(t, fcfg, first_ids[i]) for i, t in enumerate(loop.tracks)]
-                inputs = g.inputs(cohorts, pop.n_clients, per)
-                holder = [g.stacked([init_server_state(probe.params, server_opt)] * len(g.members))]
 
-                def thunk() -> Any:
-                    holder[0], _ = program(holder[0], inputs, loop.key)
-                    return holder[0]
-                return thunk
+        def prepared(c: int, g: Group = g) -> tuple[CompiledFn, list[Any]]:
+            """Group g's program at chunk c and the arguments of one round on the first round's cohorts."""
+            program = loop.meter.use(g.program(programs, client_cfg, server_opt, c))
+            cohorts, _ = pop.cohorts(loop.source, start, first_union, g.multiple(c), loop.table_rows)
+            per = [_vectors(t, fcfg, first_ids[i]) for i, t in enumerate(loop.tracks)]
+            state = g.stacked([init_server_state(probe.params, server_opt)] * len(g.members))
+            return program, [state, g.inputs(cohorts, pop.n_clients, per), loop.key]
+
+        def thunk_for(c: int, prepared: Callable[[int], tuple[CompiledFn, list[Any]]] = prepared
+                      ) -> Callable[[], Any]:
+            program, args = prepared(c)
+
+            def thunk() -> Any:
+                args[0], _ = program(*args)
+                return args[0]
+            return thunk
+        ceiling = None
+        if chunk == 0 and chunks is not None:   # chosen on these configurations before: timing compiles each try
+            try:   # compiled, not timed; refused before it runs where this loop's larger shapes do not fit
+                program, args = prepared(int(chunks[g.members[0]]))
+                program.compile(*args)
+                chunk = int(chunks[g.members[0]])
+            except ProgramTooLarge:
+                ceiling = int(chunks[g.members[0]])   # time the smaller candidates instead
+        if chunk == 0:
             candidates = candidate_chunks(largest, 1 if g.sweep else g.devices)
             if g.settings[1] > 0:  # a secure-aggregation group is one chunk: a chunk of one client hides nothing
                 candidates = [c for c in candidates if c >= 2] or [2]
+            if ceiling is not None:
+                candidates = [c for c in candidates if c < ceiling] or candidates[:1]
             try:
                 chunk, tuning = autotune_chunk_size(thunk_for, candidates)
             except ProgramTooLarge as exc:

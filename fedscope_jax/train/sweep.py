@@ -295,10 +295,9 @@ def run_sweep(ds: Any, cfg: Any, modes: Sequence[str], epsilons: Sequence[float]
                                 t_start, summaries, None if None in known else known)
             timing, start = facts[0]["timing"], facts[0]["start_round"]
             programs = sorted({json.dumps(f["program"], sort_keys=True) for f in facts})
-        for p in trained:   # with --chunk-size 0 the first seed times the candidates; later seeds reuse its choice
-            chunk = summaries[p.name].get("federated", {}).get("chunk_size")
-            if chunk:
-                chosen.setdefault((p.mode, p.epsilon), int(chunk))
+            for p, f in zip(trained, facts):   # with --chunk-size 0: the chunk last timed here, for later seeds
+                if f["chunk_tuning_seconds"]:
+                    chosen[(p.mode, p.epsilon)] = int(f["chunk_size"])
         for p in mine:
             if trained_as[p.name] != p.name:  # the same run under another name: copy its directory
                 _copy_run(out / trained_as[p.name], out / p.name, run_config_json(p, extra, trained_as[p.name]))
