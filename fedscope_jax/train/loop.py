@@ -298,12 +298,13 @@ def compile_groups(loop: LoopState, states: Sequence[ServerState], params: Any, 
             return thunk
         ceiling = None
         if chunk == 0 and chunks is not None:   # chosen on these configurations before: timing compiles each try
+            before = int(chunks[g.members[0]])
             try:   # compiled, not timed; refused before it runs where this loop's larger shapes do not fit
-                program, args = prepared(int(chunks[g.members[0]]))
+                program, args = prepared(before)
                 program.compile(*args)
-                chunk = int(chunks[g.members[0]])
+                chunk = before
             except ProgramTooLarge:
-                ceiling = int(chunks[g.members[0]])   # time the smaller candidates instead
+                ceiling = before   # time the smaller candidates instead
         if chunk == 0:
             candidates = candidate_chunks(largest, 1 if g.sweep else g.devices)
             if g.settings[1] > 0:  # a secure-aggregation group is one chunk: a chunk of one client hides nothing
