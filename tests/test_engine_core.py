@@ -14,7 +14,7 @@ from scipy import stats
 
 from fedscope_jax.engine import reference_model as rm
 from fedscope_jax.engine.aggregate import accumulate_chunk, finalize, zeros_accumulator
-from fedscope_jax.engine.client import ClientConfig
+from fedscope_jax.engine.client import ClientConfig, ClientData, client_update
 from fedscope_jax.engine.cohort import (BucketPlan, ClientShard, best_boundaries, bucket_capacities, build_cohorts,
                                         localize_batch, nice_ceil, plan_buckets)
 from fedscope_jax.engine.round import EngineConfig, SequentialRunner, make_round_fn
@@ -337,3 +337,29 @@ def test_bucket_plan_is_optimal_and_padding_small():
     assert cost(best) == brute and len(best) <= 3
     assert cost(best) <= cost([int(values[-1])])
     assert [nice_ceil(n, 4) for n in (1, 5, 9, 13, 17, 25, 33)] == [4, 8, 12, 16, 24, 32, 48]
+
+
+def test_padding_steps_are_skipped_outside_vmap():
+    """A client trained on its own (a chunk of one) does not compute its padding steps (`lax.cond`); under vmap
+    both sides of the cond run. Counted by a callback in the loss: 2 real steps of 5."""
+    calls = []
+
+    def loss(params, batch, key):
+        jax.debug.callback(lambda: calls.append(1))
+        return jnp.sum((batch["x"] @ params["w"] - batch["y"]) ** 2), {}
+
+    cfg = ClientConfig(loss_fn=loss, optimizer=optax.sgd(0.1))
+    params = {"w": jnp.ones((3,))}
+    mask = np.array([True, True, False, False, False])
+    data = ClientData({"x": np.ones((5, 4, 3), np.float32), "y": np.zeros((5, 4), np.float32)}, mask, {})
+    one = jax.jit(lambda p, d: client_update(p, d, jax.random.key(0), cfg))
+    delta, stats = one(params, data)
+    jax.effects_barrier()
+    assert len(calls) == 2 and int(stats.steps) == 2
+    calls.clear()
+    both = jax.tree.map(lambda x: np.stack([x, x]), data)
+    vmapped = jax.jit(jax.vmap(lambda d: client_update(params, d, jax.random.key(0), cfg)))
+    deltas, _ = vmapped(both)
+    jax.effects_barrier()
+    assert len(calls) == 5   # a batched callback runs once per step, for both clients: every slot is computed
+    np.testing.assert_allclose(np.asarray(deltas["w"][0]), np.asarray(delta["w"]), rtol=1e-6)

@@ -1,7 +1,8 @@
 """One client's local training: a `lax.scan` over its local steps, pure, with padding masks.
 
 A client's data is a `ClientData` pytree whose batch leaves carry a leading step axis [S, ...] and a
-`step_mask` [S] (False for padding steps, which leave parameters and optimizer state untouched). With
+`step_mask` [S] (False for padding steps, which leave parameters and optimizer state untouched; a
+client trained outside vmap, a chunk of one, skips them at run time: `lax.cond`). With
 local vocabularies (`SparseTable`), the client trains a small table of the rows it touches, gathered from
 the global table by `vocab`; its delta for that table is the [V, d] row delta, scattered back by the
 aggregator. This is exact as long as the loss only reads the rows its batch names and the local optimizer
@@ -229,21 +230,22 @@ def client_update(global_params: PyTree, data: ClientData, key: jax.Array, confi
     grad_fn = jax.value_and_grad(config.loss_fn, has_aux=True)
 
     def step(carry, xs):
-        params, state, loss_sum = carry
         batch, real, index = xs
         if config.sparse_tables:   # the loss may read constant per-row tables through the global row ids
             batch = {**batch, "vocab": data.vocab}
-        step_key = jax.random.fold_in(key, index)
-        if noise is None:
-            (loss, _), grads = grad_fn(params, batch, step_key)
-        else:
-            loss, grads = private_gradient(params, batch, step_key, config, noise, index)
-        updates, new_state = config.optimizer.update(grads, state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jnp.where(real, new, old)  # noqa: E731
-        params = jax.tree.map(keep, new_params, params)
-        state = jax.tree.map(keep, new_state, state)
-        return (params, state, loss_sum + jnp.where(real, loss, 0.0)), None
+
+        def take(carry):
+            params, state, loss_sum = carry
+            step_key = jax.random.fold_in(key, index)
+            if noise is None:
+                (loss, _), grads = grad_fn(params, batch, step_key)
+            else:
+                loss, grads = private_gradient(params, batch, step_key, config, noise, index)
+            updates, new_state = config.optimizer.update(grads, state, params)
+            return optax.apply_updates(params, updates), new_state, loss_sum + loss.astype(loss_sum.dtype)
+
+        # a padding step keeps the carry; not vmapped (a chunk of one client) it is not computed at all
+        return jax.lax.cond(real, take, lambda c: c, carry), None
 
     n_real = jnp.sum(data.step_mask.astype(jnp.int32))
     real_index = jnp.cumsum(data.step_mask.astype(jnp.int32)) - 1  # padding steps do not shift the keys
