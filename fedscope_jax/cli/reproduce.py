@@ -19,8 +19,9 @@ def add_parser(subparsers: Any) -> None:
                               "cells are skipped, so a killed run resumes), then write the report "
                               "(docs/experiments.md).")
     p.add_argument("--profile", choices=["quick", "full"], default="quick",
-                   help="quick: item-core subsets, small model, 3 seeds, 49 min on a 2-core CPU with --title-root "
-                   "(measured 2026-12-05, docs/experiments.md); full: paper-like, sized for one GPU")
+                   help="quick: item-core subsets, small model, 3 seeds, 49-69 min on 2-core CPUs with --title-root "
+                   "with federated runs of 10 rounds (2026-12-05), longer with the 40-round budget of 2026-12-06 "
+                   "(docs/experiments.md); full: paper-like, sized for one GPU")
     p.add_argument("--studies", help="comma-separated study names (default: every file in --configs)")
     p.add_argument("--configs", metavar="DIR", help="study files (default: experiments/configs of this checkout)")
     p.add_argument("--datasets", help="comma-separated dataset names: run only their cells (default: each study's)")
