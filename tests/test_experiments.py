@@ -70,6 +70,9 @@ def test_ablation_and_clients_variants():
     assert uni and all(c.dp.mode == "uniform" for c in uni)                      # needs DP: no 'off' cell
     intra = run_config(next(c for c in abl if c.method == "fedscope_wo_intra"), "ablation")
     assert intra.model.loss.lambda_intra == 0 and intra.model.loss.lambda_inter == 1
+    # the user unit has no intra term: "w/o intra" has no user-level DP cell (it would be FedSCOPE's)
+    assert {c.dp.label for c in abl if c.method == "fedscope_wo_intra"} == {"off"}
+    assert "personalized-user-eps8" in {c.dp.label for c in abl if c.method == "fedscope"}
     cs = expand(load_study(default_config_dir() / "clients_sampling.json"), "quick", False)
     got = sorted((run_config(c, "cs").federated.clients, run_config(c, "cs").federated.fraction) for c in cs)
     assert got == sorted([(10, 1.0), (20, 1.0), (50, 0.1), (50, 0.2), (50, 0.5), (50, 1.0), (100, 1.0)] * 3)
@@ -517,7 +520,10 @@ def test_the_title_only_arm_reads_the_title_vectors_or_is_not_run(tmp_path, monk
     assert calls["fedscope_title_noid"][2] == label and calls["fedscope_title_noid"][0] is not None
     assert "fedscope_noid" not in calls
     plan = json.loads((tmp_path / "with" / "dry-run" / "plan.json").read_text())
-    assert plan["title_root"] == str(title_root) and "not_run" not in plan["studies"]["ablation"]
+    assert plan["title_root"] == str(title_root)
+    # without LLM vectors FedSCOPE is ID-only itself: the "w/o LLM" arm would repeat its cells, so is not run
+    assert {r["method"] for r in plan["studies"]["ablation"]["not_run"]} == {"fedscope_wo_llm"}
+    assert "fedscope_wo_llm" not in calls
     assert {r["method"] for r in plan["studies"]["privacy_utility"]["not_run"]} == {"fedscope_noid"}
 
     calls.clear()
@@ -526,10 +532,11 @@ def test_the_title_only_arm_reads_the_title_vectors_or_is_not_run(tmp_path, monk
     assert "fedscope_title_noid" not in calls and "fedscope_noid" not in calls
     plan = json.loads((tmp_path / "without" / "dry-run" / "plan.json").read_text())
     info = plan["studies"]["ablation"]
-    assert [r["method"] for r in info["not_run"]] == ["fedscope_title"]
-    assert info["not_run"][0]["why"].startswith("none (no --title-root")
+    assert [r["method"] for r in info["not_run"]] == ["fedscope_wo_llm", "fedscope_title"]
+    assert info["not_run"][0]["why"].startswith("the same runs as fedscope's without LLM vectors (none (no")
+    assert info["not_run"][1]["why"].startswith("none (no --title-root")
     assert not any("/fedscope_title/" in rel for rel in info["cells"])
     (tmp_path / "rep").mkdir()
     lines = "\n".join(report._study_section(tmp_path / "without" / "dry-run", tmp_path / "rep", "ablation",
                                             {**info, "cells": []}, plan))
-    assert "1 cell(s) not run" in lines and "`fedscope_title` on abxi-food-kitchen: none (no --title-root" in lines
+    assert "2 cell(s) not run" in lines and "`fedscope_title` on abxi-food-kitchen: none (no --title-root" in lines

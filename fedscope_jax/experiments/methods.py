@@ -12,8 +12,12 @@ needs them: like the title-only arm, its cells are not run without them (`needs_
 (privacy mode "uniform", i.e. DP-FedAvg with local noise) at the cell's epsilon; FedSCOPE uses the cell's mode.
 `dp`: "any" (federated: runs with and without DP), "none" (DP does not apply: local-only training shares
 nothing, and the centralized upper bound pools raw data; tables say "n/a"), "required" (a DP ablation),
-"no-user" (no cell with the user as the privacy unit: FedCL4SRec's contrastive term takes its negatives from
-the other users of a batch, so with a batch of one user it is 0 and the cell would be FedSASRec's).
+"no-user" (no cell with the user as the privacy unit, where the method's difference vanishes: FedCL4SRec's
+contrastive term takes its negatives from the other users of a batch, so with a batch of one user it is 0 and
+the cell would be FedSASRec's; the user unit has no intra-domain term, so "w/o intra" would be FedSCOPE's).
+`skip_without_llm`: an arm defined by removing the LLM vectors ("w/o LLM"); without `--attributes-root`
+FedSCOPE itself runs ID-only, so the arm's cells would repeat FedSCOPE's: they are not run, and the report
+says so.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Method:
     dp: str = "any"
     dp_mode: str | None = None   # the privacy mode this method uses when a cell has DP on (None: the cell's)
     note: str = ""
+    skip_without_llm: bool = False   # its cells repeat FedSCOPE's when there are no LLM vectors: not run then
 
     def settings(self) -> tuple[str, ...]:
         """The overrides as `--set` strings."""
@@ -69,8 +74,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                                    "user-level DP cell: there the term has no negatives and is 0"),
     Method("centralized", "Centralized SASRec", "centralized", (("model.loss.alpha", "0"),), vectors="none",
            dp="none", note="SASRec on the pooled data: the non-private upper bound"),
-    Method("fedscope_wo_llm", "w/o LLM", "federated", vectors="none",
-           note="FedSCOPE without the attribute vectors (ID embeddings only)"),
+    Method("fedscope_wo_llm", "w/o LLM", "federated", vectors="none", skip_without_llm=True,
+           note="FedSCOPE without the attribute vectors (ID embeddings only); not run without them, when FedSCOPE "
+                "is ID-only itself"),
     Method("fedscope_title", "title only", "federated", vectors="title",
            note="FedSCOPE with vectors of the raw titles (the same sentence encoder, no LLM) in place of the LLM "
                 "attribute vectors: what the LLM adds beyond embedding the title"),
@@ -80,8 +86,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                 "vector for the items without one"),
     Method("fedscope_title_noid", "no item IDs (title vectors)", "federated", (("model.item_ids", "off"),),
            vectors="title", note="the same with the title vectors of --title-root (no LLM)"),
-    Method("fedscope_wo_intra", "w/o intra", "federated", (("model.loss.lambda_intra", "0"),),
-           note="FedSCOPE without the intra-domain contrastive term"),
+    Method("fedscope_wo_intra", "w/o intra", "federated", (("model.loss.lambda_intra", "0"),), dp="no-user",
+           note="FedSCOPE without the intra-domain contrastive term; no user-level DP cell: the user unit has no "
+                "intra term, so it would be FedSCOPE's"),
     Method("fedscope_wo_inter", "w/o inter", "federated", (("model.loss.lambda_inter", "0"),),
            note="FedSCOPE without the inter-domain contrastive term"),
     Method("fedscope_uniform_dp", "uniform DP", "federated", dp="required", dp_mode="uniform",

@@ -111,9 +111,12 @@ class CellData:
         """((dataset dir, dataset, semantic, coverage, label), why not run or None) of a cell: the LLM
         attribute vectors (the label keys every cell's directory), or for the title-only arm (method vectors
         "title") the vectors of --title-root; a cell that needs its vectors (`Method.needs_vectors`, or item IDs
-        turned off by its profile or variant) is not run without them (never ID-only under its name)."""
+        turned off by its profile or variant) is not run without them (never ID-only under its name), nor is an
+        arm that would repeat FedSCOPE's cells without LLM vectors (`Method.skip_without_llm`)."""
         path, ds, semantic, coverage, label = self.get(study, cell.dataset)
         method = METHODS[cell.method]
+        if method.skip_without_llm and semantic is None:
+            return (path, ds, semantic, coverage, label), f"the same runs as fedscope's without LLM vectors ({label})"
         if method.vectors != "title":
             needs = method.needs_vectors or run_config(cell, str(study.path)).model.item_ids == "off"
             return (path, ds, semantic, coverage, label), (label if needs and semantic is None else None)
