@@ -340,8 +340,9 @@ def test_bucket_plan_is_optimal_and_padding_small():
 
 
 def test_padding_steps_are_skipped_outside_vmap():
-    """A client trained on its own (a chunk of one) does not compute its padding steps (`lax.cond`); under vmap
-    both sides of the cond run. Counted by a callback in the loss: 2 real steps of 5."""
+    """A client trained on its own (a chunk of one: skip_padding) does not compute its padding steps; vmapped,
+    every step is computed and the padding masked, with the same delta. Counted by a callback in the loss: 2
+    real steps of 5."""
     calls = []
 
     def loss(params, batch, key):
@@ -352,7 +353,7 @@ def test_padding_steps_are_skipped_outside_vmap():
     params = {"w": jnp.ones((3,))}
     mask = np.array([True, True, False, False, False])
     data = ClientData({"x": np.ones((5, 4, 3), np.float32), "y": np.zeros((5, 4), np.float32)}, mask, {})
-    one = jax.jit(lambda p, d: client_update(p, d, jax.random.key(0), cfg))
+    one = jax.jit(lambda p, d: client_update(p, d, jax.random.key(0), cfg, skip_padding=True))
     delta, stats = one(params, data)
     jax.effects_barrier()
     assert len(calls) == 2 and int(stats.steps) == 2
@@ -361,5 +362,5 @@ def test_padding_steps_are_skipped_outside_vmap():
     vmapped = jax.jit(jax.vmap(lambda d: client_update(params, d, jax.random.key(0), cfg)))
     deltas, _ = vmapped(both)
     jax.effects_barrier()
-    assert len(calls) == 5   # a batched callback runs once per step, for both clients: every slot is computed
+    assert len(calls) == 5   # a callback without arguments runs once per vmapped step: every slot is computed
     np.testing.assert_allclose(np.asarray(deltas["w"][0]), np.asarray(delta["w"]), rtol=1e-6)

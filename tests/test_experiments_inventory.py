@@ -146,8 +146,11 @@ def test_reproduce_inventory_counts_every_study_without_training(shared_data, tm
     studies = report["studies"]
     # ablation's full-FedSCOPE cells are main's: counted once, in main
     assert studies["ablation"]["cells"] - studies["ablation"]["new_cells"] == 6
-    assert studies["ablation"]["not_run"] == 6          # the title-only arm: no --title-root given
-    assert "not run (not counted): 6 cell(s) of ablation (fedscope_title on abxi-food-kitchen: none (no --title-root" in text
+    # the title-only arm (no --title-root given) and "w/o LLM" (no --attributes-root: it would be FedSCOPE's)
+    assert studies["ablation"]["not_run"] == 12
+    assert ("not run (not counted): 12 cell(s) of ablation (fedscope_title on abxi-food-kitchen: none (no "
+            "--title-root") in text
+    assert "fedscope_wo_llm on abxi-food-kitchen: the same runs as fedscope's without LLM vectors (none" in text
     # the privacy study's no-ID arms (2 units x 3 seeds each) need item vectors: neither root is given
     assert studies["privacy_utility"]["not_run"] == 12
     assert "not run (not counted): 12 cell(s) of privacy_utility (fedscope_noid on abxi-food-kitchen: none (" in text

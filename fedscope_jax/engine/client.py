@@ -2,7 +2,7 @@
 
 A client's data is a `ClientData` pytree whose batch leaves carry a leading step axis [S, ...] and a
 `step_mask` [S] (False for padding steps, which leave parameters and optimizer state untouched; a
-client trained outside vmap, a chunk of one, skips them at run time: `lax.cond`). With
+client trained on its own, a chunk of one, skips them at run time: `client_update(skip_padding=True)`). With
 local vocabularies (`SparseTable`), the client trains a small table of the rows it touches, gathered from
 the global table by `vocab`; its delta for that table is the [V, d] row delta, scattered back by the
 aggregator. This is exact as long as the loss only reads the rows its batch names and the local optimizer
@@ -216,12 +216,15 @@ def private_gradient(params: PyTree, batch: PyTree, key: jax.Array, config: Clie
 
 
 def client_update(global_params: PyTree, data: ClientData, key: jax.Array, config: ClientConfig,
-                  noise: UserNoise | None = None) -> tuple[PyTree, ClientStats]:
+                  noise: UserNoise | None = None, skip_padding: bool = False) -> tuple[PyTree, ClientStats]:
     """Trains from `global_params` on the client's steps; returns (local - global, stats). Pure.
 
     The key of the s-th real step of epoch e is fold_in(key, e * S_real + s), so padding steps or
     clients never change a client's randomness. noise: the user unit's DP-SGD inputs (`private_gradient`
-    replaces the plain gradient; config.expected_batch must be set).
+    replaces the plain gradient; config.expected_batch must be set). skip_padding: a padding step is a
+    `lax.cond` that keeps the carry, so it is not computed: for a client trained on its own (not vmapped over
+    clients; a vmapped cond with a per-client predicate runs both sides and broadcasts every operand, the
+    tables the loss closes over included, to each client). Without it a padding step is computed and masked.
     """
     if (noise is not None) != (config.expected_batch > 0):
         raise FedscopeError("client_update: DP-SGD over users needs both UserNoise and ClientConfig.expected_batch")
@@ -244,8 +247,9 @@ def client_update(global_params: PyTree, data: ClientData, key: jax.Array, confi
             updates, new_state = config.optimizer.update(grads, state, params)
             return optax.apply_updates(params, updates), new_state, loss_sum + loss.astype(loss_sum.dtype)
 
-        # a padding step keeps the carry; not vmapped (a chunk of one client) it is not computed at all
-        return jax.lax.cond(real, take, lambda c: c, carry), None
+        if skip_padding:   # a padding step keeps the carry and is not computed
+            return jax.lax.cond(real, take, lambda c: c, carry), None
+        return jax.tree.map(lambda new, old: jnp.where(real, new, old), take(carry), carry), None
 
     n_real = jnp.sum(data.step_mask.astype(jnp.int32))
     real_index = jnp.cumsum(data.step_mask.astype(jnp.int32)) - 1  # padding steps do not shift the keys

@@ -114,10 +114,11 @@ def _clients_update(params: PyTree, data: ClientData, keys: jax.Array, client_cf
                     noise: UserNoise | None) -> tuple[PyTree, Any]:
     """`client_update` of a chunk of clients (leading axis [c]): vmapped, or for a chunk of one called on the
     client itself, so that data-dependent branches stay branches (under vmap a `lax.cond` whose predicate
-    differs across clients computes both sides: e.g. the loss's skip of a domain a client does not hold)."""
+    differs across clients computes both sides: e.g. the loss's skip of a domain a client does not hold, or
+    its padding steps, which a chunk of one skips)."""
     if keys.shape[0] == 1:
         first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
-        delta, stats = client_update(params, first(data), keys[0], client_cfg, first(noise))
+        delta, stats = client_update(params, first(data), keys[0], client_cfg, first(noise), skip_padding=True)
         return jax.tree.map(lambda x: x[None], (delta, stats))
     return jax.vmap(client_update, in_axes=(None, 0, 0, None, 0))(params, data, keys, client_cfg, noise)
 

@@ -15,9 +15,9 @@ nothing, and the centralized upper bound pools raw data; tables say "n/a"), "req
 "no-user" (no cell with the user as the privacy unit, where the method's difference vanishes: FedCL4SRec's
 contrastive term takes its negatives from the other users of a batch, so with a batch of one user it is 0 and
 the cell would be FedSASRec's; the user unit has no intra-domain term, so "w/o intra" would be FedSCOPE's).
-`skip_without_llm`: an arm defined by removing the LLM vectors ("w/o LLM"); without `--attributes-root`
-FedSCOPE itself runs ID-only, so the arm's cells would repeat FedSCOPE's: they are not run, and the report
-says so.
+`skip_without_llm`: an arm defined by removing the LLM vectors ("w/o LLM"); without LLM vectors for the
+dataset (no `--attributes-root`, or none there for it) FedSCOPE itself runs ID-only, so the arm's cells
+would repeat FedSCOPE's: they are not run, and the report says so.
 """
 
 from __future__ import annotations

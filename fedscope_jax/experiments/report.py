@@ -81,9 +81,10 @@ def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None
         lines += _data_lines(plan)
         if plan["profile"] == "quick" and not plan.get("dry_run"):
             lines += ["> **quick profile**: each dataset cut to the item core above (its most-trained items, other "
-                      "interactions dropped) and a few thousand users, a small model and 10 rounds, sized for a "
-                      "2-core CPU. The models learn, but the numbers are not the paper's setting (the `full` "
-                      "profile): compare methods within a table, not with published figures.", ""]
+                      "interactions dropped) and a few thousand users, a small model and up to 40 federated "
+                      "rounds (privacy_utility: 10), sized for a 2-core CPU. The models learn, but the numbers are "
+                      "not the paper's setting (the `full` profile): compare methods within a table, not with "
+                      "published figures.", ""]
         for name, info in plan["studies"].items():
             lines += _study_section(root, out, name, info, plan)
     else:
