@@ -197,7 +197,7 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
     if failed:
         lines += [f"**{len(failed)} cell(s) FAILED**:", ""] + [f"- `{k}`: {v}" for k, v in failed.items()] + [""]
     not_run = info.get("not_run", [])
-    if not_run:   # arms that need item vectors they lack (Method.needs_vectors): never run ID-only under their name
+    if not_run:   # arms lacking their item vectors (Method.needs_vectors) or repeating FedSCOPE's (skip_without_llm)
         arms = sorted({(r["method"], r["dataset"], r["why"]) for r in not_run})
         lines += [f"**{len(not_run)} cell(s) not run**:", ""] + [
             f"- `{m}` on {d}: {why}" for m, d, why in arms] + [""]
