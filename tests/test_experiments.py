@@ -22,7 +22,8 @@ def test_every_study_parses_and_every_cell_config_is_valid():
     studies = load_studies()
     assert [s.name for s in studies] == list(STUDIES)
     for study in studies:
-        for profile in ("quick", "full"):
+        assert {"quick", "full"} <= set(study.profiles)
+        for profile in study.profiles:
             for dry in (False, True):
                 for cell in expand(study, profile, dry):
                     cfg = run_config(cell, str(study.path))
@@ -177,6 +178,39 @@ def test_bad_configs_name_file_and_key(tmp_path):
         load_study(_write(tmp_path, variants=[variant]))
     with pytest.raises(FedscopeError, match="--studies: unknown study 'mian'"):
         load_studies(["mian"])
+    raw = json.loads((default_config_dir() / "main.json").read_text())
+    del raw["profiles"]["full"]
+    with pytest.raises(FedscopeError, match=r"key 'profiles': profile 'full' is missing"):
+        load_study(_write(tmp_path, profiles=raw["profiles"]))
+    raw["profiles"]["gpu"] = raw["profiles"]["quick"]
+    with pytest.raises(FedscopeError, match=r"key 'profiles\.gpu': unknown profile; expected one of quick, full, cpu"):
+        load_study(_write(tmp_path, profiles=raw["profiles"]))
+
+
+def test_cpu_profile_whole_abxi_one_seed_and_only_the_studies_that_have_it(tmp_path):
+    """--profile cpu: the whole abxi-food-kitchen, one seed, the paper-size model; the studies without the profile
+    are left out, and naming one is an error that lists the studies with it."""
+    studies = load_studies(None, None, "cpu")
+    assert [s.name for s in studies] == ["main", "ablation", "cold_start", "convergence"]
+    main_cells = expand(studies[0], "cpu", False)
+    assert {c.dataset for c in main_cells} == {"abxi-food-kitchen"} and {c.seed for c in main_cells} == {0}
+    assert len(main_cells) == 2 * 2 + 3                 # FedSCOPE, FedSASRec x 2 DP settings + 3 without DP
+    prof = studies[0].profile("cpu")
+    assert prof.users_for("abxi-food-kitchen") == 0 and prof.max_items == 0      # every user and item
+    cfg = run_config(main_cells[0], "main")
+    assert (cfg.model.dim, cfg.model.max_len, cfg.eval.num_negatives, cfg.federated.clients) == (64, 50, 999, 20)
+    with pytest.raises(FedscopeError, match=r"--studies: study 'privacy_utility' has no profile 'cpu' .*"
+                                            r"the studies with it: main, ablation, cold_start, convergence"):
+        load_studies(["main", "privacy_utility"], None, "cpu")
+    # a derived study's profile must exist in the study it reads
+    for f in default_config_dir().glob("*.json"):
+        raw = json.loads(f.read_text())
+        if raw["study"] == "main":
+            del raw["profiles"]["cpu"]
+        (tmp_path / f.name).write_text(json.dumps(raw))
+    with pytest.raises(FedscopeError, match=r"cold_start\.json: key 'profiles\.cpu': the study it reads, 'main', "
+                                            r"has no profile 'cpu'"):
+        load_studies(None, tmp_path)
 
 
 def test_dry_run_every_study(tmp_path):

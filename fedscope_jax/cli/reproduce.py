@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedscope_jax.errors import FedscopeError
+from fedscope_jax.experiments.spec import PROFILES
 
 
 def add_parser(subparsers: Any) -> None:
@@ -18,10 +19,11 @@ def add_parser(subparsers: Any) -> None:
                               description="Prepare the datasets, run every cell of the chosen studies (finished "
                               "cells are skipped, so a killed run resumes), then write the report "
                               "(docs/experiments.md).")
-    p.add_argument("--profile", choices=["quick", "full"], default="quick",
+    p.add_argument("--profile", choices=list(PROFILES), default="quick",
                    help="quick: item-core subsets, small model, 3 seeds, 49-69 min on 2-core CPUs with --title-root "
                    "with federated runs of 10 rounds (2026-12-05), longer with the 40-round budget of 2026-12-06 "
-                   "(docs/experiments.md); full: paper-like, sized for one GPU")
+                   "(docs/experiments.md); full: paper-like, sized for one GPU; cpu: the whole "
+                   "abxi-food-kitchen, paper-size model, one seed, main and ablation studies, sized for a 2-core CPU")
     p.add_argument("--studies", help="comma-separated study names (default: every file in --configs)")
     p.add_argument("--configs", metavar="DIR", help="study files (default: experiments/configs of this checkout)")
     p.add_argument("--datasets", help="comma-separated dataset names: run only their cells (default: each study's)")
@@ -90,7 +92,11 @@ def run(args: argparse.Namespace) -> int:
 
     names = [n.strip() for n in args.studies.split(",") if n.strip()] if args.studies else None
     all_studies = {s.name: s for s in load_studies(None, args.configs)}
-    studies = load_studies(names, args.configs)
+    studies = load_studies(names, args.configs, args.profile)
+    if names is None:
+        without = sorted(set(all_studies) - {s.name for s in studies})
+        if without:
+            print(f"profile {args.profile}: not in {', '.join(without)} (their study files have no such profile)")
     opts = Options(args.profile, Path(args.out), Path(args.data_root) if args.data_root else default_data_root(),
                    Path(args.attributes_root) if args.attributes_root else None, args.dry_run,
                    tuple(d.strip() for d in args.datasets.split(",") if d.strip()) if args.datasets else None,

@@ -21,7 +21,8 @@ from fedscope_jax.experiments.datasets import DATASETS
 from fedscope_jax.experiments.methods import get_method
 
 KINDS = ("cells", "sweep", "derived")
-PROFILES = ("quick", "full")
+PROFILES = ("quick", "full", "cpu")
+REQUIRED_PROFILES = ("quick", "full")   # every study has these; "cpu" (whole datasets on a 2-core CPU) is optional
 PRIVACY_MODES = ("personalized", "uniform", "central")
 PRIVACY_UNITS = ("client", "user")     # privacy.unit: a silo's whole data, or one user's history (docs/privacy.md)
 
@@ -116,7 +117,8 @@ class Study:
 
     def profile(self, name: str) -> Profile:
         if name not in self.profiles:
-            raise FedscopeError(f"{self.path}: no profile {name!r} (has {', '.join(self.profiles)})")
+            raise FedscopeError(f"{self.path}: study {self.name!r} has no profile {name!r} (it has "
+                                f"{', '.join(self.profiles)})")
         return self.profiles[name]
 
     def datasets_for(self, profile: str) -> tuple[str, ...]:
@@ -280,8 +282,15 @@ def load_study(path: str | Path) -> Study:
                 raise _err(path, "methods", f"a sweep trains federated methods only; {m!r} is not one")
     seeds = _seeds(raw.get("seeds"), path, "seeds")
     profiles_raw = raw.get("profiles")
-    if not isinstance(profiles_raw, dict) or set(profiles_raw) != set(PROFILES):
-        raise _err(path, "profiles", f"expected an object with exactly the profiles {', '.join(PROFILES)}")
+    if not isinstance(profiles_raw, dict):
+        raise _err(path, "profiles", f"expected an object keyed by profile ({', '.join(PROFILES)})")
+    for pname in profiles_raw:
+        if pname not in PROFILES:
+            raise _err(path, f"profiles.{pname}", f"unknown profile; expected one of {', '.join(PROFILES)}")
+    missing = [p for p in REQUIRED_PROFILES if p not in profiles_raw]
+    if missing:
+        raise _err(path, "profiles", f"profile {missing[0]!r} is missing: every study has "
+                   f"{' and '.join(REQUIRED_PROFILES)} (the others are optional)")
     profiles = {}
     for pname, praw in profiles_raw.items():
         key = f"profiles.{pname}"
@@ -335,8 +344,10 @@ def default_config_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "experiments" / "configs"
 
 
-def load_studies(names: list[str] | None = None, config_dir: str | Path | None = None) -> list[Study]:
-    """The studies in `config_dir` (default experiments/configs), all or the ones named, in file order."""
+def load_studies(names: list[str] | None = None, config_dir: str | Path | None = None,
+                 profile: str | None = None) -> list[Study]:
+    """The studies in `config_dir` (default experiments/configs), all or the ones named, in file order; with
+    `profile`, all means those that have the profile, and a named study without it is an error."""
     root = Path(config_dir) if config_dir else default_config_dir()
     files = sorted(root.glob("*.json"))
     if not files:
@@ -346,10 +357,26 @@ def load_studies(names: list[str] | None = None, config_dir: str | Path | None =
     for s in studies:
         if s.reads is not None and s.reads not in by_name:
             raise FedscopeError(f"{s.path}: key 'reads': no study named {s.reads!r} in {root}")
+        lacking = [p for p in s.profiles if s.reads is not None and p not in by_name[s.reads].profiles]
+        if lacking:
+            raise FedscopeError(f"{s.path}: key 'profiles.{lacking[0]}': the study it reads, {s.reads!r}, has no "
+                                f"profile {lacking[0]!r}")
     if names:
         missing = [n for n in names if n not in by_name]
         if missing:
             raise FedscopeError(f"--studies: unknown study {missing[0]!r}; expected among {', '.join(by_name)}")
         studies = [by_name[n] for n in names]
+        lacking = [s for s in studies if profile is not None and profile not in s.profiles]
+        if lacking:
+            having = [s.name for s in _in_order(by_name.values()) if profile in s.profiles]
+            raise FedscopeError(f"--studies: study {lacking[0].name!r} has no profile {profile!r} ({lacking[0].path} "
+                                f"has {', '.join(lacking[0].profiles)}); the studies with it: {', '.join(having)}")
+    elif profile is not None:
+        studies = [s for s in studies if profile in s.profiles]
+    return _in_order(studies)
+
+
+def _in_order(studies: Any) -> list[Study]:
+    """The studies in the report's order (the paper's), any others after them."""
     order = ["main", "ablation", "privacy_utility", "cold_start", "clients_sampling", "convergence"]
     return sorted(studies, key=lambda s: order.index(s.name) if s.name in order else len(order))
