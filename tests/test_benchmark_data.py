@@ -193,6 +193,10 @@ def test_sweep_benchmark_cli(tiny, tmp_path, monkeypatch):
     # both sides computed the same padded steps: 3 configurations x 2 rounds of the same cohorts
     assert report["sweep_slot_steps"] == report["one_by_one_slot_steps"] > 0
     assert report["sweep_slot_steps"] % 6 == 0
+    # the steps the single runs computed: every slot when vmapped, the real ones at a chunk of one client
+    assert 0 < report["one_by_one_computed_steps"] <= report["one_by_one_slot_steps"]
+    if min(report["one_by_one_chunk_sizes"]) > 1:
+        assert report["one_by_one_computed_steps"] == report["one_by_one_slot_steps"]
     unit = report["unit_costs"]   # timed once, after the first repeat was written, and kept in later writes
     assert written[0]["unit_costs"] is None and written[1]["unit_costs"] == unit
     assert unit["epoch_step_seconds"] > 0 and unit["validation_seconds"] > 0

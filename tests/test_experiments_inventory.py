@@ -54,8 +54,14 @@ def test_federated_counts_equal_the_rounds_a_run_records(tiny, tmp_path):
     assert t["valid"][0] == valid > 0 and t["test"][0] == test > 0
     assert t["valid"][0] * min(tiny.n_items) <= t["valid"][1] <= t["valid"][0] * max(tiny.n_items)
     assert w.scored_targets == 4 * valid + test   # 3 validations + the final valid and test
-    # a chunk of one client pads less
+    assert w.computed_steps == w.slot_steps   # a vmapped chunk computes its padding steps
+    # a chunk of one client pads less, and skips the padding steps it has (engine/round.py)
     assert sum(inv.round_steps(steps_of, cfg, multiple=1)[1]) <= w.slot_steps
+    one = config("federated.clients=7", "federated.fraction=0.5", "federated.max_buckets=2",
+                 "federated.chunk_size=1", "federated.rounds=5", "federated.eval_every=2", "train.batch_size=8")
+    assert inv.skips_padding(1, 1) and not inv.skips_padding(1, 2) and not inv.skips_padding(0, 1)
+    w1 = inv.federated_work(tiny, one, skips_padding=True)
+    assert w1.computed_steps == w1.real_steps == w.real_steps < w1.slot_steps
 
 
 @pytest.mark.parametrize("mode", ["centralized", "local"])
@@ -93,9 +99,13 @@ def test_calibration_prices_each_unit_and_names_a_bad_file():
     assert cal["single_seconds_per_slot_step"] == pytest.approx(0.02)
     assert cal["sweep_seconds_per_slot_step"] == pytest.approx(0.004)
     assert cal["single_chunk"] == cal["sweep_chunk"] == 4
-    w = inv.Work(runs=1, config_rounds=100, slot_steps=360_000, epoch_steps=720_000, scored_target_items=36 * 10**10)
+    w = inv.Work(runs=1, config_rounds=100, slot_steps=400_000, computed_steps=360_000, epoch_steps=720_000,
+                 scored_target_items=36 * 10**10)
     assert inv.hours(w, "federated", cal) == pytest.approx({"federated": 2.0, "epochs": 2.0, "validation": 1.0})
     assert inv.hours(w, "sweep", cal)["federated"] == pytest.approx(0.4)
+    # a benchmark whose single runs skipped padding steps (chunk 1) is priced per step it computed
+    cal1 = inv.calibration({**bench, "one_by_one_chunk_sizes": [1], "one_by_one_computed_steps": 1000}, "b.json")
+    assert cal1["single_seconds_per_slot_step"] == pytest.approx(0.03) and cal1["single_chunk"] == 1
     old = {k: v for k, v in bench.items() if k not in ("sweep_slot_steps", "unit_costs")}
     with pytest.raises(FedscopeError, match=r"b\.json: .*no sweep_slot_steps, unit_costs"):
         inv.calibration(old, "b.json")
@@ -202,7 +212,8 @@ def test_reproduce_progress_weighs_cells_by_their_counted_steps(shared_data, tmp
     weights, done = progress_weights(todo)
     assert done == 0 and weights[-1] == 0 and all(w > 0 for w in weights[:-1])
     first = todo[0]
-    assert weights[0] == inv.cell_work(first[1], first[3][0], run_config(first[1], "ablation")).slot_steps
+    w0 = inv.cell_work(first[1], first[3][0], run_config(first[1], "ablation"))
+    assert weights[0] == w0.computed_steps == w0.real_steps < w0.slot_steps   # chunk 1: padding skipped
     first[2].mkdir(parents=True)
     (first[2] / "summary.json").write_text("{}")
     assert progress_weights(todo)[1] == weights[0]

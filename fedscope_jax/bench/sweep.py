@@ -82,7 +82,7 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
         def single_side(rep: int) -> None:
             nonlocal single_states, single_facts
             t0 = time.perf_counter()
-            states, facts, slot_steps = [], [], 0
+            states, facts, slot_steps, computed_steps = [], [], 0, 0
             for p in progress(trained, desc="one by one", unit="config"):
                 # with chunk_size 0 only the first run of each privacy mode times the chunk candidates (setup, not
                 # timed, but ~1 minute a run on CPU); the others reuse its chunk, as they reuse its program
@@ -90,10 +90,14 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
                 s, recs, f = run_tracks(tracks(f"single-{rep}", [p]), ctx.source, ctx.n_clients, ctx.params,
                                         ctx.client_cfg, dataclasses.replace(fcfg, chunk_size=chunk), desc=p.name)
                 slot_steps += sum(r.get("slot_steps", 0) for r in recs[0])
+                # a single run at a chunk of one client skips its padding steps (engine/round.py)
+                computed_steps += sum(r.get("real_steps" if f[0]["chunk_size"] == 1 else "slot_steps", 0)
+                                      for r in recs[0])
                 single_chunks.setdefault(p.cfg.privacy.mode, f[0]["chunk_size"])
                 states.append(s[0])
                 facts.append(f[0])
             singles.append({"wall_seconds": time.perf_counter() - t0, "slot_steps": slot_steps,
+                            "computed_steps": computed_steps,
                             **{k: sum(f["timing"][k] for f in facts) for k in facts[0]["timing"]}})
             single_states, single_facts = states, facts
 
@@ -180,10 +184,12 @@ def _sweep_report(ds: Any, cfg: Any, points: list[Any], trained: list[Any], swee
         "sweep_config_chunk": by_chunk[0]["config_chunk"],
         "sweep_by_config_chunk": by_chunk,
         "one_by_one_train_seconds_per_repeat": [s["train_seconds"] for s in singles],
-        # local steps the round programs computed (padding included; a sweep counts each configuration's),
-        # so that seconds / slot steps prices a step of either program (experiments.inventory.calibration)
+        # local step slots of the round programs (padding included; a sweep counts each configuration's), and
+        # the steps they computed (a single run at a chunk of one skips its padding; a sweep computes every
+        # slot), so that seconds / computed steps prices a step of either program (experiments.inventory)
         "sweep_slot_steps": sweeps[0][0]["slot_steps"],
         "one_by_one_slot_steps": singles[0]["slot_steps"],
+        "one_by_one_computed_steps": singles[0]["computed_steps"],
         "repeats": repeats,
         "repeats_done": len(singles),
         "sweep_programs": sorted({json.dumps(f["program"], sort_keys=True) for f in sweep_facts}),

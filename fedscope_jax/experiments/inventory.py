@@ -6,7 +6,10 @@ counts come from the same partition, batch sizes, sampling and size buckets as t
 seconds for the full profile). Priced with per-unit seconds measured on a device (`calibration`, from a
 `fedscope benchmark --sweep` JSON made there; `hours`), they size a profile for that device. Federated slot
 counts depend on the client chunk (each bucket's slots are padded up to a multiple of it) and assume every
-sampled client trains (a client out of its privacy budget trains no steps but keeps its slot). Epoch-mode
+sampled client trains (a client out of its privacy budget trains no steps but keeps its slot). A single run
+at a chunk of one client skips its padding steps (engine/round.py), so it computes its real steps only; a
+vmapped chunk computes every slot, and a sweep is counted at every slot too, an upper bound (`computed_steps`,
+which the prices use). Epoch-mode
 and non-private federated counts are upper bounds: early stopping (`train.patience`) usually ends those runs
 before `train.epochs` / `federated.rounds`.
 """
@@ -29,6 +32,7 @@ class Work:
     config_rounds: int = 0      # federated rounds, summed over runs
     slot_steps: int = 0         # federated local steps the programs compute, padding included (at a client chunk)
     real_steps: int = 0         # of those, the steps on real batches
+    computed_steps: int = 0     # the steps computed: the slot steps, or the real ones where padding is skipped
     epoch_steps: int = 0        # centralized / local-only steps, at most (train.epochs; local: of every client)
     validations: int = 0        # validation passes (local-only: one per client and epoch), at most for epoch modes
     scored_targets: int = 0     # evaluation targets scored: validation passes and the final valid + test
@@ -84,15 +88,17 @@ def _scored(ds: Any, passes: int) -> dict[str, int]:
             "scored_target_items": (passes + 1) * t["valid"][1] + t["test"][1]}
 
 
-def federated_work(ds: Any, cfg: Any, configs: int = 1, multiple: int = 1) -> Work:
+def federated_work(ds: Any, cfg: Any, configs: int = 1, multiple: int = 1, skips_padding: bool = False) -> Work:
     """One federated run of `cfg` (a sweep: `configs` runs sharing its data, sampling and programs), its
-    bucket slots padded to `multiple`."""
+    bucket slots padded to `multiple`; with `skips_padding` (module function of that name) it computes its real
+    steps only."""
     steps_of, _ = client_steps(ds, cfg)
     real, slots = round_steps(steps_of, cfg, multiple)
     f = cfg.federated
     passes = f.rounds // f.eval_every + (1 if f.rounds % f.eval_every else 0)
     return Work(runs=configs, config_rounds=configs * f.rounds, slot_steps=configs * sum(slots),
-                real_steps=configs * sum(real), validations=configs * passes,
+                real_steps=configs * sum(real), computed_steps=configs * sum(real if skips_padding else slots),
+                validations=configs * passes,
                 **{k: configs * v for k, v in _scored(ds, passes).items()})
 
 
@@ -124,10 +130,16 @@ def cell_work(cell: Any, ds: Any, cfg: Any, multiple: int = 1) -> Work:
     if cell.mode == "sweep":
         return federated_work(ds, cfg, sweep_configs(cfg, cell.sweep_modes, cell.sweep_epsilons), multiple)
     if cell.mode == "federated":
-        return federated_work(ds, cfg, 1, multiple)
+        return federated_work(ds, cfg, 1, multiple, skips_padding(cfg.federated.chunk_size, multiple))
     if cell.mode in ("centralized", "local"):
         return epoch_work(ds, cfg, local=cell.mode == "local")
     raise FedscopeError(f"inventory: unknown cell mode {cell.mode!r}")
+
+
+def skips_padding(chunk_size: int, multiple: int) -> bool:
+    """Whether a single federated run skips its padding steps: its client chunk is one (`chunk_size`, 0 = tuned,
+    counted as vmapped) and its slots are counted at one client (`multiple`)."""
+    return chunk_size == 1 and multiple == 1
 
 
 def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -152,9 +164,11 @@ def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
         if not isinstance(unit, Mapping) or not isinstance(unit.get(k), (int, float)) or unit[k] <= 0:
             raise FedscopeError(f"{where}: unit_costs.{k}: expected a number of seconds > 0, got "
                                 f"{unit.get(k) if isinstance(unit, Mapping) else unit!r}")
+    # a report from before the computed counts: its chunk-of-one runs are priced per slot (an underestimate)
+    single_steps = bench.get("one_by_one_computed_steps") or bench["one_by_one_slot_steps"]
     return {"device": bench.get("device", "?"), "workload": bench.get("workload"),
             "step_shape": calibrated_shape(bench.get("workload")),
-            "single_seconds_per_slot_step": bench["one_by_one_seconds"] / bench["one_by_one_slot_steps"],
+            "single_seconds_per_slot_step": bench["one_by_one_seconds"] / single_steps,
             "sweep_seconds_per_slot_step": bench["sweep_seconds"] / bench["sweep_slot_steps"],
             "single_chunk": int(max(bench["one_by_one_chunk_sizes"])),
             "sweep_chunk": int(max(bench["sweep_chunk_sizes"])),
@@ -187,12 +201,12 @@ def shape_mismatch(calibrated: Mapping[str, Any], shapes: Sequence[Mapping[str, 
 
 
 def hours(work: Work, mode: str, cal: Mapping[str, Any]) -> dict[str, float]:
-    """Estimated hours of a cell's work on the calibration's device: `federated` (its slot steps, counted at
-    the calibration's chunk size, x the seconds per slot step of its program), `epochs` (centralized /
+    """Estimated hours of a cell's work on the calibration's device: `federated` (its computed steps, counted
+    at the calibration's chunk size, x the seconds per computed step of its program), `epochs` (centralized /
     local-only steps, at most) and `validation` (scored target-items; at most for the epoch modes).
     Compilation is not included."""
     per = cal["sweep_seconds_per_slot_step" if mode == "sweep" else "single_seconds_per_slot_step"]
-    return {"federated": work.slot_steps * per / 3600.0,
+    return {"federated": work.computed_steps * per / 3600.0,
             "epochs": work.epoch_steps * cal["epoch_step_seconds"] / 3600.0,
             "validation": work.scored_target_items * cal["seconds_per_validation_target_item"] / 3600.0}
 
@@ -253,7 +267,7 @@ def format_inventory(inv: Mapping[str, Any]) -> str:
     cal = inv.get("calibration")
     parts = ("federated", "epochs", "validation")
     head = (f"{'study':<18} {'cells':>5} {'new':>4} {'runs':>5} {'fed rounds':>10} {'slot steps':>11} "
-            f"{'real steps':>11} {'epoch steps<=':>13} {'validations<=':>13}"
+            f"{'real steps':>11} {'computed':>11} {'epoch steps<=':>13} {'validations<=':>13}"
             + ("".join(f" {'h ' + p[:5] + ('<=' if p != 'federated' else ''):>9}" for p in parts) if cal else ""))
     lines = [f"profile {inv['profile']}" + (" (dry run)" if inv.get("dry_run") else "") + "; "
              + "; ".join(f"{d}: {f['users']:,} users, {f['interactions']:,} interactions"
@@ -262,7 +276,7 @@ def format_inventory(inv: Mapping[str, Any]) -> str:
 
     def row(name: str, cells: str, new: str, t: Work, h: Mapping[str, float] | None) -> str:
         return (f"{name:<18} {cells:>5} {new:>4} {t.runs:>5} {t.config_rounds:>10,} {t.slot_steps:>11,} "
-                f"{t.real_steps:>11,} {t.epoch_steps:>13,} {t.validations:>13,}"
+                f"{t.real_steps:>11,} {t.computed_steps:>11,} {t.epoch_steps:>13,} {t.validations:>13,}"
                 + ("".join(f" {h[p]:>9.2f}" for p in parts) if h is not None else ""))
 
     for name, st in inv["studies"].items():
@@ -278,12 +292,13 @@ def format_inventory(inv: Mapping[str, Any]) -> str:
                          + "; ".join(st.get("not_run_why", [])) + ")")
     chunk = (f"client chunk {cal['single_chunk']} (single runs) / {cal['sweep_chunk']} (sweeps), as calibrated"
              if cal else "client chunk 1")
-    lines.append(f"slot steps: the local steps (batches of train.batch_size users) the federated programs "
-                 f"compute, padding included ({chunk}); epoch steps (centralized, local-only) and validations: "
+    lines.append(f"slot steps: the local steps (batches of train.batch_size users) of the federated programs, "
+                 f"padding included ({chunk}); computed: those the programs compute (a single run at a chunk of "
+                 "one client skips its padding steps); epoch steps (centralized, local-only) and validations: "
                  "at most (early stopping ends most runs sooner)")
     if cal:
         total = sum(grand_h.values())
-        lines.append(f"hours on {cal['device']}: slot steps x {cal['single_seconds_per_slot_step'] * 1e3:.2f} ms "
+        lines.append(f"hours on {cal['device']}: computed steps x {cal['single_seconds_per_slot_step'] * 1e3:.2f} ms "
                      f"(single run) / {cal['sweep_seconds_per_slot_step'] * 1e3:.2f} ms (per configuration in "
                      f"a sweep); epoch steps x {cal['epoch_step_seconds'] * 1e3:.2f} ms; validation "
                      f"target-items x {cal['seconds_per_validation_target_item'] * 1e9:.2f} ns. Total at most "
@@ -312,4 +327,4 @@ def calibration_warnings(inv: Mapping[str, Any]) -> list[str]:
 
 __all__ = ["Work", "calibrated_shape", "calibration", "calibration_warnings", "cell_work", "client_steps",
            "epoch_work", "federated_work", "format_inventory", "hours", "round_steps", "shape_mismatch",
-           "sweep_configs", "take_inventory", "targets"]
+           "skips_padding", "sweep_configs", "take_inventory", "targets"]

@@ -196,7 +196,8 @@ def persistent_compile_cache(path: Path | None):
 
 def progress_weights(todo: list[Any]) -> tuple[list[int], int]:
     """Each cell's share of the progress bar, and the share already done: its counted local steps
-    (`experiments.inventory`: federated slot steps at client chunk 1, centralized / local-only steps at most),
+    (`experiments.inventory`: federated computed steps, slots counted at client chunk 1; centralized /
+    local-only steps at most),
     so the bar's rate and time left follow the work (the full profile's cells differ 7-fold in size with the
     dataset) rather than the cell count. A cell listed again (a study sharing another's) weighs 0, and cells a
     killed reproduction finished start the bar, so that a resumed one does not count them in its rate."""
@@ -208,7 +209,7 @@ def progress_weights(todo: list[Any]) -> tuple[list[int], int]:
         seen.add(cell_dir)
         try:
             w = cell_work(cell, ds, run_config(cell, str(study.path)))
-            out.append(max(1, w.slot_steps + w.epoch_steps))
+            out.append(max(1, w.computed_steps + w.epoch_steps))
         except FedscopeError:   # e.g. no client has training data: the cell fails (and is reported) when it runs
             out.append(1)
         if (cell_dir / (SWEEP_DONE if cell.mode == "sweep" else "summary.json")).is_file():

@@ -430,7 +430,8 @@ def round_record(metrics: Any, pad: PaddingStats, ids: np.ndarray, seconds: floa
         "noise_std": float(metrics.noise_std),
         "padding_waste": pad.waste,
         "real_steps": pad.real_steps,   # local steps of the round's cohorts (every config of a sweep)
-        "slot_steps": pad.slot_steps,   # the steps the round program computed, padding included
+        "slot_steps": pad.slot_steps,   # the cohorts' step slots, padding included (computed unless the chunk is
+                                        # one client, which skips its padding steps: engine/round.py)
         "seconds": seconds,
     }
 
