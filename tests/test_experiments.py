@@ -77,11 +77,11 @@ def test_ablation_and_clients_variants():
     cs = expand(load_study(default_config_dir() / "clients_sampling.json"), "quick", False)
     got = sorted((run_config(c, "cs").federated.clients, run_config(c, "cs").federated.fraction) for c in cs)
     assert got == sorted([(10, 1.0), (20, 1.0), (50, 0.1), (50, 0.2), (50, 0.5), (50, 1.0), (100, 1.0)] * 3)
-    # the sampled variants use one size bucket in the quick profile only (a variant's `profiles.quick.set`)
+    # one size bucket in the quick profile (chunk 1 skips padding steps), up to 4 in the full profile
     buckets = {p: {(run_config(c, "cs").federated.fraction, run_config(c, "cs").federated.max_buckets)
                    for c in expand(load_study(default_config_dir() / "clients_sampling.json"), p, False)
                    if run_config(c, "cs").federated.clients == 50} for p in ("quick", "full")}
-    assert buckets["quick"] == {(0.1, 1), (0.2, 1), (0.5, 1), (1.0, 3)}
+    assert buckets["quick"] == {(0.1, 1), (0.2, 1), (0.5, 1), (1.0, 1)}
     assert buckets["full"] == {(0.1, 4), (0.2, 4), (0.5, 4), (1.0, 4)}
     pu = load_study(default_config_dir() / "privacy_utility.json")
     assert pu.epsilons == (1, 2, 4, 8, 16, math.inf)
@@ -139,6 +139,17 @@ def _write(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(raw))
     return path
+
+
+def test_a_variant_adds_overrides_under_one_profile(tmp_path):
+    raw = json.loads((default_config_dir() / "clients_sampling.json").read_text())
+    raw["variants"] = [{"name": "q", "set": {"federated.fraction": 0.5},
+                        "profiles": {"quick": {"set": {"federated.max_buckets": 2}}}}]
+    (tmp_path / "v.json").write_text(json.dumps(raw))
+    study = load_study(tmp_path / "v.json")
+    got = {p: {(run_config(c, "v").federated.fraction, run_config(c, "v").federated.max_buckets)
+               for c in expand(study, p, False)} for p in ("quick", "full")}
+    assert got == {"quick": {(0.5, 2)}, "full": {(0.5, 4)}}
 
 
 def test_bad_configs_name_file_and_key(tmp_path):
