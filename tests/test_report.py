@@ -205,6 +205,20 @@ def test_local_curve_is_the_mean_over_clients(tmp_path):
     assert x.tolist() == [1, 2, 3] and y == pytest.approx([1.05, 2.05, 5.0])
 
 
+def test_seed_band_keeps_the_rounds_of_seeds_that_ran_longer():
+    """Early stopping ends seeds at different rounds: the band covers every round any seed reached, each point
+    the mean / min / max of the seeds there (hand-computed)."""
+    from fedscope_jax.experiments.plots import seed_band
+
+    a = (np.array([2, 4, 6]), np.array([0.1, 0.2, 0.3]))
+    b = (np.array([2, 4]), np.array([0.3, 0.4]))
+    x, mean, lo, hi = seed_band([a, b])
+    np.testing.assert_array_equal(x, [2, 4, 6])
+    np.testing.assert_allclose(mean, [0.2, 0.3, 0.3])
+    np.testing.assert_allclose(lo, [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(hi, [0.3, 0.4, 0.3])
+
+
 def test_random_ranking_matches_hand_computed_values():
     from fedscope_jax.experiments.report import random_ranking
 

@@ -104,23 +104,30 @@ def group_label(g: Group) -> str:
             + (f" {variant}" if variant not in (None, "", "base") else ""))
 
 
+def seed_band(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """(x, mean, min, max) over seeds of (x, y) curves, on every x any seed reached: a seed that stopped early
+    (patience) leaves the later points to the seeds still running, instead of cutting every curve short."""
+    x = np.unique(np.concatenate([c[0] for c in curves]))
+    y = np.full((len(curves), x.size), np.nan)
+    for i, (cx, cy) in enumerate(curves):
+        y[i, np.searchsorted(x, cx)] = cy
+    return x, np.nanmean(y, 0), np.nanmin(y, 0), np.nanmax(y, 0)
+
+
 def convergence(groups: Sequence[Group], path: Path, title: str) -> Path | None:
-    """Validation metric per round / epoch, one line per group (mean over seeds, band = min..max)."""
+    """Validation metric per round / epoch, one line per group (mean over the seeds that reached it, band =
+    min..max)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = 0
     for g in groups:
-        curves = [curve(r) for r in g.runs]
-        curves = [c for c in curves if c[0].size]
+        curves = [c for c in (curve(r) for r in g.runs) if c[0].size]
         if not curves:
             continue
-        n = min(c[0].size for c in curves)
-        x = curves[0][0][:n]
-        y = np.stack([c[1][:n] for c in curves])
-        label = group_label(g)
-        ax.plot(x, y.mean(0), marker="." if n < 40 else None, label=label)
+        x, mean, lo, hi = seed_band(curves)
+        ax.plot(x, mean, marker="." if x.size < 40 else None, label=group_label(g))
         if len(curves) > 1:
-            ax.fill_between(x, y.min(0), y.max(0), alpha=0.15)
+            ax.fill_between(x, lo, hi, alpha=0.15)
         drawn += 1
     if not drawn:
         plt.close(fig)
