@@ -50,7 +50,8 @@ test: $(STAMP) $(ENRICH_STAMP)
 benchmark: $(STAMP)
 	$(VENV)/bin/fedscope benchmark --out benchmark.json
 
-# The paper's studies (docs/experiments.md): quick profile by default (2-core CPU), PROFILE=full for one GPU.
+# The paper's studies (docs/experiments.md): PROFILE=quick by default (item cores, 3 seeds, 2-core CPU),
+# PROFILE=cpu (the whole abxi-food-kitchen, one seed, 2-core CPU), PROFILE=full (every dataset, one GPU).
 PROFILE ?= quick
 REPRODUCE_OUT ?= out/reproduce-$(PROFILE)
 reproduce: $(STAMP)
