@@ -213,6 +213,23 @@ def test_cpu_profile_whole_abxi_one_seed_and_only_the_studies_that_have_it(tmp_p
     with pytest.raises(FedscopeError, match=r"--studies: study 'privacy_utility' has no profile 'cpu' .*"
                                             r"the studies with it: main, ablation, cold_start, convergence"):
         load_studies(["main", "privacy_utility"], None, "cpu")
+    cs = json.loads((default_config_dir() / "clients_sampling.json").read_text())
+    cs["variants"][0]["profiles"] = {"cpu": {"set": {"federated.max_buckets": 1}}}
+    (tmp_path / "cs").mkdir()
+    (tmp_path / "cs" / "cs.json").write_text(json.dumps(cs))
+    with pytest.raises(FedscopeError, match=r"cs\.json: key 'variants\[0\]\.profiles\.cpu': the study has no "
+                                            r"profile 'cpu'"):
+        load_study(tmp_path / "cs" / "cs.json")
+    # a derived study pulls in the cells of the study it reads, under the same profile
+    from fedscope_jax.experiments.planning import Options, plan
+    every = {s.name: s for s in load_studies()}
+    cells = plan(load_studies(["cold_start"], None, "cpu"), every, Options("cpu", tmp_path, tmp_path))
+    assert list(cells) == ["main", "cold_start"] and len(cells["main"]) == len(main_cells) and not cells["cold_start"]
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "pu.json").write_text((default_config_dir() / "privacy_utility.json").read_text())
+    with pytest.raises(FedscopeError, match=r"--profile cpu: no study in .*only has that profile"):
+        load_studies(None, only, "cpu")
     # a derived study's profile must exist in the study it reads
     for f in default_config_dir().glob("*.json"):
         raw = json.loads(f.read_text())

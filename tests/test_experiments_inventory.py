@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 from conftest import SETTINGS
@@ -59,9 +60,14 @@ def test_federated_counts_equal_the_rounds_a_run_records(tiny, tmp_path):
     assert sum(inv.round_steps(steps_of, cfg, multiple=1)[1]) <= w.slot_steps
     one = config("federated.clients=7", "federated.fraction=0.5", "federated.max_buckets=2",
                  "federated.chunk_size=1", "federated.rounds=5", "federated.eval_every=2", "train.batch_size=8")
-    assert inv.skips_padding(1, 1) and not inv.skips_padding(1, 2) and not inv.skips_padding(0, 1)
-    w1 = inv.federated_work(tiny, one, skips_padding=True)
+    fed = SimpleNamespace(mode="federated")
+    w1 = inv.cell_work(fed, tiny, one)   # a chunk of one of its own: counted at one, its padding skipped
     assert w1.computed_steps == w1.real_steps == w.real_steps < w1.slot_steps
+    assert inv.cell_work(fed, tiny, one, chunk=2) == w1   # its own chunk, not a calibration's
+    tuned = config("federated.clients=7", "federated.fraction=0.5", "federated.max_buckets=2",
+                   "federated.chunk_size=0", "federated.rounds=5", "federated.eval_every=2", "train.batch_size=8")
+    assert inv.cell_work(fed, tiny, tuned, chunk=2) == w            # tuned: at the calibration's chunk
+    assert inv.cell_work(fed, tiny, tuned) == w1                     # tuned, no calibration: at one
 
 
 @pytest.mark.parametrize("mode", ["centralized", "local"])
@@ -96,8 +102,8 @@ def test_calibration_prices_each_unit_and_names_a_bad_file():
              "sweep_slot_steps": 1500, "one_by_one_chunk_sizes": [4], "sweep_chunk_sizes": [4], "device": "gpu:H100",
              "unit_costs": {"epoch_step_seconds": 0.01, "seconds_per_validation_target_item": 1e-8}}
     cal = inv.calibration(bench, "b.json")
-    assert cal["single_seconds_per_slot_step"] == pytest.approx(0.02)
-    assert cal["sweep_seconds_per_slot_step"] == pytest.approx(0.004)
+    assert cal["single_seconds_per_step"] == pytest.approx(0.02)
+    assert cal["sweep_seconds_per_step"] == pytest.approx(0.004)
     assert cal["single_chunk"] == cal["sweep_chunk"] == 4
     w = inv.Work(runs=1, config_rounds=100, slot_steps=400_000, computed_steps=360_000, epoch_steps=720_000,
                  scored_target_items=36 * 10**10)
@@ -105,7 +111,18 @@ def test_calibration_prices_each_unit_and_names_a_bad_file():
     assert inv.hours(w, "sweep", cal)["federated"] == pytest.approx(0.4)
     # a benchmark whose single runs skipped padding steps (chunk 1) is priced per step it computed
     cal1 = inv.calibration({**bench, "one_by_one_chunk_sizes": [1], "one_by_one_computed_steps": 1000}, "b.json")
-    assert cal1["single_seconds_per_slot_step"] == pytest.approx(0.03) and cal1["single_chunk"] == 1
+    assert cal1["single_seconds_per_step"] == pytest.approx(0.03) and cal1["single_chunk"] == 1
+    assert cal1["per_computed_step"] and cal["per_computed_step"]   # chunk 4: every slot is computed
+    with pytest.raises(FedscopeError, match=r"b\.json: one_by_one_computed_steps: expected a step count > 0"):
+        inv.calibration({**bench, "one_by_one_computed_steps": 0}, "b.json")
+    # an old chunk-1 report (no computed count) and cells at another chunk than the calibration's are said
+    old1 = inv.calibration({**bench, "one_by_one_chunk_sizes": [1]}, "b.json")
+    assert not old1["per_computed_step"]
+    warn = inv.calibration_warnings({"calibration": old1, "calibration_mismatch": {},
+                                     "calibration_chunk_mismatch": {"4": 3}})
+    assert len(warn) == 2 and "3 cells run at 4" in warn[0] and "predates computed step counts" in warn[1]
+    assert inv.calibration_warnings({"calibration": cal1, "calibration_mismatch": {},
+                                     "calibration_chunk_mismatch": {}}) == []
     old = {k: v for k, v in bench.items() if k not in ("sweep_slot_steps", "unit_costs")}
     with pytest.raises(FedscopeError, match=r"b\.json: .*no sweep_slot_steps, unit_costs"):
         inv.calibration(old, "b.json")

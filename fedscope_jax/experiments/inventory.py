@@ -90,8 +90,8 @@ def _scored(ds: Any, passes: int) -> dict[str, int]:
 
 def federated_work(ds: Any, cfg: Any, configs: int = 1, multiple: int = 1, skips_padding: bool = False) -> Work:
     """One federated run of `cfg` (a sweep: `configs` runs sharing its data, sampling and programs), its
-    bucket slots padded to `multiple`; with `skips_padding` (module function of that name) it computes its real
-    steps only."""
+    bucket slots padded to `multiple`; with `skips_padding` (a single run at a chunk of one client) it
+    computes its real steps only."""
     steps_of, _ = client_steps(ds, cfg)
     real, slots = round_steps(steps_of, cfg, multiple)
     f = cfg.federated
@@ -124,22 +124,18 @@ def sweep_configs(cfg: Any, modes: Sequence[str], epsilons: Sequence[float]) -> 
     return len(distinct_points(sweep_points(cfg, modes, epsilons, [cfg.train.seed]))[0])
 
 
-def cell_work(cell: Any, ds: Any, cfg: Any, multiple: int = 1) -> Work:
-    """The work of one reproduction cell (`experiments.cells.Cell`) on its prepared dataset (federated
-    bucket slots padded to `multiple`)."""
+def cell_work(cell: Any, ds: Any, cfg: Any, chunk: int | None = None) -> Work:
+    """The work of one reproduction cell (`experiments.cells.Cell`) on its prepared dataset. Federated bucket
+    slots are padded to the client chunk: a single run's own `federated.chunk_size`, or where that is 0 (tuned
+    on the device) `chunk` (a calibration's; 1 without one); a sweep's at `chunk` (1 without one)."""
     if cell.mode == "sweep":
-        return federated_work(ds, cfg, sweep_configs(cfg, cell.sweep_modes, cell.sweep_epsilons), multiple)
+        return federated_work(ds, cfg, sweep_configs(cfg, cell.sweep_modes, cell.sweep_epsilons), chunk or 1)
     if cell.mode == "federated":
-        return federated_work(ds, cfg, 1, multiple, skips_padding(cfg.federated.chunk_size, multiple))
+        own = cfg.federated.chunk_size or chunk or 1
+        return federated_work(ds, cfg, 1, own, skips_padding=own == 1)
     if cell.mode in ("centralized", "local"):
         return epoch_work(ds, cfg, local=cell.mode == "local")
     raise FedscopeError(f"inventory: unknown cell mode {cell.mode!r}")
-
-
-def skips_padding(chunk_size: int, multiple: int) -> bool:
-    """Whether a single federated run skips its padding steps: its client chunk is one (`chunk_size`, 0 = tuned,
-    counted as vmapped) and its slots are counted at one client (`multiple`)."""
-    return chunk_size == 1 and multiple == 1
 
 
 def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -155,6 +151,10 @@ def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
     if missing:
         raise FedscopeError(f"{where}: not a `fedscope benchmark --sweep` report with slot step counts and unit "
                             f"costs (no {', '.join(missing)}); run the sweep benchmark again with this version")
+    computed = bench.get("one_by_one_computed_steps")
+    if computed is not None and (isinstance(computed, bool) or not isinstance(computed, (int, float))
+                                 or computed <= 0):
+        raise FedscopeError(f"{where}: one_by_one_computed_steps: expected a step count > 0, got {computed!r}")
     for side in ("one_by_one", "sweep"):
         if not bench[f"{side}_slot_steps"] > 0 or not bench[f"{side}_seconds"] > 0:
             raise FedscopeError(f"{where}: {side}_slot_steps and {side}_seconds: expected > 0, got "
@@ -165,11 +165,12 @@ def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise FedscopeError(f"{where}: unit_costs.{k}: expected a number of seconds > 0, got "
                                 f"{unit.get(k) if isinstance(unit, Mapping) else unit!r}")
     # a report from before the computed counts: its chunk-of-one runs are priced per slot (an underestimate)
-    single_steps = bench.get("one_by_one_computed_steps") or bench["one_by_one_slot_steps"]
+    single_steps = computed or bench["one_by_one_slot_steps"]
     return {"device": bench.get("device", "?"), "workload": bench.get("workload"),
+            "per_computed_step": computed is not None or int(max(bench["one_by_one_chunk_sizes"])) > 1,
             "step_shape": calibrated_shape(bench.get("workload")),
-            "single_seconds_per_slot_step": bench["one_by_one_seconds"] / single_steps,
-            "sweep_seconds_per_slot_step": bench["sweep_seconds"] / bench["sweep_slot_steps"],
+            "single_seconds_per_step": bench["one_by_one_seconds"] / single_steps,
+            "sweep_seconds_per_step": bench["sweep_seconds"] / bench["sweep_slot_steps"],
             "single_chunk": int(max(bench["one_by_one_chunk_sizes"])),
             "sweep_chunk": int(max(bench["sweep_chunk_sizes"])),
             "epoch_step_seconds": float(unit["epoch_step_seconds"]),
@@ -205,7 +206,7 @@ def hours(work: Work, mode: str, cal: Mapping[str, Any]) -> dict[str, float]:
     at the calibration's chunk size, x the seconds per computed step of its program), `epochs` (centralized /
     local-only steps, at most) and `validation` (scored target-items; at most for the epoch modes).
     Compilation is not included."""
-    per = cal["sweep_seconds_per_slot_step" if mode == "sweep" else "single_seconds_per_slot_step"]
+    per = cal["sweep_seconds_per_step" if mode == "sweep" else "single_seconds_per_step"]
     return {"federated": work.computed_steps * per / 3600.0,
             "epochs": work.epoch_steps * cal["epoch_step_seconds"] / 3600.0,
             "validation": work.scored_target_items * cal["seconds_per_validation_target_item"] / 3600.0}
@@ -216,7 +217,8 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
     """The work of every cell of `studies` (`experiments.planning.Options`: profile, datasets, data root; the
     datasets are prepared under OUT/data as `fedscope reproduce` does). A cell shared by several studies
     (ablation's full FedSCOPE is main's) counts once, in the first. With `cal` (`calibration`), federated
-    slots are counted at its client chunks and each cell and study gets its estimated hours (`hours`)."""
+    slots are counted at its client chunks (`cell_work`) and each cell and study gets its estimated hours
+    (`hours`), with the cells whose fixed client chunk is not the calibration's listed."""
     from fedscope_jax.experiments.cells import run_config
     from fedscope_jax.experiments.planning import CellData, plan
     from fedscope_jax.train.config import step_shape
@@ -225,6 +227,7 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
     data = CellData(opts)
     seen: set[str] = set()
     shapes: list[dict[str, int]] = []
+    other_chunks: dict[str, int] = {}   # a single run's fixed client chunk other than the calibration's: cells
     out: dict[str, Any] = {"profile": opts.profile, "dry_run": opts.dry_run, "data": data.facts,
                            "calibration": dict(cal) if cal else None, "studies": {}}
     for name, cells in cells_of.items():
@@ -240,9 +243,12 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
             if rel in seen:
                 continue
             seen.add(rel)
-            multiple = 1 if cal is None else cal["sweep_chunk" if cell.mode == "sweep" else "single_chunk"]
+            chunk = None if cal is None else cal["sweep_chunk" if cell.mode == "sweep" else "single_chunk"]
             cfg = run_config(cell, str(study.path))
-            w = cell_work(cell, ds, cfg, multiple)
+            w = cell_work(cell, ds, cfg, chunk)
+            if cal is not None and cell.mode == "federated" and cfg.federated.chunk_size not in (0, chunk):
+                key = str(cfg.federated.chunk_size)
+                other_chunks[key] = other_chunks.get(key, 0) + 1
             shapes.append(step_shape(cfg))
             by_mode[cell.mode] = by_mode.get(cell.mode, Work()) + w
             row = {"cell": rel, "mode": cell.mode, **dataclasses.asdict(w)}
@@ -259,6 +265,7 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
     if cal is not None:   # timings of another step size price these cells wrongly: said, not hidden
         out["calibration_mismatch"] = (shape_mismatch(cal["step_shape"], shapes) if cal.get("step_shape")
                                        else None)
+        out["calibration_chunk_mismatch"] = other_chunks
     return out
 
 
@@ -298,8 +305,8 @@ def format_inventory(inv: Mapping[str, Any]) -> str:
                  "at most (early stopping ends most runs sooner)")
     if cal:
         total = sum(grand_h.values())
-        lines.append(f"hours on {cal['device']}: computed steps x {cal['single_seconds_per_slot_step'] * 1e3:.2f} ms "
-                     f"(single run) / {cal['sweep_seconds_per_slot_step'] * 1e3:.2f} ms (per configuration in "
+        lines.append(f"hours on {cal['device']}: computed steps x {cal['single_seconds_per_step'] * 1e3:.2f} ms "
+                     f"(single run) / {cal['sweep_seconds_per_step'] * 1e3:.2f} ms (per configuration in "
                      f"a sweep); epoch steps x {cal['epoch_step_seconds'] * 1e3:.2f} ms; validation "
                      f"target-items x {cal['seconds_per_validation_target_item'] * 1e9:.2f} ns. Total at most "
                      f"{total:.1f} h (federated {grand_h['federated']:.1f} h) plus compilation")
@@ -314,11 +321,21 @@ def calibration_warnings(inv: Mapping[str, Any]) -> list[str]:
 
     if "calibration_mismatch" not in inv:
         return []
+    cal, lines = inv.get("calibration") or {}, []
+    chunks = inv.get("calibration_chunk_mismatch") or {}
+    if chunks:
+        lines.append(f"warning: the calibration's single runs used client chunk {cal.get('single_chunk')}, but "
+                     + ", ".join(f"{n} cell{'s' if n != 1 else ''} run at {c}" for c, n in sorted(chunks.items()))
+                     + ": their hours price another program's step")
+    if not cal.get("per_computed_step", True):
+        lines.append("warning: the calibration's report predates computed step counts and its single runs used "
+                     "client chunk 1: their padding steps were skipped but counted, so these hours are too low "
+                     "(rerun the sweep benchmark with this version)")
     mismatch = inv["calibration_mismatch"]
     if mismatch is None:
-        return ["warning: the calibration's report records no workload step shape (batch size, model size): "
-                "these hours assume it timed the cells' own step"]
-    return [f"warning: the calibration timed {k} {m['calibrated']}, but "
+        return lines + ["warning: the calibration's report records no workload step shape (batch size, model "
+                        "size): these hours assume it timed the cells' own step"]
+    return lines + [f"warning: the calibration timed {k} {m['calibrated']}, but "
             + ", ".join(f"{n} cell{'s' if n != 1 else ''} use{'s' if n == 1 else ''} {v}"
                         for v, n in sorted(m["cells"].items()))
             + f": their hours price a step of another size (rerun the sweep benchmark with --set "
@@ -327,4 +344,4 @@ def calibration_warnings(inv: Mapping[str, Any]) -> list[str]:
 
 __all__ = ["Work", "calibrated_shape", "calibration", "calibration_warnings", "cell_work", "client_steps",
            "epoch_work", "federated_work", "format_inventory", "hours", "round_steps", "shape_mismatch",
-           "skips_padding", "sweep_configs", "take_inventory", "targets"]
+           "sweep_configs", "take_inventory", "targets"]

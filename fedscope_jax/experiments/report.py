@@ -86,8 +86,8 @@ def write_report(runs: str | Path, out: str | Path, benchmark: str | Path | None
                       "not the paper's setting (the `full` profile): compare methods within a table, not with "
                       "published figures.", ""]
         if plan["profile"] == "cpu" and not plan.get("dry_run"):
-            lines += ["> **cpu profile**: the whole abxi-food-kitchen (every user and item), the paper's model with one "
-                      "transformer block instead of two, 20 power-law silos, up to 60 federated rounds, one seed "
+            lines += ["> **cpu profile**: the whole abxi-food-kitchen (every user and item), the paper's model with "
+                      "one transformer block instead of two, 20 power-law silos, up to 60 federated rounds, one seed "
                       "(no std: differences within a few percent are not findings), sized for a 2-core CPU; "
                       "999 sampled negatives and full ranking.", ""]
         for name, info in plan["studies"].items():

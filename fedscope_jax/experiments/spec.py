@@ -319,6 +319,11 @@ def load_study(path: str | Path) -> Study:
             pds = tuple(pds)
         profiles[pname] = Profile(_seeds(praw.get("seeds", seeds), path, f"{key}.seeds"), max_users,
                                   _overrides(praw.get("set", {}), path, f"{key}.set"), pds, max_items, users)
+    for i, v in enumerate(variants):
+        for prof, _ in v.per_profile:
+            if prof not in profiles:
+                raise _err(path, f"variants[{i}].profiles.{prof}", f"the study has no profile {prof!r} (it has "
+                           f"{', '.join(profiles)})")
     study = Study(name, path, str(raw.get("title", name)), kind, str(raw.get("description", "")), datasets,
                   methods, dp, variants, modes, epsilons, reads, profiles, user_modes)
     for m in methods:  # a method that needs DP must have a DP setting to run under
@@ -370,9 +375,12 @@ def load_studies(names: list[str] | None = None, config_dir: str | Path | None =
         if lacking:
             having = [s.name for s in _in_order(by_name.values()) if profile in s.profiles]
             raise FedscopeError(f"--studies: study {lacking[0].name!r} has no profile {profile!r} ({lacking[0].path} "
-                                f"has {', '.join(lacking[0].profiles)}); the studies with it: {', '.join(having)}")
+                                f"has {', '.join(lacking[0].profiles)}); the studies with it: "
+                                f"{', '.join(having) or 'none'}")
     elif profile is not None:
         studies = [s for s in studies if profile in s.profiles]
+        if not studies:
+            raise FedscopeError(f"--profile {profile}: no study in {root} has that profile")
     return _in_order(studies)
 
 
