@@ -42,6 +42,14 @@ def test_federated_run_directory(tiny_dataset: Path, tmp_path: Path, capsys):
     assert "federated.clients" in capsys.readouterr().err
     assert main(["train", "--mode", "federated", "--data", str(tiny_dataset), "--out", str(run), "--clients", "3",
                  "--scheme", "uniform", "--rounds", "2", "--eval-every", "2", "--resume", *TINY]) == 0
+    # the run's own config.json is a --config file holding the same settings (its record keys left out)
+    from fedscope_jax.train.config import RUN_RECORD_KEYS, load_config, to_dict
+    record = json.loads((run / "config.json").read_text())
+    assert {"data", "mode"} <= set(record) and "seed" in record["federated"]
+    assert to_dict(load_config(run / "config.json")) == {k: v for k, v in record.items() if k not in RUN_RECORD_KEYS}
+    record["train"]["seed"] = record["federated"]["seed"] = 2
+    (tmp_path / "seed2.json").write_text(json.dumps(record))
+    assert load_config(tmp_path / "seed2.json").federated.seed == 2
 
 
 def test_client_per_domain_setting(tiny_dataset: Path, tmp_path: Path):

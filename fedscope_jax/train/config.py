@@ -134,8 +134,14 @@ def _set_path(tree: dict[str, Any], dotted: str, value: str) -> None:
     tree[parts[-1]] = value
 
 
+# What a run's config.json records beside its RunConfig (cli/train.py, cli/sweep.py, the reproduction's cells)
+RUN_RECORD_KEYS = ("data", "attributes", "semantic_coverage", "mode", "experiment")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """RunConfig from an optional JSON file plus `key=value` overrides (dotted keys, e.g. model.loss.alpha=0)."""
+    """RunConfig from an optional JSON file plus `key=value` overrides (dotted keys, e.g. model.loss.alpha=0).
+    The file may be a run's own config.json: its record keys (`RUN_RECORD_KEYS`) and the federated seed it
+    resolved from train.seed are left out, so `--config RUN/config.json` trains that run's settings again."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -147,6 +153,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise FedscopeError(f"{p}: invalid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise FedscopeError(f"{p}: expected a JSON object with sections model/train/eval/federated/privacy")
+        if any(k in data for k in RUN_RECORD_KEYS):   # a run's config.json
+            data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS}
+            if isinstance(data.get("federated"), dict):
+                data["federated"] = {k: v for k, v in data["federated"].items() if k != "seed"}
     for item in overrides:
         if "=" not in item:
             raise FedscopeError(f"--set {item!r}: expected key=value, e.g. model.dim=32")
