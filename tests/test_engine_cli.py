@@ -50,6 +50,9 @@ def test_federated_run_directory(tiny_dataset: Path, tmp_path: Path, capsys):
     record["train"]["seed"] = record["federated"]["seed"] = 2
     (tmp_path / "seed2.json").write_text(json.dumps(record))
     assert load_config(tmp_path / "seed2.json").federated.seed == 2
+    (tmp_path / "mine.json").write_text(json.dumps({"data": "x", "model": {"dim": 8}}))   # not a run's record
+    with pytest.raises(FedscopeError, match=r"mine\.json: unknown config key 'data'"):
+        load_config(tmp_path / "mine.json")
 
 
 def test_client_per_domain_setting(tiny_dataset: Path, tmp_path: Path):

@@ -153,7 +153,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise FedscopeError(f"{p}: invalid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise FedscopeError(f"{p}: expected a JSON object with sections model/train/eval/federated/privacy")
-        if any(k in data for k in RUN_RECORD_KEYS):   # a run's config.json
+        if {"mode", "semantic_coverage"} <= set(data):   # a run's config.json (every writer records both)
             data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS}
             if isinstance(data.get("federated"), dict):
                 data["federated"] = {k: v for k, v in data["federated"].items() if k != "seed"}
