@@ -9,9 +9,8 @@ counts depend on the client chunk (each bucket's slots are padded up to a multip
 sampled client trains (a client out of its privacy budget trains no steps but keeps its slot). A single run
 at a chunk of one client skips its padding steps (engine/round.py), so it computes its real steps only; a
 vmapped chunk computes every slot, and a sweep is counted at every slot too, an upper bound (`computed_steps`,
-which the prices use). Epoch-mode
-and non-private federated counts are upper bounds: early stopping (`train.patience`) usually ends those runs
-before `train.epochs` / `federated.rounds`.
+which the prices use). Epoch-mode and non-private federated counts are upper bounds: early stopping
+(`train.patience`) usually ends those runs before `train.epochs` / `federated.rounds`.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ class Work:
 
     runs: int = 0               # training runs (a sweep: its distinct configurations)
     config_rounds: int = 0      # federated rounds, summed over runs
-    slot_steps: int = 0         # federated local steps the programs compute, padding included (at a client chunk)
+    slot_steps: int = 0         # federated local step slots of the programs, padding included (at a client chunk)
     real_steps: int = 0         # of those, the steps on real batches
     computed_steps: int = 0     # the steps computed: the slot steps, or the real ones where padding is skipped
     epoch_steps: int = 0        # centralized / local-only steps, at most (train.epochs; local: of every client)
@@ -203,8 +202,8 @@ def shape_mismatch(calibrated: Mapping[str, Any], shapes: Sequence[Mapping[str, 
 
 def hours(work: Work, mode: str, cal: Mapping[str, Any]) -> dict[str, float]:
     """Estimated hours of a cell's work on the calibration's device: `federated` (its computed steps, counted
-    at the calibration's chunk size, x the seconds per computed step of its program), `epochs` (centralized /
-    local-only steps, at most) and `validation` (scored target-items; at most for the epoch modes).
+    at its client chunk by `cell_work`, x the seconds per computed step of its program), `epochs`
+    (centralized / local-only steps, at most) and `validation` (scored target-items; at most for the epoch modes).
     Compilation is not included."""
     per = cal["sweep_seconds_per_step" if mode == "sweep" else "single_seconds_per_step"]
     return {"federated": work.computed_steps * per / 3600.0,
