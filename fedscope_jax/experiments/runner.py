@@ -198,8 +198,9 @@ def progress_weights(todo: list[Any]) -> tuple[list[int], int]:
     """Each cell's share of the progress bar, and the share already done: its counted local steps
     (`experiments.inventory`: federated computed steps, slots counted at client chunk 1; centralized /
     local-only steps at most), so the bar's rate and time left follow the work (the full profile's cells
-    differ 7-fold in size with the dataset) rather than the cell count. A cell listed again (a study sharing another's) weighs 0, and cells a
-    killed reproduction finished start the bar, so that a resumed one does not count them in its rate."""
+    differ 7-fold in size with the dataset) rather than the cell count. A cell listed again (a study sharing
+    another's) weighs 0, and cells a killed reproduction finished start the bar, so that a resumed one does not
+    count them in its rate."""
     out, done, seen = [], 0, set()
     for study, cell, cell_dir, (ds, *_rest) in todo:
         if cell_dir in seen:
