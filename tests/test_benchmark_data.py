@@ -197,6 +197,9 @@ def test_sweep_benchmark_cli(tiny, tmp_path, monkeypatch):
     # the steps the single runs computed: at a chunk of one client its real ones, not its padding slots
     assert report["one_by_one_chunk_sizes"] == [1]
     assert 0 < report["one_by_one_computed_steps"] < report["one_by_one_slot_steps"]
+    # and the sweep, at a client chunk of one too, skips the same padding steps of every configuration
+    assert report["sweep_chunk_sizes"] == [1]
+    assert report["sweep_computed_steps"] == report["one_by_one_computed_steps"]
     unit = report["unit_costs"]   # timed once, after the first repeat was written, and kept in later writes
     assert written[0]["unit_costs"] is None and written[1]["unit_costs"] == unit
     assert unit["epoch_step_seconds"] > 0 and unit["validation_seconds"] > 0

@@ -364,3 +364,36 @@ def test_padding_steps_are_skipped_outside_vmap():
     jax.effects_barrier()
     assert len(calls) == 5   # a callback without arguments runs once per vmapped step: every slot is computed
     np.testing.assert_allclose(np.asarray(deltas["w"][0]), np.asarray(delta["w"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("config_chunk", [0, 1])
+def test_sweep_at_a_client_chunk_of_one_skips_padding_steps(config_chunk):
+    """The sweep program shares the cohorts' data over its configs, so a client's step mask is not batched and
+    a chunk of one client keeps its padding steps skipped: 8 real steps of 12 slots per config. Counted by a
+    callback in the loss (once per vmapped step: configs vmapped, or once per config in a loop)."""
+    from fedscope_jax.engine.sweep import config_vectors, make_sweep_round_fn, stack_states
+
+    calls = []
+
+    def loss(params, batch, key):
+        jax.debug.callback(lambda: calls.append(1))
+        return _linear_loss(params, batch, key)
+
+    shards = _linear_shards([1.0, 2.0, 1.0, 1.0])               # 2, 3, 1, 2 steps: one bucket of 3 steps
+    cohorts, pad = build_cohorts(shards, range(4), plan_buckets(shards, max_buckets=1), {}, nice=False)
+    assert (pad.real_steps, pad.slot_steps) == (8, 12)
+    opt = server_optimizer("fedavg")
+    cfg = ClientConfig(loss_fn=loss, optimizer=optax.sgd(0.1))
+    states = stack_states([init_server_state(LIN_PARAMS, opt)] * 2)
+    ids = np.arange(4)
+    vectors = config_vectors(cohorts, 4, [(ids, np.inf, 0.0), (ids[:2], np.inf, 0.0)], stacked=True)
+    # a vmapped chunk of two computes every slot: 2 chunks x 3 steps, a callback each (once per vmapped step)
+    for chunk, per_config in ((1, 8), (2, 6)):
+        calls.clear()
+        fn = make_sweep_round_fn(cfg, opt, EngineConfig(chunk_size=chunk), donate=False, config_chunk=config_chunk)
+        new, _ = fn(states, vectors, jax.random.key(0))
+        jax.effects_barrier()
+        assert len(calls) == per_config * (2 if config_chunk == 1 else 1)
+        if chunk == 1:
+            skipped = new
+    np.testing.assert_allclose(np.asarray(skipped.params["w"]), np.asarray(new.params["w"]), rtol=1e-5)

@@ -55,7 +55,7 @@ def test_federated_counts_equal_the_rounds_a_run_records(tiny, tmp_path):
     assert t["valid"][0] == valid > 0 and t["test"][0] == test > 0
     assert t["valid"][0] * min(tiny.n_items) <= t["valid"][1] <= t["valid"][0] * max(tiny.n_items)
     assert w.scored_targets == 4 * valid + test   # 3 validations + the final valid and test
-    assert w.computed_steps == w.slot_steps   # a vmapped chunk computes its padding steps
+    assert w.computed_steps == w.slot_steps == sum(r["computed_steps"] for r in records)   # a vmapped chunk
     # a chunk of one client pads less, and skips the padding steps it has (engine/round.py)
     assert sum(inv.round_steps(steps_of, cfg, multiple=1)[1]) <= w.slot_steps
     one = config("federated.clients=7", "federated.fraction=0.5", "federated.max_buckets=2",
@@ -63,11 +63,19 @@ def test_federated_counts_equal_the_rounds_a_run_records(tiny, tmp_path):
     fed = SimpleNamespace(mode="federated")
     w1 = inv.cell_work(fed, tiny, one)   # a chunk of one of its own: counted at one, its padding skipped
     assert w1.computed_steps == w1.real_steps == w.real_steps < w1.slot_steps
+    train_federated(tiny, one, tmp_path / "one")   # as the run records it
+    ones = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["computed_steps"] for r in ones] == [r["real_steps"] for r in ones] == real
+    assert sum(r["slot_steps"] for r in ones) == w1.slot_steps
     assert inv.cell_work(fed, tiny, one, chunk=2) == w1   # its own chunk, not a calibration's
     tuned = config("federated.clients=7", "federated.fraction=0.5", "federated.max_buckets=2",
                    "federated.chunk_size=0", "federated.rounds=5", "federated.eval_every=2", "train.batch_size=8")
     assert inv.cell_work(fed, tiny, tuned, chunk=2) == w            # tuned: at the calibration's chunk
     assert inv.cell_work(fed, tiny, tuned) == w1                     # tuned, no calibration: at one
+    sweep = SimpleNamespace(mode="sweep", sweep_modes=("personalized",), sweep_epsilons=(1.0, 2.0))
+    ws = inv.cell_work(sweep, tiny, tuned)   # at a chunk of one a sweep skips its padding steps too
+    assert ws.computed_steps == ws.real_steps == 2 * w1.real_steps and ws.slot_steps == 2 * w1.slot_steps
+    assert inv.cell_work(sweep, tiny, tuned, chunk=2).computed_steps == 2 * w.slot_steps
 
 
 @pytest.mark.parametrize("mode", ["centralized", "local"])
@@ -113,8 +121,14 @@ def test_calibration_prices_each_unit_and_names_a_bad_file():
     cal1 = inv.calibration({**bench, "one_by_one_chunk_sizes": [1], "one_by_one_computed_steps": 1000}, "b.json")
     assert cal1["single_seconds_per_step"] == pytest.approx(0.03) and cal1["single_chunk"] == 1
     assert cal1["per_computed_step"] and cal["per_computed_step"]   # chunk 4: every slot is computed
-    with pytest.raises(FedscopeError, match=r"b\.json: one_by_one_computed_steps: expected a step count > 0"):
-        inv.calibration({**bench, "one_by_one_computed_steps": 0}, "b.json")
+    # a sweep at chunk 1 skips padding steps too: priced per computed step, said where its report lacks them
+    ones = {**bench, "one_by_one_chunk_sizes": [1], "one_by_one_computed_steps": 1000, "sweep_chunk_sizes": [1]}
+    assert not inv.calibration(ones, "b.json")["per_computed_step"]
+    cal1 = inv.calibration({**ones, "sweep_computed_steps": 1200}, "b.json")
+    assert cal1["sweep_seconds_per_step"] == pytest.approx(0.005) and cal1["per_computed_step"]
+    for key in ("one_by_one_computed_steps", "sweep_computed_steps"):
+        with pytest.raises(FedscopeError, match=rf"b\.json: {key}: expected a step count > 0"):
+            inv.calibration({**bench, key: 0}, "b.json")
     # an old chunk-1 report (no computed count) and cells at another chunk than the calibration's are said
     old1 = inv.calibration({**bench, "one_by_one_chunk_sizes": [1]}, "b.json")
     assert not old1["per_computed_step"]

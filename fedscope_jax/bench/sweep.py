@@ -73,7 +73,9 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
                 sweeps[i].append({"config_chunk": facts[0]["program"]["config_chunk"],
                                   "wall_seconds": time.perf_counter() - t0, **facts[0]["timing"],
                                   "round_seconds": [r["seconds"] for r in recs[0]],
-                                  "slot_steps": len(trained) * sum(r.get("slot_steps", 0) for r in recs[0])})
+                                  "slot_steps": len(trained) * sum(r.get("slot_steps", 0) for r in recs[0]),
+                                  "computed_steps": len(trained) * sum(r.get("computed_steps", 0)
+                                                                       for r in recs[0])})
                 if i == 0:
                     sweep_states, sweep_facts = states, facts
 
@@ -90,9 +92,7 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
                 s, recs, f = run_tracks(tracks(f"single-{rep}", [p]), ctx.source, ctx.n_clients, ctx.params,
                                         ctx.client_cfg, dataclasses.replace(fcfg, chunk_size=chunk), desc=p.name)
                 slot_steps += sum(r.get("slot_steps", 0) for r in recs[0])
-                # a single run at a chunk of one client skips its padding steps (engine/round.py)
-                computed_steps += sum(r.get("real_steps" if f[0]["chunk_size"] == 1 else "slot_steps", 0)
-                                      for r in recs[0])
+                computed_steps += sum(r.get("computed_steps", 0) for r in recs[0])
                 single_chunks.setdefault(p.cfg.privacy.mode, f[0]["chunk_size"])
                 states.append(s[0])
                 facts.append(f[0])
@@ -185,10 +185,11 @@ def _sweep_report(ds: Any, cfg: Any, points: list[Any], trained: list[Any], swee
         "sweep_by_config_chunk": by_chunk,
         "one_by_one_train_seconds_per_repeat": [s["train_seconds"] for s in singles],
         # local step slots of the round programs (padding included; a sweep counts each configuration's), and
-        # the steps they computed (a single run at a chunk of one skips its padding; a sweep computes every
-        # slot), so that seconds / computed steps prices a step of either program (experiments.inventory)
+        # the steps they computed (a chunk of one client skips its padding: engine.round.computed_steps), so
+        # that seconds / computed steps prices a step of either program (experiments.inventory)
         "sweep_slot_steps": sweeps[0][0]["slot_steps"],
         "one_by_one_slot_steps": singles[0]["slot_steps"],
+        "sweep_computed_steps": sweeps[0][0]["computed_steps"],
         "one_by_one_computed_steps": singles[0]["computed_steps"],
         "repeats": repeats,
         "repeats_done": len(singles),

@@ -116,11 +116,26 @@ def _clients_update(params: PyTree, data: ClientData, keys: jax.Array, client_cf
     client itself, so that data-dependent branches stay branches (under vmap a `lax.cond` whose predicate
     differs across clients computes both sides: e.g. the loss's skip of a domain a client does not hold, or
     its padding steps, which a chunk of one skips)."""
-    if keys.shape[0] == 1:
+    if skips_padding(keys.shape[0]):
         first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
         delta, stats = client_update(params, first(data), keys[0], client_cfg, first(noise), skip_padding=True)
         return jax.tree.map(lambda x: x[None], (delta, stats))
     return jax.vmap(client_update, in_axes=(None, 0, 0, None, 0))(params, data, keys, client_cfg, noise)
+
+
+def skips_padding(clients_per_chunk: int) -> bool:
+    """Whether a chunk of this many clients computes its real steps only: a chunk of one client is trained on
+    its own, its padding steps skipped (`_clients_update`); a vmapped chunk computes every step slot. A sweep
+    shares the cohorts' data over its configs, so the same holds there (tests/test_engine_core.py)."""
+    return clients_per_chunk == 1
+
+
+def computed_steps(pad: Any, chunk_size: int, devices: int = 1) -> int:
+    """Local steps a round program computes for the cohorts counted by `pad` (`cohort.PaddingStats`): each
+    cohort's client chunk is `chunk_size` at most its clients per device (`_cohort_sums`; devices: 1 for a
+    sweep, whose clients are not sharded); a chunk of one computes the real steps, any other every slot."""
+    return sum(real if skips_padding(min(chunk_size, rows // devices)) else slots
+               for rows, real, slots in pad.cohorts)
 
 
 def _cohort_sums(params: PyTree, cohort: Cohort, train_key: jax.Array, noise_key: jax.Array,

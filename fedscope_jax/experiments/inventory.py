@@ -6,10 +6,10 @@ counts come from the same partition, batch sizes, sampling and size buckets as t
 seconds for the full profile). Priced with per-unit seconds measured on a device (`calibration`, from a
 `fedscope benchmark --sweep` JSON made there; `hours`), they size a profile for that device. Federated slot
 counts depend on the client chunk (each bucket's slots are padded up to a multiple of it) and assume every
-sampled client trains (a client out of its privacy budget trains no steps but keeps its slot). A single run
-at a chunk of one client skips its padding steps (engine/round.py), so it computes its real steps only; a
-vmapped chunk computes every slot, and a sweep is counted at every slot too, an upper bound (`computed_steps`,
-which the prices use). Epoch-mode and non-private federated counts are upper bounds: early stopping
+sampled client trains (a client out of its privacy budget trains no steps but keeps its slot). A program
+at a chunk of one client, a single run or a sweep, skips its padding steps (`engine.round.skips_padding`), so
+it computes its real steps only; a vmapped chunk computes every slot (`computed_steps`, which the prices
+use). Epoch-mode and non-private federated counts are upper bounds: early stopping
 (`train.patience`) usually ends those runs before `train.epochs` / `federated.rounds`.
 """
 
@@ -89,8 +89,8 @@ def _scored(ds: Any, passes: int) -> dict[str, int]:
 
 def federated_work(ds: Any, cfg: Any, configs: int = 1, multiple: int = 1, skips_padding: bool = False) -> Work:
     """One federated run of `cfg` (a sweep: `configs` runs sharing its data, sampling and programs), its
-    bucket slots padded to `multiple`; with `skips_padding` (a single run at a chunk of one client) it
-    computes its real steps only."""
+    bucket slots padded to `multiple`; with `skips_padding` (a chunk of one client,
+    `engine.round.skips_padding`) it computes its real steps only."""
     steps_of, _ = client_steps(ds, cfg)
     real, slots = round_steps(steps_of, cfg, multiple)
     f = cfg.federated
@@ -123,15 +123,21 @@ def sweep_configs(cfg: Any, modes: Sequence[str], epsilons: Sequence[float]) -> 
     return len(distinct_points(sweep_points(cfg, modes, epsilons, [cfg.train.seed]))[0])
 
 
+def counted_chunk(cell: Any, cfg: Any, chunk: int | None = None) -> int:
+    """The client chunk a federated cell is counted at: a single run's own `federated.chunk_size`, or where that
+    is 0 (tuned on the device) `chunk` (a calibration's; 1 without one); a sweep's at `chunk` (1 without one)."""
+    return (chunk or 1) if cell.mode == "sweep" else (cfg.federated.chunk_size or chunk or 1)
+
+
 def cell_work(cell: Any, ds: Any, cfg: Any, chunk: int | None = None) -> Work:
     """The work of one reproduction cell (`experiments.cells.Cell`) on its prepared dataset. Federated bucket
-    slots are padded to the client chunk: a single run's own `federated.chunk_size`, or where that is 0 (tuned
-    on the device) `chunk` (a calibration's; 1 without one); a sweep's at `chunk` (1 without one)."""
-    if cell.mode == "sweep":
-        return federated_work(ds, cfg, sweep_configs(cfg, cell.sweep_modes, cell.sweep_epsilons), chunk or 1)
-    if cell.mode == "federated":
-        own = cfg.federated.chunk_size or chunk or 1
-        return federated_work(ds, cfg, 1, own, skips_padding=own == 1)
+    slots are padded to the client chunk it is counted at (`counted_chunk`)."""
+    from fedscope_jax.engine.round import skips_padding
+
+    if cell.mode in ("sweep", "federated"):
+        own = counted_chunk(cell, cfg, chunk)
+        configs = sweep_configs(cfg, cell.sweep_modes, cell.sweep_epsilons) if cell.mode == "sweep" else 1
+        return federated_work(ds, cfg, configs, own, skips_padding=skips_padding(own))
     if cell.mode in ("centralized", "local"):
         return epoch_work(ds, cfg, local=cell.mode == "local")
     raise FedscopeError(f"inventory: unknown cell mode {cell.mode!r}")
@@ -150,10 +156,11 @@ def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
     if missing:
         raise FedscopeError(f"{where}: not a `fedscope benchmark --sweep` report with slot step counts and unit "
                             f"costs (no {', '.join(missing)}); run the sweep benchmark again with this version")
-    computed = bench.get("one_by_one_computed_steps")
-    if computed is not None and (isinstance(computed, bool) or not isinstance(computed, (int, float))
-                                 or computed <= 0):
-        raise FedscopeError(f"{where}: one_by_one_computed_steps: expected a step count > 0, got {computed!r}")
+    for key in ("one_by_one_computed_steps", "sweep_computed_steps"):
+        n = bench.get(key)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0):
+            raise FedscopeError(f"{where}: {key}: expected a step count > 0, got {n!r}")
+    computed, sweep_computed = bench.get("one_by_one_computed_steps"), bench.get("sweep_computed_steps")
     for side in ("one_by_one", "sweep"):
         if not bench[f"{side}_slot_steps"] > 0 or not bench[f"{side}_seconds"] > 0:
             raise FedscopeError(f"{where}: {side}_slot_steps and {side}_seconds: expected > 0, got "
@@ -163,13 +170,14 @@ def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
         if not isinstance(unit, Mapping) or not isinstance(unit.get(k), (int, float)) or unit[k] <= 0:
             raise FedscopeError(f"{where}: unit_costs.{k}: expected a number of seconds > 0, got "
                                 f"{unit.get(k) if isinstance(unit, Mapping) else unit!r}")
-    # a report from before the computed counts: its chunk-of-one runs are priced per slot (an underestimate)
-    single_steps = computed or bench["one_by_one_slot_steps"]
+    # a report from before the computed counts: its chunk-of-one programs are priced per slot (an underestimate)
+    exact = {side: n is not None or int(max(bench[f"{side}_chunk_sizes"])) > 1
+             for side, n in (("one_by_one", computed), ("sweep", sweep_computed))}
     return {"device": bench.get("device", "?"), "workload": bench.get("workload"),
-            "per_computed_step": computed is not None or int(max(bench["one_by_one_chunk_sizes"])) > 1,
+            "per_computed_step": all(exact.values()),
             "step_shape": calibrated_shape(bench.get("workload")),
-            "single_seconds_per_step": bench["one_by_one_seconds"] / single_steps,
-            "sweep_seconds_per_step": bench["sweep_seconds"] / bench["sweep_slot_steps"],
+            "single_seconds_per_step": bench["one_by_one_seconds"] / (computed or bench["one_by_one_slot_steps"]),
+            "sweep_seconds_per_step": bench["sweep_seconds"] / (sweep_computed or bench["sweep_slot_steps"]),
             "single_chunk": int(max(bench["one_by_one_chunk_sizes"])),
             "sweep_chunk": int(max(bench["sweep_chunk_sizes"])),
             "epoch_step_seconds": float(unit["epoch_step_seconds"]),
@@ -245,8 +253,8 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
             chunk = None if cal is None else cal["sweep_chunk" if cell.mode == "sweep" else "single_chunk"]
             cfg = run_config(cell, str(study.path))
             w = cell_work(cell, ds, cfg, chunk)
-            if cal is not None and cell.mode == "federated" and cfg.federated.chunk_size not in (0, chunk):
-                key = str(cfg.federated.chunk_size)
+            if cal is not None and cell.mode == "federated" and counted_chunk(cell, cfg, chunk) != chunk:
+                key = str(counted_chunk(cell, cfg, chunk))
                 other_chunks[key] = other_chunks.get(key, 0) + 1
             shapes.append(step_shape(cfg))
             by_mode[cell.mode] = by_mode.get(cell.mode, Work()) + w
@@ -327,9 +335,9 @@ def calibration_warnings(inv: Mapping[str, Any]) -> list[str]:
                      + ", ".join(f"{n} cell{'s' if n != 1 else ''} run at {c}" for c, n in sorted(chunks.items()))
                      + ": their hours price another program's step")
     if not cal.get("per_computed_step", True):
-        lines.append("warning: the calibration's report predates computed step counts and its single runs used "
-                     "client chunk 1: their padding steps were skipped but counted, so these hours are too low "
-                     "(rerun the sweep benchmark with this version)")
+        lines.append("warning: the calibration's report predates computed step counts and its runs used client "
+                     "chunk 1: their padding steps were skipped but counted, so these hours are too low (rerun "
+                     "the sweep benchmark with this version)")
     mismatch = inv["calibration_mismatch"]
     if mismatch is None:
         return lines + ["warning: the calibration's report records no workload step shape (batch size, model "
@@ -342,5 +350,5 @@ def calibration_warnings(inv: Mapping[str, Any]) -> list[str]:
 
 
 __all__ = ["Work", "calibrated_shape", "calibration", "calibration_warnings", "cell_work", "client_steps",
-           "epoch_work", "federated_work", "format_inventory", "hours", "round_steps", "shape_mismatch",
-           "sweep_configs", "take_inventory", "targets"]
+           "counted_chunk", "epoch_work", "federated_work", "format_inventory", "hours", "round_steps",
+           "shape_mismatch", "sweep_configs", "take_inventory", "targets"]

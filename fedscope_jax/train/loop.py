@@ -37,7 +37,7 @@ from fedscope_jax.engine.checkpoint import Checkpointer
 from fedscope_jax.engine.cohort import ClientShard, PaddingStats
 from fedscope_jax.engine.memory import ProgramTooLarge
 from fedscope_jax.engine.population import Population, plan_population
-from fedscope_jax.engine.round import CompiledFn, EngineConfig, client_mesh, shard_cohorts
+from fedscope_jax.engine.round import CompiledFn, EngineConfig, client_mesh, computed_steps, shard_cohorts
 from fedscope_jax.engine.server import ServerState, init_server_state, server_optimizer
 from fedscope_jax.engine.sweep import (config_mesh, config_vectors, default_config_chunk, pad_configs,
                                        stack_states, unstack)
@@ -409,9 +409,11 @@ def prefetch(loop: LoopState, r: int) -> tuple[int, dict[int, ClientShard]]:
         return -1, {}
 
 
-def round_record(metrics: Any, pad: PaddingStats, ids: np.ndarray, seconds: float) -> dict[str, Any]:
+def round_record(metrics: Any, pad: PaddingStats, ids: np.ndarray, seconds: float,
+                 computed: int) -> dict[str, Any]:
     """metrics.jsonl facts of one track's round; `ids` are its participants (other cohort rows are padding,
-    or clients taking part in other configs of a sweep only)."""
+    or clients taking part in other configs of a sweep only); `computed`: the local steps its program
+    computed (`engine.round.computed_steps`)."""
     cat = lambda field: np.concatenate([np.asarray(getattr(r, field)) for r in metrics.reports])  # noqa: E731
     cids, loss, steps, norm = cat("client_id"), cat("loss"), cat("steps"), cat("norm")
     factor, included = cat("clip_factor"), cat("included")
@@ -430,8 +432,8 @@ def round_record(metrics: Any, pad: PaddingStats, ids: np.ndarray, seconds: floa
         "noise_std": float(metrics.noise_std),
         "padding_waste": pad.waste,
         "real_steps": pad.real_steps,   # local steps of the round's cohorts (every config of a sweep)
-        "slot_steps": pad.slot_steps,   # the cohorts' step slots, padding included (computed unless the chunk is
-                                        # one client, which skips its padding steps: engine/round.py)
+        "slot_steps": pad.slot_steps,   # the cohorts' step slots, padding included
+        "computed_steps": computed,     # the steps computed (a chunk of one client skips its padding steps)
         "seconds": seconds,
     }
 
@@ -462,7 +464,8 @@ def write_round(loop: LoopState, step: RoundStep, logs: Sequence[Any]) -> bool:
             record = {"clients": 0, "included": 0, "seconds": step.seconds}
         else:
             metrics = step.metrics[i]
-            record = round_record(metrics, step.pad, ids, step.seconds)
+            computed = computed_steps(step.pad, g.chunk, 1 if g.sweep else g.devices)
+            record = round_record(metrics, step.pad, ids, step.seconds, computed)
             if metrics.secagg_error is not None:
                 record["secagg_max_abs_error"] = float(metrics.secagg_error)
         record = {"round": r + 1, **record}
