@@ -241,6 +241,34 @@ def test_cpu_profile_whole_abxi_one_seed_and_only_the_studies_that_have_it(tmp_p
         load_studies(None, tmp_path)
 
 
+def test_a_profile_may_run_its_own_dp_settings(tmp_path):
+    """`profiles.X.dp` replaces the study's DP list under X only: the cpu ablation runs its arms without DP (the
+    whole-data ID models are at the random level at eps 8), so the method that needs DP has no cell there; the
+    report says which settings ran. A sweep has no DP list, and a bad entry names its key."""
+    from fedscope_jax.experiments.report import _study_section
+
+    ablation = next(s for s in load_studies() if s.name == "ablation")
+    quick, cpu = expand(ablation, "quick", False), expand(ablation, "cpu", False)
+    assert {c.dp.mode for c in quick} == {"off", "personalized", "uniform"}
+    assert {c.dp.label for c in cpu} == {"off"} and "fedscope_uniform_dp" not in {c.method for c in cpu}
+    assert {c.method for c in cpu} == set(ablation.methods) - {"fedscope_uniform_dp"}
+    assert ablation.dp_for("quick") == ablation.dp and ablation.dp_for("cpu") != ablation.dp
+    info = {"title": "Ablation", "description": "each without DP and at eps 8", "profile_dp": ["off"], "cells": []}
+    text = "\n".join(_study_section(tmp_path, tmp_path, "ablation", info, {"profile": "cpu", "studies": {}}))
+    assert "Under the `cpu` profile this study runs the DP settings off only" in text
+    raw = json.loads((default_config_dir() / "main.json").read_text())
+    raw["profiles"]["quick"]["dp"] = [{"mode": "personalized", "epsilon": 0}]
+    with pytest.raises(FedscopeError, match=r"bad\.json: key 'profiles\.quick\.dp\[0\]\.epsilon': expected a "
+                                            r"positive number"):
+        load_study(_write(tmp_path, profiles=raw["profiles"]))
+    pu = json.loads((default_config_dir() / "privacy_utility.json").read_text())
+    pu["profiles"]["quick"]["dp"] = [{"mode": "off"}]
+    (tmp_path / "pu.json").write_text(json.dumps(pu))
+    with pytest.raises(FedscopeError, match=r"pu\.json: key 'profiles\.quick\.dp': only a cells study has DP "
+                                            r"settings; this one is 'sweep'"):
+        load_study(tmp_path / "pu.json")
+
+
 def test_dry_run_every_study(tmp_path):
     """fedscope reproduce --profile quick --dry-run --smoke on abxi-food-kitchen: every study's config, the
     first cell of each of its methods trained with the tiny budget, then the report."""

@@ -89,11 +89,13 @@ def run(args: argparse.Namespace) -> int:
     from fedscope_jax.experiments.report import write_report
     from fedscope_jax.experiments.planning import Options
     from fedscope_jax.experiments.runner import reproduce
-    from fedscope_jax.experiments.spec import load_studies
+    from fedscope_jax.experiments.spec import choose_studies, default_config_dir, read_studies
 
     names = [n.strip() for n in args.studies.split(",") if n.strip()] if args.studies else None
-    all_studies = {s.name: s for s in load_studies(None, args.configs)}
-    studies = load_studies(names, args.configs, args.profile)
+    where = Path(args.configs) if args.configs else default_config_dir()
+    every = read_studies(where)
+    all_studies = {s.name: s for s in every}
+    studies = choose_studies(every, names, args.profile, where)
     if names is None:
         without = sorted(set(all_studies) - {s.name for s in studies})
         if without:

@@ -107,7 +107,7 @@ def expand(study: Study, profile: str, dry_run: bool) -> list[Cell]:
                         cells.append(Cell(study.name, dataset, name, None, Variant(), seed, ov, profile, dry_run,
                                           modes, study.epsilons, unit))
                 continue
-            dps = [d for d in study.dp if _dp_applies(method.dp, d)]
+            dps = [d for d in study.dp_for(profile) if _dp_applies(method.dp, d)]
             if method.dp == "none":
                 dps = [DPSetting()]
             if method.dp_mode:

@@ -184,6 +184,11 @@ def _data_lines(plan: dict[str, Any]) -> list[str]:
 
 def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan: dict[str, Any]) -> list[str]:
     lines = [f"## {info.get('title', name)} (`{name}`)", "", info.get("description", ""), ""]
+    if info.get("profile_dp") is not None:   # the profile runs its own DP settings, not the description's
+        lines += [f"Under the `{plan.get('profile')}` profile this study runs the DP settings "
+                  f"{', '.join(info['profile_dp'])} only (its file's `profiles.{plan.get('profile')}.dp`); "
+                  f"cells of other settings in the description are not run, and a method that needs DP has none.",
+                  ""]
     if info.get("kind") == "derived":
         source = plan["studies"].get(info.get("reads"), {})
         groups, missing = _study_groups(root, source.get("cells", []))

@@ -66,6 +66,8 @@ def reproduce(studies: list[Study], all_studies: dict[str, Study], opts: Options
                                    "file": str(study.path), "description": study.description,
                                    "datasets": [d for d in study.datasets_for(opts.profile)
                                                 if opts.datasets is None or d in opts.datasets], "cells": []}
+        if study.kind == "cells" and study.profile(opts.profile).dp is not None:   # the profile's own DP list
+            record["studies"][name]["profile_dp"] = [d.label for d in study.dp_for(opts.profile)]
         for cell in cells:
             (path, ds, semantic, coverage, label), why = data.for_cell(study, cell)
             if why is not None:

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.experiments.datasets import DATASETS
@@ -80,7 +80,8 @@ class Profile:
     """Per-profile settings: seeds, data limits and RunConfig overrides.
 
     max_users: users kept per dataset (0 = all); `users` instead when the file gives one count per dataset;
-    max_items: an item core, each domain's N most-trained items (0 = every item; experiments/datasets.py)."""
+    max_items: an item core, each domain's N most-trained items (0 = every item; experiments/datasets.py);
+    dp: the DP settings of a cells study under this profile, instead of the study's (None: the study's)."""
 
     seeds: tuple[int, ...]
     max_users: int
@@ -88,6 +89,7 @@ class Profile:
     datasets: tuple[str, ...] | None = None
     max_items: int = 0
     users: tuple[tuple[str, int], ...] = ()
+    dp: tuple[DPSetting, ...] | None = None
 
     def users_for(self, dataset: str) -> int:
         """Users kept of `dataset` (0 = all)."""
@@ -124,10 +126,15 @@ class Study:
     def datasets_for(self, profile: str) -> tuple[str, ...]:
         return self.profile(profile).datasets or self.datasets
 
+    def dp_for(self, profile: str) -> tuple[DPSetting, ...]:
+        """The DP settings of the study's cells under `profile` (its own list, else the study's)."""
+        own = self.profile(profile).dp
+        return self.dp if own is None else own
+
 
 STUDY_KEYS = {"study", "title", "kind", "description", "datasets", "methods", "dp", "variants", "privacy_modes",
               "epsilons", "reads", "seeds", "profiles", "notes"}
-PROFILE_KEYS = {"seeds", "max_users", "max_items", "set", "datasets"}
+PROFILE_KEYS = {"seeds", "max_users", "max_items", "set", "datasets", "dp"}
 
 
 def _err(path: Path, key: str, msg: str) -> FedscopeError:
@@ -317,8 +324,13 @@ def load_study(path: str | Path) -> Study:
             if not isinstance(pds, list) or not pds or any(d not in datasets for d in pds):
                 raise _err(path, f"{key}.datasets", f"expected a non-empty subset of {list(datasets)}")
             pds = tuple(pds)
+        pdp = None
+        if "dp" in praw:
+            if kind != "cells":
+                raise _err(path, f"{key}.dp", f"only a cells study has DP settings; this one is {kind!r}")
+            pdp = tuple(_dp(x, path, f"{key}.dp[{i}]") for i, x in enumerate(_list(praw, "dp", path)))
         profiles[pname] = Profile(_seeds(praw.get("seeds", seeds), path, f"{key}.seeds"), max_users,
-                                  _overrides(praw.get("set", {}), path, f"{key}.set"), pds, max_items, users)
+                                  _overrides(praw.get("set", {}), path, f"{key}.set"), pds, max_items, users, pdp)
     for i, v in enumerate(variants):
         for prof, _ in v.per_profile:
             if prof not in profiles:
@@ -351,8 +363,13 @@ def default_config_dir() -> Path:
 
 def load_studies(names: list[str] | None = None, config_dir: str | Path | None = None,
                  profile: str | None = None) -> list[Study]:
-    """The studies in `config_dir` (default experiments/configs), all or the ones named, in file order; with
-    `profile`, all means those that have the profile, and a named study without it is an error."""
+    """The studies in `config_dir` (default experiments/configs), all or the ones named (`choose_studies`)."""
+    root = Path(config_dir) if config_dir else default_config_dir()
+    return choose_studies(read_studies(root), names, profile, root)
+
+
+def read_studies(config_dir: str | Path | None = None) -> list[Study]:
+    """Every study file in `config_dir` (default experiments/configs), in file order, each `reads` resolved."""
     root = Path(config_dir) if config_dir else default_config_dir()
     files = sorted(root.glob("*.json"))
     if not files:
@@ -366,22 +383,31 @@ def load_studies(names: list[str] | None = None, config_dir: str | Path | None =
         if lacking:
             raise FedscopeError(f"{s.path}: key 'profiles.{lacking[0]}': the study it reads, {s.reads!r}, has no "
                                 f"profile {lacking[0]!r}")
+    return studies
+
+
+def choose_studies(studies: Sequence[Study], names: list[str] | None, profile: str | None,
+                   where: str | Path) -> list[Study]:
+    """Of `studies` (read from `where`), all or the ones named, in the report's order; with `profile`, all
+    means those that have the profile, and a named study without it is an error."""
+    by_name = {s.name: s for s in studies}
+    chosen = list(studies)
     if names:
         missing = [n for n in names if n not in by_name]
         if missing:
             raise FedscopeError(f"--studies: unknown study {missing[0]!r}; expected among {', '.join(by_name)}")
-        studies = [by_name[n] for n in names]
-        lacking = [s for s in studies if profile is not None and profile not in s.profiles]
+        chosen = [by_name[n] for n in names]
+        lacking = [s for s in chosen if profile is not None and profile not in s.profiles]
         if lacking:
             having = [s.name for s in _in_order(by_name.values()) if profile in s.profiles]
             raise FedscopeError(f"--studies: study {lacking[0].name!r} has no profile {profile!r} ({lacking[0].path} "
                                 f"has {', '.join(lacking[0].profiles)}); the studies with it: "
                                 f"{', '.join(having) or 'none'}")
     elif profile is not None:
-        studies = [s for s in studies if profile in s.profiles]
-        if not studies:
-            raise FedscopeError(f"--profile {profile}: no study in {root} has that profile")
-    return _in_order(studies)
+        chosen = [s for s in chosen if profile in s.profiles]
+        if not chosen:
+            raise FedscopeError(f"--profile {profile}: no study in {where} has that profile")
+    return _in_order(chosen)
 
 
 def _in_order(studies: Any) -> list[Study]:
