@@ -257,6 +257,9 @@ def test_a_profile_may_run_its_own_dp_settings(tmp_path):
     text = "\n".join(_study_section(tmp_path, tmp_path, "ablation", info, {"profile": "cpu", "studies": {}}))
     assert "Under the `cpu` profile this study runs the DP settings off only" in text
     raw = json.loads((default_config_dir() / "main.json").read_text())
+    raw["profiles"]["quick"]["dp"] = []
+    with pytest.raises(FedscopeError, match=r"bad\.json: key 'profiles\.quick\.dp': expected a non-empty list"):
+        load_study(_write(tmp_path, profiles=raw["profiles"]))
     raw["profiles"]["quick"]["dp"] = [{"mode": "personalized", "epsilon": 0}]
     with pytest.raises(FedscopeError, match=r"bad\.json: key 'profiles\.quick\.dp\[0\]\.epsilon': expected a "
                                             r"positive number"):

@@ -76,6 +76,7 @@ def test_federated_counts_equal_the_rounds_a_run_records(tiny, tmp_path):
     ws = inv.cell_work(sweep, tiny, tuned)   # at a chunk of one a sweep skips its padding steps too
     assert ws.computed_steps == ws.real_steps == 2 * w1.real_steps and ws.slot_steps == 2 * w1.slot_steps
     assert inv.cell_work(sweep, tiny, tuned, chunk=2).computed_steps == 2 * w.slot_steps
+    assert inv.cell_work(sweep, tiny, one, chunk=2) == ws   # a sweep's own chunk, not a calibration's
 
 
 @pytest.mark.parametrize("mode", ["centralized", "local"])
@@ -124,6 +125,7 @@ def test_calibration_prices_each_unit_and_names_a_bad_file():
     # a sweep at chunk 1 skips padding steps too: priced per computed step, said where its report lacks them
     ones = {**bench, "one_by_one_chunk_sizes": [1], "one_by_one_computed_steps": 1000, "sweep_chunk_sizes": [1]}
     assert not inv.calibration(ones, "b.json")["per_computed_step"]
+    assert not inv.calibration({**ones, "sweep_chunk_sizes": [1, 4]}, "b.json")["per_computed_step"]
     cal1 = inv.calibration({**ones, "sweep_computed_steps": 1200}, "b.json")
     assert cal1["sweep_seconds_per_step"] == pytest.approx(0.005) and cal1["per_computed_step"]
     for key in ("one_by_one_computed_steps", "sweep_computed_steps"):

@@ -9,7 +9,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,9 +73,8 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
                 sweeps[i].append({"config_chunk": facts[0]["program"]["config_chunk"],
                                   "wall_seconds": time.perf_counter() - t0, **facts[0]["timing"],
                                   "round_seconds": [r["seconds"] for r in recs[0]],
-                                  "slot_steps": len(trained) * sum(r.get("slot_steps", 0) for r in recs[0]),
-                                  "computed_steps": len(trained) * sum(r.get("computed_steps", 0)
-                                                                       for r in recs[0])})
+                                  **{k: len(trained) * _program_steps(recs, k)
+                                     for k in ("slot_steps", "computed_steps")}})
                 if i == 0:
                     sweep_states, sweep_facts = states, facts
 
@@ -154,6 +153,16 @@ def unit_costs(ctx: Any, steps: int = 8) -> dict[str, Any]:
             "seconds_per_validation_target_item": valid_seconds / max(target_items, 1)}
 
 
+def _program_steps(records: Sequence[Sequence[Mapping[str, Any]]], key: str) -> int:
+    """A sweep program's steps `key` per configuration: each round's, from any track that recorded it (a
+    round where one track had no participant, or one that had stopped, is still computed for every config)."""
+    by_round: dict[int, int] = {}
+    for recs in records:
+        for r in recs:
+            by_round[r["round"]] = max(by_round.get(r["round"], 0), int(r.get(key, 0)))
+    return sum(by_round.values())
+
+
 def _sweep_report(ds: Any, cfg: Any, points: list[Any], trained: list[Any], sweeps: dict[int, list[dict]],
                   singles: list[dict[str, Any]], sweep_states: Any, single_states: Any, sweep_facts: Any,
                   single_facts: Any, repeats: int) -> dict[str, Any]:
@@ -228,10 +237,13 @@ def format_sweep_table(report: dict[str, Any]) -> str:
 def _unit_lines(report: dict[str, Any]) -> list[str]:
     """The per-unit seconds a reproduction estimate uses (`fedscope reproduce --inventory --calibrate`)."""
     lines = []
-    if report.get("one_by_one_slot_steps") and report.get("sweep_slot_steps"):
-        lines.append(f"per slot step: {report['one_by_one_seconds'] / report['one_by_one_slot_steps'] * 1e3:.2f} ms "
-                     f"one by one, {report['sweep_seconds'] / report['sweep_slot_steps'] * 1e3:.2f} ms per "
-                     f"configuration in the sweep ({report['one_by_one_slot_steps']:,} slot steps a side)")
+    single = report.get("one_by_one_computed_steps") or report.get("one_by_one_slot_steps")
+    sweep = report.get("sweep_computed_steps") or report.get("sweep_slot_steps")
+    if single and sweep:   # what `fedscope reproduce --inventory --calibrate` prices a step at
+        lines.append(f"per computed step: {report['one_by_one_seconds'] / single * 1e3:.2f} ms one by one "
+                     f"({single:,} steps), {report['sweep_seconds'] / sweep * 1e3:.2f} ms per configuration in "
+                     f"the sweep ({sweep:,}); slot steps, padding included: {report.get('one_by_one_slot_steps', 0):,}"
+                     " a side")
     unit = report.get("unit_costs")
     if unit:
         lines.append(f"centralized step {unit['epoch_step_seconds'] * 1e3:.2f} ms (first call "

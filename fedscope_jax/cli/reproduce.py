@@ -24,7 +24,7 @@ def add_parser(subparsers: Any) -> None:
                    "with federated runs of 10 rounds (2026-12-05), longer with the 40-round budget of 2026-12-06 "
                    "(docs/experiments.md); full: paper-like, sized for one GPU; cpu: the whole "
                    "abxi-food-kitchen, d 64, 1 block, length 50, one seed, the main and ablation studies, for a 2-core "
-                   "CPU (main: 67 min on 2026-12-06, about 2.4 h with the ablation)")
+                   "CPU (main: 67 min on 2026-12-06, 97 min with the ablation's arms without DP)")
     p.add_argument("--studies", help="comma-separated study names (default: every file in --configs)")
     p.add_argument("--configs", metavar="DIR", help="study files (default: experiments/configs of this checkout)")
     p.add_argument("--datasets", help="comma-separated dataset names: run only their cells (default: each study's)")

@@ -224,7 +224,7 @@ class PaddingStats:
 
     real_steps: int
     slot_steps: int
-    cohorts: tuple[tuple[int, int, int], ...] = ()
+    cohorts: tuple[tuple[int, int, int], ...]
 
     @property
     def waste(self) -> float:

@@ -123,19 +123,20 @@ def sweep_configs(cfg: Any, modes: Sequence[str], epsilons: Sequence[float]) -> 
     return len(distinct_points(sweep_points(cfg, modes, epsilons, [cfg.train.seed]))[0])
 
 
-def counted_chunk(cell: Any, cfg: Any, chunk: int | None = None) -> int:
-    """The client chunk a federated cell is counted at: a single run's own `federated.chunk_size`, or where that
-    is 0 (tuned on the device) `chunk` (a calibration's; 1 without one); a sweep's at `chunk` (1 without one)."""
-    return (chunk or 1) if cell.mode == "sweep" else (cfg.federated.chunk_size or chunk or 1)
+def counted_chunk(cfg: Any, chunk: int | None = None) -> int:
+    """The client chunk a federated cell (single run or sweep) is counted at: its own `federated.chunk_size`, or
+    where that is 0 (tuned on the device) `chunk` (a calibration's; 1 without one)."""
+    return cfg.federated.chunk_size or chunk or 1
 
 
 def cell_work(cell: Any, ds: Any, cfg: Any, chunk: int | None = None) -> Work:
     """The work of one reproduction cell (`experiments.cells.Cell`) on its prepared dataset. Federated bucket
-    slots are padded to the client chunk it is counted at (`counted_chunk`)."""
+    slots are padded to the client chunk it is counted at (`counted_chunk`); with every cohort's rows a
+    multiple of that chunk, a chunk of one skips the padding steps of every cohort, any other none."""
     from fedscope_jax.engine.round import skips_padding
 
     if cell.mode in ("sweep", "federated"):
-        own = counted_chunk(cell, cfg, chunk)
+        own = counted_chunk(cfg, chunk)
         configs = sweep_configs(cfg, cell.sweep_modes, cell.sweep_epsilons) if cell.mode == "sweep" else 1
         return federated_work(ds, cfg, configs, own, skips_padding=skips_padding(own))
     if cell.mode in ("centralized", "local"):
@@ -145,8 +146,9 @@ def cell_work(cell: Any, ds: Any, cfg: Any, chunk: int | None = None) -> Work:
 
 def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Seconds per unit of work on the benchmark's device, from a `fedscope benchmark --sweep` report (`where`
-    names it in errors): per slot step of the single-run and the sweep round programs (and the client chunk
-    each ran with), per centralized / local-only step and per validation target-item (its `unit_costs`)."""
+    names it in errors): per computed step of the single-run and the sweep round programs (per slot step for a
+    report from before computed counts; and the client chunk each ran with), per centralized / local-only step
+    and per validation target-item (its `unit_costs`)."""
     if not isinstance(bench, Mapping):
         raise FedscopeError(f"{where}: expected a JSON object (a `fedscope benchmark --sweep` report), got "
                             f"{type(bench).__name__}")
@@ -171,7 +173,7 @@ def calibration(bench: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise FedscopeError(f"{where}: unit_costs.{k}: expected a number of seconds > 0, got "
                                 f"{unit.get(k) if isinstance(unit, Mapping) else unit!r}")
     # a report from before the computed counts: its chunk-of-one programs are priced per slot (an underestimate)
-    exact = {side: n is not None or int(max(bench[f"{side}_chunk_sizes"])) > 1
+    exact = {side: n is not None or int(min(bench[f"{side}_chunk_sizes"])) > 1
              for side, n in (("one_by_one", computed), ("sweep", sweep_computed))}
     return {"device": bench.get("device", "?"), "workload": bench.get("workload"),
             "per_computed_step": all(exact.values()),
@@ -234,7 +236,7 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
     data = CellData(opts)
     seen: set[str] = set()
     shapes: list[dict[str, int]] = []
-    other_chunks: dict[str, int] = {}   # a single run's fixed client chunk other than the calibration's: cells
+    other_chunks: dict[str, int] = {}   # a fixed client chunk other than the calibration's (per program): cells
     out: dict[str, Any] = {"profile": opts.profile, "dry_run": opts.dry_run, "data": data.facts,
                            "calibration": dict(cal) if cal else None, "studies": {}}
     for name, cells in cells_of.items():
@@ -253,8 +255,9 @@ def take_inventory(studies: Sequence[Any], all_studies: Mapping[str, Any], opts:
             chunk = None if cal is None else cal["sweep_chunk" if cell.mode == "sweep" else "single_chunk"]
             cfg = run_config(cell, str(study.path))
             w = cell_work(cell, ds, cfg, chunk)
-            if cal is not None and cell.mode == "federated" and counted_chunk(cell, cfg, chunk) != chunk:
-                key = str(counted_chunk(cell, cfg, chunk))
+            own = counted_chunk(cfg, chunk)
+            if cal is not None and cell.mode in ("federated", "sweep") and own != chunk:
+                key = f"{own} ({'sweeps' if cell.mode == 'sweep' else 'single runs'})"
                 other_chunks[key] = other_chunks.get(key, 0) + 1
             shapes.append(step_shape(cfg))
             by_mode[cell.mode] = by_mode.get(cell.mode, Work()) + w
@@ -307,9 +310,9 @@ def format_inventory(inv: Mapping[str, Any]) -> str:
     chunk = (f"client chunk {cal['single_chunk']} (single runs) / {cal['sweep_chunk']} (sweeps), as calibrated"
              if cal else "client chunk 1")
     lines.append(f"slot steps: the local steps (batches of train.batch_size users) of the federated programs, "
-                 f"padding included ({chunk}); computed: those the programs compute (a single run at a chunk of "
-                 "one client skips its padding steps); epoch steps (centralized, local-only) and validations: "
-                 "at most (early stopping ends most runs sooner)")
+                 f"padding included ({chunk}); computed: those the programs compute (a program at a chunk of one "
+                 "client, single run or sweep, skips its padding steps); epoch steps (centralized, local-only) and "
+                 "validations: at most (early stopping ends most runs sooner)")
     if cal:
         total = sum(grand_h.values())
         lines.append(f"hours on {cal['device']}: computed steps x {cal['single_seconds_per_step'] * 1e3:.2f} ms "
@@ -331,7 +334,8 @@ def calibration_warnings(inv: Mapping[str, Any]) -> list[str]:
     cal, lines = inv.get("calibration") or {}, []
     chunks = inv.get("calibration_chunk_mismatch") or {}
     if chunks:
-        lines.append(f"warning: the calibration's single runs used client chunk {cal.get('single_chunk')}, but "
+        lines.append(f"warning: the calibration ran single runs at client chunk {cal.get('single_chunk')} and "
+                     f"sweeps at {cal.get('sweep_chunk')}, but "
                      + ", ".join(f"{n} cell{'s' if n != 1 else ''} run at {c}" for c, n in sorted(chunks.items()))
                      + ": their hours price another program's step")
     if not cal.get("per_computed_step", True):

@@ -328,7 +328,9 @@ def load_study(path: str | Path) -> Study:
         if "dp" in praw:
             if kind != "cells":
                 raise _err(path, f"{key}.dp", f"only a cells study has DP settings; this one is {kind!r}")
-            pdp = tuple(_dp(x, path, f"{key}.dp[{i}]") for i, x in enumerate(_list(praw, "dp", path)))
+            if not isinstance(praw["dp"], list) or not praw["dp"]:
+                raise _err(path, f"{key}.dp", "expected a non-empty list of DP settings")
+            pdp = tuple(_dp(x, path, f"{key}.dp[{i}]") for i, x in enumerate(praw["dp"]))
         profiles[pname] = Profile(_seeds(praw.get("seeds", seeds), path, f"{key}.seeds"), max_users,
                                   _overrides(praw.get("set", {}), path, f"{key}.set"), pds, max_items, users, pdp)
     for i, v in enumerate(variants):
