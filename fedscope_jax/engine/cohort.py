@@ -218,13 +218,18 @@ def nice_ceil(n: int, unit: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class PaddingStats:
-    """Step slots vs real steps in a round (padding waste = 1 - real / slots), in all and per cohort
-    (client rows, real steps, step slots), from which `engine.round.computed_steps` counts what a program
-    computes."""
+    """Step slots vs real steps in a round (padding waste = 1 - real / slots), per cohort (client rows, real
+    steps, step slots), from which `engine.round.computed_steps` counts what a program computes."""
 
-    real_steps: int
-    slot_steps: int
     cohorts: tuple[tuple[int, int, int], ...]
+
+    @property
+    def real_steps(self) -> int:
+        return sum(real for _, real, _ in self.cohorts)
+
+    @property
+    def slot_steps(self) -> int:
+        return sum(slots for _, _, slots in self.cohorts)
 
     @property
     def waste(self) -> float:
@@ -315,7 +320,7 @@ def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan
     if np.any(noise_multiplier < 0) or np.any((noise_multiplier > 0) & ~np.isfinite(clip)):
         raise FedscopeError("noise_multiplier: expected z_k >= 0, and a finite clip C_k wherever z_k > 0")
     groups, caps = bucket_layout([shards[cid].n_steps for cid in ids], plan, multiple, nice, capacity)
-    cohorts, real, slots, per = [], 0, 0, []
+    cohorts, per = [], []
     for b in sorted(groups):
         members = groups[b]
         steps = plan.steps[b]
@@ -337,7 +342,6 @@ def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan
         w = np.zeros(cap, np.float32)
         c = np.full(cap, np.inf, np.float32)
         z = np.zeros(cap, np.float32)
-        real_before = real
         for row, pos in enumerate(members):
             shard = shards[ids[pos]]
             for key, v in shard.batch.items():
@@ -346,8 +350,6 @@ def build_cohorts(shards: Sequence[ClientShard], client_ids: Sequence[int], plan
             for n, v in shard.vocab.items():
                 vocab[n][row, : len(v)] = v
             cohort_ids[row], w[row], c[row], z[row] = ids[pos], weights[pos], clip[pos], noise_multiplier[pos]
-            real += shard.real_steps
-        slots += cap * steps
-        per.append((cap, real - real_before, cap * steps))
+        per.append((cap, sum(shards[ids[pos]].real_steps for pos in members), cap * steps))
         cohorts.append(Cohort(ClientData(batch, mask, vocab), cohort_ids, w, c, z))
-    return tuple(cohorts), PaddingStats(real, slots, tuple(per))
+    return tuple(cohorts), PaddingStats(tuple(per))
