@@ -135,6 +135,27 @@ def test_benchmark_of_the_fedscope_model_on_synthetic_users(tmp_path):
         BenchmarkConfig(model="bert")
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_benchmark_counts_the_flops_its_chunk_executes(tiny, monkeypatch, chunk):
+    """flops_per_round_executed counts the steps the timed program computes: at a chunk of one client its real
+    steps only (padding steps are skipped), at a vmapped chunk every step slot."""
+    import fedscope_jax.bench.engine as be
+
+    def fixed(make, candidates, desc):   # the chunk under test instead of the timed choice
+        make(chunk)
+        return chunk, {chunk: 0.0}
+
+    monkeypatch.setattr(be, "autotune_chunk_size", fixed)
+    report = be.run_benchmark(be.BenchmarkConfig(clients=(3,), data=str(tiny), dim=8, max_len=6, batch_size=8,
+                                                 negatives=5, max_buckets=1, repeats=1, model="reference"))
+    row = report["results"][0]
+    assert row["chunk_size"] == chunk and row["padding_waste"] > 0   # there are padding steps to skip
+    if chunk == 1:
+        assert row["flops_per_round_executed"] == pytest.approx(row["flops_per_round"])
+    else:
+        assert row["flops_per_round_executed"] > 1.01 * row["flops_per_round"]
+
+
 def test_benchmark_data_errors(tiny, tmp_path, capsys):
     from fedscope_jax.cli import main
 

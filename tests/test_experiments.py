@@ -272,6 +272,31 @@ def test_a_profile_may_run_its_own_dp_settings(tmp_path):
         load_study(tmp_path / "pu.json")
 
 
+def test_the_plan_records_the_dp_settings_a_profile_runs(tmp_path, monkeypatch):
+    """plan.json states a profile's own DP list (`profiles.X.dp`) for the report, and only where the profile
+    has one: the cpu ablation runs off only; the quick one runs the study's list."""
+    from fedscope_jax.cli import main
+    from fedscope_jax.experiments import report, runner
+
+    def fake_run_cell(cell, cell_dir, *rest):
+        cell_dir.mkdir(parents=True)
+        (cell_dir / "summary.json").write_text("{}")
+        return True
+
+    monkeypatch.setattr(runner, "release_programs", lambda: None)
+    monkeypatch.setattr(report, "write_report", lambda root, out, benchmark=None: out / "report.md")
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    data_root = str(real_dataset("abxi-food-kitchen").parent)
+    for profile, expected in (("cpu", ["off"]), ("quick", None)):
+        out = tmp_path / profile
+        assert main(["reproduce", "--profile", profile, "--dry-run", "--smoke", "--studies", "ablation",
+                     "--datasets", "abxi-food-kitchen", "--data-root", data_root, "--no-compile-cache",
+                     "--out", str(out)]) == 0
+        plan = json.loads((out / "dry-run" / "plan.json").read_text())
+        assert plan["profile"] == profile and plan["studies"]["ablation"].get("profile_dp") == expected
+        assert plan["studies"]["ablation"]["cells"]
+
+
 def test_dry_run_every_study(tmp_path):
     """fedscope reproduce --profile quick --dry-run --smoke on abxi-food-kitchen: every study's config, the
     first cell of each of its methods trained with the tiny budget, then the report."""

@@ -32,7 +32,7 @@ from fedscope_jax.engine import reference_model as rm
 from fedscope_jax.engine.client import ClientConfig
 from fedscope_jax.engine.cohort import ClientShard, build_cohorts, localize_batch, plan_buckets
 from fedscope_jax.engine.memory import program_bytes
-from fedscope_jax.engine.round import EngineConfig, SequentialRunner, make_round_fn
+from fedscope_jax.engine.round import EngineConfig, SequentialRunner, cohort_computed_steps, make_round_fn
 from fedscope_jax.engine.server import init_server_state, server_optimizer
 from fedscope_jax.engine.tune import (autotune_chunk_size, block, candidate_chunks, matmul_peak_flops, step_flops,
                                       timed)
@@ -223,14 +223,15 @@ def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float, ds: Canonic
 
     flops_useful = flops_executed = 0.0
     note("FLOPs (XLA cost analysis)")
-    for b, cohort in enumerate(cohorts):
+    # executed: the steps the timed program computes (at the chosen chunk; a chunk of one skips padding steps)
+    for cohort, computed in zip(cohorts, cohort_computed_steps(pad, best)):
         one_batch = jax.tree.map(lambda x: x[0, 0], cohort.data.batch)
         one_vocab = jax.tree.map(lambda x: x[0], cohort.data.vocab)
         f = step_flops(ccfg, params, one_batch, one_vocab)
         real = int(np.sum(np.asarray(cohort.data.step_mask))) * ccfg.local_epochs   # (fedscope: 1, the
         # batches hold every epoch)
         flops_useful += f * real
-        flops_executed += f * cohort.data.step_mask.size * ccfg.local_epochs
+        flops_executed += f * computed * ccfg.local_epochs
     mem, mem_source = _memory(compiled)
     return {
         "clients": n_clients,

@@ -89,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
     from fedscope_jax.experiments.report import write_report
     from fedscope_jax.experiments.planning import Options
     from fedscope_jax.experiments.runner import reproduce
-    from fedscope_jax.experiments.spec import choose_studies, default_config_dir, read_studies
+    from fedscope_jax.experiments.spec import choose_studies, read_studies, studies_dir
 
     names = [n.strip() for n in args.studies.split(",") if n.strip()] if args.studies else None
-    where = Path(args.configs) if args.configs else default_config_dir()
+    where = studies_dir(args.configs)
     every = read_studies(where)
     all_studies = {s.name: s for s in every}
     studies = choose_studies(every, names, args.profile, where)

@@ -130,12 +130,17 @@ def skips_padding(clients_per_chunk: int) -> bool:
     return clients_per_chunk == 1
 
 
-def computed_steps(pad: Any, chunk_size: int, devices: int = 1) -> int:
-    """Local steps a round program computes for the cohorts counted by `pad` (`cohort.PaddingStats`): each
+def cohort_computed_steps(pad: Any, chunk_size: int, devices: int = 1) -> tuple[int, ...]:
+    """Local steps a round program computes for each cohort counted by `pad` (`cohort.PaddingStats`): each
     cohort's client chunk is `chunk_size` at most its clients per device (`_cohort_sums`; devices: 1 for a
     sweep, whose clients are not sharded); a chunk of one computes the real steps, any other every slot."""
-    return sum(real if skips_padding(min(chunk_size, rows // devices)) else slots
-               for rows, real, slots in pad.cohorts)
+    return tuple(real if skips_padding(min(chunk_size, rows // devices)) else slots
+                 for rows, real, slots in pad.cohorts)
+
+
+def computed_steps(pad: Any, chunk_size: int, devices: int = 1) -> int:
+    """Local steps a round program computes for the cohorts counted by `pad` (`cohort_computed_steps`)."""
+    return sum(cohort_computed_steps(pad, chunk_size, devices))
 
 
 def _cohort_sums(params: PyTree, cohort: Cohort, train_key: jax.Array, noise_key: jax.Array,

@@ -363,16 +363,21 @@ def default_config_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "experiments" / "configs"
 
 
+def studies_dir(given: str | Path | None = None) -> Path:
+    """The study files' folder: `given` (a --configs value), else `default_config_dir()`."""
+    return Path(given) if given else default_config_dir()
+
+
 def load_studies(names: list[str] | None = None, config_dir: str | Path | None = None,
                  profile: str | None = None) -> list[Study]:
     """The studies in `config_dir` (default experiments/configs), all or the ones named (`choose_studies`)."""
-    root = Path(config_dir) if config_dir else default_config_dir()
+    root = studies_dir(config_dir)
     return choose_studies(read_studies(root), names, profile, root)
 
 
 def read_studies(config_dir: str | Path | None = None) -> list[Study]:
     """Every study file in `config_dir` (default experiments/configs), in file order, each `reads` resolved."""
-    root = Path(config_dir) if config_dir else default_config_dir()
+    root = studies_dir(config_dir)
     files = sorted(root.glob("*.json"))
     if not files:
         raise FedscopeError(f"{root}: no study files (*.json)")
