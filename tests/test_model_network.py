@@ -248,3 +248,47 @@ def test_the_full_softmax_in_the_objective_is_every_item_as_a_candidate():
         want += float(next_item_loss(h, tgt, item_repr(params, cfg, d, tgt), ids, all_item_repr(params, cfg, d),
                                      item_bias(params, d, tgt), item_bias(params, d, ids)))
     assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("item_ids, rec", [("train", "gbce"), ("off", "gbce"), ("train", "sampled"), ("off", "full")])
+def test_fused_items_read_from_their_table_equal_the_per_occurrence_ones(item_ids, rec, monkeypatch):
+    """The objective fuses each table row once and reads the batch's ids from it where the table is the
+    smaller (`functional.item_lookup`): the loss and every gradient equal those of fusing every occurrence."""
+    from fedscope_jax.model import objective
+
+    rng = np.random.default_rng(21)
+    sem = _semantic(rng)
+    cfg = dataclasses.replace(CFG, item_ids=item_ids, loss=LossConfig(rec=rec, num_negatives=7))
+    p = init_params(jax.random.key(2), cfg, N_ITEMS, sem)
+    batch, key, real = _batch(rng), jax.random.key(9), objective.item_lookup
+    out = {}
+    for table in (False, True):
+        with monkeypatch.context() as m:
+            m.setattr(objective, "item_lookup", lambda *a, t=table: real(*a, table=t))
+            fn = lambda q: loss_fn(q, batch, key, cfg, True, sem)[0]  # noqa: E731
+            out[table] = jax.jit(jax.value_and_grad(fn))(p)   # a new jit: traced with this lookup
+    assert float(out[True][0]) == pytest.approx(float(out[False][0]), rel=1e-5) and float(out[True][0]) > 0
+    for a, b in zip(jax.tree.leaves(out[True][1]), jax.tree.leaves(out[False][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert any(np.asarray(g).any() for g in jax.tree.leaves(out[True][1]["domain_0"]["fuse_in"]))
+
+
+def test_item_lookup_reads_a_table_only_where_that_is_cheaper(monkeypatch):
+    """Fused items: per occurrence for fewer ids than the table's rows, from the table (fused once) for
+    more; ID-only items are a plain gather either way (no table)."""
+    from fedscope_jax.model import functional
+
+    sem = _semantic(np.random.default_rng(3))
+    fused, ids_only = init_params(jax.random.key(1), CFG, N_ITEMS, sem), init_params(jax.random.key(1), CFG, N_ITEMS)
+    calls, real = [], functional.all_item_repr
+    monkeypatch.setattr(functional, "all_item_repr", lambda *a: calls.append(a[2]) or real(*a))
+    few, many = jnp.ones((2, 6), jnp.int32), jnp.ones((3, 6), jnp.int32)   # 12 and 18 ids; 13 rows in domain 0
+    want = functional.item_lookup(fused, CFG, 0, sem, few, many, table=False)
+    assert not calls and len(want) == 2
+    got = functional.item_lookup(fused, CFG, 0, sem, few, many)                  # 30 ids > 13 rows
+    assert calls == [0]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    functional.item_lookup(fused, CFG, 0, sem, few)                             # 12 ids < 13 rows
+    functional.item_lookup(ids_only, CFG, 0, None, few, many)
+    assert calls == [0]

@@ -85,15 +85,17 @@ def init_params(key: jax.Array, config: ModelConfig, n_items: Sequence[int], sem
 
 
 def encode(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, semantic: Semantic = None,
-           key: jax.Array | None = None, train: bool = False, keep: jnp.ndarray | None = None) -> jnp.ndarray:
+           key: jax.Array | None = None, train: bool = False, keep: jnp.ndarray | None = None,
+           items: jnp.ndarray | None = None) -> jnp.ndarray:
     """float32 [B, L, dim]: domain d's encoder outputs for left-padded shifted ids [B, L] (key: dropout).
 
-    keep: optional bool [B, L], False where an item is masked (zero mask token; losses/seqcl.py)."""
+    keep: optional bool [B, L], False where an item is masked (zero mask token; losses/seqcl.py).
+    items: optional float32 [B, L, dim], the representations of `seq`'s items (`item_lookup`)."""
     tower = _tower(params, config, d, semantic)
     rngs = {"dropout": key} if train else {}
     if train and key is None:
         raise ValueError("encode(train=True) needs a dropout key")
-    return tower.apply({"params": tower_params(params, d)}, seq, _sem(semantic, d), train, keep, rngs=rngs,
+    return tower.apply({"params": tower_params(params, d)}, seq, _sem(semantic, d), train, keep, items, rngs=rngs,
                        method=DomainTower.encode)
 
 
@@ -112,3 +114,21 @@ def item_bias(params: Params, d: int, ids: jnp.ndarray) -> jnp.ndarray | None:
 def all_item_repr(params: Params, config: ModelConfig, d: int, semantic: Semantic = None) -> jnp.ndarray:
     """float32 [N+1, dim]: every item of domain d (row 0 = padding)."""
     return item_repr(params, config, d, jnp.arange(item_count(params, d, semantic) + 1), semantic)
+
+
+def item_lookup(params: Params, config: ModelConfig, d: int, semantic: Semantic, *ids: jnp.ndarray,
+                table: bool | None = None) -> tuple[jnp.ndarray, ...]:
+    """float32 [..., dim] for each of the id arrays `ids`: domain d's item representations.
+
+    A fused item (`DomainTower.items`) costs a fusion MLP, which per occurrence runs once for every id given
+    (a batch's inputs, targets and every sampled negative). Where domain d's table (its N + 1 rows: on a
+    client's local vocabulary, that vocabulary) has fewer rows than the ids given, every row is fused once
+    (`all_item_repr`) and the ids read from it: the same values and gradients, for less work. table: True /
+    False forces either way (tests); None chooses the cheaper one (shapes are static: a trace-time choice)."""
+    if table is None:
+        fused = "fuse_in" in params[domain_key(d)]
+        table = fused and item_count(params, d, semantic) + 1 < sum(x.size for x in ids)
+    if not table:
+        return tuple(item_repr(params, config, d, x, semantic) for x in ids)
+    rows = all_item_repr(params, config, d, semantic)
+    return tuple(jnp.take(rows, x, axis=0) for x in ids)

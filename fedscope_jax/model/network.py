@@ -103,17 +103,19 @@ class DomainTower(nn.Module):
         return self.items(jnp.arange(self.n_items + 1), semantic)
 
     def encode(self, seq: jnp.ndarray, semantic: SemanticTable | None, train: bool,
-               keep: jnp.ndarray | None = None) -> jnp.ndarray:
+               keep: jnp.ndarray | None = None, items: jnp.ndarray | None = None) -> jnp.ndarray:
         """float32 [B, L, d] outputs of a left-padded sequence batch [B, L]; zero at padding positions.
 
         keep (bool [B, L], optional): False marks a masked item (CL4SRec's item mask): its position stays in the
         sequence but its item vector is replaced by the zero mask token.
+        items (float32 [B, L, d], optional): the representations of `seq`'s items, computed by the caller
+        (`functional.item_lookup`), instead of computing them here.
         """
         length = seq.shape[-1]
         if length > self.cfg.max_len:
             raise ValueError(f"sequence length {length} > model.max_len {self.cfg.max_len}")
         valid = seq > 0
-        x = self.items(seq, semantic) * math.sqrt(self.cfg.dim)
+        x = (self.items(seq, semantic) if items is None else items) * math.sqrt(self.cfg.dim)
         if keep is not None:
             x = x * keep[..., None].astype(x.dtype)
         x = x + self.pos_emb[length - 1 - jnp.arange(length)]

@@ -20,29 +20,28 @@ from fedscope_jax.losses.iidcl import inter_item_loss, inter_loss, intra_loss
 from fedscope_jax.losses.rec import full_softmax_loss, gbce_beta, gbce_loss, in_batch_log_q, next_item_loss
 from fedscope_jax.losses.seqcl import augment, nt_xent
 from fedscope_jax.model.config import UNIFORM_NEGATIVES, ModelConfig
-from fedscope_jax.model.functional import (Params, Semantic, all_item_repr, domain_key, encode, item_bias,
-                                           item_count, item_repr)
+from fedscope_jax.model.functional import (Params, Semantic, domain_key, encode, item_bias, item_count,
+                                           item_lookup)
 
 
 def _candidates(params: Params, config: ModelConfig, d: int, target: jnp.ndarray, key: jax.Array,
-                semantic: Semantic, neg: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Candidate ids and their representations for domain d's next-item loss: [M] shared by the batch, or
-    (gbce) [B, M] per user. neg: the step's negatives drawn on the host ([D, M], or [B, D, M] per user;
-    train/vocab.py), used instead of drawing them here."""
+                semantic: Semantic, neg: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Candidate ids for domain d's next-item loss: [M] shared by the batch, or (gbce) [B, M] per user; every
+    item, padding row 0 first, for the full softmax. neg: the step's negatives drawn on the host ([D, M], or
+    [B, D, M] per user; train/vocab.py), used instead of drawing them here."""
     lc = config.loss
     n_items = item_count(params, d, semantic)
     if lc.rec == "full":
-        return jnp.arange(n_items + 1), all_item_repr(params, config, d, semantic)
+        return jnp.arange(n_items + 1)
     if lc.rec in UNIFORM_NEGATIVES and neg is not None:
-        ids = neg[..., d, :]
-    elif lc.rec == "gbce":
+        return neg[..., d, :]
+    if lc.rec == "gbce":
         # per user, as gSASRec draws them (per position there; shared by the batch measured no better here)
-        ids = jax.random.randint(key, (target.shape[0], lc.num_negatives), 1, n_items + 1)
-    elif lc.rec == "sampled":
-        ids = jax.random.randint(key, (lc.num_negatives,), 1, n_items + 1)
-    else:  # in_batch: the targets of M positions drawn uniformly (with replacement) among the batch's real ones
-        ids = in_batch_negatives(target, key, lc.num_negatives)
-    return ids, item_repr(params, config, d, ids, semantic)
+        return jax.random.randint(key, (target.shape[0], lc.num_negatives), 1, n_items + 1)
+    if lc.rec == "sampled":
+        return jax.random.randint(key, (lc.num_negatives,), 1, n_items + 1)
+    # in_batch: the targets of M positions drawn uniformly (with replacement) among the batch's real ones
+    return in_batch_negatives(target, key, lc.num_negatives)
 
 
 def in_batch_negatives(target: jnp.ndarray, key: jax.Array, m: int) -> jnp.ndarray:
@@ -120,9 +119,10 @@ def _domain_terms(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray,
                          + ("the full softmax needs every item" if lc.rec == "full" else
                             f"needs the host-drawn batch fields {sorted(needs)} (train/vocab.py add_negatives)"))
     k_drop, k_neg = jax.random.split(key)
-    h = encode(params, config, d, seq, semantic, k_drop, train)
-    cand_ids, cand_emb = _candidates(params, config, d, target, k_neg, semantic, batch.get("neg"))
-    tgt_emb = item_repr(params, config, d, target, semantic)
+    cand_ids = _candidates(params, config, d, target, k_neg, semantic, batch.get("neg"))
+    # the inputs', targets' and candidates' vectors: each table row fused once where that is cheaper
+    seq_emb, tgt_emb, cand_emb = item_lookup(params, config, d, semantic, seq, target, cand_ids)
+    h = encode(params, config, d, seq, semantic, k_drop, train, items=seq_emb)
     tgt_bias, cand_bias = item_bias(params, d, target), item_bias(params, d, cand_ids)
     if lc.logq:   # sampled-softmax correction: each score minus the log of its item's in-batch draw probability
         tgt_bias = _minus(tgt_bias, in_batch_log_q(target, target))
