@@ -250,27 +250,58 @@ def test_the_full_softmax_in_the_objective_is_every_item_as_a_candidate():
     assert float(got) == pytest.approx(want, rel=1e-5)
 
 
-@pytest.mark.parametrize("item_ids, rec", [("train", "gbce"), ("off", "gbce"), ("train", "sampled"), ("off", "full")])
-def test_fused_items_read_from_their_table_equal_the_per_occurrence_ones(item_ids, rec, monkeypatch):
+def _localized(params, batch, neg, tables=("item_emb", "item_bias")):
+    """The batch on per-domain local vocabularies (row 0 plus every id it names, sorted: the engine's layout,
+    train/vocab.py), with the parameters' per-item rows taken for them."""
+    vocab, local, p = {}, {"seq": np.array(batch["seq"]), "target": np.array(batch["target"]),
+                           "neg": np.array(neg)}, dict(params)
+    for d in range(2):
+        ids = np.concatenate([[0], local["seq"][:, d].ravel(), local["target"][:, d].ravel(), local["neg"][d]])
+        v = np.unique(ids).astype(np.int32)
+        for k in ("seq", "target"):
+            local[k][:, d] = np.searchsorted(v, local[k][:, d])
+        local["neg"][d] = np.searchsorted(v, local["neg"][d])
+        vocab[f"domain_{d}"] = jnp.array(v)
+        p[f"domain_{d}"] = {k: (jnp.take(t, v, axis=0) if k in tables else t) for k, t in p[f"domain_{d}"].items()}
+    return p, {**{k: jnp.array(x) for k, x in local.items()}, "vocab": vocab}
+
+
+@pytest.mark.parametrize("item_ids, rec, case", [("train", "gbce", "dense"), ("off", "full", "dense"),
+                                                  ("train", "sampled", "local vocabulary, item bias"),
+                                                  ("off", "gbce", "per user")])
+def test_fused_items_read_from_their_table_equal_the_per_occurrence_ones(item_ids, rec, case, monkeypatch):
     """The objective fuses each table row once and reads the batch's ids from it where the table is the
-    smaller (`functional.item_lookup`): the loss and every gradient equal those of fusing every occurrence."""
+    smaller (`functional.item_lookup`): the loss and every gradient equal those of fusing every occurrence,
+    on dense tables, on a client's local vocabulary (equal to the dense loss too) and in the user unit's
+    per-user loss."""
     from fedscope_jax.model import objective
 
     rng = np.random.default_rng(21)
     sem = _semantic(rng)
-    cfg = dataclasses.replace(CFG, item_ids=item_ids, loss=LossConfig(rec=rec, num_negatives=7))
+    local = case.startswith("local")
+    cfg = dataclasses.replace(CFG, item_ids=item_ids, item_bias=local,
+                              loss=LossConfig(rec=rec, num_negatives=7))
     p = init_params(jax.random.key(2), cfg, N_ITEMS, sem)
+    if local:   # non-zero biases, so that their rows matter
+        for d in range(2):
+            p[f"domain_{d}"]["item_bias"] = jax.random.normal(jax.random.key(d), p[f"domain_{d}"]["item_bias"].shape)
     batch, key, real = _batch(rng), jax.random.key(9), objective.item_lookup
+    neg = np.stack([rng.integers(1, n + 1, 7) for n in N_ITEMS]).astype(np.int32)
+    if local:
+        dense = float(_loss(p, {**batch, "neg": jnp.array(neg)}, key, cfg, True, sem)[0])
+        p, batch = _localized(p, batch, neg)
     out = {}
     for table in (False, True):
         with monkeypatch.context() as m:
             m.setattr(objective, "item_lookup", lambda *a, t=table: real(*a, table=t))
-            fn = lambda q: loss_fn(q, batch, key, cfg, True, sem)[0]  # noqa: E731
+            fn = lambda q: loss_fn(q, batch, key, cfg, True, sem, per_user=case == "per user")[0]  # noqa: E731
             out[table] = jax.jit(jax.value_and_grad(fn))(p)   # a new jit: traced with this lookup
     assert float(out[True][0]) == pytest.approx(float(out[False][0]), rel=1e-5) and float(out[True][0]) > 0
     for a, b in zip(jax.tree.leaves(out[True][1]), jax.tree.leaves(out[False][1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     assert any(np.asarray(g).any() for g in jax.tree.leaves(out[True][1]["domain_0"]["fuse_in"]))
+    if local:
+        assert float(out[True][0]) == pytest.approx(dense, rel=1e-5)
 
 
 def test_item_lookup_reads_a_table_only_where_that_is_cheaper(monkeypatch):
@@ -282,7 +313,8 @@ def test_item_lookup_reads_a_table_only_where_that_is_cheaper(monkeypatch):
     fused, ids_only = init_params(jax.random.key(1), CFG, N_ITEMS, sem), init_params(jax.random.key(1), CFG, N_ITEMS)
     calls, real = [], functional.all_item_repr
     monkeypatch.setattr(functional, "all_item_repr", lambda *a: calls.append(a[2]) or real(*a))
-    few, many = jnp.ones((2, 6), jnp.int32), jnp.ones((3, 6), jnp.int32)   # 12 and 18 ids; 13 rows in domain 0
+    rng = np.random.default_rng(4)   # 12 and 18 ids; 13 rows in domain 0
+    few, many = (jnp.array(rng.integers(0, N_ITEMS[0] + 1, shape), jnp.int32) for shape in ((2, 6), (3, 6)))
     want = functional.item_lookup(fused, CFG, 0, sem, few, many, table=False)
     assert not calls and len(want) == 2
     got = functional.item_lookup(fused, CFG, 0, sem, few, many)                  # 30 ids > 13 rows

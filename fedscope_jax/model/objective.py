@@ -70,7 +70,8 @@ def seqcl_loss(params: Params, config: ModelConfig, d: int, seq: jnp.ndarray, ke
     k_aug, k_drop = jax.random.split(key)
     b = seq.shape[0]
     aug, keep = augment(jnp.concatenate([seq, seq]), k_aug, lc.seqcl_crop, lc.seqcl_mask, lc.seqcl_reorder)
-    z = encode(params, config, d, aug, semantic, k_drop, train, keep=keep)[:, -1]
+    (aug_emb,) = item_lookup(params, config, d, semantic, aug)
+    z = encode(params, config, d, aug, semantic, k_drop, train, keep=keep, items=aug_emb)[:, -1]
     return nt_xent(z[:b], z[b:], seq[:, -1] > 0, lc.seqcl_tau)
 
 
