@@ -312,3 +312,39 @@ def test_cells_at_or_below_popularity_are_named_with_their_curves(tmp_path):
     assert "FEDSCOPE (off) on toy" not in report
     assert (out / "main_below_popularity_toy.png").stat().st_size > 1000
     assert "(main_below_popularity_toy.png)" in report
+
+
+def test_vector_arms_are_paired_by_seed(tmp_path):
+    """The ablation's item-vector arms (LLM attributes, title vectors, ID only) get a table of per-seed
+    differences: mean and sample std over the seeds both arms ran, hand-computed here; a seed one arm lacks is
+    left out, and a method outside those arms (FedSASRec) is not paired."""
+    root = tmp_path / "rep"
+    arms = {"fedscope": ("/x/llm/toy/item_embeddings.arrow", {0: (0.30, 0.20), 1: (0.34, 0.22), 2: (0.50, 0.90)}),
+            "fedscope_title": ("/x/titles/toy/item_embeddings.arrow", {0: (0.28, 0.21), 1: (0.30, 0.20)}),
+            "fedscope_wo_llm": ("none", {0: (0.25, 0.20), 1: (0.27, 0.18), 2: (0.26, 0.19)}),
+            "fedsasrec": ("none", {0: (0.9, 0.9), 1: (0.9, 0.9), 2: (0.9, 0.9)})}
+    cells = []
+    for method, (attributes, values) in arms.items():
+        for s, v in values.items():
+            cell = {**_cell(method, "off"), "attributes": attributes}
+            cells.append(str(_run(root, f"runs/toy/{method}/off-seed{s}", cell, v, s).relative_to(root)))
+    studies = {"ablation": {"title": "Ablation", "kind": "cells", "cells": cells, "datasets": ["toy"]}}
+    (root / "plan.json").write_text(json.dumps({"profile": "quick", "dry_run": False, "status": "complete",
+                                                "hardware": {"device": "cpu"}, "studies": studies}))
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(root), "--out", str(out)]) == 0
+    approx = lambda x: pytest.approx(x, rel=1e-5)  # noqa: E731  (the CSV keeps 6 significant digits)
+    assert "**What the item vectors add**" in (out / "report.md").read_text()
+    rows = {(r["A vs B"], r["domain"]): r for r in _csv(out / "ablation_vectors.csv")}
+    assert sorted(rows) == [(ab, d) for ab in ("LLM vs none", "LLM vs title", "title vs none")
+                            for d in ("food", "kitchen")]
+    r = rows["LLM vs title", "food"]                    # seeds 0, 1: differences 0.02, 0.04
+    assert r["seeds"] == "2" and r["A / B"] == f"{0.32 / 0.29:.3f}"
+    assert float(r["NDCG@10 A mean"]) == approx(0.32) and float(r["NDCG@10 B mean"]) == approx(0.29)
+    assert float(r["A - B mean"]) == approx(0.03) and float(r["A - B std"]) == approx(0.02 ** 0.5 / 10)
+    assert float(r["full: A - B mean"]) == approx(0.003)          # full ranking: the values / 10
+    r = rows["LLM vs none", "food"]                     # seeds 0-2: differences 0.05, 0.07, 0.24
+    assert r["seeds"] == "3" and float(r["A - B mean"]) == approx(0.12)
+    assert float(r["A - B std"]) == approx(math.sqrt((0.07 ** 2 + 0.05 ** 2 + 0.12 ** 2) / 2))
+    r = rows["title vs none", "kitchen"]                # differences 0.01, 0.02
+    assert float(r["A - B mean"]) == approx(0.015) and float(r["A - B std"]) == approx(0.5 ** 0.5 / 100)

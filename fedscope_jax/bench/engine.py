@@ -224,13 +224,12 @@ def bench_clients(cfg: BenchmarkConfig, n_clients: int, peak: float, ds: Canonic
     flops_useful = flops_executed = 0.0
     note("FLOPs (XLA cost analysis)")
     # executed: the steps the timed program computes (at the chosen chunk; a chunk of one skips padding steps)
-    for cohort, computed in zip(cohorts, cohort_computed_steps(pad, best)):
+    # (local_epochs: 1 in fedscope, whose batches hold every epoch)
+    for cohort, (_, real, _), computed in zip(cohorts, pad.cohorts, cohort_computed_steps(pad, best)):
         one_batch = jax.tree.map(lambda x: x[0, 0], cohort.data.batch)
         one_vocab = jax.tree.map(lambda x: x[0], cohort.data.vocab)
         f = step_flops(ccfg, params, one_batch, one_vocab)
-        real = int(np.sum(np.asarray(cohort.data.step_mask))) * ccfg.local_epochs   # (fedscope: 1, the
-        # batches hold every epoch)
-        flops_useful += f * real
+        flops_useful += f * real * ccfg.local_epochs
         flops_executed += f * computed * ccfg.local_epochs
     mem, mem_source = _memory(compiled)
     return {

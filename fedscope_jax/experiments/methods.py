@@ -96,6 +96,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+def vector_arms() -> tuple[str, ...]:
+    """FedSCOPE and its arms that differ from it in their item vectors alone (LLM attributes, title vectors, ID
+    only): federated, no overrides, any DP, the cell's privacy mode. Their runs pair by seed (`tables.vector_rows`)."""
+    return tuple(m.name for m in METHODS.values()
+                 if m.mode == "federated" and not m.overrides and m.dp == "any" and m.dp_mode is None)
+
+
 def get_method(name: str, where: str = "methods") -> Method:
     """The method called `name`; a FedscopeError naming `where` and the known methods otherwise."""
     if name not in METHODS:

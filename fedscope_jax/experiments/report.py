@@ -16,7 +16,7 @@ from fedscope_jax.experiments import plots
 from fedscope_jax.experiments.methods import METHODS
 from fedscope_jax.experiments.runner import PLAN_FILE
 from fedscope_jax.experiments.tables import (Group, below_popularity, breakdown_rows, find_runs, group_runs, load_run,
-                                             metric_rows, popularity_rows, run_dirs, write_tables)
+                                             metric_rows, popularity_rows, run_dirs, vector_rows, write_tables)
 from fedscope_jax.utils.io import read_json
 
 COLUMNS = ("dataset", "method", "dp", "unit", "variant", "domain", "HR@10", "NDCG@10", "MRR", "NDCG@10 (full)",
@@ -231,6 +231,7 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
     text = write_tables(rows, out / name, COLUMNS)
     lines += [text, f"Table: [{name}.md]({name}.md), [{name}.csv]({name}.csv)", ""]
     if info.get("kind") == "cells":
+        lines += _vectors(out, name, groups)
         lines += _below_popularity(out, name, groups)
     if info.get("kind") == "sweep":
         for ds in sorted({g.cell.get("dataset") for g in groups}):
@@ -242,6 +243,19 @@ def _study_section(root: Path, out: Path, name: str, info: dict[str, Any], plan:
     if png:
         lines += [f"![{name}]({png.name})", ""]
     return lines
+
+
+def _vectors(out: Path, name: str, groups: list[Group]) -> list[str]:
+    """What the item vectors add (LLM attributes, title vectors, ID only), paired by seed (`vector_rows`)."""
+    rows = vector_rows(groups)
+    if not rows:
+        return []
+    text = write_tables(rows, out / f"{name}_vectors")
+    return ["**What the item vectors add**, paired by seed: FedSCOPE's arms that differ in their item vectors "
+            "alone (LLM = the LLM attribute vectors, title = vectors of the raw titles, none = ID only), test "
+            "NDCG@10 of each arm (A, B) and the per-seed difference A - B, mean ± sample std over the seeds both "
+            "ran; \"full:\" = full ranking.", "", text,
+            f"Table: [{name}_vectors.md]({name}_vectors.md), [{name}_vectors.csv]({name}_vectors.csv)", ""]
 
 
 def _below_popularity(out: Path, name: str, groups: list[Group]) -> list[str]:

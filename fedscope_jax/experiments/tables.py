@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from fedscope_jax.errors import FedscopeError
-from fedscope_jax.experiments.methods import METHODS
+from fedscope_jax.experiments.methods import METHODS, vector_arms
 from fedscope_jax.experiments.spec import dp_label
 from fedscope_jax.train.config import flatten
 from fedscope_jax.utils.io import read_json
@@ -249,6 +249,50 @@ def below_popularity(groups: Sequence[Group], metric: str = "NDCG@10") -> list[t
             if ref is not None and not math.isnan(mean) and mean <= float(ref):
                 out.append((g, domain, mean, float(ref)))
     return out
+
+
+VECTOR_ORDER = ("LLM", "title", "none")
+
+
+def vector_rows(groups: Sequence[Group], metric: str = "NDCG@10") -> list[dict[str, Any]]:
+    """What the item vectors add, paired by seed: for FedSCOPE's arms that differ in their vectors alone
+    (`methods.vector_arms`: LLM attributes, title vectors, ID only) under the same dataset, DP setting and
+    variant, one row per pair of kinds and domain with the per-seed difference A - B of `metric` (mean ± sample
+    std over the seeds both ran; sampled and full ranking) and the ratio of the two means. Seeds only one arm
+    ran are left out; a pair with no common seed gives no row."""
+    arms = set(vector_arms())
+    by_setting: dict[tuple[Any, ...], dict[str, Group]] = {}
+    for g in groups:
+        c = g.cell
+        if c.get("method") not in arms or c.get("dry_run"):
+            continue
+        kind = _short_attr(c.get("attributes"), c.get("method"))
+        key = (c.get("dataset"), c.get("dp"), c.get("variant"))
+        by_setting.setdefault(key, {}).setdefault(kind, g)
+    rows = []
+    for (dataset, dp, _), kinds in by_setting.items():
+        present = [k for k in VECTOR_ORDER if k in kinds]
+        for i, a in enumerate(present):
+            for b in present[i + 1:]:
+                ga, gb = kinds[a], kinds[b]
+                sa = {r.cell.get("seed"): r for r in ga.runs}
+                sb = {r.cell.get("seed"): r for r in gb.runs}
+                seeds = sorted(set(sa) & set(sb), key=str)
+                if not seeds:
+                    continue
+                pa, pb = Group(ga.cell, [sa[s] for s in seeds]), Group(gb.cell, [sb[s] for s in seeds])
+                for domain in ga.domains():
+                    row: dict[str, Any] = {"dataset": dataset, "dp": dp, "domain": domain,
+                                           "A vs B": f"{a} vs {b}", "seeds": len(seeds)}
+                    for proto, prefix in (("sampled", ""), ("full", "full: ")):
+                        va, vb = pa.values(domain, metric, proto), pb.values(domain, metric, proto)
+                        row[f"{prefix}{metric} A"], row[f"{prefix}{metric} B"] = mean_std(va), mean_std(vb)
+                        row[f"{prefix}A - B"] = mean_std(va - vb)
+                        a_mean, b_mean = row[f"{prefix}{metric} A"][0], row[f"{prefix}{metric} B"][0]
+                        ratio = a_mean / b_mean if b_mean > 0 else math.nan
+                        row[f"{prefix}A / B"] = f"{ratio:.3f}" if math.isfinite(ratio) else "-"
+                    rows.append(row)
+    return rows
 
 
 def _short_attr(attr: Any, method: Any = None) -> str:
