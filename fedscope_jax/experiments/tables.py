@@ -286,10 +286,10 @@ def vector_rows(groups: Sequence[Group], metric: str = "NDCG@10") -> list[dict[s
                                            "A vs B": f"{a} vs {b}", "seeds": len(seeds)}
                     for proto, prefix in (("sampled", ""), ("full", "full: ")):
                         va, vb = pa.values(domain, metric, proto), pb.values(domain, metric, proto)
-                        row[f"{prefix}{metric} A"], row[f"{prefix}{metric} B"] = mean_std(va), mean_std(vb)
+                        stats_a, stats_b = mean_std(va), mean_std(vb)
+                        row[f"{prefix}{metric} A"], row[f"{prefix}{metric} B"] = stats_a, stats_b
                         row[f"{prefix}A - B"] = mean_std(va - vb)
-                        a_mean, b_mean = row[f"{prefix}{metric} A"][0], row[f"{prefix}{metric} B"][0]
-                        ratio = a_mean / b_mean if b_mean > 0 else math.nan
+                        ratio = stats_a[0] / stats_b[0] if stats_b[0] > 0 else math.nan
                         row[f"{prefix}A / B"] = f"{ratio:.3f}" if math.isfinite(ratio) else "-"
                     rows.append(row)
     return rows
