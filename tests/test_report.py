@@ -328,6 +328,9 @@ def test_vector_arms_are_paired_by_seed(tmp_path):
         for s, v in values.items():
             cell = {**_cell(method, "off"), "attributes": attributes}
             cells.append(str(_run(root, f"runs/toy/{method}/off-seed{s}", cell, v, s).relative_to(root)))
+    for method, v in (("fedscope", (0.40, 0.30)), ("fedscope_wo_llm", (0.20, 0.10))):  # another variant, seed 0
+        cell = {**_cell(method, "off"), "attributes": arms[method][0], "variant": "d64"}
+        cells.append(str(_run(root, f"runs/toy/{method}/d64-off-seed0", cell, v, 0).relative_to(root)))
     studies = {"ablation": {"title": "Ablation", "kind": "cells", "cells": cells, "datasets": ["toy"]}}
     (root / "plan.json").write_text(json.dumps({"profile": "quick", "dry_run": False, "status": "complete",
                                                 "hardware": {"device": "cpu"}, "studies": studies}))
@@ -335,7 +338,10 @@ def test_vector_arms_are_paired_by_seed(tmp_path):
     assert main(["report", "--runs", str(root), "--out", str(out)]) == 0
     approx = lambda x: pytest.approx(x, rel=1e-5)  # noqa: E731  (the CSV keeps 6 significant digits)
     assert "**What the item vectors add**" in (out / "report.md").read_text()
-    rows = {(r["A vs B"], r["domain"]): r for r in _csv(out / "ablation_vectors.csv")}
+    variants = {(r["variant"], r["A vs B"], r["domain"]): r for r in _csv(out / "ablation_vectors.csv")}
+    assert sorted(k for k in variants if k[0] == "d64") == [("d64", "LLM vs none", d) for d in ("food", "kitchen")]
+    assert float(variants["d64", "LLM vs none", "kitchen"]["A - B mean"]) == pytest.approx(0.2, rel=1e-5)
+    rows = {(ab, d): r for (v, ab, d), r in variants.items() if v == "base"}
     assert sorted(rows) == [(ab, d) for ab in ("LLM vs none", "LLM vs title", "title vs none")
                             for d in ("food", "kitchen")]
     r = rows["LLM vs title", "food"]                    # seeds 0, 1: differences 0.02, 0.04

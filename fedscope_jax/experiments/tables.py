@@ -270,7 +270,7 @@ def vector_rows(groups: Sequence[Group], metric: str = "NDCG@10") -> list[dict[s
         key = (c.get("dataset"), c.get("dp"), c.get("variant"))
         by_setting.setdefault(key, {}).setdefault(kind, g)
     rows = []
-    for (dataset, dp, _), kinds in by_setting.items():
+    for (dataset, dp, variant), kinds in by_setting.items():
         present = [k for k in VECTOR_ORDER if k in kinds]
         for i, a in enumerate(present):
             for b in present[i + 1:]:
@@ -282,7 +282,7 @@ def vector_rows(groups: Sequence[Group], metric: str = "NDCG@10") -> list[dict[s
                     continue
                 pa, pb = Group(ga.cell, [sa[s] for s in seeds]), Group(gb.cell, [sb[s] for s in seeds])
                 for domain in ga.domains():
-                    row: dict[str, Any] = {"dataset": dataset, "dp": dp, "domain": domain,
+                    row: dict[str, Any] = {"dataset": dataset, "dp": dp, "variant": variant, "domain": domain,
                                            "A vs B": f"{a} vs {b}", "seeds": len(seeds)}
                     for proto, prefix in (("sampled", ""), ("full", "full: ")):
                         va, vb = pa.values(domain, metric, proto), pb.values(domain, metric, proto)
