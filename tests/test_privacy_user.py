@@ -116,10 +116,12 @@ def test_replacing_one_user_moves_the_sum_by_at_most_the_sensitivity(params, see
 
 
 @pytest.mark.parametrize("loss_cfg", [LossConfig(rec="gbce", num_negatives=6, alpha=0.5),
-                                      LossConfig(rec="in_batch", logq=True, num_negatives=6, alpha=0.5)])
+                                      LossConfig(rec="in_batch", logq=True, num_negatives=6, alpha=0.5),
+                                      LossConfig(num_negatives=6, alpha=0.5, user_norm="length")])
 def test_other_next_item_losses_keep_the_bound(params, loss_cfg):
-    """The two newer next-item losses in the user unit: gBCE (negatives drawn per user: public randomness) and
-    the logQ-corrected in-batch softmax (q from the user's own targets). The bound itself comes from
+    """The newer next-item losses in the user unit: gBCE (negatives drawn per user: public randomness), the
+    logQ-corrected in-batch softmax (q from the user's own targets), and a user's losses summed over its
+    targets (`user_norm` "length": the clipped gradient still bounds each user). The bound itself comes from
     `clipped_user_sum` calling the loss one user at a time (a loss closed over the batch breaks it: the test
     below); this checks that these losses run there, give a nonzero finite sum, keep 2C per replaced user and
     are unchanged by padding users."""
@@ -132,6 +134,27 @@ def test_other_next_item_losses_keep_the_bound(params, loss_cfg):
         assert _dist(_sum(loss, params, _replace_user(batch, u, rng), clip)[0], base) <= 2 * clip * (1 + 1e-5)
     padded, _ = _sum(loss, params, _batch(np.random.default_rng(30), 6, pad=2), clip)
     assert _dist(padded, base) < 1e-6
+
+
+def test_user_norm_length_weighs_a_user_by_its_targets(params):
+    """`loss.user_norm` "length": a user's next-item loss is the sum over its targets / (1 x L), i.e. the mean
+    over its n targets times n / L (hand-computed from the "mean" loss of the same user and key); outside the
+    user unit (per_user False) the option changes nothing."""
+    batch = _batch(np.random.default_rng(5), 1)
+    batch = {k: (v.at[:, 1].set(0) if k != "user_mask" else v) for k, v in batch.items()}   # food only
+    n = int(jnp.sum(batch["target"] > 0))
+    assert 0 < n < MC.max_len
+    key = jax.random.key(4)
+    mc = dataclasses.replace(MC, loss=dataclasses.replace(MC.loss, alpha=0.0))
+    length = dataclasses.replace(mc, loss=dataclasses.replace(mc.loss, user_norm="length"))
+    mean_loss = loss_fn(params, batch, key, mc, per_user=True)[0]
+    length_loss = loss_fn(params, batch, key, length, per_user=True)[0]
+    assert float(mean_loss) > 0
+    np.testing.assert_allclose(float(length_loss), float(mean_loss) * n / MC.max_len, rtol=1e-6)
+    np.testing.assert_allclose(float(loss_fn(params, batch, key, length)[0]), float(loss_fn(params, batch, key, mc)[0]),
+                               rtol=1e-6)
+    with pytest.raises(FedscopeError, match="user_norm"):
+        LossConfig(user_norm="sum")
 
 
 def test_an_unsafe_loss_breaks_the_bound(params):

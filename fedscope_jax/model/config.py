@@ -8,6 +8,7 @@ from fedscope_jax.errors import FedscopeError
 
 
 REC_LOSSES = ("sampled", "in_batch", "full", "gbce")   # model.loss.rec
+USER_NORMS = ("mean", "length")                       # model.loss.user_norm
 UNIFORM_NEGATIVES = ("sampled", "gbce")                  # the losses whose negatives are uniform over the items
 
 
@@ -35,6 +36,11 @@ class LossConfig:
     tau_inter: float = 0.2
     rho: float = 0.02          # intra positives: K = min(ceil(rho * N), k_max), N = valid users in the batch
     k_max: int = 50
+    # the user unit's per-user loss (loss_fn(per_user=True)): "mean" = each domain's next-item loss averaged over
+    # the user's own targets (every user weighs the same); "length" = summed over them and divided by the
+    # sequence length max_len (a public constant), so a user weighs by its number of targets, as every target
+    # does in a non-private batch's mean. Either way the user's clipped gradient bounds the sensitivity.
+    user_norm: str = "mean"
     seqcl_weight: float = 0.0  # CL4SRec-style sequence contrastive term (the FedCL4SRec baseline); 0 = off
     seqcl_tau: float = 0.2     # with cosine similarity (in [-1, 1]) a temperature of 1 barely separates views
     seqcl_crop: float = 0.6    # eta: share of the items a crop keeps
@@ -44,6 +50,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.rec not in REC_LOSSES:
             raise FedscopeError(f"model.loss.rec={self.rec!r}; expected one of {', '.join(REC_LOSSES)}")
+        if self.user_norm not in USER_NORMS:
+            raise FedscopeError(f"model.loss.user_norm={self.user_norm!r}; expected one of {', '.join(USER_NORMS)}")
         if not 0.0 <= self.gbce_t <= 1.0:
             raise FedscopeError(f"model.loss.gbce_t={self.gbce_t}; expected 0 <= t <= 1")
         if self.logq and self.rec != "in_batch":

@@ -148,7 +148,9 @@ def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, confi
 
     per_user: the user unit of DP, where the loss is taken one user at a time and no user's term may read
     another user's data: the intra-domain term is off (its positives are other users) and the inter-domain
-    term takes sampled items of the other domain as negatives (`inter_item_loss`) instead of other users.
+    term takes sampled items of the other domain as negatives (`inter_item_loss`) instead of other users;
+    `loss.user_norm` "length" sums a user's next-item losses over its targets and divides by B x L instead of
+    averaging them (B = 1 user there, L = the padded length: public constants).
     skip_absent: skip at run time the terms of a domain the batch names no item of (`when_present`; the same
     loss and gradients): for clients that hold one domain each (`--scheme domain`)."""
     lc = config.loss
@@ -163,6 +165,8 @@ def loss_fn(params: Params, batch: dict[str, jnp.ndarray], key: jax.Array, confi
                                   batch)
         rec_d, user_d, valid_d, items_d = (when_present(_present(seq[:, d], target[:, d]), terms) if skip_absent
                                            else terms())
+        if per_user and lc.user_norm == "length":   # the mean over the user's targets -> their sum / (B x L)
+            rec_d = rec_d * jnp.sum(target[:, d] > 0) / target[:, d].size
         rec = rec + rec_d
         users.append(user_d)
         valid.append(valid_d)
