@@ -137,24 +137,32 @@ def test_other_next_item_losses_keep_the_bound(params, loss_cfg):
 
 
 def test_user_norm_length_weighs_a_user_by_its_targets(params):
-    """`loss.user_norm` "length": a user's next-item loss is the sum over its targets / (1 x L), i.e. the mean
-    over its n targets times n / L (hand-computed from the "mean" loss of the same user and key); outside the
-    user unit (per_user False) the option changes nothing."""
+    """`loss.user_norm` "length": each domain's next-item loss of a user is the sum over its targets there /
+    (1 x L), i.e. that domain's mean over its n_d targets times n_d / L (hand-computed from the "mean" losses of
+    the same user and key, one domain at a time, with 3 food and 2 kitchen targets); outside the user unit
+    (per_user False) the option changes nothing, and a run config outside it is refused."""
     batch = _batch(np.random.default_rng(5), 1)
-    batch = {k: (v.at[:, 1].set(0) if k != "user_mask" else v) for k, v in batch.items()}   # food only
-    n = int(jnp.sum(batch["target"] > 0))
-    assert 0 < n < MC.max_len
+    batch["target"] = batch["target"].at[0, 1, 2].set(0)     # kitchen: one target fewer than food
+    counts = [int(jnp.sum(batch["target"][:, d] > 0)) for d in range(2)]
+    assert counts == [3, 2]
+    only = [{k: (v.at[:, 1 - d].set(0) if k != "user_mask" else v) for k, v in batch.items()} for d in range(2)]
     key = jax.random.key(4)
     mc = dataclasses.replace(MC, loss=dataclasses.replace(MC.loss, alpha=0.0))
     length = dataclasses.replace(mc, loss=dataclasses.replace(mc.loss, user_norm="length"))
-    mean_loss = loss_fn(params, batch, key, mc, per_user=True)[0]
-    length_loss = loss_fn(params, batch, key, length, per_user=True)[0]
-    assert float(mean_loss) > 0
-    np.testing.assert_allclose(float(length_loss), float(mean_loss) * n / MC.max_len, rtol=1e-6)
+    means = [float(loss_fn(params, b, key, mc, per_user=True)[0]) for b in only]
+    assert min(means) > 0
+    expected = sum(m * n / MC.max_len for m, n in zip(means, counts))
+    np.testing.assert_allclose(float(loss_fn(params, batch, key, length, per_user=True)[0]), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(loss_fn(params, batch, key, length, per_user=True, skip_absent=True)[0]),
+                               expected, rtol=1e-6)
     np.testing.assert_allclose(float(loss_fn(params, batch, key, length)[0]), float(loss_fn(params, batch, key, mc)[0]),
                                rtol=1e-6)
     with pytest.raises(FedscopeError, match="user_norm"):
         LossConfig(user_norm="sum")
+    from fedscope_jax.train.config import RunConfig
+    with pytest.raises(FedscopeError, match="user_norm='length' weighs the per-user loss of --privacy-unit user"):
+        RunConfig(model=length)
+    assert RunConfig(model=length, privacy=PrivacyConfig(unit="user")).model.loss.user_norm == "length"
 
 
 def test_an_unsafe_loss_breaks_the_bound(params):

@@ -37,9 +37,10 @@ class LossConfig:
     rho: float = 0.02          # intra positives: K = min(ceil(rho * N), k_max), N = valid users in the batch
     k_max: int = 50
     # the user unit's per-user loss (loss_fn(per_user=True)): "mean" = each domain's next-item loss averaged over
-    # the user's own targets (every user weighs the same); "length" = summed over them and divided by the
-    # sequence length max_len (a public constant), so a user weighs by its number of targets, as every target
-    # does in a non-private batch's mean. Either way the user's clipped gradient bounds the sensitivity.
+    # the user's own targets (within a domain every user weighs the same); "length" = summed over them and
+    # divided by the sequence length max_len (a public constant), so a user weighs by its number of targets
+    # there, as every target of a domain does in a non-private batch's mean. Either way the user's clipped
+    # gradient bounds the sensitivity. RunConfig refuses "length" outside privacy.unit "user".
     user_norm: str = "mean"
     seqcl_weight: float = 0.0  # CL4SRec-style sequence contrastive term (the FedCL4SRec baseline); 0 = off
     seqcl_tau: float = 0.2     # with cosine similarity (in [-1, 1]) a temperature of 1 barely separates views
