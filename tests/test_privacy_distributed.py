@@ -14,7 +14,7 @@ import pytest
 
 from fedscope_jax.cli import main
 from fedscope_jax.errors import FedscopeError
-from fedscope_jax.privacy import accounting
+from fedscope_jax.privacy import accounting, budgets
 from fedscope_jax.privacy.config import PrivacyConfig
 from fedscope_jax.privacy.ledger import PrivacyLedger, check_ledger, read_ledger
 from fedscope_jax.privacy.plan import UserSteps, plan_privacy
@@ -58,6 +58,46 @@ def test_distributed_plan_one_rate_one_z_and_the_shares(tmp_path):
                               [[r["eps_spent"] for r in rows]])
     write_arrow(forged, tmp_path / "forged.arrow")
     assert check_ledger(tmp_path / "forged.arrow") == [0, 1, 2, 3]
+
+
+def test_personalized_distributed_budgets_clip_each_silo_under_the_one_noise(tmp_path):
+    """distributed_budgets personalized: silo k's users get eps_k (mode personalized's allocation) through
+    their own clip norm C_k = C z_min / z_k under one noise std sigma = z_min C, so each silo's users are
+    protected by sigma / C_k = z_k, calibrated to eps_k at the pooled rate; uniform keeps C for every silo."""
+    users = np.array([400, 200, 100, 64])
+    steps = UserSteps(users, np.ones(4, np.int64), 16, pooled=True)
+    config = PrivacyConfig(mode="distributed", unit="user", epsilon=4.0, clip_norm=0.5,
+                           distributed_budgets="personalized")
+    plan = plan_privacy(config, users * 10, 1.0, 30, steps)
+    eps = budgets.personalized_epsilons(users * 10, 4.0)
+    np.testing.assert_allclose(plan.eps_targets, eps)
+    assert eps[0] > eps[1] > eps[2] > eps[3]
+    q = 4 * 16 / users.sum()
+    z = np.asarray(plan.noise_multipliers)
+    for k in range(4):
+        spent = accounting.epsilon_spent("rdp", float(z[k]), 30, 1e-5, q, True)
+        assert spent <= eps[k] * (1 + 1e-6) and spent == pytest.approx(eps[k], rel=1e-2)
+    clip = np.asarray(plan.clip_norms)
+    assert clip[0] == pytest.approx(0.5) and np.all(np.diff(clip) < 0)      # the largest budget clips at C
+    np.testing.assert_allclose(clip * z, 0.5 * z[0])                         # one sigma for every silo
+    np.testing.assert_allclose(clip * plan.update_noise_multipliers, 0.5 * z[0] / 2)   # K = 4 shares of it
+    np.testing.assert_allclose(plan.colluding_noise_multipliers, z / 2)
+    ledger = PrivacyLedger(plan, np.arange(4), users * 10)
+    for t in range(1, 31):
+        ledger.begin_round(t)
+        ledger.end_round(np.ones(4, bool))
+    path = ledger.write(tmp_path)
+    rows = read_ledger(path)
+    assert check_ledger(path) == []
+    assert [r["clip_norm"] for r in rows] == pytest.approx(clip.tolist())
+    assert [r["eps_spent"] for r in rows] == pytest.approx(eps.tolist(), rel=1e-2)
+    uniform = plan_privacy(PrivacyConfig(mode="distributed", unit="user", epsilon=4.0, clip_norm=0.5),
+                           users * 10, 1.0, 30, steps)
+    np.testing.assert_allclose(uniform.clip_norms, 0.5)
+    np.testing.assert_allclose(uniform.noise_multipliers, uniform.noise_multipliers[0])
+    with pytest.raises(FedscopeError, match=r"privacy.distributed_budgets: 'personalized' allocates the budgets "
+                                            r"of mode distributed; got mode 'uniform'"):
+        PrivacyConfig(mode="uniform", unit="user", distributed_budgets="personalized")
 
 
 def test_other_modes_have_eps_colluding_equal_to_eps_spent(tmp_path):
@@ -135,19 +175,23 @@ def _leaves_diff(a, b) -> float:
                                                                                      jax.tree.leaves(b)))
 
 
-def test_the_silos_shares_sum_to_the_central_noise(tiny_dataset):
+@pytest.mark.parametrize("budgets_", ["uniform", "personalized"])
+def test_the_silos_shares_sum_to_the_central_noise(tiny_dataset, budgets_):
     """With every sampled user removed, a round's update is pure noise: the mean of K silos' one-step updates
     -lr n_k / B with n_k ~ N(0, z^2 C^2 / K) has std lr z C / (K B), central DP-SGD's noise over the union's
-    expected batch K B; the secure sum changes it by quantization only."""
-    cfg, ctx = _context(tiny_dataset)
+    expected batch K B; the secure sum changes it by quantization only. With personalized budgets each silo
+    applies z_k / sqrt(K) to its own C_k, and the shares still sum to the one sigma = z_min C."""
+    cfg, ctx = _context(tiny_dataset, f"privacy.distributed_budgets={budgets_}")
     session = ctx.session(cfg.privacy)
+    if budgets_ == "personalized":
+        assert len(set(np.round(session.plan.clip_norms, 6))) == 3    # the three silos clip differently
     shards = [ctx.source(0, c) for c in range(3)]
     for s in shards:
         s.batch["user_mask"][:] = False
     state, metrics = _round(ctx, _cohorts(ctx, session, shards), session.secagg_bound())
     flat = np.concatenate([(np.asarray(a) - np.asarray(b)).ravel()
                            for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ctx.params))])
-    z = float(session.plan.noise_multipliers[0])
+    z = float(np.min(session.plan.noise_multipliers))
     assert flat.size > 2000   # the std of 2,000 draws is within 6% with probability > 1 - 1e-4
     assert flat.std() == pytest.approx(0.5 * z * 0.5 / (3 * 8), rel=0.06)
     assert flat.std() != pytest.approx(0.5 * z * 0.5 / (math.sqrt(3) * 8), rel=0.3)   # not one silo's share
@@ -158,8 +202,9 @@ def test_the_silos_shares_sum_to_the_central_noise(tiny_dataset):
     assert 0 < error <= secagg.error_bound(3, params, 1.0) and error < 0.01 * 3 * flat.std()
 
 
-def test_distributed_round_equals_its_sequential_oracle(tiny_dataset):
-    cfg, ctx = _context(tiny_dataset)
+@pytest.mark.parametrize("budgets_", ["uniform", "personalized"])
+def test_distributed_round_equals_its_sequential_oracle(tiny_dataset, budgets_):
+    cfg, ctx = _context(tiny_dataset, f"privacy.distributed_budgets={budgets_}")
     session = ctx.session(cfg.privacy)
     assert session.noise_mode == "off" and session.secagg_bound() > 0
     assert ctx.user_steps.pooled and ctx.user_steps.steps_per_round.tolist() == [1, 1, 1]
@@ -167,6 +212,31 @@ def test_distributed_round_equals_its_sequential_oracle(tiny_dataset):
     vm, _ = _round(ctx, cohorts, session.secagg_bound())
     seq, _ = _round(ctx, cohorts, session.secagg_bound(), sequential=True)
     assert _leaves_diff(vm.params, seq.params) < 1e-6 and _leaves_diff(vm.params, ctx.params) > 1e-3
+
+
+def test_each_silo_clips_its_users_to_its_own_clip_norm(tiny_dataset):
+    """Personalized budgets: silo k's update, without noise and with one sampled user whose gradient is longer
+    than any C_k, is -lr C_k u / B with |u| = 1, so its norm is lr C_k / B: the engine applies each silo's C_k
+    (with one C for every silo, as with uniform budgets, the three norms would be equal)."""
+    cfg, ctx = _context(tiny_dataset, "privacy.distributed_budgets=personalized", "privacy.clip_norm=0.1")
+    session = ctx.session(cfg.privacy)
+    shards = [ctx.source(0, c) for c in range(3)]
+    for s in shards:
+        first = s.batch["user_mask"][:, :1].copy()
+        assert first.all()                        # every silo drew a user into the first slot
+        s.batch["user_mask"][:] = False
+        s.batch["user_mask"][:, :1] = first
+    clip, z = session.round_vectors(np.arange(3))
+    from fedscope_jax.engine.cohort import build_cohorts, plan_buckets
+
+    cohorts, _ = build_cohorts(shards, range(3), plan_buckets(shards, 1), {}, clip=clip, noise_multiplier=0 * z,
+                               multiple=4)
+    _, metrics = _round(ctx, cohorts, session.secagg_bound())
+    report = metrics.reports[0]
+    norms = {int(i): float(n) for i, n, ok in zip(report.client_id, report.norm, report.included) if ok}
+    assert sorted(norms) == [0, 1, 2] and np.min(np.diff(np.sort(clip))) > 0.01 * np.max(clip)
+    for k in range(3):
+        assert norms[k] == pytest.approx(0.5 * float(clip[k]) / 8, rel=1e-3)   # float32: new - old params
 
 
 def test_distributed_run_writes_both_epsilons(tiny_dataset, tmp_path):
@@ -183,3 +253,22 @@ def test_distributed_run_writes_both_epsilons(tiny_dataset, tmp_path):
     assert rows[0]["eps_colluding"] > rows[0]["eps_spent"]
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(m["clients"] == 3 and m["real_steps"] == 3 and "secagg_max_abs_error" in m for m in metrics)
+
+
+def test_a_distributed_sweep_takes_personalized_budgets(tiny_dataset, tmp_path, capsys):
+    """`fedscope sweep --privacy distributed --distributed-budgets personalized` writes each silo's eps_k and
+    C_k in its ledger; with other modes the option is refused before anything is written."""
+    out = tmp_path / "sweep"
+    args = ["sweep", "--data", str(tiny_dataset), "--out", str(out), "--clients", "3", "--scheme", "powerlaw",
+            "--rounds", "2", "--eval-every", "2", "--privacy-unit", "user", "--client-opt", "sgd", "--client-lr",
+            "0.5", "--clip-norm", "0.5", "--epsilons", "4", "--distributed-budgets", "personalized", *TINY]
+    assert main(args + ["--privacy", "personalized,uniform"]) == 2
+    assert "allocates the budgets of mode distributed; got mode 'personalized'" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(args + ["--privacy", "distributed"]) == 0
+    ledger = out / "distributed-eps4-seed0" / "privacy_ledger.arrow"
+    rows = read_ledger(ledger)
+    assert check_ledger(ledger) == []
+    assert len({r["eps_target"] for r in rows}) == 3 and all(r["steps"] == 2 for r in rows)
+    assert max(r["clip_norm"] for r in rows) == pytest.approx(0.5) and min(r["clip_norm"] for r in rows) < 0.45
+    assert len({round(r["clip_norm"] * r["noise_multiplier"], 9) for r in rows}) == 1   # one sigma

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from fedscope_jax.privacy.config import ACCOUNTANTS, CLIPPINGS, MODES, UNITS, PrivacyConfig
+from fedscope_jax.privacy.config import ACCOUNTANTS, CLIPPINGS, DISTRIBUTED_BUDGETS, MODES, UNITS, PrivacyConfig
 from fedscope_jax.train.federated_config import SCHEME_COUNTS, FederatedConfig
 
 __all__ = ["FEDERATED_FLAGS", "PRIVACY_FLAGS", "add_federated_arguments", "add_privacy_arguments", "apply_flags",
@@ -20,7 +20,7 @@ FEDERATED_FLAGS = ("clients", "scheme", "sampling", "fraction", "rounds", "local
 # PrivacyConfig field -> argparse dest of its flag (--privacy sets `mode`)
 PRIVACY_FLAGS = {"mode": "privacy", "unit": "privacy_unit", "epsilon": "epsilon", "delta": "delta",
                  "accountant": "accountant", "amplification": "amplification", "clipping": "clipping",
-                 "clip_norm": "clip_norm", "secagg": "secagg"}
+                 "clip_norm": "clip_norm", "secagg": "secagg", "distributed_budgets": "distributed_budgets"}
 
 
 def add_federated_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +76,9 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
                        help="count Poisson-subsampling amplification (default off; see docs for validity)")
     group.add_argument("--clipping", choices=CLIPPINGS, help="fixed or adaptive per-client clip norm")
     group.add_argument("--clip-norm", type=float, help="(initial) clip norm C_k (default 1.0)")
+    group.add_argument("--distributed-budgets", choices=DISTRIBUTED_BUDGETS,
+                       help="--privacy distributed: one eps for every user (uniform, the default) or silo k's "
+                            "users at the personalized eps_k, by per-silo clip norms under the shared noise")
     group.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
                        help="simulated secure aggregation of the noised updates, per chunk (default off)")
 

@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from fedscope_jax.train.config import load_config
     from fedscope_jax.train.sweep import run_sweep
 
+    if modes == ("distributed",):   # the base config's mode, so that distributed-only options validate
+        args.privacy = "distributed"
     cfg = apply_flags(load_config(args.config, args.overrides), args)
     seeds = [cfg.train.seed + i for i in range(args.sweep_seeds)]
     ds = load_dataset(args.data)

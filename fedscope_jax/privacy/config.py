@@ -13,6 +13,7 @@ UNITS = ("user", "client")
 ACCOUNTANTS = ("rdp", "pld")
 CLIPPINGS = ("fixed", "adaptive")
 NORMALIZATIONS = ("geometric", "weighted")
+DISTRIBUTED_BUDGETS = ("uniform", "personalized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,9 @@ class PrivacyConfig:
     accountant: rdp (fast) or pld (tighter) dp-accounting accountant.
     amplification: count Poisson subsampling amplification (valid only under its assumptions; default off).
     allocation_exponent, eps_min, eps_max, normalize: the personalized allocation (budgets.py).
+    distributed_budgets: mode distributed only. "uniform": one eps for every user; "personalized": the users
+      of silo k get the personalized eps_k (as mode personalized allocates it), through per-silo clip norms
+      under the one shared noise (individualized DP-SGD, Boenisch et al. 2023; privacy/plan.py).
     participation_quantile: without amplification, calibrate for this quantile of a client's participations.
     clipping, clip_norm: fixed C_k = clip_norm, or adaptive starting from clip_norm.
     clip_target_quantile, clip_learning_rate, clip_bit_fraction: adaptive clipping (Andrew et al. 2021);
@@ -50,6 +54,7 @@ class PrivacyConfig:
     eps_min: float | None = None
     eps_max: float | None = None
     normalize: str = "geometric"
+    distributed_budgets: str = "uniform"
     participation_quantile: float = 0.95
     clipping: str = "fixed"
     clip_norm: float = 1.0
@@ -75,7 +80,7 @@ class PrivacyConfig:
             return FedscopeError(f"{name(field)}: expected {expected}, got {getattr(self, field)!r}")
 
         choices = {"mode": MODES, "unit": UNITS, "accountant": ACCOUNTANTS, "clipping": CLIPPINGS,
-                   "normalize": NORMALIZATIONS}
+                   "normalize": NORMALIZATIONS, "distributed_budgets": DISTRIBUTED_BUDGETS}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise bad(field, "one of " + ", ".join(allowed))
@@ -122,6 +127,10 @@ class PrivacyConfig:
         if self.mode == "distributed" and self.unit != "user":
             raise FedscopeError(f"{name('mode')}: distributed noise splits one user-level DP-SGD step's noise "
                                 f"over the silos; got unit {self.unit!r} (use --privacy-unit user)")
+        if self.distributed_budgets != "uniform" and self.mode not in ("distributed", "off"):
+            raise FedscopeError(f"{name('distributed_budgets')}: {self.distributed_budgets!r} allocates the "
+                                f"budgets of mode distributed; got mode {self.mode!r} (use --privacy distributed, "
+                                f"or --privacy personalized for personalized budgets with local noise)")
         if self.unit == "user" and self.secagg and self.mode != "distributed":
             raise FedscopeError(f"{name('secagg')}: secure aggregation of user-level private updates is built "
                                 f"for mode distributed only (the others' updates after local steps have no "

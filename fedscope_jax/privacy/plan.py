@@ -15,7 +15,9 @@ round. Every user is sampled at the one rate q = K B / N; each silo adds N(0, z^
 clipped per-user gradients, and only the secure sum of the K silos is released, which carries N(0, z^2 C^2):
 one `PoissonSampledDpEvent(q, GaussianDpEvent(z))` per round for every user. If silos other than a user's own
 collude with the server they can subtract their shares; with all K - 1 of them, z / sqrt(K) is left
-(`colluding_noise_multipliers`, the ledger's second epsilon).
+(`colluding_noise_multipliers`, the ledger's second epsilon). With personalized budgets
+(`distributed_budgets`), silo k clips its users to C_k = C z_min / z_k under the one noise z_min C, so its users
+are protected by z_k, calibrated to their eps_k (`_distributed_plan`).
 """
 
 from __future__ import annotations
@@ -149,7 +151,10 @@ def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.nd
     if not isinstance(rounds, (int, np.integer)) or rounds < 1:
         raise FedscopeError(f"privacy: rounds must be a positive integer, got {rounds!r}")
     rates = participation = _rates(sampling_rates, num_clients)
-    eps = budgets.client_epsilons(config.mode, sizes, config.epsilon, exponent=config.allocation_exponent,
+    allocation = config.mode
+    if config.mode == "distributed" and config.distributed_budgets == "personalized":
+        allocation = "personalized"
+    eps = budgets.client_epsilons(allocation, sizes, config.epsilon, exponent=config.allocation_exponent,
                                   eps_min=config.eps_min, eps_max=config.eps_max, normalize=config.normalize)
     events = np.array([accounting.planned_events(q, int(rounds), config.amplification, config.participation_quantile)
                        for q in rates], dtype=np.int64)
@@ -206,7 +211,14 @@ def plan_privacy(config: PrivacyConfig, sizes: np.ndarray, sampling_rates: np.nd
 
 def _distributed_plan(config: PrivacyConfig, participation: np.ndarray, common: dict, rounds: int,
                       user_steps: UserSteps | None) -> PrivacyPlan:
-    """One z for the union of the silos' users (rate q, `rounds` steps); each silo's share z / sqrt(K)."""
+    """One noise on the sum of the union of the silos' users (rate q, `rounds` steps), in K shares.
+
+    Silo k's users get multiplier z_k, calibrated to their eps_k. With one eps (uniform) every z_k = z and
+    C_k = C. With personalized eps_k (`distributed_budgets`), silo k clips its users to C_k = C z_min / z_k
+    under the one noise std sigma = z_min C (z_min: the largest budget's z), so that a user of silo k, whose
+    presence moves the sum by at most C_k, is protected by sigma / C_k = z_k (individualized DP-SGD's
+    per-group clip norms, Boenisch et al. 2023). Each silo adds N(0, sigma^2 / K): multiplier z_k / sqrt(K)
+    of its own C_k, which is also what protects its users when every other silo colludes."""
     if user_steps is None or not user_steps.pooled:
         raise FedscopeError("privacy.mode distributed: the plan needs the silos' users with one pooled rate")
     if np.any(np.asarray(user_steps.steps_per_round) != 1):
@@ -218,24 +230,30 @@ def _distributed_plan(config: PrivacyConfig, participation: np.ndarray, common: 
                             f"(use --sampling fraction --fraction 1)")
     rate = float(np.max(common["sampling_rates"]))
     silos = int(np.sum(users > 0))
-    z = accounting.calibrate_noise_multiplier(config.epsilon, config.delta, rounds, config.accountant, rate, True)
-    n = users.size
+    eps = np.asarray(common["eps_targets"], np.float64)
+    cache = {e: accounting.calibrate_noise_multiplier(e, config.delta, rounds, config.accountant, rate, True)
+             for e in dict.fromkeys(float(x) for x in eps[users > 0])}
+    z = np.array([cache.get(float(e), math.inf) for e in eps])     # a silo without users: never sampled
+    z_min = float(np.min(z[users > 0]))
+    clip = np.where(users > 0, config.clip_norm * z_min / z, config.clip_norm)
     share = np.where(users > 0, z / math.sqrt(silos), 0.0)
-    common = {**common, "planned_events": np.full(n, rounds, np.int64)}
-    return PrivacyPlan(adaptive_clipping=False, noise_multipliers=np.full(n, z), update_noise_multipliers=share,
-                       bit_noise=np.full(n, math.inf), colluding_noise_multipliers=share, **common)
+    common = {**common, "planned_events": np.full(users.size, rounds, np.int64), "clip_norms": clip}
+    return PrivacyPlan(adaptive_clipping=False, noise_multipliers=np.where(users > 0, z, z_min),
+                       update_noise_multipliers=share, bit_noise=np.full(users.size, math.inf),
+                       colluding_noise_multipliers=share, **common)
 
 
 def distributed_secagg_bound(plan: PrivacyPlan, learning_rate: float, batch_cap: int, expected_batch: int,
                              sigmas: float = 6.0) -> float:
     """Coordinate range B of the secure sum of distributed-noise silo updates
-    -lr (sum_u clip_C(g_u) + noise) / expected_batch: a clipped gradient's coordinate is at most C, a step holds
-    at most `batch_cap` users and the share's std is z C / sqrt(K), so a coordinate is at most
-    lr C (cap + sigmas z / sqrt(K)) / expected_batch but with probability < 2e-9 (6 sigmas). The range used is
-    lr C max(2 cap, cap + sigmas z / sqrt(K)) / expected_batch: the same for every epsilon whose share is below
-    cap / sigmas, so the configurations of a sweep share one compiled round (a step of at most 2x coarser)."""
+    -lr (sum_u clip_C(g_u) + noise) / expected_batch: a clipped gradient's coordinate is at most C (the largest
+    C_k), a step holds at most `batch_cap` users and the share's std is sigma / sqrt(K) = z C / sqrt(K), so a
+    coordinate is at most lr C (cap + sigmas z / sqrt(K)) / expected_batch but with probability < 2e-9 (6
+    sigmas). The range used is lr C max(2 cap, cap + sigmas z / sqrt(K)) / expected_batch: the same for every
+    epsilon whose share is below cap / sigmas, so the configurations of a sweep share one compiled round (a
+    step of at most 2x coarser)."""
     c = float(np.max(plan.clip_norms))
-    share = float(np.max(plan.update_noise_multipliers))
+    share = float(np.max(np.asarray(plan.clip_norms) * plan.update_noise_multipliers)) / c   # sigma / (sqrt(K) C)
     return float(learning_rate * c * max(2.0 * batch_cap, batch_cap + sigmas * share) / expected_batch)
 
 
