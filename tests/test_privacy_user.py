@@ -159,10 +159,14 @@ def test_user_norm_length_weighs_a_user_by_its_targets(params):
                                rtol=1e-6)
     with pytest.raises(FedscopeError, match="user_norm"):
         LossConfig(user_norm="sum")
-    from fedscope_jax.train.config import RunConfig
+    from fedscope_jax.train.config import RunConfig, load_config
+    from fedscope_jax.train.federated import check_privacy_knobs
     with pytest.raises(FedscopeError, match="user_norm='length' weighs the per-user loss of --privacy-unit user"):
-        RunConfig(model=length)
-    assert RunConfig(model=length, privacy=PrivacyConfig(unit="user")).model.loss.user_norm == "length"
+        check_privacy_knobs(RunConfig(model=length))
+    check_privacy_knobs(RunConfig(model=length, privacy=PrivacyConfig(unit="user")))
+    # --set model.loss.user_norm=length is applied before the --privacy-unit flag: the check waits for both
+    cfg = load_config(None, ["model.loss.user_norm=length"])
+    check_privacy_knobs(dataclasses.replace(cfg, privacy=PrivacyConfig(unit="user")))
 
 
 def test_an_unsafe_loss_breaks_the_bound(params):
@@ -491,3 +495,15 @@ def test_local_item_ids_without_their_negatives_are_refused(params):
     full = dataclasses.replace(MC, loss=dataclasses.replace(MC.loss, rec="full"))
     with pytest.raises(ValueError, match="the full softmax needs every item"):
         loss_fn(params, batch, jax.random.key(0), full, train=True, per_user=True)
+
+
+def test_user_norm_is_refused_where_no_per_user_loss_is_trained(tmp_path, capsys):
+    """--mode centralized / local train no per-user loss: `model.loss.user_norm length` is refused there."""
+    from fedscope_jax.cli import main
+
+    for mode in ("centralized", "local"):
+        out = tmp_path / mode
+        assert main(["train", "--mode", mode, "--data", str(tmp_path / "none"), "--out", str(out),
+                     "--set", "model.loss.user_norm=length"]) == 2
+        assert f"--mode {mode} has no per-user loss" in capsys.readouterr().err
+        assert not out.exists()

@@ -75,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
     from fedscope_jax.train.config import load_config
 
     cfg = apply_flags(load_config(args.config, args.overrides), args)   # no JAX computation yet
+    if args.mode != "federated" and cfg.model.loss.user_norm != "mean":
+        raise FedscopeError(f"model.loss.user_norm={cfg.model.loss.user_norm!r} weighs the per-user loss of "
+                            f"federated --privacy-unit user runs; --mode {args.mode} has no per-user loss (leave "
+                            "it at 'mean')")
     join_hosts(args, cfg)
     ds = load_dataset(args.data)
     semantic, coverage = None, None

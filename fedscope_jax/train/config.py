@@ -56,10 +56,6 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.federated.seed != self.train.seed:  # one seed per run
             object.__setattr__(self, "federated", dataclasses.replace(self.federated, seed=self.train.seed))
-        if self.model.loss.user_norm != "mean" and self.privacy.unit != "user":
-            raise FedscopeError(f"model.loss.user_norm={self.model.loss.user_norm!r} weighs the per-user loss of "
-                                f"--privacy-unit user, but privacy.unit is {self.privacy.unit!r}; use "
-                                "--privacy-unit user, or leave model.loss.user_norm at 'mean'")
 
 
 # The settings that size one training step, each with its config key.

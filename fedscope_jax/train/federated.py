@@ -47,9 +47,15 @@ __all__ = ["SeedContext", "check_distributed", "check_privacy_knobs", "check_res
 
 
 def check_privacy_knobs(cfg: Any) -> None:
-    """The raw engine knobs (federated.clip / noise_multiplier / noise_mode) are for `privacy.mode off` only."""
+    """The raw engine knobs (federated.clip / noise_multiplier / noise_mode) are for `privacy.mode off` only, and
+    model.loss.user_norm other than "mean" for the user unit only. Checked on the resolved config (its --set
+    values and flags together, so their order does not matter), before anything is written."""
     f = cfg.federated
     check_engine_flags(cfg.privacy.mode, f.clip, f.noise_multiplier, None if f.noise_mode == "off" else f.noise_mode)
+    if cfg.model.loss.user_norm != "mean" and cfg.privacy.unit != "user":
+        raise FedscopeError(f"model.loss.user_norm={cfg.model.loss.user_norm!r} weighs the per-user loss of "
+                            f"--privacy-unit user, but privacy.unit is {cfg.privacy.unit!r}; use "
+                            "--privacy-unit user, or leave model.loss.user_norm at 'mean'")
 
 
 RESULT_FREE = frozenset({"federated.chunk_size", "federated.checkpoint_every"})   # settings that change no result
