@@ -31,6 +31,15 @@ def _train(data: Path, out: Path, *extra: str) -> int:
                  "--scheme", "powerlaw", "--rounds", "3", "--eval-every", "3", *DIST, *TINY, *extra])
 
 
+def _accounted(plan, sizes: np.ndarray, rounds: int, out: Path) -> Path:
+    """The ledger of `plan` after `rounds` rounds in which every client took part, written to `out`."""
+    ledger = PrivacyLedger(plan, np.arange(sizes.size), sizes)
+    for t in range(1, rounds + 1):
+        ledger.begin_round(t)
+        ledger.end_round(np.ones(sizes.size, bool))
+    return ledger.write(out)
+
+
 def test_distributed_plan_one_rate_one_z_and_the_shares(tmp_path):
     users = np.array([400, 200, 100, 64])
     config = PrivacyConfig(mode="distributed", unit="user", epsilon=4.0, clip_norm=0.5)
@@ -43,11 +52,7 @@ def test_distributed_plan_one_rate_one_z_and_the_shares(tmp_path):
     assert spent <= 4.0 * (1 + 1e-6) and spent == pytest.approx(4.0, rel=1e-2)
     np.testing.assert_allclose(plan.update_noise_multipliers, z / 2)   # each of K = 4 silos: variance z^2 / 4
     np.testing.assert_allclose(plan.colluding_noise_multipliers, z / 2)
-    ledger = PrivacyLedger(plan, np.arange(4), users * 10)
-    for t in range(1, 31):
-        ledger.begin_round(t)
-        ledger.end_round(np.ones(4, bool))
-    path = ledger.write(tmp_path)
+    path = _accounted(plan, users * 10, 30, tmp_path)
     rows = read_ledger(path)
     assert check_ledger(path) == []
     colluding = accounting.epsilon_spent("rdp", z / 2, 30, 1e-5, q, True)
@@ -82,11 +87,7 @@ def test_personalized_distributed_budgets_clip_each_silo_under_the_one_noise(tmp
     np.testing.assert_allclose(clip * z, 0.5 * z[0])                         # one sigma for every silo
     np.testing.assert_allclose(clip * plan.update_noise_multipliers, 0.5 * z[0] / 2)   # K = 4 shares of it
     np.testing.assert_allclose(plan.colluding_noise_multipliers, z / 2)
-    ledger = PrivacyLedger(plan, np.arange(4), users * 10)
-    for t in range(1, 31):
-        ledger.begin_round(t)
-        ledger.end_round(np.ones(4, bool))
-    path = ledger.write(tmp_path)
+    path = _accounted(plan, users * 10, 30, tmp_path)
     rows = read_ledger(path)
     assert check_ledger(path) == []
     assert [r["clip_norm"] for r in rows] == pytest.approx(clip.tolist())
