@@ -17,7 +17,7 @@ from fedscope_jax.errors import FedscopeError
 from fedscope_jax.privacy import accounting, budgets
 from fedscope_jax.privacy.config import PrivacyConfig
 from fedscope_jax.privacy.ledger import PrivacyLedger, check_ledger, read_ledger
-from fedscope_jax.privacy.plan import UserSteps, plan_privacy
+from fedscope_jax.privacy.plan import UserSteps, distributed_secagg_bound, plan_privacy
 from fedscope_jax.utils.io import read_arrow, write_arrow
 
 TINY = ["--set", "model.dim=8", "--set", "model.blocks=1", "--set", "model.heads=1", "--set", "model.max_len=6",
@@ -87,6 +87,8 @@ def test_personalized_distributed_budgets_clip_each_silo_under_the_one_noise(tmp
     np.testing.assert_allclose(clip * z, 0.5 * z[0])                         # one sigma for every silo
     np.testing.assert_allclose(clip * plan.update_noise_multipliers, 0.5 * z[0] / 2)   # K = 4 shares of it
     np.testing.assert_allclose(plan.colluding_noise_multipliers, z / 2)
+    # the secure sum's range: lr C max(2 cap, cap + 6 sigma / (sqrt(K) C)), sigma from z_min, not z_max
+    assert distributed_secagg_bound(plan, 0.5, 1, 16) == pytest.approx(0.5 * 0.5 * (1 + 6 * z[0] / 2) / 16)
     path = _accounted(plan, users * 10, 30, tmp_path)
     rows = read_ledger(path)
     assert check_ledger(path) == []
@@ -184,8 +186,9 @@ def test_the_silos_shares_sum_to_the_central_noise(tiny_dataset, budgets_):
     applies z_k / sqrt(K) to its own C_k, and the shares still sum to the one sigma = z_min C."""
     cfg, ctx = _context(tiny_dataset, f"privacy.distributed_budgets={budgets_}")
     session = ctx.session(cfg.privacy)
-    if budgets_ == "personalized":
-        assert len(set(np.round(session.plan.clip_norms, 6))) == 3    # the three silos clip differently
+    if budgets_ == "personalized":   # the silos' z_k differ enough that noise on C instead of C_k would show
+        zk = np.asarray(session.plan.noise_multipliers)
+        assert np.sqrt(np.mean(zk ** 2)) > 1.2 * zk.min()
     shards = [ctx.source(0, c) for c in range(3)]
     for s in shards:
         s.batch["user_mask"][:] = False
@@ -257,12 +260,20 @@ def test_distributed_run_writes_both_epsilons(tiny_dataset, tmp_path):
 
 
 def test_a_distributed_sweep_takes_personalized_budgets(tiny_dataset, tmp_path, capsys):
-    """`fedscope sweep --privacy distributed --distributed-budgets personalized` writes each silo's eps_k and
-    C_k in its ledger; with other modes the option is refused before anything is written."""
+    """`fedscope sweep --privacy distributed --distributed-budgets personalized`: the vmapped program of two
+    epsilons trains each as its single run does (the same C_k applied), and writes each silo's eps_k and C_k in
+    its ledger; the eps-inf point drops the option; with other modes it is refused before anything is
+    written."""
+    from flax import serialization
+
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.sweep import sweep_points
+
     out = tmp_path / "sweep"
-    args = ["sweep", "--data", str(tiny_dataset), "--out", str(out), "--clients", "3", "--scheme", "powerlaw",
-            "--rounds", "2", "--eval-every", "2", "--privacy-unit", "user", "--client-opt", "sgd", "--client-lr",
-            "0.5", "--clip-norm", "0.5", "--epsilons", "4", "--distributed-budgets", "personalized", *TINY]
+    common = ["--data", str(tiny_dataset), "--clients", "3", "--scheme", "powerlaw", "--rounds", "2",
+              "--eval-every", "2", "--privacy-unit", "user", "--client-opt", "sgd", "--client-lr", "0.5",
+              "--clip-norm", "0.5", "--distributed-budgets", "personalized", *TINY]
+    args = ["sweep", "--out", str(out), "--epsilons", "2,4", *common]
     assert main(args + ["--privacy", "personalized,uniform"]) == 2
     assert "allocates the budgets of mode distributed; got mode 'personalized'" in capsys.readouterr().err
     assert not out.exists()
@@ -273,3 +284,17 @@ def test_a_distributed_sweep_takes_personalized_budgets(tiny_dataset, tmp_path, 
     assert len({r["eps_target"] for r in rows}) == 3 and all(r["steps"] == 2 for r in rows)
     assert max(r["clip_norm"] for r in rows) == pytest.approx(0.5) and min(r["clip_norm"] for r in rows) < 0.45
     assert len({round(r["clip_norm"] * r["noise_multiplier"], 9) for r in rows}) == 1   # one sigma
+    single = tmp_path / "single"
+    assert main(["train", "--mode", "federated", "--out", str(single), "--privacy", "distributed", "--epsilon",
+                 "4", *common]) == 0
+    a = serialization.msgpack_restore((out / "distributed-eps4-seed0" / "params.msgpack").read_bytes())
+    b = serialization.msgpack_restore((single / "params.msgpack").read_bytes())
+    assert _leaves_diff(a, b) < 1e-5
+    assert [r["clip_norm"] for r in read_ledger(single / "privacy_ledger.arrow")] == pytest.approx(
+        [r["clip_norm"] for r in rows])
+    cfg = load_config(None, [s for s in TINY if s != "--set"] + ["privacy.unit=user", "privacy.mode=distributed",
+                                                                 "privacy.distributed_budgets=personalized"])
+    off = sweep_points(cfg, ["distributed"], [4.0, math.inf], [0])[1].cfg.privacy
+    assert (off.mode, off.distributed_budgets) == ("off", "uniform")
+    with pytest.raises(FedscopeError, match="got mode 'off'"):
+        PrivacyConfig(mode="off", distributed_budgets="personalized")

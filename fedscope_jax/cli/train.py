@@ -72,13 +72,11 @@ def join_hosts(args: argparse.Namespace, cfg: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedscope_jax.data.canonical import load_dataset
-    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.config import check_user_norm, load_config
 
     cfg = apply_flags(load_config(args.config, args.overrides), args)   # no JAX computation yet
-    if args.mode != "federated" and cfg.model.loss.user_norm != "mean":
-        raise FedscopeError(f"model.loss.user_norm={cfg.model.loss.user_norm!r} weighs the per-user loss of "
-                            f"federated --privacy-unit user runs; --mode {args.mode} has no per-user loss (leave "
-                            "it at 'mean')")
+    if args.mode != "federated":   # federated runs check it with the rest of their privacy settings
+        check_user_norm(cfg, args.mode)
     join_hosts(args, cfg)
     ds = load_dataset(args.data)
     semantic, coverage = None, None

@@ -129,10 +129,12 @@ def _dp_applies(rule: str, dp: DPSetting) -> bool:
 
 def run_config(cell: Cell, where: str) -> Any:
     """The cell's RunConfig; a FedscopeError naming the study file, the cell and the key otherwise."""
-    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.config import check_user_norm, load_config
 
     try:
-        return load_config(None, cell.overrides)
+        cfg = load_config(None, cell.overrides)
+        check_user_norm(cfg, "federated" if cell.mode == "sweep" else cell.mode)
+        return cfg
     except FedscopeError as exc:
         hint = ""
         if "seqcl_weight" in str(exc):

@@ -127,7 +127,7 @@ class PrivacyConfig:
         if self.mode == "distributed" and self.unit != "user":
             raise FedscopeError(f"{name('mode')}: distributed noise splits one user-level DP-SGD step's noise "
                                 f"over the silos; got unit {self.unit!r} (use --privacy-unit user)")
-        if self.distributed_budgets != "uniform" and self.mode not in ("distributed", "off"):
+        if self.distributed_budgets != "uniform" and self.mode != "distributed":
             raise FedscopeError(f"{name('distributed_budgets')}: {self.distributed_budgets!r} allocates the "
                                 f"budgets of mode distributed; got mode {self.mode!r} (use --privacy distributed, "
                                 f"or --privacy personalized for personalized budgets with local noise)")

@@ -63,6 +63,22 @@ STEP_SHAPE = {"batch_size": "train.batch_size", "dim": "model.dim", "blocks": "m
               "max_len": "model.max_len", "num_negatives": "model.loss.num_negatives", "rec": "model.loss.rec"}
 
 
+def check_user_norm(cfg: RunConfig, mode: str = "federated") -> None:
+    """model.loss.user_norm other than "mean" weighs the per-user loss of federated --privacy-unit user runs: a
+    run of another `mode` (centralized, local) or unit refuses it. Called on the resolved config (its --set
+    values and flags together, so their order does not matter), before anything is written."""
+    norm = cfg.model.loss.user_norm
+    if norm == "mean":
+        return
+    if mode != "federated":
+        raise FedscopeError(f"model.loss.user_norm={norm!r} weighs the per-user loss of federated --privacy-unit "
+                            f"user runs; --mode {mode} has no per-user loss (leave it at 'mean')")
+    if cfg.privacy.unit != "user":
+        raise FedscopeError(f"model.loss.user_norm={norm!r} weighs the per-user loss of --privacy-unit user, but "
+                            f"privacy.unit is {cfg.privacy.unit!r}; use --privacy-unit user, or leave "
+                            "model.loss.user_norm at 'mean'")
+
+
 def step_shape(cfg: RunConfig) -> dict[str, Any]:
     """The values of `STEP_SHAPE` in `cfg`, read by their `--set` keys (`flatten`): a benchmark records them with
     its timings, so that pricing other runs with those timings (experiments.inventory) can check it prices the

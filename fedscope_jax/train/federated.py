@@ -34,7 +34,7 @@ from fedscope_jax.model.config import UNIFORM_NEGATIVES
 from fedscope_jax.privacy.plan import UserSteps
 from fedscope_jax.privacy.session import PrivacySession, check_engine_flags
 from fedscope_jax.train.centralized import evaluate, selection_score
-from fedscope_jax.train.config import config_mismatch, to_dict
+from fedscope_jax.train.config import check_user_norm, config_mismatch, to_dict
 from fedscope_jax.train.final_eval import final_metrics
 from fedscope_jax.train import vocab
 from fedscope_jax.train.loop import ClientSource, Track, run_tracks
@@ -52,10 +52,7 @@ def check_privacy_knobs(cfg: Any) -> None:
     values and flags together, so their order does not matter), before anything is written."""
     f = cfg.federated
     check_engine_flags(cfg.privacy.mode, f.clip, f.noise_multiplier, None if f.noise_mode == "off" else f.noise_mode)
-    if cfg.model.loss.user_norm != "mean" and cfg.privacy.unit != "user":
-        raise FedscopeError(f"model.loss.user_norm={cfg.model.loss.user_norm!r} weighs the per-user loss of "
-                            f"--privacy-unit user, but privacy.unit is {cfg.privacy.unit!r}; use "
-                            "--privacy-unit user, or leave model.loss.user_norm at 'mean'")
+    check_user_norm(cfg)
 
 
 RESULT_FREE = frozenset({"federated.chunk_size", "federated.checkpoint_every"})   # settings that change no result

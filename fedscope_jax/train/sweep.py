@@ -113,8 +113,8 @@ def sweep_points(cfg: Any, modes: Sequence[str], epsilons: Sequence[float],
         for eps in epsilons:
             for seed in seeds:
                 values = cfg.privacy.to_dict()
-                if math.isinf(eps):
-                    values["mode"] = "off"
+                if math.isinf(eps):   # no DP: no budgets to allocate
+                    values.update(mode="off", distributed_budgets="uniform")
                 else:
                     values.update(mode=mode, epsilon=float(eps))
                 where = f"sweep {mode} eps {eps:g}: privacy"
