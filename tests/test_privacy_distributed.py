@@ -164,12 +164,13 @@ def _round(ctx, cohorts, secagg_bound: float, sequential: bool = False):
     return runner(state, cohorts, jax.random.key(4))
 
 
-def _cohorts(ctx, session, shards):
+def _cohorts(ctx, session, shards, noise: bool = True):
+    """The three silos' cohort with the session's C_k and z_k (z_k zeroed without `noise`)."""
     from fedscope_jax.engine.cohort import build_cohorts, plan_buckets
 
     clip, z = session.round_vectors(np.arange(3))
-    cohorts, _ = build_cohorts(shards, range(3), plan_buckets(shards, 1), {}, clip=clip, noise_multiplier=z,
-                               multiple=4)
+    cohorts, _ = build_cohorts(shards, range(3), plan_buckets(shards, 1), {}, clip=clip,
+                               noise_multiplier=z if noise else 0 * z, multiple=4)
     return cohorts
 
 
@@ -230,12 +231,8 @@ def test_each_silo_clips_its_users_to_its_own_clip_norm(tiny_dataset):
         assert first.all()                        # every silo drew a user into the first slot
         s.batch["user_mask"][:] = False
         s.batch["user_mask"][:, :1] = first
-    clip, z = session.round_vectors(np.arange(3))
-    from fedscope_jax.engine.cohort import build_cohorts, plan_buckets
-
-    cohorts, _ = build_cohorts(shards, range(3), plan_buckets(shards, 1), {}, clip=clip, noise_multiplier=0 * z,
-                               multiple=4)
-    _, metrics = _round(ctx, cohorts, session.secagg_bound())
+    clip, _ = session.round_vectors(np.arange(3))
+    _, metrics = _round(ctx, _cohorts(ctx, session, shards, noise=False), session.secagg_bound())
     report = metrics.reports[0]
     norms = {int(i): float(n) for i, n, ok in zip(report.client_id, report.norm, report.included) if ok}
     assert sorted(norms) == [0, 1, 2] and np.min(np.diff(np.sort(clip))) > 0.01 * np.max(clip)

@@ -40,8 +40,8 @@ class LossConfig:
     # the user's own targets (within a domain every user weighs the same); "length" = summed over them and
     # divided by the sequence length max_len (a public constant), so a user weighs by its number of targets
     # there, as every target of a domain does in a non-private batch's mean. Either way the user's clipped
-    # gradient bounds the sensitivity. A federated run refuses "length" outside privacy.unit "user"
-    # (train.federated.check_privacy_knobs).
+    # gradient bounds the sensitivity. "length" is refused outside federated privacy.unit "user" runs
+    # (train.config.check_user_norm).
     user_norm: str = "mean"
     seqcl_weight: float = 0.0  # CL4SRec-style sequence contrastive term (the FedCL4SRec baseline); 0 = off
     seqcl_tau: float = 0.2     # with cosine similarity (in [-1, 1]) a temperature of 1 barely separates views
