@@ -32,6 +32,26 @@ def real_dataset(name: str) -> Path:
     return path
 
 
+MAPS_BEFORE_RELEASE = 30_000   # half of Linux's default vm.max_map_count (65,530)
+
+
+@pytest.fixture(autouse=True)
+def _release_programs_before_the_map_limit():
+    """After a test, drops every compiled program (`train.programs.PROGRAMS.clear`: ours and JAX's caches) once
+    this process maps more than MAPS_BEFORE_RELEASE memory regions.
+
+    Each XLA:CPU executable maps ~1,400 regions, and one pytest process compiles the whole suite's programs: kept,
+    they reach vm.max_map_count and LLVM crashes the process in a compile (CI, 2026-12-06: a segmentation fault
+    in tests/test_privacy_user.py at 63,815 maps). The reproduction releases them between cells for the same
+    reason (`experiments.runner.release_programs`)."""
+    yield
+    maps = Path("/proc/self/maps")
+    if maps.exists() and maps.read_bytes().count(b"\n") > MAPS_BEFORE_RELEASE:
+        from fedscope_jax.train.programs import PROGRAMS
+
+        PROGRAMS.clear()
+
+
 # Tiny FedSCOPE settings (`--set` strings) and a toy client population, shared by the federated tests.
 SETTINGS = ["model.dim=8", "model.blocks=1", "model.max_len=6", "model.fusion_hidden=8",
             "model.loss.num_negatives=5", "train.batch_size=16", "eval.num_negatives=20", "eval.buckets=2,4"]
