@@ -32,24 +32,18 @@ def real_dataset(name: str) -> Path:
     return path
 
 
-MAPS_BEFORE_RELEASE = 30_000   # half of Linux's default vm.max_map_count (65,530)
-
-
 @pytest.fixture(autouse=True)
-def _release_programs_before_the_map_limit():
-    """After a test, drops every compiled program (`train.programs.PROGRAMS.clear`: ours and JAX's caches) once
-    this process maps more than MAPS_BEFORE_RELEASE memory regions.
+def _release_programs_near_the_map_limit():
+    """After each test, every compiled program is dropped once this process maps over half of vm.max_map_count
+    memory regions (`train.programs.PROGRAMS.release_near_map_limit`: ours and JAX's caches).
 
-    Each XLA:CPU executable maps ~1,400 regions, and one pytest process compiles the whole suite's programs: kept,
-    they reach vm.max_map_count and LLVM crashes the process in a compile (CI, 2026-12-06: a segmentation fault
-    in tests/test_privacy_user.py at 63,815 maps). The reproduction releases them between cells for the same
-    reason (`experiments.runner.release_programs`)."""
+    One pytest process compiles the whole suite's programs, many outside `PROGRAMS` (the tests' own jitted
+    functions); kept, they reach the limit and LLVM crashes the process in a compile (CI, 2026-12-06: a
+    segmentation fault in tests/test_privacy_user.py at 63,815 maps)."""
     yield
-    maps = Path("/proc/self/maps")
-    if maps.exists() and maps.read_bytes().count(b"\n") > MAPS_BEFORE_RELEASE:
-        from fedscope_jax.train.programs import PROGRAMS
+    from fedscope_jax.train.programs import PROGRAMS
 
-        PROGRAMS.clear()
+    PROGRAMS.release_near_map_limit()
 
 
 # Tiny FedSCOPE settings (`--set` strings) and a toy client population, shared by the federated tests.

@@ -8,13 +8,16 @@ the mesh, the config chunk). Objects that cannot be hashed by value (the semanti
 identity and kept alive with the entry, so an id is never reused while its entry lives.
 
 Each XLA:CPU executable maps ~1,400 memory regions: a process that keeps the programs of ~45 different
-reproduction cells reaches Linux's default vm.max_map_count (65,530) and crashes in LLVM, hence `clear()`.
+reproduction cells reaches Linux's default vm.max_map_count (65,530) and crashes in LLVM (a segmentation
+fault, no message), hence `clear()`, which the reproduction calls between cells and `get` calls by itself
+before it builds a program in a process past half of that limit (`release_near_map_limit`).
 """
 
 from __future__ import annotations
 
 import collections
 import gc
+from pathlib import Path
 from typing import Any, Callable, Hashable, TypeVar
 
 import jax
@@ -23,7 +26,24 @@ from fedscope_jax.engine.sweep import round_program
 
 T = TypeVar("T")
 
-__all__ = ["PROGRAMS", "Programs"]
+__all__ = ["PROGRAMS", "Programs", "mapped_regions", "max_mapped_regions"]
+
+
+def mapped_regions() -> int | None:
+    """How many memory regions this process maps (the lines of /proc/self/maps); None where that file does not
+    exist (not Linux)."""
+    try:
+        return Path("/proc/self/maps").read_bytes().count(b"\n")
+    except OSError:
+        return None
+
+
+def max_mapped_regions() -> int:
+    """The kernel's limit on a process's memory regions (vm.max_map_count; Linux's default where unreadable)."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 65_530
 
 
 class Programs:
@@ -31,8 +51,9 @@ class Programs:
     what they are built from; the least recently used beyond `max_entries` are dropped (a long process, e.g.
     a test session or a notebook, does not keep every program it ever compiled)."""
 
-    def __init__(self, max_entries: int = 48) -> None:
+    def __init__(self, max_entries: int = 48, release_at: float = 0.5) -> None:
         self.max_entries = max_entries
+        self.release_at = release_at   # the share of vm.max_map_count past which `get` clears before a build
         self._entries: collections.OrderedDict[Hashable, tuple[Any, Any]] = collections.OrderedDict()
 
     def get(self, key: Hashable, build: Callable[[], T], keep: Any = None) -> T:
@@ -40,6 +61,7 @@ class Programs:
         (e.g. one that `key` names by its id)."""
         entry = self._entries.get(key)
         if entry is None:
+            self.release_near_map_limit()
             entry = (build(), keep)
             self._entries[key] = entry
             while len(self._entries) > self.max_entries:
@@ -56,6 +78,17 @@ class Programs:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def release_near_map_limit(self) -> bool:
+        """`clear()` if this process maps more than `release_at` of vm.max_map_count memory regions (each
+        XLA:CPU executable maps ~1,400): LLVM would crash the process at the limit, in a later compile. Programs
+        a caller still holds stay valid (a held jitted function compiles again when next called). True if
+        cleared."""
+        regions = mapped_regions()
+        if regions is None or regions <= self.release_at * max_mapped_regions():
+            return False
+        self.clear()
+        return True
 
     def clear(self) -> None:
         """Drops every kept program, and JAX's own caches of traced and compiled functions."""
