@@ -112,3 +112,34 @@ def test_user_unit_refuses_the_sequence_contrastive_term_it_would_zero(tiny_data
                                             r"model.loss.seqcl_weight=0"):
         seed_context(ds, load_config(None, sets + ["privacy.unit=user"]))
     assert seed_context(ds, load_config(None, sets)).n_clients == 3   # the client unit keeps the term
+
+
+def test_local_steps_fix_each_silos_dp_sgd_steps_a_round(tiny_dataset: Path, tmp_path: Path, capsys):
+    """federated.local_steps=S: every silo takes S Poisson steps a round (not ceil(n_k / B)); the batches, the
+    ledger's events and the recomputed eps all follow. Refused with the client unit, with distributed noise
+    (one step a round already) and beside --local-epochs, before anything is written."""
+    from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.privacy.ledger import check_ledger, read_ledger
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.federated import seed_context
+
+    sets = [s for s in TINY if s != "--set"] + ["privacy.unit=user", "federated.clients=3"]
+    ctx = seed_context(load_dataset(tiny_dataset), load_config(None, sets + ["federated.local_steps=2"]))
+    assert ctx.user_steps.steps_per_round.tolist() == [2, 2, 2]
+    assert all(ctx.source(0, c).batch["seq"].shape[0] == 2 for c in range(3))
+    run = tmp_path / "run"
+    assert _train(tiny_dataset, run, "--set", "federated.local_steps=1") == 0
+    rows = read_ledger(run / "privacy_ledger.arrow")
+    assert check_ledger(run / "privacy_ledger.arrow") == []
+    assert all(r["steps"] == r["rounds_participated"] == 3 for r in rows)   # one Gaussian event a round
+    assert _train(tiny_dataset, tmp_path / "default") == 0              # one pass: ceil(n_k / 8) steps a round
+    default = read_ledger(tmp_path / "default" / "privacy_ledger.arrow")
+    assert all(d["steps"] > 3 for d in default)          # fewer events: a smaller z_k for the same eps_k
+    assert all(r["noise_multiplier"] < d["noise_multiplier"] for r, d in zip(rows, default))
+    for extra, says in ((["--privacy-unit", "client"], "privacy.unit is 'client'"),
+                        (["--privacy", "distributed", "--client-opt", "sgd"], "one DP-SGD step over all silos"),
+                        (["--local-epochs", "2"], "both set a silo's steps a round")):
+        bad = tmp_path / f"bad{len(says)}"
+        assert _train(tiny_dataset, bad, "--set", "federated.local_steps=1", *extra) == 2
+        assert says in capsys.readouterr().err and not bad.exists()
+

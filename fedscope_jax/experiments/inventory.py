@@ -50,6 +50,8 @@ def client_steps(ds: Any, cfg: Any) -> tuple[np.ndarray, int]:
     seqs = train_sequences(ds, cfg.model.max_len)
     part = partition(ds, f.clients or None, f.scheme, f.seed)
     rows = np.array([len(r) for r in seqs.client_rows(part)], np.int64)
+    if f.local_steps and cfg.privacy.unit == "user":   # the user unit's fixed DP-SGD steps a round
+        return np.where(rows > 0, f.local_steps, 0), part.n_clients
     return f.local_epochs * (-(-rows // cfg.train.batch_size)), part.n_clients   # make_batches' S
 
 

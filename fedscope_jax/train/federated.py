@@ -53,6 +53,13 @@ def check_privacy_knobs(cfg: Any) -> None:
     f = cfg.federated
     check_engine_flags(cfg.privacy.mode, f.clip, f.noise_multiplier, None if f.noise_mode == "off" else f.noise_mode)
     check_user_norm(cfg)
+    if f.local_steps and cfg.privacy.unit != "user":
+        raise FedscopeError(f"federated.local_steps={f.local_steps} sets the DP-SGD steps of --privacy-unit user, "
+                            f"but privacy.unit is {cfg.privacy.unit!r}; use --local-epochs for a silo's passes "
+                            "over its data, or --privacy-unit user")
+    if f.local_steps and cfg.privacy.mode == "distributed":
+        raise FedscopeError(f"federated.local_steps={f.local_steps} with --privacy distributed: a round is one "
+                            "DP-SGD step over all silos' users; leave federated.local_steps at 0")
 
 
 RESULT_FREE = frozenset({"federated.chunk_size", "federated.checkpoint_every"})   # settings that change no result
@@ -216,8 +223,9 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
             check_distributed(cfg)
             steps = UserSteps(users, np.ones(n_clients, np.int64), int(tc.batch_size), pooled=True)
         else:
-            steps = UserSteps(users, np.array([user_steps(n, tc.batch_size, fcfg.local_epochs) for n in users]),
-                              int(tc.batch_size))
+            per_round = [fcfg.local_steps if fcfg.local_steps and n else user_steps(n, tc.batch_size, fcfg.local_epochs)
+                         for n in users]
+            steps = UserSteps(users, np.array(per_round, np.int64), int(tc.batch_size))
         rates = steps.rates()
         cap = poisson_cap(users, rates, steps.steps_per_round, fcfg.seed, fcfg.rounds,
                           multiple=math.lcm(8, fcfg.user_microbatch or 1))   # whole microbatches

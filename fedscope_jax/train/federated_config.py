@@ -26,6 +26,8 @@ class FederatedConfig:
     fraction: float = 1.0            # the fraction / Poisson rate q
     rounds: int = 20
     local_epochs: int = 1
+    local_steps: int = 0             # the user unit: Poisson DP-SGD steps a silo takes a round (0: local_epochs
+    #                                  expected passes over its users, ceil(n_k / B) steps each)
     client_lr: float = 1e-2          # local Adam (1e-3 barely moves the model in 20 rounds; docs/privacy.md)
     client_opt: str = "adam"         # adam | sgd | momentum (SGD with momentum 0.9): the local optimizer
     user_microbatch: int = 8         # the user unit: users whose per-user gradients are computed at once (0: all)
@@ -58,6 +60,11 @@ class FederatedConfig:
             raise FedscopeError(f"--aggregate group_mean divides each group by the weight of the clients that "
                                 f"changed it, which depends on their data: only without noise, got --noise-mode "
                                 f"{self.noise_mode}")
+        if self.local_steps < 0:
+            raise FedscopeError(f"federated.local_steps={self.local_steps}: expected >= 0 (0: --local-epochs passes)")
+        if self.local_steps and self.local_epochs != 1:
+            raise FedscopeError(f"federated.local_steps={self.local_steps} with --local-epochs {self.local_epochs}: "
+                                "both set a silo's steps a round; give one of them")
         if self.user_microbatch < 0:
             raise FedscopeError(f"federated.user_microbatch={self.user_microbatch}: expected >= 0 (0: the whole batch)")
         if not 0.0 < self.fraction <= 1.0:
