@@ -116,17 +116,27 @@ def test_user_unit_refuses_the_sequence_contrastive_term_it_would_zero(tiny_data
 
 def test_local_steps_fix_each_silos_dp_sgd_steps_a_round(tiny_dataset: Path, tmp_path: Path, capsys):
     """federated.local_steps=S: every silo takes S Poisson steps a round (not ceil(n_k / B)); the batches, the
-    ledger's events and the recomputed eps all follow. Refused with the client unit, with distributed noise
-    (one step a round already) and beside --local-epochs, before anything is written."""
+    ledger's events, the recomputed eps and the inventory all follow. Refused with the client unit, with
+    distributed noise (one step a round already), beside --local-epochs and by the privacy-unit benchmark,
+    before anything is written."""
+    from fedscope_jax.bench.privacy_unit import run_unit_benchmark
     from fedscope_jax.data.canonical import load_dataset
+    from fedscope_jax.errors import FedscopeError
+    from fedscope_jax.experiments.inventory import client_steps
     from fedscope_jax.privacy.ledger import check_ledger, read_ledger
     from fedscope_jax.train.config import load_config
     from fedscope_jax.train.federated import seed_context
 
     sets = [s for s in TINY if s != "--set"] + ["privacy.unit=user", "federated.clients=3"]
-    ctx = seed_context(load_dataset(tiny_dataset), load_config(None, sets + ["federated.local_steps=2"]))
+    ds = load_dataset(tiny_dataset)
+    cfg = load_config(None, sets + ["federated.local_steps=2"])
+    ctx = seed_context(ds, cfg)
     assert ctx.user_steps.steps_per_round.tolist() == [2, 2, 2]
     assert all(ctx.source(0, c).batch["seq"].shape[0] == 2 for c in range(3))
+    for c in (cfg, load_config(None, sets)):   # the reproduction's inventory prices the steps the engine runs
+        assert client_steps(ds, c)[0].tolist() == seed_context(ds, c).user_steps.steps_per_round.tolist()
+    with pytest.raises(FedscopeError, match="federated.local_steps=2 would fix the user-level side's steps"):
+        run_unit_benchmark(ds, cfg, 8.0, repeats=1)   # its non-private sides would take passes
     run = tmp_path / "run"
     assert _train(tiny_dataset, run, "--set", "federated.local_steps=1") == 0
     rows = read_ledger(run / "privacy_ledger.arrow")
@@ -137,9 +147,8 @@ def test_local_steps_fix_each_silos_dp_sgd_steps_a_round(tiny_dataset: Path, tmp
     assert all(d["steps"] > 3 for d in default)          # fewer events: a smaller z_k for the same eps_k
     assert all(r["noise_multiplier"] < d["noise_multiplier"] for r, d in zip(rows, default))
     for extra, says in ((["--privacy-unit", "client"], "privacy.unit is 'client'"),
-                        (["--privacy", "distributed", "--client-opt", "sgd"], "one DP-SGD step over all silos"),
+                        (["--privacy", "distributed", "--client-opt", "sgd"], "leave federated.local_steps at 0"),
                         (["--local-epochs", "2"], "both set a silo's steps a round")):
         bad = tmp_path / f"bad{len(says)}"
         assert _train(tiny_dataset, bad, "--set", "federated.local_steps=1", *extra) == 2
         assert says in capsys.readouterr().err and not bad.exists()
-

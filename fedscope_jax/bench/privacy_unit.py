@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import jax
 
+from fedscope_jax.errors import FedscopeError
 from fedscope_jax.privacy.config import PrivacyConfig
 from fedscope_jax.train.config import step_shape
 from fedscope_jax.train.federated import client_config, seed_context
@@ -31,6 +32,10 @@ def run_unit_benchmark(ds: Any, cfg: Any, epsilon: float = 8.0, repeats: int = 2
     (rounds only: one validation and one checkpoint at the end, compiles reported apart) and the user-level
     side's ratio to each non-private one. on_report: called with the report after each repeat (a stopped
     benchmark keeps what it finished)."""
+    if cfg.federated.local_steps:
+        raise FedscopeError(f"fedscope benchmark --privacy-unit user: federated.local_steps="
+                            f"{cfg.federated.local_steps} would fix the user-level side's steps a round while the "
+                            "non-private sides take --local-epochs passes (unequal work); leave it at 0")
     fcfg = dataclasses.replace(cfg.federated, checkpoint_every=cfg.federated.rounds,
                                eval_every=cfg.federated.rounds)
     off = dataclasses.replace(cfg, federated=fcfg, privacy=PrivacyConfig(mode="off"))
@@ -69,7 +74,8 @@ def _report(ds: Any, cfg: Any, epsilon: float, runs: dict[str, list[dict[str, An
         "dataset": getattr(ds, "name", None), "epsilon": epsilon, "repeats": repeats, "repeats_done": done,
         "complete": done == repeats,
         "workload": {"clients": cfg.federated.clients, "rounds": rounds, "local_epochs": cfg.federated.local_epochs,
-                     "user_microbatch": cfg.federated.user_microbatch, **step_shape(cfg)},
+                     "local_steps": cfg.federated.local_steps, "user_microbatch": cfg.federated.user_microbatch,
+                     **step_shape(cfg)},
         "train_seconds": best,
         "round_seconds": {side: best[side] / rounds for side in SIDES},
         "compile_seconds": {side: runs[side][0]["compile_seconds"] for side in SIDES},

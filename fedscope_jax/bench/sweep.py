@@ -209,7 +209,7 @@ def _sweep_report(ds: Any, cfg: Any, points: list[Any], trained: list[Any], swee
         "workload": {"dataset": str(ds.path), "users": int(ds.n_users), "n_items": list(ds.n_items),
                      "rounds": fcfg.rounds, "clients": fcfg.clients, "fraction": fcfg.fraction,
                      "sampling": fcfg.sampling, "scheme": fcfg.scheme, "local_epochs": fcfg.local_epochs,
-                     "batch_size": shape.pop("batch_size"), "model": shape,
+                     "local_steps": fcfg.local_steps, "batch_size": shape.pop("batch_size"), "model": shape,
                      "seed": cfg.train.seed},
         "timing_note": "train seconds: the round loops (sampling, batches, cohorts, privacy bookkeeping, the "
                        "compiled rounds, one final checkpoint per configuration), compiles apart; best of "

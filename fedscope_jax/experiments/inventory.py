@@ -50,8 +50,10 @@ def client_steps(ds: Any, cfg: Any) -> tuple[np.ndarray, int]:
     seqs = train_sequences(ds, cfg.model.max_len)
     part = partition(ds, f.clients or None, f.scheme, f.seed)
     rows = np.array([len(r) for r in seqs.client_rows(part)], np.int64)
-    if f.local_steps and cfg.privacy.unit == "user":   # the user unit's fixed DP-SGD steps a round
-        return np.where(rows > 0, f.local_steps, 0), part.n_clients
+    if cfg.privacy.unit == "user":   # the engine's own rule (DP-SGD steps a round)
+        from fedscope_jax.train.federated import user_unit_steps
+
+        return user_unit_steps(rows, cfg).steps_per_round, part.n_clients
     return f.local_epochs * (-(-rows // cfg.train.batch_size)), part.n_clients   # make_batches' S
 
 
@@ -111,7 +113,7 @@ def epoch_work(ds: Any, cfg: Any, local: bool) -> Work:
     passes = tc.epochs // tc.eval_every + (1 if tc.epochs % tc.eval_every else 0)
     if local:
         per_client, _ = client_steps(ds, dataclasses.replace(cfg, federated=dataclasses.replace(
-            cfg.federated, local_epochs=1)))
+            cfg.federated, local_epochs=1, local_steps=0)))
         per_epoch, models = int(per_client.sum()), int(np.sum(per_client > 0))
     else:
         per_epoch, models = -(-len(train_sequences(ds, cfg.model.max_len).user) // tc.batch_size), 1

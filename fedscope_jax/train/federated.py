@@ -154,6 +154,19 @@ def check_distributed(cfg: Any) -> None:
                             f"{f.clients} silos in one chunk; use --chunk-size 0 or {f.clients}")
 
 
+def user_unit_steps(users: np.ndarray, cfg: Any) -> UserSteps:
+    """What the user unit runs and accounts per silo, from its users n_k: distributed noise, one step a round
+    over all silos' users (pooled rate); otherwise federated.local_steps steps a round, or (0) local_epochs
+    expected passes of ceil(n_k / B) steps; a silo without users takes none. The one rule the engine's batches,
+    the privacy plan and the reproduction's inventory share."""
+    users = np.asarray(users, np.int64)
+    f, batch = cfg.federated, int(cfg.train.batch_size)
+    if cfg.privacy.mode == "distributed":
+        return UserSteps(users, np.ones(len(users), np.int64), batch, pooled=True)
+    per_round = [f.local_steps if f.local_steps and n else user_steps(int(n), batch, f.local_epochs) for n in users]
+    return UserSteps(users, np.array(per_round, np.int64), batch)
+
+
 def client_config(cfg: Any, semantic: Any = None, programs: Programs = PROGRAMS, *, n_domains: int) -> ClientConfig:
     """How a client trains the FedSCOPE model (loss, local Adam). Programs compiled for one ClientConfig
     object are reused by every run given that object, so `programs` keeps one object per (model settings,
@@ -218,14 +231,10 @@ def seed_context(ds: Any, cfg: Any, semantic: Any = None, client_cfg: Any = None
         if fcfg.scheme == "domain":
             raise FedscopeError("--privacy-unit user with --scheme domain: a user's record is split over the "
                                 "domain clients; use another scheme or --privacy-unit client")
-        users = np.array([len(r) for r in rows_of], np.int64)
-        if cfg.privacy.mode == "distributed":   # central DP-SGD over all users, one step a round
+        if cfg.privacy.mode == "distributed":
             check_distributed(cfg)
-            steps = UserSteps(users, np.ones(n_clients, np.int64), int(tc.batch_size), pooled=True)
-        else:
-            per_round = [fcfg.local_steps if fcfg.local_steps and n else user_steps(n, tc.batch_size, fcfg.local_epochs)
-                         for n in users]
-            steps = UserSteps(users, np.array(per_round, np.int64), int(tc.batch_size))
+        steps = user_unit_steps(np.array([len(r) for r in rows_of], np.int64), cfg)
+        users = steps.users
         rates = steps.rates()
         cap = poisson_cap(users, rates, steps.steps_per_round, fcfg.seed, fcfg.rounds,
                           multiple=math.lcm(8, fcfg.user_microbatch or 1))   # whole microbatches

@@ -26,6 +26,8 @@ from fedscope_jax.engine.sweep import round_program
 
 T = TypeVar("T")
 
+RELEASE_MARGIN = 0.1   # after a clear, the next waits until the map count has grown by this share of the limit
+
 __all__ = ["PROGRAMS", "Programs", "mapped_regions", "max_mapped_regions"]
 
 
@@ -54,6 +56,7 @@ class Programs:
     def __init__(self, max_entries: int = 48, release_at: float = 0.5) -> None:
         self.max_entries = max_entries
         self.release_at = release_at   # the share of vm.max_map_count past which `get` clears before a build
+        self._after_release = 0        # the map count right after the last clear (what callers still hold)
         self._entries: collections.OrderedDict[Hashable, tuple[Any, Any]] = collections.OrderedDict()
 
     def get(self, key: Hashable, build: Callable[[], T], keep: Any = None) -> T:
@@ -79,13 +82,18 @@ class Programs:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def release_near_map_limit(self) -> bool:
-        """`clear()` if this process maps more than `release_at` of vm.max_map_count memory regions (each
-        XLA:CPU executable maps ~1,400): LLVM would crash the process at the limit, in a later compile. Programs
-        a caller still holds stay valid (a held jitted function compiles again when next called). True if
-        cleared."""
+    def release_near_map_limit(self, share: float | None = None) -> bool:
+        """`clear()` if this process maps more than `share` (default `release_at`) of vm.max_map_count memory
+        regions (each XLA:CPU executable maps ~1,400): LLVM would crash the process at the limit, in a later
+        compile. Programs a caller still holds stay valid (a held jitted function compiles again when next
+        called) but keep their maps, so after a clear that left the count above the threshold the next one waits
+        for RELEASE_MARGIN more regions (no clear at every build). True if cleared."""
         regions = mapped_regions()
-        if regions is None or regions <= self.release_at * max_mapped_regions():
+        if regions is None:
+            return False
+        limit = max_mapped_regions()
+        if regions <= max(self.release_at if share is None else share, 0.0) * limit \
+                or regions <= self._after_release + RELEASE_MARGIN * limit:
             return False
         self.clear()
         return True
@@ -95,6 +103,7 @@ class Programs:
         self._entries.clear()
         jax.clear_caches()
         gc.collect()
+        self._after_release = mapped_regions() or 0
 
 
 PROGRAMS = Programs()   # the process's programs (`fedscope reproduce` clears it between cells)
