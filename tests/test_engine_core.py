@@ -386,7 +386,7 @@ def test_sweep_at_a_client_chunk_of_one_skips_padding_steps(config_chunk):
     cfg = ClientConfig(loss_fn=loss, optimizer=optax.sgd(0.1))
     states = stack_states([init_server_state(LIN_PARAMS, opt)] * 2)
     ids = np.arange(4)
-    vectors = config_vectors(cohorts, 4, [(ids, np.inf, 0.0), (ids[:2], np.inf, 0.0)], stacked=True)
+    vectors = config_vectors(cohorts, 4, [(ids, np.inf, 0.0, 1.0), (ids[:2], np.inf, 0.0, 1.0)], stacked=True)
     # a vmapped chunk of two computes every slot: 2 chunks x 3 steps, a callback each (once per vmapped step)
     for chunk, per_config in ((1, 8), (2, 6)):
         calls.clear()

@@ -8,13 +8,13 @@ import dataclasses
 from typing import Any
 
 from fedscope_jax.privacy.config import ACCOUNTANTS, CLIPPINGS, DISTRIBUTED_BUDGETS, MODES, UNITS, PrivacyConfig
-from fedscope_jax.train.federated_config import SCHEME_COUNTS, FederatedConfig
+from fedscope_jax.train.federated_config import SCHEME_COUNTS, WEIGHTINGS, FederatedConfig
 
 __all__ = ["FEDERATED_FLAGS", "PRIVACY_FLAGS", "add_federated_arguments", "add_privacy_arguments", "apply_flags",
            "privacy_config_from_args"]
 
 FEDERATED_FLAGS = ("clients", "scheme", "sampling", "fraction", "rounds", "local_epochs", "client_lr", "client_opt",
-                   "server_opt", "aggregate",
+                   "server_opt", "aggregate", "weighting",
                    "server_lr", "chunk_size", "clip", "noise_multiplier", "noise_mode", "max_buckets", "eval_every",
                    "checkpoint_every")
 # PrivacyConfig field -> argparse dest of its flag (--privacy sets `mode`)
@@ -48,6 +48,10 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"mean: every parameter averaged over every client (FedAvg); group_mean: each domain's "
                    f"tower (and a shared encoder) over the clients whose update changed it, e.g. one client a "
                    f"domain (FedDCSR's layout); without DP only (default {d.aggregate})")
+    g.add_argument("--weighting", choices=WEIGHTINGS,
+                   help="each client's weight in the server's mean: uniform (w_k 1), users (w_k = its users n_k, "
+                   "FedAvg's), inverse_noise (w_k = 1 / z_k^2: --privacy-unit user with personalized or uniform "
+                   f"noise; the least noisy mean of the silos' noised steps) (default {d.weighting})")
     g.add_argument("--chunk-size", type=int, help="clients per vmapped chunk per device (default 0: time "
                    "candidates and pick)")
     g.add_argument("--clip", type=float, help="raw per-client clipping bound (only with --privacy off; "

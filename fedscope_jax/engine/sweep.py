@@ -150,18 +150,22 @@ def config_vectors(cohorts: Sequence[Cohort], n_clients: int,
                    stacked: bool) -> tuple[Cohort, ...]:
     """The cohorts with per-config privacy vectors.
 
-    per_config: for each config, (ids, clip, z) of its participating clients (other cohort rows get weight 0,
-    clip inf, z 0: they take no part in that config). stacked: give the vectors a leading config axis [n]
-    (a sweep program); otherwise there must be one config and the vectors stay [C] (a single-run program)."""
+    per_config: for each config, (ids, clip, z, weight) of its participating clients: their C_k, z_k and
+    aggregation weights w_k (scalars or one per id; the mean update is sum_k w_k delta_k / sum_k w_k). Other
+    cohort rows get weight 0, clip inf, z 0: they take no part in that config. stacked: give the vectors a
+    leading config axis [n] (a sweep program); otherwise there must be one config and the vectors stay [C] (a
+    single-run program)."""
     if not stacked and len(per_config) != 1:
         raise FedscopeError(f"a single-run program takes one config's vectors, got {len(per_config)}")
     lookups = []
-    for ids, clip, z in per_config:
+    for ids, clip, z, weight in per_config:
         ids = np.asarray(ids, np.int64)
+        if np.any(~np.isfinite(weight)) or np.any(np.asarray(weight) <= 0):
+            raise FedscopeError("config_vectors: aggregation weights must be finite and > 0 for participants")
         w_all = np.zeros(n_clients, np.float32)
         c_all = np.full(n_clients, np.inf, np.float32)
         z_all = np.zeros(n_clients, np.float32)
-        w_all[ids], c_all[ids], z_all[ids] = 1.0, clip, z
+        w_all[ids], c_all[ids], z_all[ids] = weight, clip, z
         lookups.append((w_all, c_all, z_all))
     out = []
     for cohort in cohorts:

@@ -42,7 +42,7 @@ from fedscope_jax.train.programs import PROGRAMS, Programs
 from fedscope_jax.train.selection import Selection, final_facts, selection_for
 from fedscope_jax.utils.io import read_json, write_json
 
-__all__ = ["SeedContext", "check_distributed", "check_privacy_knobs", "check_resume_config", "client_config",
+__all__ = ["SeedContext", "aggregation_weights", "check_distributed", "check_privacy_knobs", "check_weighting", "check_resume_config", "client_config",
            "client_optimizer", "finish_run", "prepare_run_dir", "seed_context", "train_federated"]
 
 
@@ -57,9 +57,47 @@ def check_privacy_knobs(cfg: Any) -> None:
         raise FedscopeError(f"federated.local_steps={f.local_steps} sets the DP-SGD steps of --privacy-unit user, "
                             f"but privacy.unit is {cfg.privacy.unit!r}; use --local-epochs for a silo's passes "
                             "over its data, or --privacy-unit user")
+    check_weighting(f, cfg.privacy)
     if f.local_steps and cfg.privacy.mode == "distributed":
         raise FedscopeError(f"federated.local_steps={f.local_steps} with --privacy distributed: a round is one "
                             "DP-SGD step over all silos' users; leave federated.local_steps at 0")
+
+
+def check_weighting(fcfg: Any, pcfg: Any) -> None:
+    """Weights other than 1 are for runs without DP and for the user unit with local noise, where each silo's
+    update is already private and its weight a post-processing with public inputs (its users n_k, its z_k).
+    Refused where the mechanism assumes weight 1: the client unit (a weight scales the clipped update, so its
+    noise and ledger would have to follow) and distributed noise (the silos' noise shares sum to the planned
+    std only at weight 1)."""
+    w = fcfg.weighting
+    if w == "uniform" or pcfg.mode == "off":
+        return
+    if pcfg.mode == "distributed":
+        raise FedscopeError(f"--weighting {w} with --privacy distributed: the silos' noise shares add up to the "
+                            "planned noise only in an unweighted sum; use --weighting uniform")
+    if pcfg.unit != "user":
+        raise FedscopeError(f"--weighting {w} with --privacy-unit client: the mechanism clips and noises each "
+                            "client's update at weight 1; use --weighting uniform, or --privacy-unit user")
+
+
+def aggregation_weights(ctx: "SeedContext", pcfg: Any, session: Any) -> np.ndarray | None:
+    """w_k of every client for the server's mean sum_k w_k delta_k / sum_k w_k (federated.weighting), from
+    public inputs only: None (all 1) for uniform; the clients' users n_k for users; 1 / z_k^2 for inverse_noise,
+    the inverse of the variance each silo's noised DP-SGD step carries (z_k C / B per coordinate), which makes
+    the mean's noise the least of any weights. A configuration without noise (eps inf in a sweep) has equal
+    noise everywhere, where inverse_noise is uniform. Clients without users or noise get weight 1: they take
+    no part."""
+    fcfg = ctx.cfg.federated
+    check_weighting(fcfg, pcfg)
+    if fcfg.weighting == "uniform":
+        return None
+    if fcfg.weighting == "users":
+        users = ctx.user_steps.users if ctx.user_steps is not None else ctx.part.sizes(ctx.ds)["users"]
+        return np.where(users > 0, users, 1).astype(np.float64)
+    if session is None:
+        return None
+    z = np.asarray(session.plan.update_noise_multipliers, np.float64)
+    return np.where(z > 0, 1.0 / np.maximum(z, 1e-30) ** 2, 1.0)
 
 
 RESULT_FREE = frozenset({"federated.chunk_size", "federated.checkpoint_every"})   # settings that change no result
@@ -309,6 +347,9 @@ def train_federated(ds: Any, cfg: Any, out: str | Path, semantic: Any = None, ex
 
     cfg: a train.config.RunConfig (all five sections). Returns summary.json's content."""
     check_privacy_knobs(cfg)
+    if cfg.federated.weighting == "inverse_noise" and cfg.privacy.mode == "off":
+        raise FedscopeError("--weighting inverse_noise weighs silos by their DP noise, but --privacy is off; use "
+                            "--weighting users or uniform")
     extra = dict(extra or {})
     out = Path(out)
     t_start = time.time()
@@ -325,7 +366,7 @@ def train_federated(ds: Any, cfg: Any, out: str | Path, semantic: Any = None, ex
     hosts.all_ok(error)   # and none reads RUN/checkpoints while process 0 replaces it
     if not resume:
         write_json(resolved, out / "config.json")
-    track = Track(out, session, ctx.eval_fn, selection_for(cfg))
+    track = Track(out, session, ctx.eval_fn, selection_for(cfg), aggregation_weights(ctx, cfg.privacy, session))
     states, records, facts = run_tracks([track], ctx.source, ctx.n_clients, ctx.params, ctx.client_cfg,
                                         cfg.federated, resume=resume, programs=programs)
     return finish_run(ctx, cfg, out, states[0], records[0], facts[0], t_start, track.selection)

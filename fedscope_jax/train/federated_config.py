@@ -11,6 +11,7 @@ from fedscope_jax.errors import FedscopeError
 
 CLIENT_OPTIMIZERS = ("adam", "sgd", "momentum")
 AGGREGATES = ("mean", "group_mean")   # federated.aggregate
+WEIGHTINGS = ("uniform", "users", "inverse_noise")   # federated.weighting: each client's weight in the mean
 SCHEME_COUNTS = ("user", "domain")   # schemes that fix the client count themselves (clients 0 = that count)
 
 
@@ -35,6 +36,9 @@ class FederatedConfig:
     server_lr: float = 1.0
     aggregate: str = "mean"          # mean: every parameter over every client; group_mean: each domain's tower
     #                                  (and a shared encoder) over the clients that changed it (no noise only)
+    weighting: str = "uniform"       # uniform: w_k = 1; users: w_k = n_k, the client's users (FedAvg's weights);
+    #                                  inverse_noise: w_k = 1 / z_k^2 (user unit, local noise: the least noisy
+    #                                  mean of the silos' noised steps; docs/privacy.md)
     chunk_size: int = 0              # clients per vmapped chunk per device; 0 = measure and pick
     clip: float = math.inf           # C_k for every client (inf = no clipping)
     noise_multiplier: float = 0.0    # z_k for every client (0 = no noise)
@@ -56,6 +60,11 @@ class FederatedConfig:
             raise FedscopeError(f"--client-opt {self.client_opt}: expected one of {', '.join(CLIENT_OPTIMIZERS)}")
         if self.aggregate not in AGGREGATES:
             raise FedscopeError(f"--aggregate {self.aggregate}: expected one of {', '.join(AGGREGATES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise FedscopeError(f"--weighting {self.weighting}: expected one of {', '.join(WEIGHTINGS)}")
+        if self.weighting != "uniform" and self.noise_mode != "off":
+            raise FedscopeError(f"--weighting {self.weighting} with the raw --noise-mode {self.noise_mode}: the raw "
+                                "noise knobs are calibrated for weight 1; use --weighting uniform")
         if self.aggregate == "group_mean" and self.noise_mode != "off":
             raise FedscopeError(f"--aggregate group_mean divides each group by the weight of the clients that "
                                 f"changed it, which depends on their data: only without noise, got --noise-mode "

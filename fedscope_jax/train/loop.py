@@ -66,6 +66,8 @@ class Track:
     privacy: Any = None
     eval_fn: Callable[[Any], dict[str, Any]] | None = None
     selection: Selection | None = None   # best validated round, early stopping (needs eval_fn); None: final
+    weights: np.ndarray | None = None    # float [n_clients]: aggregation weight w_k of each client (None: all 1;
+    #                                      train.federated.aggregation_weights), public inputs only
 
     @property
     def stopped(self) -> bool:
@@ -137,13 +139,13 @@ class Group:
         return stack_states([jax.tree.map(lambda x: jax.numpy.array(x, copy=True), s) for s in padded])
 
     def inputs(self, cohorts: Sequence[Any], n_clients: int,
-               per_track: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[Any, ...]:
-        """The cohorts with the members' (ids, C_k, z_k) vectors (a sweep: stacked over padded config slots)."""
+               per_track: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> tuple[Any, ...]:
+        """The cohorts with the members' (ids, C_k, z_k, w_k) vectors (a sweep: stacked over padded config slots)."""
         per = [per_track[i] for i in self.members]
         if not self.sweep:
             out = config_vectors(cohorts, n_clients, per, stacked=False)
             return shard_cohorts(out, self.mesh) if self.mesh is not None else out
-        empty = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
         per = per + [empty] * (self.n_slots - len(per))  # inactive padding configs (config mesh)
         return config_vectors(cohorts, n_clients, per, stacked=True)
 
@@ -252,12 +254,15 @@ def restore(tracks: Sequence[Track], params: Any, server_opt: Any, resume: bool
     return states, records, ckpts, start
 
 
-def _vectors(track: Track, fcfg: FederatedConfig, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, C_k, z_k) of a track's participants: its privacy plan's, or the raw engine knobs."""
-    if track.privacy is not None:
-        return (ids, *track.privacy.round_vectors(ids))
+def _vectors(track: Track, fcfg: FederatedConfig, ids: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, C_k, z_k, w_k) of a track's participants: its privacy plan's C_k, z_k (or the raw engine knobs) and
+    its aggregation weights (1 without `track.weights`)."""
     k = len(ids)
-    return ids, np.full(k, fcfg.clip, np.float32), np.full(k, fcfg.noise_multiplier, np.float32)
+    weight = np.ones(k, np.float32) if track.weights is None else np.asarray(track.weights, np.float32)[ids]
+    if track.privacy is not None:
+        return (ids, *track.privacy.round_vectors(ids), weight)
+    return ids, np.full(k, fcfg.clip, np.float32), np.full(k, fcfg.noise_multiplier, np.float32), weight
 
 
 def compile_groups(loop: LoopState, states: Sequence[ServerState], params: Any, client_cfg: Any, server_opt: Any,

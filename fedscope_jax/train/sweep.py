@@ -234,14 +234,16 @@ def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any
     """Trains (or, with `resume`, continues from their checkpoints) one seed's distinct configurations in one
     run_tracks loop; puts each summary into `summaries`, returns the loop's facts per configuration. chunks: the
     client chunk of each configuration chosen by an earlier seed (`run_tracks`)."""
-    from fedscope_jax.train.federated import finish_run, seed_context
+    from fedscope_jax.train.federated import aggregation_weights, finish_run, seed_context
     from fedscope_jax.train.loop import Track, run_tracks
     from fedscope_jax.train.selection import selection_for
     from fedscope_jax.utils.progress import progress
 
     private = [p for p in trained if p.cfg.privacy.mode != "off"]   # a private point decides the batching
     ctx = seed_context(ds, (private or trained)[0].cfg, semantic, client_cfg)
-    tracks = [Track(out / p.name, ctx.session(p.cfg.privacy), ctx.eval_fn, selection_for(p.cfg)) for p in trained]
+    sessions = [ctx.session(p.cfg.privacy) for p in trained]
+    tracks = [Track(out / p.name, s, ctx.eval_fn, selection_for(p.cfg), aggregation_weights(ctx, p.cfg.privacy, s))
+              for p, s in zip(trained, sessions)]
     states, records, facts = run_tracks(tracks, ctx.source, ctx.n_clients, ctx.params, ctx.client_cfg,
                                         trained[0].cfg.federated, resume=resume,
                                         desc=f"sweep seed {trained[0].seed} ({len(trained)} configs)",
