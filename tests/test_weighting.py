@@ -53,25 +53,22 @@ def test_the_round_is_the_weighted_mean_of_the_silos_noised_updates(tiny_dataset
     np.testing.assert_allclose(9 * runs["d"], 5 * d1 + d2 + 3 * d3, atol=2e-5 * np.abs(d1).max())
 
 
-def test_the_weights_are_public_inputs_and_inverse_noise_is_the_least_noisy(tiny_dataset: Path):
+def test_the_weights_are_the_silos_public_sizes_or_inverse_noise_variances(tiny_dataset: Path):
+    """users: n_k (the user unit's silo sizes; without DP the partition's); inverse_noise: 1 / (z_k C_k)^2 scaled
+    so the largest is 1 (the engine's noise per step of silo k is z_k C_k / B, tests/test_privacy_user.py)."""
     from fedscope_jax.train.federated import aggregation_weights
 
     cfg, ctx = _context(tiny_dataset, "federated.weighting=users")
     users = ctx.user_steps.users
+    assert len(set(users.tolist())) == 3   # power-law silos of different sizes
     np.testing.assert_array_equal(aggregation_weights(ctx, cfg.privacy, ctx.session(cfg.privacy)), users)
-    assert aggregation_weights(ctx, dataclasses.replace(cfg.privacy, mode="off"), None) is not None  # no DP: n_k
+    off = aggregation_weights(ctx, dataclasses.replace(cfg.privacy, mode="off"), None)
+    np.testing.assert_array_equal(off, ctx.part.sizes(ctx.ds)["users"])
     cfg, ctx = _context(tiny_dataset, "federated.weighting=inverse_noise")
     session = ctx.session(cfg.privacy)
-    z = np.asarray(session.plan.update_noise_multipliers, np.float64)
-    w = aggregation_weights(ctx, cfg.privacy, session)
-    np.testing.assert_allclose(w, 1 / z ** 2)
-    assert len(set(np.round(z, 6))) == 3   # personalized: unequal noise, so the weights matter
-
-    def mean_noise(weights):   # std of sum_k w_k N(0, z_k^2) / sum_k w_k, per unit of C / B
-        return np.sqrt(np.sum(weights ** 2 * z ** 2)) / np.sum(weights)
-    assert mean_noise(w) < min(mean_noise(np.ones(3)), mean_noise(users.astype(np.float64)))
-    rng = np.random.default_rng(0)   # the least noisy of any positive weights
-    assert all(mean_noise(w) <= mean_noise(rng.uniform(0.01, 1, 3)) + 1e-12 for _ in range(200))
+    sigma = np.asarray(session.plan.update_noise_multipliers, np.float64) * session.ledger.clip_norms
+    assert len(set(np.round(sigma, 6))) == 3   # personalized: unequal noise, so the weights matter
+    np.testing.assert_allclose(aggregation_weights(ctx, cfg.privacy, session), (sigma.min() / sigma) ** 2)
     # a configuration without noise (eps inf in a sweep): every silo's noise is equal, the weights too
     assert aggregation_weights(ctx, dataclasses.replace(cfg.privacy, mode="off"), None) is None
 
@@ -91,20 +88,31 @@ def test_weights_land_on_their_clients_rows():
         config_vectors(cohorts, 3, [(ids, np.inf, 0.0, np.array([1.0, 0.0]))], stacked=False)
 
 
-def test_weighting_is_refused_where_the_mechanism_assumes_weight_one(tiny_dataset: Path, tmp_path: Path):
+def test_weighting_is_refused_where_the_mechanism_assumes_weight_one(tiny_dataset: Path, tmp_path: Path, capsys):
     from fedscope_jax.cli import main
     from fedscope_jax.train.federated_config import FederatedConfig
 
-    base = ["train", "--mode", "federated", "--data", str(tiny_dataset), "--clients", "3", "--rounds", "1",
+    base = ["--data", str(tiny_dataset), "--clients", "3", "--rounds", "1",
             *[a for s in TINY[:7] for a in ("--set", s)]]
-    for extra, message in (
-            (["--privacy", "personalized", "--weighting", "users"], "--privacy-unit client"),
-            (["--privacy", "distributed", "--privacy-unit", "user", "--client-opt", "sgd", "--weighting",
-              "inverse_noise"], "only in an unweighted sum"),
-            (["--privacy", "off", "--weighting", "inverse_noise"], "but --privacy is off")):
-        out = tmp_path / extra[1]
-        assert main([*base, "--out", str(out), *extra]) == 2
-        assert not out.exists()
+    user = ["--privacy-unit", "user", "--set", "federated.local_steps=1", "--client-opt", "sgd"]
+    for name, extra, says in (
+            ("client", ["--privacy", "personalized", "--weighting", "users"], "with --privacy-unit client"),
+            ("distributed", ["--privacy", "distributed", "--privacy-unit", "user", "--client-opt", "sgd",
+                             "--weighting", "inverse_noise"], "only in an unweighted sum"),
+            ("off", ["--privacy", "off", "--weighting", "inverse_noise"], "but --privacy is off"),
+            ("adam", [*user, "--client-opt", "adam", "--weighting", "inverse_noise"], "--client-opt adam"),
+            ("passes", ["--privacy-unit", "user", "--client-opt", "sgd", "--weighting", "inverse_noise"],
+             "federated.local_steps=0")):
+        out = tmp_path / name
+        assert main(["train", "--mode", "federated", *base, "--out", str(out), *extra]) == 2
+        assert says in capsys.readouterr().err and not out.exists()
+    out = tmp_path / "sweep"
+    assert main(["sweep", *base, "--out", str(out), *user, "--epsilons", "inf", "--weighting", "inverse_noise"]) == 2
+    assert "every epsilon is inf" in capsys.readouterr().err and not out.exists()
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--sweep", "--data", str(tiny_dataset), "--out", str(out), "--set",
+                 "federated.weighting=users"]) == 2
+    assert "the benchmarks weigh uniformly" in capsys.readouterr().err and not out.exists()
     with pytest.raises(FedscopeError, match="--weighting median"):
         FederatedConfig(weighting="median")
     with pytest.raises(FedscopeError, match="calibrated for weight 1"):

@@ -36,9 +36,6 @@ def run_unit_benchmark(ds: Any, cfg: Any, epsilon: float = 8.0, repeats: int = 2
         raise FedscopeError(f"fedscope benchmark --privacy-unit user: federated.local_steps="
                             f"{cfg.federated.local_steps} would fix the user-level side's steps a round while the "
                             "non-private sides take --local-epochs passes (unequal work); leave it at 0")
-    if cfg.federated.weighting != "uniform":
-        raise FedscopeError(f"fedscope benchmark --privacy-unit user: --weighting {cfg.federated.weighting} "
-                            "changes the mean, not the work; the benchmark weighs uniformly, leave it at uniform")
     fcfg = dataclasses.replace(cfg.federated, checkpoint_every=cfg.federated.rounds,
                                eval_every=cfg.federated.rounds)
     off = dataclasses.replace(cfg, federated=fcfg, privacy=PrivacyConfig(mode="off"))

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedscope_jax.data.batching import make_batches, train_sequences
-from fedscope_jax.errors import FedscopeError
 from fedscope_jax.train.centralized import evaluate, make_optimizer, make_train_step
 from fedscope_jax.train.config import step_shape
 from fedscope_jax.train.federated import seed_context
@@ -45,9 +44,6 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
     with the report of the repeats so far after each repeat (`repeats_done`), so a caller can save the timings
     of a benchmark that is stopped early. After the first repeat it also times `unit_costs` (a centralized
     step, a validation pass): with the slot steps, what `fedscope reproduce --inventory --calibrate` prices."""
-    if cfg.federated.weighting != "uniform":
-        raise FedscopeError(f"fedscope benchmark --sweep: --weighting {cfg.federated.weighting} changes the mean, "
-                            "not the work; the benchmark weighs uniformly, leave it at uniform")
     fcfg = dataclasses.replace(cfg.federated, checkpoint_every=cfg.federated.rounds,
                                eval_every=cfg.federated.rounds)
     cfg = dataclasses.replace(cfg, federated=fcfg)

@@ -155,6 +155,9 @@ def _run_config(args: argparse.Namespace, flag: str, client_counts: bool = False
     if args.clients is not None and len(args.clients) != 1 and not client_counts:
         raise FedscopeError(f"--clients with {flag}: expected one number of clients, got {list(args.clients)}")
     cfg = load_config(args.config, args.overrides)
+    if cfg.federated.weighting != "uniform":
+        raise FedscopeError(f"{flag}: federated.weighting={cfg.federated.weighting} changes the server's mean, not "
+                            "the work timed; the benchmarks weigh uniformly, leave it at uniform")
     fed = {k: v for k, v in {"clients": args.clients[0] if args.clients and not client_counts else None,
                              "rounds": args.rounds,
                              "fraction": args.fraction, "chunk_size": args.chunk_size,

@@ -42,8 +42,9 @@ from fedscope_jax.train.programs import PROGRAMS, Programs
 from fedscope_jax.train.selection import Selection, final_facts, selection_for
 from fedscope_jax.utils.io import read_json, write_json
 
-__all__ = ["SeedContext", "aggregation_weights", "check_distributed", "check_privacy_knobs", "check_weighting", "check_resume_config", "client_config",
-           "client_optimizer", "finish_run", "prepare_run_dir", "seed_context", "train_federated"]
+__all__ = ["SeedContext", "aggregation_weights", "check_distributed", "check_privacy_knobs", "check_resume_config",
+           "check_weighting", "client_config", "client_optimizer", "finish_run", "prepare_run_dir", "seed_context",
+           "train_federated"]
 
 
 def check_privacy_knobs(cfg: Any) -> None:
@@ -78,15 +79,22 @@ def check_weighting(fcfg: Any, pcfg: Any) -> None:
     if pcfg.unit != "user":
         raise FedscopeError(f"--weighting {w} with --privacy-unit client: the mechanism clips and noises each "
                             "client's update at weight 1; use --weighting uniform, or --privacy-unit user")
+    if w == "inverse_noise" and (not fcfg.local_steps or fcfg.client_opt == "adam"):
+        raise FedscopeError(
+            f"--weighting inverse_noise weighs silo k by 1 / z_k^2, the inverse of its update's noise variance only "
+            f"when every silo takes the same number of steps and its update is linear in its noised gradients; got "
+            f"federated.local_steps={fcfg.local_steps} and --client-opt {fcfg.client_opt}: set "
+            "federated.local_steps (e.g. 1) and --client-opt sgd or momentum, or use --weighting users")
 
 
 def aggregation_weights(ctx: "SeedContext", pcfg: Any, session: Any) -> np.ndarray | None:
     """w_k of every client for the server's mean sum_k w_k delta_k / sum_k w_k (federated.weighting), from
-    public inputs only: None (all 1) for uniform; the clients' users n_k for users; 1 / z_k^2 for inverse_noise,
-    the inverse of the variance each silo's noised DP-SGD step carries (z_k C / B per coordinate), which makes
-    the mean's noise the least of any weights. A configuration without noise (eps inf in a sweep) has equal
-    noise everywhere, where inverse_noise is uniform. Clients without users or noise get weight 1: they take
-    no part."""
+    public inputs only: None (all 1) for uniform; the clients' users n_k for users; 1 / (z_k C_k)^2 for
+    inverse_noise (scaled so the largest is 1), the inverse of the noise variance of each silo's update: the same
+    S steps a round, linear in its noised gradients (z_k C_k / B per coordinate each; `check_weighting`), so the
+    mean's noise the least of any weights. A configuration without noise (eps inf in a sweep) has equal noise
+    everywhere, where inverse_noise is uniform. Clients without users or noise get weight 1: they take no
+    part."""
     fcfg = ctx.cfg.federated
     check_weighting(fcfg, pcfg)
     if fcfg.weighting == "uniform":
@@ -96,8 +104,8 @@ def aggregation_weights(ctx: "SeedContext", pcfg: Any, session: Any) -> np.ndarr
         return np.where(users > 0, users, 1).astype(np.float64)
     if session is None:
         return None
-    z = np.asarray(session.plan.update_noise_multipliers, np.float64)
-    return np.where(z > 0, 1.0 / np.maximum(z, 1e-30) ** 2, 1.0)
+    sigma = np.asarray(session.plan.update_noise_multipliers, np.float64) * session.ledger.clip_norms  # z_k C_k
+    return np.where(sigma > 0, (np.min(sigma[sigma > 0], initial=np.inf) / np.maximum(sigma, 1e-30)) ** 2, 1.0)
 
 
 RESULT_FREE = frozenset({"federated.chunk_size", "federated.checkpoint_every"})   # settings that change no result

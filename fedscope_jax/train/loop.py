@@ -517,7 +517,8 @@ def loop_facts(loop: LoopState, timing: dict[str, Any], start: int, devices: int
              "devices": devices, "trainable_clients": len(pop.trainable), "start_round": start,
              "program": {"noise_mode": g.settings[0], "configs": len(g.members), "sweep": g.sweep,
                          "config_chunk": g.config_chunk if g.sweep else 1},
-             "timing": timing}
+             "timing": timing,
+             "aggregation_weights": None if t.weights is None else [float(w) for w in t.weights]}  # None: all 1
         if t.privacy is not None:
             f["privacy"] = t.privacy.finish(t.run_dir)
         facts.append(f)

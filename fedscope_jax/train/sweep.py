@@ -123,6 +123,9 @@ def sweep_points(cfg: Any, modes: Sequence[str], epsilons: Sequence[float],
                 run_cfg = dataclasses.replace(run_cfg, federated=dataclasses.replace(run_cfg.federated, seed=seed))
                 check_privacy_knobs(run_cfg)
                 points.append(SweepPoint(mode, float(eps), seed, run_cfg))
+    if cfg.federated.weighting == "inverse_noise" and all(math.isinf(p.epsilon) for p in points):
+        raise FedscopeError("--weighting inverse_noise weighs silos by their DP noise, but every epsilon is inf "
+                            "(no noise); add a finite epsilon, or use --weighting users or uniform")
     return points
 
 
