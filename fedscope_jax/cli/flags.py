@@ -50,8 +50,9 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
                    f"domain (FedDCSR's layout); without DP only (default {d.aggregate})")
     g.add_argument("--weighting", choices=WEIGHTINGS,
                    help="each client's weight in the server's mean: uniform (w_k 1), users (w_k = its users n_k, "
-                   "FedAvg's), inverse_noise (w_k = 1 / z_k^2: --privacy-unit user with personalized or uniform "
-                   f"noise; the least noisy mean of the silos' noised steps) (default {d.weighting})")
+                   "FedAvg's), inverse_noise (w_k = 1 / (z_k C_k)^2: --privacy-unit user with personalized or "
+                   "uniform noise, federated.local_steps and --client-opt sgd or momentum; the least noisy mean of "
+                   f"the silos' noised steps) (default {d.weighting})")
     g.add_argument("--chunk-size", type=int, help="clients per vmapped chunk per device (default 0: time "
                    "candidates and pick)")
     g.add_argument("--clip", type=float, help="raw per-client clipping bound (only with --privacy off; "

@@ -66,7 +66,7 @@ def check_privacy_knobs(cfg: Any) -> None:
 
 def check_weighting(fcfg: Any, pcfg: Any) -> None:
     """Weights other than 1 are for runs without DP and for the user unit with local noise, where each silo's
-    update is already private and its weight a post-processing with public inputs (its users n_k, its z_k).
+    update is already private and its weight a post-processing with public inputs (its users n_k, z_k, C_k).
     Refused where the mechanism assumes weight 1: the client unit (a weight scales the clipped update, so its
     noise and ledger would have to follow) and distributed noise (the silos' noise shares sum to the planned
     std only at weight 1)."""
@@ -81,9 +81,9 @@ def check_weighting(fcfg: Any, pcfg: Any) -> None:
                             "client's update at weight 1; use --weighting uniform, or --privacy-unit user")
     if w == "inverse_noise" and (not fcfg.local_steps or fcfg.client_opt == "adam"):
         raise FedscopeError(
-            f"--weighting inverse_noise weighs silo k by 1 / z_k^2, the inverse of its update's noise variance only "
-            f"when every silo takes the same number of steps and its update is linear in its noised gradients; got "
-            f"federated.local_steps={fcfg.local_steps} and --client-opt {fcfg.client_opt}: set "
+            f"--weighting inverse_noise weighs silo k by 1 / (z_k C_k)^2, the inverse of its update's noise variance "
+            f"only when every silo takes the same number of steps and its update is linear in its noised gradients; "
+            f"got federated.local_steps={fcfg.local_steps} and --client-opt {fcfg.client_opt}: set "
             "federated.local_steps (e.g. 1) and --client-opt sgd or momentum, or use --weighting users")
 
 
@@ -94,9 +94,8 @@ def aggregation_weights(ctx: "SeedContext", pcfg: Any, session: Any) -> np.ndarr
     S steps a round, linear in its noised gradients (z_k C_k / B per coordinate each; `check_weighting`), so the
     mean's noise the least of any weights. A configuration without noise (eps inf in a sweep) has equal noise
     everywhere, where inverse_noise is uniform. Clients without users or noise get weight 1: they take no
-    part."""
+    part. The callers have refused the settings `check_weighting` refuses (`check_privacy_knobs`)."""
     fcfg = ctx.cfg.federated
-    check_weighting(fcfg, pcfg)
     if fcfg.weighting == "uniform":
         return None
     if fcfg.weighting == "users":

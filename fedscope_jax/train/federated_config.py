@@ -37,8 +37,8 @@ class FederatedConfig:
     aggregate: str = "mean"          # mean: every parameter over every client; group_mean: each domain's tower
     #                                  (and a shared encoder) over the clients that changed it (no noise only)
     weighting: str = "uniform"       # uniform: w_k = 1; users: w_k = n_k, the client's users (FedAvg's weights);
-    #                                  inverse_noise: w_k = 1 / z_k^2 (user unit, local noise: the least noisy
-    #                                  mean of the silos' noised steps; docs/privacy.md)
+    #                                  inverse_noise: w_k = 1 / (z_k C_k)^2 (user unit, local noise, local_steps,
+    #                                  SGD: the least noisy mean of the silos' noised steps; docs/privacy.md)
     chunk_size: int = 0              # clients per vmapped chunk per device; 0 = measure and pick
     clip: float = math.inf           # C_k for every client (inf = no clipping)
     noise_multiplier: float = 0.0    # z_k for every client (0 = no noise)
