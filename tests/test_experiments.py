@@ -85,7 +85,8 @@ def test_ablation_and_clients_variants():
     assert buckets["full"] == {(0.1, 4), (0.2, 4), (0.5, 4), (1.0, 4)}
     pu = load_study(default_config_dir() / "privacy_utility.json")
     assert pu.epsilons == (1, 2, 4, 8, 16, math.inf)
-    assert pu.sweep_units() == (("client", ("personalized", "central")), ("user", ("personalized", "uniform")))
+    assert pu.sweep_units() == (("client", ("personalized", "central")), ("user", ("personalized", "uniform")),
+                                ("user", ("distributed",)))
 
 
 def test_user_unit_dp_settings_and_sweeps(tmp_path):
@@ -115,9 +116,36 @@ def test_user_unit_dp_settings_and_sweeps(tmp_path):
     assert all("/sweep-user-seed" in c.relative_dir("d", "none") for c in user)
     assert {run_config(c, "pu").privacy.unit for c in user} == {"user"}
     assert {c.sweep_modes for c in user} == {("personalized", "uniform")}
+    # the distributed variant: a third program per seed, trained with the profile's distributed_set
+    sweep["privacy_modes"] = {"client": ["personalized"], "user": ["uniform", "distributed"]}
+    (tmp_path / "dist.json").write_text(json.dumps(sweep))
+    dist = expand(load_study(tmp_path / "dist.json"), "quick", False)
+    assert [(c.program, c.sweep_modes) for c in dist if c.seed == 0 and c.method == "fedscope"] == [
+        ("client", ("personalized",)), ("user", ("uniform",)), ("distributed", ("distributed",))]
+    for c in (c for c in dist if c.program == "distributed"):
+        cfg = run_config(c, "pu")
+        assert "/sweep-distributed-seed" in c.relative_dir("d", "none")
+        assert (cfg.privacy.unit, cfg.privacy.mode, cfg.federated.client_opt, cfg.federated.client_lr,
+                cfg.federated.server_opt, cfg.federated.rounds, cfg.federated.chunk_size) == (
+            "user", "distributed", "sgd", 1.0, "fedadam", 200, 0)
+    local = [run_config(c, "pu").federated for c in dist if c.program != "distributed"]
+    assert {(f.client_opt, f.rounds) for f in local} == {("adam", 10)}    # the other programs keep the profile's
+    dry = [c for c in expand(load_study(tmp_path / "dist.json"), "quick", True) if c.program == "distributed"]
+    assert {(run_config(c, "pu").federated.rounds, run_config(c, "pu").train.batch_size) for c in dry} == {(1, 4)}
+    sweep["profiles"]["quick"]["distributed_set"]["federated.client_opt"] = "adam"
+    (tmp_path / "dist.json").write_text(json.dumps(sweep))
+    with pytest.raises(FedscopeError, match=r"cell abxi-food-kitchen/fedscope/sweep/base: --privacy distributed: "
+                                            r"a silo's update must be linear"):
+        run_config(next(c for c in expand(load_study(tmp_path / "dist.json"), "quick", False)
+                        if c.program == "distributed"), "pu")
+    del sweep["profiles"]["quick"]["distributed_set"]
+    (tmp_path / "dist.json").write_text(json.dumps(sweep))
+    with pytest.raises(FedscopeError, match=r"key 'profiles\.quick\.distributed_set': privacy_modes\.user has "
+                                            r"\"distributed\": give its training here"):
+        load_study(tmp_path / "dist.json")
     for bad, match in ((["personalized", "personalized"], r"key 'privacy_modes': a mode is repeated"),
                        ({"user": ["central"]}, r"key 'privacy_modes\.user\[0\]': expected one of personalized, "
-                                               r"uniform for the user unit, got 'central'"),
+                                               r"uniform, distributed for the user unit, got 'central'"),
                        ({"silo": ["uniform"]}, r"key 'privacy_modes\.silo': expected an object")):
         sweep["privacy_modes"] = bad
         (tmp_path / "bad.json").write_text(json.dumps(sweep))
@@ -320,11 +348,16 @@ def test_dry_run_every_study(tmp_path):
     dp_cell = next(rel for rel in main_cells if "/fedscope/personalized-user-eps8-" in rel)
     assert json.loads((root / dp_cell / "config.json").read_text())["privacy"]["unit"] == "user"
     sweeps = plan["studies"]["privacy_utility"]["cells"]     # one program per unit (smoke: the first seed)
-    assert [Path(rel).name.split("-seed")[0] for rel in sweeps] == ["sweep", "sweep-user"]
-    for rel, unit in zip(sweeps, ("client", "user")):
+    assert [Path(rel).name.split("-seed")[0] for rel in sweeps] == ["sweep", "sweep-user", "sweep-distributed"]
+    for rel, unit, modes in zip(sweeps, ("client", "user", "user"), (2, 2, 1)):
         runs = sorted((root / rel).glob("*-seed0"))
-        assert len(runs) == 2 * 6                            # modes x epsilons (inf copies included)
+        assert len(runs) == modes * 6                        # modes x epsilons (inf copies included)
         assert {json.loads((r / "config.json").read_text())["privacy"]["unit"] for r in runs} == {unit}
+    dist = {json.loads((r / "cell.json").read_text())["dp"]: json.loads((r / "config.json").read_text())
+            for r in (root / sweeps[2]).glob("*-seed0")}
+    assert set(dist) == {"off-distributed"} | {f"distributed-user-eps{e}" for e in (1, 2, 4, 8, 16)}
+    assert {(c["privacy"]["mode"], c["federated"]["client_opt"]) for k, c in dist.items() if k != "off-distributed"} \
+        == {("distributed", "sgd")}
     report = (root / "report" / "report.md").read_text()
     assert "DRY RUN" in report and "profile: **quick** (dry run)" in report
     assert (root / "report" / "privacy_utility_abxi-food-kitchen.png").is_file()

@@ -194,13 +194,14 @@ def test_reproduce_inventory_counts_every_study_without_training(shared_data, tm
     assert ("not run (not counted): 12 cell(s) of ablation (fedscope_title on abxi-food-kitchen: none (no "
             "--title-root") in text
     assert "fedscope_wo_llm on abxi-food-kitchen: the same runs as fedscope's without LLM vectors (none" in text
-    # the privacy study's no-ID arms (2 units x 3 seeds each) need item vectors: neither root is given
-    assert studies["privacy_utility"]["not_run"] == 12
-    assert "not run (not counted): 12 cell(s) of privacy_utility (fedscope_noid on abxi-food-kitchen: none (" in text
+    # the privacy study's no-ID arms (3 programs x 3 seeds each) need item vectors: neither root is given
+    assert studies["privacy_utility"]["not_run"] == 18
+    assert "not run (not counted): 18 cell(s) of privacy_utility (fedscope_noid on abxi-food-kitchen: none (" in text
     assert "fedscope_title_noid on abxi-food-kitchen: none (no --title-root" in text
     sweep = studies["privacy_utility"]["by_mode"]["sweep"]
-    # per seed: the client unit's 2 modes x 6 epsilons and the user unit's, the eps-inf copy once in each
-    assert sweep["runs"] == 3 * 2 * 11 and sweep["config_rounds"] == 3 * 2 * 11 * 10
+    # per seed: the client unit's 2 modes x 6 epsilons and the user unit's, the eps-inf copy once in each (10
+    # rounds), and the distributed program's 6 epsilons (200 rounds of its own, `distributed_set`)
+    assert sweep["runs"] == 3 * (2 * 11 + 6) and sweep["config_rounds"] == 3 * (2 * 11 * 10 + 6 * 200)
     main_modes = studies["main"]["by_mode"]
     assert Work(**main_modes["centralized"]).epoch_steps > 0 and Work(**main_modes["federated"]).slot_steps > 0
     assert main(["reproduce", "--calibrate", str(out / "inventory.json"), "--out", str(out)]) == 2

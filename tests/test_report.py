@@ -169,6 +169,32 @@ def test_report_of_plain_runs_and_benchmark(tmp_path):
         (out / "report.md").read_text()
 
 
+def test_report_of_plain_sweeps_groups_seeds_and_keeps_the_distributed_eps_inf_apart(tmp_path):
+    """`fedscope report` on `fedscope sweep` folders: a configuration's seeds form one group (config.json's sweep
+    section names the seed), and a distributed sweep's eps-inf point (one step a round over all silos' users) is
+    not merged with a local-noise sweep's ("off-user")."""
+    for sweep, mode in (("dist", "distributed"), ("local", "personalized")):
+        for s in (0, 1):
+            for eps in (4.0, math.inf):
+                name = f"{mode}-eps{eps:g}-seed{s}"
+                private = math.isfinite(eps)
+                d = _run(tmp_path / "runs" / sweep, name, None, (0.1 + s / 10 + private / 100, 0.2), s,
+                         privacy=(mode, eps) if private else ("off", 8.0), eps_spent=eps if private else None,
+                         unit="user")
+                cfg = json.loads((d / "config.json").read_text())
+                cfg["sweep"] = {"name": name, "mode": mode, "epsilon": eps if private else "inf", "seed": s,
+                                "privacy_mode": mode if private else "off"}
+                (d / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "report"
+    assert main(["report", "--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    food = {r["dp"]: r for r in _csv(out / "runs.csv") if r["domain"] == "food"}
+    assert sorted(food) == ["distributed-user-eps4", "off-distributed", "off-user", "personalized-user-eps4"]
+    assert {r["seeds"] for r in food.values()} == {"2"}
+    assert float(food["off-distributed"]["NDCG@10 mean"]) == pytest.approx(0.15)
+    assert float(food["distributed-user-eps4"]["NDCG@10 mean"]) == pytest.approx(0.16)
+    assert food["off-distributed"]["unit"] == "-" and food["distributed-user-eps4"]["unit"] == "user"
+
+
 def test_report_errors(tmp_path):
     with pytest.raises(FedscopeError, match="no run directory"):
         from fedscope_jax.experiments.report import write_report

@@ -27,6 +27,8 @@ DRY_RUN_OVERRIDES = ("model.dim=8", "model.blocks=1", "model.heads=1", "model.ma
 # the user unit Poisson-samples each silo's users at q = batch / users <= 1: the dry run's smallest silo
 # (8 power-law clients over 120 users) has 4
 DRY_RUN_USER_OVERRIDES = ("train.batch_size=4",)
+# the distributed variant's noise shares add up only in the secure sum of all silos, so they train in one chunk
+DRY_RUN_DISTRIBUTED_OVERRIDES = ("federated.chunk_size=0",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,11 @@ class Cell:
             return self.sweep_unit
         return self.dp.unit if self.dp.mode != "off" else "client"
 
+    @property
+    def program(self) -> str:
+        """What the cell trains: its privacy unit, or "distributed" for the user unit's distributed program."""
+        return "distributed" if self.dp is None and self.sweep_modes == ("distributed",) else self.privacy_unit
+
     def key(self, dataset_dir: str, attributes: str) -> str:
         ident = {"dataset_dir": Path(dataset_dir).name, "method": self.method, "mode": self.mode,
                  "overrides": sorted(self.overrides), "attributes": attributes, "dry_run": self.dry_run,
@@ -67,7 +74,7 @@ class Cell:
 
     def relative_dir(self, dataset_dir: str, attributes: str) -> str:
         if self.dp is None:
-            unit = "" if self.sweep_unit == "client" else f"-{self.sweep_unit}"
+            unit = "" if self.program == "client" else f"-{self.program}"
             return f"{self.dataset}/{self.method}/sweep{unit}-seed{self.seed}-{self.key(dataset_dir, attributes)}"
         variant = "" if self.variant.name == "base" else f"-{_slug(self.variant.name)}"
         return (f"{self.dataset}/{self.method}/{self.dp.label}{variant}-seed{self.seed}-"
@@ -101,9 +108,14 @@ def expand(study: Study, profile: str, dry_run: bool) -> list[Cell]:
             method = METHODS[name]
             if study.kind == "sweep":
                 for unit, modes in study.sweep_units():
+                    # the distributed program: its own training (profile distributed_set), the dry run's budget
+                    # on top of it, and mode distributed so that its options validate (`fedscope sweep` does so)
+                    own = ((prof.distributed + (DRY_RUN_OVERRIDES + DRY_RUN_DISTRIBUTED_OVERRIDES if dry_run else ())
+                            + ("privacy.mode=distributed",)) if modes == ("distributed",) else ())
                     for seed in seeds:
                         user = (f"privacy.unit={unit}",) + (DRY_RUN_USER_OVERRIDES if dry_run else ())
-                        ov = base + method.settings() + (f"train.seed={seed}",) + (user if unit == "user" else ())
+                        ov = (base + method.settings() + (f"train.seed={seed}",) + own
+                              + (user if unit == "user" else ()))
                         cells.append(Cell(study.name, dataset, name, None, Variant(), seed, ov, profile, dry_run,
                                           modes, study.epsilons, unit))
                 continue
@@ -130,10 +142,13 @@ def _dp_applies(rule: str, dp: DPSetting) -> bool:
 def run_config(cell: Cell, where: str) -> Any:
     """The cell's RunConfig; a FedscopeError naming the study file, the cell and the key otherwise."""
     from fedscope_jax.train.config import check_user_norm, load_config
+    from fedscope_jax.train.federated import check_distributed
 
     try:
         cfg = load_config(None, cell.overrides)
         check_user_norm(cfg, "federated" if cell.mode == "sweep" else cell.mode)
+        if cell.program == "distributed":
+            check_distributed(cfg)
         return cfg
     except FedscopeError as exc:
         hint = ""

@@ -76,11 +76,11 @@ def plan(studies: list[Study], all_studies: dict[str, Study], opts: Options) -> 
             first: dict[str, Cell] = {}
             for c in cells:
                 first.setdefault(c.method, c)
-            units = {c.privacy_unit for c in first.values()}
-            for c in cells:   # and the study's first cell of a privacy unit no method's first cell has
-                if c.privacy_unit not in units:
-                    units.add(c.privacy_unit)
-                    first[f"{c.method}/{c.privacy_unit}"] = c
+            programs = {c.program for c in first.values()}
+            for c in cells:   # and the study's first cell of a program (privacy unit, distributed) no method's has
+                if c.program not in programs:
+                    programs.add(c.program)
+                    first[f"{c.method}/{c.program}"] = c
             cells = list(first.values())
         for cell in cells:
             run_config(cell, str(study.path))

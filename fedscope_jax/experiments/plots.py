@@ -60,8 +60,9 @@ def privacy_utility(groups: Sequence[Group], path: Path, title: str) -> Path | N
         x, y, e = (np.array(v) for v in zip(*pts))
         style = {"color": colors[who_of(mode)], "ls": styles[mode.rpartition(": ")[2]]} if len(methods) > 1 else {}
         ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=3, label=mode, **style)
-    names = {"off": ("no DP (eps inf)", "k"), "off-user": ("user-unit training, no clip/noise", "tab:gray")}
-    for dp, m, s in sorted(nodp)[:2 * len(methods)]:
+    names = {"off": ("no DP (eps inf)", "k"), "off-user": ("user-unit training, no clip/noise", "tab:gray"),
+             "off-distributed": ("distributed training, no clip/noise", "tab:olive")}
+    for dp, m, s in sorted(nodp)[:len(names) * len(methods)]:
         who, _, bare = dp.rpartition(": ")
         label, color = names.get(bare, (f"{bare} (eps inf)", "k"))
         label, color = (f"{who}: {label}", colors[who]) if who else (label, color)

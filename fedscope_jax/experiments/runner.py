@@ -369,7 +369,8 @@ def run_sweep_cell(cell: Cell, sweep_dir: Path, ds: Any, cfg: Any, sem: Any, ide
         if not (run / "summary.json").is_file():
             raise FedscopeError(f"{run}: run_sweep wrote no summary.json for this configuration")
         mode, eps = point.privacy_mode, point.epsilon
-        write_json({**ident, "dp": dp_label(mode, eps, cell.sweep_unit), "privacy_mode": mode,
+        write_json({**ident, "dp": dp_label(mode, eps, cell.sweep_unit, point.mode == "distributed"),
+                    "privacy_mode": mode,
                     "sweep_mode": point.mode, "epsilon": eps if math.isfinite(eps) else None,
                     "seed": point.seed}, run / CELL_FILE)
     done.write_text("ok\n", encoding="utf-8")

@@ -24,6 +24,9 @@ KINDS = ("cells", "sweep", "derived")
 PROFILES = ("quick", "full", "cpu")
 REQUIRED_PROFILES = ("quick", "full")   # every study has these; "cpu" (whole datasets on a 2-core CPU) is optional
 PRIVACY_MODES = ("personalized", "uniform", "central")
+# a sweep's user-unit modes: local noise in every silo (personalized, uniform) or the distributed variant (one
+# DP-SGD step a round over all silos' users, noise shares under the secure sum; a program of its own per seed)
+USER_SWEEP_MODES = ("personalized", "uniform", "distributed")
 PRIVACY_UNITS = ("client", "user")     # privacy.unit: a silo's whole data, or one user's history (docs/privacy.md)
 
 
@@ -51,12 +54,13 @@ class DPSetting:
                 *unit)
 
 
-def dp_label(mode: str, epsilon: float | None, unit: str = "client") -> str:
+def dp_label(mode: str, epsilon: float | None, unit: str = "client", distributed: bool = False) -> str:
     """"off", "personalized-eps8" (client unit) or "personalized-user-eps8" (user unit): a cell's DP label.
     "off-user" is the user unit's training (per-user loss and gradients, Poisson batches) without clipping or
-    noise: the eps-inf point of a user-unit sweep."""
+    noise: the eps-inf point of a user-unit sweep; "off-distributed" (`distributed`) the distributed variant's
+    training (one step a round over all silos' users) without them: the eps-inf point of its sweep."""
     if mode == "off":
-        return "off-user" if unit == "user" else "off"
+        return "off-distributed" if distributed else "off-user" if unit == "user" else "off"
     return f"{mode}-{'user-' if unit == 'user' else ''}eps{epsilon:g}"
 
 
@@ -81,7 +85,9 @@ class Profile:
 
     max_users: users kept per dataset (0 = all); `users` instead when the file gives one count per dataset;
     max_items: an item core, each domain's N most-trained items (0 = every item; experiments/datasets.py);
-    dp: the DP settings of a cells study under this profile, instead of the study's (None: the study's)."""
+    dp: the DP settings of a cells study under this profile, instead of the study's (None: the study's);
+    distributed: the overrides of a sweep's distributed program (one SGD step a round in the silos, the
+    server's optimizer and its rounds: the mechanism is central DP-SGD only with one linear step a round)."""
 
     seeds: tuple[int, ...]
     max_users: int
@@ -90,6 +96,7 @@ class Profile:
     max_items: int = 0
     users: tuple[tuple[str, int], ...] = ()
     dp: tuple[DPSetting, ...] | None = None
+    distributed: tuple[str, ...] = ()   # `distributed_set`: the distributed variant's training, on top of `set`
 
     def users_for(self, dataset: str) -> int:
         """Users kept of `dataset` (0 = all)."""
@@ -114,8 +121,11 @@ class Study:
     user_privacy_modes: tuple[str, ...] = ()   # a sweep's user-unit modes (a second program per seed)
 
     def sweep_units(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
-        """(unit, modes) of each sweep program per seed: the client unit's, then the user unit's, if any."""
-        return tuple((u, m) for u, m in (("client", self.privacy_modes), ("user", self.user_privacy_modes)) if m)
+        """(unit, modes) of each sweep program per seed: the client unit's, then the user unit's local-noise
+        modes, then the user unit's distributed variant (which trains on batches of its own: a third program)."""
+        local = tuple(m for m in self.user_privacy_modes if m != "distributed")
+        dist = tuple(m for m in self.user_privacy_modes if m == "distributed")
+        return tuple((u, m) for u, m in (("client", self.privacy_modes), ("user", local), ("user", dist)) if m)
 
     def profile(self, name: str) -> Profile:
         if name not in self.profiles:
@@ -134,7 +144,7 @@ class Study:
 
 STUDY_KEYS = {"study", "title", "kind", "description", "datasets", "methods", "dp", "variants", "privacy_modes",
               "epsilons", "reads", "seeds", "profiles", "notes"}
-PROFILE_KEYS = {"seeds", "max_users", "max_items", "set", "datasets", "dp"}
+PROFILE_KEYS = {"seeds", "max_users", "max_items", "set", "datasets", "dp", "distributed_set"}
 
 
 def _err(path: Path, key: str, msg: str) -> FedscopeError:
@@ -191,7 +201,7 @@ def _privacy_modes(raw: dict[str, Any], path: Path, required: bool) -> tuple[tup
         per_unit = {"client": tuple(_list(raw, "privacy_modes", path, required))}
     for unit, modes in per_unit.items():
         key = "privacy_modes" if not isinstance(value, dict) else f"privacy_modes.{unit}"
-        allowed = PRIVACY_MODES if unit == "client" else tuple(m for m in PRIVACY_MODES if m != "central")
+        allowed = PRIVACY_MODES if unit == "client" else USER_SWEEP_MODES
         for i, m in enumerate(modes):
             if m not in allowed:
                 raise _err(path, f"{key}[{i}]", f"expected one of {', '.join(allowed)} for the {unit} unit, "
@@ -331,8 +341,15 @@ def load_study(path: str | Path) -> Study:
             if not isinstance(praw["dp"], list) or not praw["dp"]:
                 raise _err(path, f"{key}.dp", "expected a non-empty list of DP settings")
             pdp = tuple(_dp(x, path, f"{key}.dp[{i}]") for i, x in enumerate(praw["dp"]))
+        dist = _overrides(praw.get("distributed_set", {}), path, f"{key}.distributed_set")
+        if "distributed" in user_modes and "distributed_set" not in praw:
+            raise _err(path, f"{key}.distributed_set", "privacy_modes.user has \"distributed\": give its training "
+                       "here (one SGD step a round, e.g. {\"federated.client_opt\": \"sgd\", "
+                       "\"federated.client_lr\": 1, \"federated.server_opt\": \"fedadam\", "
+                       "\"federated.server_lr\": 0.01, \"federated.rounds\": 200})")
         profiles[pname] = Profile(_seeds(praw.get("seeds", seeds), path, f"{key}.seeds"), max_users,
-                                  _overrides(praw.get("set", {}), path, f"{key}.set"), pds, max_items, users, pdp)
+                                  _overrides(praw.get("set", {}), path, f"{key}.set"), pds, max_items, users, pdp,
+                                  dist)
     for i, v in enumerate(variants):
         for prof, _ in v.per_profile:
             if prof not in profiles:

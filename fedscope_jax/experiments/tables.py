@@ -52,7 +52,10 @@ def _hashable(v: Any) -> Any:
     return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
 
 
-IGNORED_FOR_GROUPING = ("train.seed", "federated.seed", "federated.chunk_size", "federated.checkpoint_every")
+IGNORED_FOR_GROUPING = ("train.seed", "federated.seed", "federated.chunk_size", "federated.checkpoint_every",
+                        # a sweep member's facts that the seed or the DP label already say (its mode stays: a
+                        # distributed sweep's eps-inf point trains otherwise than a local-noise sweep's)
+                        "sweep.name", "sweep.seed", "sweep.epsilon", "sweep.privacy_mode", "sweep.same_as")
 
 
 def infer_cell(config: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +63,9 @@ def infer_cell(config: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any
     mode = config.get("mode") or summary.get("training", {}).get("mode", "?")
     privacy = config.get("privacy", {}) if mode == "federated" else {}
     pmode = privacy.get("mode", "off")
-    dp = "n/a" if mode != "federated" else dp_label(pmode, privacy.get("epsilon"), privacy.get("unit", "client"))
+    distributed = config.get("sweep", {}).get("mode") == "distributed"   # its eps-inf point: "off-distributed"
+    dp = "n/a" if mode != "federated" else dp_label(pmode, privacy.get("epsilon"), privacy.get("unit", "client"),
+                                                    distributed)
     flat = {k: v for k, v in flatten(config).items() if k not in IGNORED_FOR_GROUPING and not k.startswith("experiment")
             and k not in ("privacy.mode", "privacy.epsilon")}
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:6]
@@ -131,7 +136,7 @@ class Group:
     def privacy_unit(self) -> str:
         """What one DP record is in this group's numbers: "user" or "client" ("-" without DP). Read from the
         runs' config.json (a config written before the user unit existed is client-level)."""
-        if self.cell.get("dp") in ("n/a", "off", "off-user", None):
+        if self.cell.get("dp") in ("n/a", "off", "off-user", "off-distributed", None):
             return "-"
         units = {r.config.get("privacy", {}).get("unit", "client") for r in self.runs}
         return "/".join(sorted(units))
