@@ -116,12 +116,17 @@ def test_user_unit_dp_settings_and_sweeps(tmp_path):
     assert all("/sweep-user-seed" in c.relative_dir("d", "none") for c in user)
     assert {run_config(c, "pu").privacy.unit for c in user} == {"user"}
     assert {c.sweep_modes for c in user} == {("personalized", "uniform")}
-    # the distributed variant: a third program per seed, trained with the profile's distributed_set
-    sweep["privacy_modes"] = {"client": ["personalized"], "user": ["uniform", "distributed"]}
+    # the distributed variant: a third program per seed, trained with the profile's distributed_set; the other
+    # programs keep their directories
+    sweep["privacy_modes"] = {"client": ["personalized", "central"], "user": ["personalized", "uniform",
+                                                                             "distributed"]}
     (tmp_path / "dist.json").write_text(json.dumps(sweep))
     dist = expand(load_study(tmp_path / "dist.json"), "quick", False)
     assert [(c.program, c.sweep_modes) for c in dist if c.seed == 0 and c.method == "fedscope"] == [
-        ("client", ("personalized",)), ("user", ("uniform",)), ("distributed", ("distributed",))]
+        ("client", ("personalized", "central")), ("user", ("personalized", "uniform")),
+        ("distributed", ("distributed",))]
+    assert ([c.relative_dir("d", "none") for c in dist if c.program != "distributed"]
+            == [c.relative_dir("d", "none") for c in new])
     for c in (c for c in dist if c.program == "distributed"):
         cfg = run_config(c, "pu")
         assert "/sweep-distributed-seed" in c.relative_dir("d", "none")
@@ -135,7 +140,8 @@ def test_user_unit_dp_settings_and_sweeps(tmp_path):
     sweep["profiles"]["quick"]["distributed_set"]["federated.client_opt"] = "adam"
     (tmp_path / "dist.json").write_text(json.dumps(sweep))
     with pytest.raises(FedscopeError, match=r"cell abxi-food-kitchen/fedscope/sweep/base: --privacy distributed: "
-                                            r"a silo's update must be linear"):
+                                            r"a silo's update must be linear.*\(the distributed program's "
+                                            r"settings: profiles\.quick\.distributed_set\)"):
         run_config(next(c for c in expand(load_study(tmp_path / "dist.json"), "quick", False)
                         if c.program == "distributed"), "pu")
     del sweep["profiles"]["quick"]["distributed_set"]
@@ -143,6 +149,19 @@ def test_user_unit_dp_settings_and_sweeps(tmp_path):
     with pytest.raises(FedscopeError, match=r"key 'profiles\.quick\.distributed_set': privacy_modes\.user has "
                                             r"\"distributed\": give its training here"):
         load_study(tmp_path / "dist.json")
+    cells_study = json.loads((default_config_dir() / "main.json").read_text())
+    cells_study["profiles"]["quick"]["distributed_set"] = {"federated.rounds": 200}
+    (tmp_path / "cells.json").write_text(json.dumps(cells_study))
+    with pytest.raises(FedscopeError, match=r"key 'profiles\.quick\.distributed_set': only a sweep has a "
+                                            r"distributed program; this study is 'cells'"):
+        load_study(tmp_path / "cells.json")
+    # a method without user-level DP cells (FedSCOPE's would be the same runs) has no user-unit program
+    sweep["profiles"]["quick"]["distributed_set"] = {"federated.client_opt": "sgd", "federated.chunk_size": 0}
+    sweep["methods"] = ["fedscope", "fedscope_wo_intra"]
+    (tmp_path / "dist.json").write_text(json.dumps(sweep))
+    assert {(c.method, c.program) for c in expand(load_study(tmp_path / "dist.json"), "quick", False)} == {
+        ("fedscope", "client"), ("fedscope", "user"), ("fedscope", "distributed"), ("fedscope_wo_intra", "client")}
+    sweep["methods"] = ["fedscope"]
     for bad, match in ((["personalized", "personalized"], r"key 'privacy_modes': a mode is repeated"),
                        ({"user": ["central"]}, r"key 'privacy_modes\.user\[0\]': expected one of personalized, "
                                                r"uniform, distributed for the user unit, got 'central'"),

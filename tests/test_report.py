@@ -178,7 +178,8 @@ def test_report_of_plain_sweeps_groups_seeds_and_keeps_the_distributed_eps_inf_a
             for eps in (4.0, math.inf):
                 name = f"{mode}-eps{eps:g}-seed{s}"
                 private = math.isfinite(eps)
-                d = _run(tmp_path / "runs" / sweep, name, None, (0.1 + s / 10 + private / 100, 0.2), s,
+                shift = 0.05 if mode == "personalized" else 0.0   # a run grouped under the other label shows
+                d = _run(tmp_path / "runs" / sweep, name, None, (0.1 + s / 10 + private / 100 + shift, 0.2), s,
                          privacy=(mode, eps) if private else ("off", 8.0), eps_spent=eps if private else None,
                          unit="user")
                 cfg = json.loads((d / "config.json").read_text())
@@ -192,6 +193,7 @@ def test_report_of_plain_sweeps_groups_seeds_and_keeps_the_distributed_eps_inf_a
     assert {r["seeds"] for r in food.values()} == {"2"}
     assert float(food["off-distributed"]["NDCG@10 mean"]) == pytest.approx(0.15)
     assert float(food["distributed-user-eps4"]["NDCG@10 mean"]) == pytest.approx(0.16)
+    assert float(food["off-user"]["NDCG@10 mean"]) == pytest.approx(0.20)
     assert food["off-distributed"]["unit"] == "-" and food["distributed-user-eps4"]["unit"] == "user"
 
 

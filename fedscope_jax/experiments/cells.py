@@ -1,7 +1,8 @@
 """Expanding studies into cells: one training run each (dataset x method x DP x variant x seed).
 
 A cell's RunConfig is built from --set style overrides in this order: profile, dry-run budget, variant, DP
-setting, method, seed. Its directory is `runs/<dataset>/<method>/<dp>[-<variant>]-seed<s>-<hash>`, the hash
+setting, method, seed; a sweep's distributed program: profile, its `distributed_set`, dry-run budget, method,
+seed, then its mode and unit. Its directory is `runs/<dataset>/<method>/<dp>[-<variant>]-seed<s>-<hash>`, the hash
 taken over everything that defines the run, so studies that need the same run share one directory.
 """
 
@@ -108,13 +109,17 @@ def expand(study: Study, profile: str, dry_run: bool) -> list[Cell]:
             method = METHODS[name]
             if study.kind == "sweep":
                 for unit, modes in study.sweep_units():
-                    # the distributed program: its own training (profile distributed_set), the dry run's budget
-                    # on top of it, and mode distributed so that its options validate (`fedscope sweep` does so)
-                    own = ((prof.distributed + (DRY_RUN_OVERRIDES + DRY_RUN_DISTRIBUTED_OVERRIDES if dry_run else ())
-                            + ("privacy.mode=distributed",)) if modes == ("distributed",) else ())
+                    if unit == "user" and method.dp == "no-user":   # its user-unit runs would be FedSCOPE's
+                        continue
+                    # the distributed program: its own training (profile distributed_set) under the dry run's
+                    # budget, and mode distributed so that its options validate (as `fedscope sweep` does)
+                    dist = modes == ("distributed",)
+                    start = (prof.overrides + prof.distributed + (DRY_RUN_OVERRIDES + DRY_RUN_DISTRIBUTED_OVERRIDES
+                                                                  if dry_run else ())) if dist else base
+                    own = ("privacy.mode=distributed",) if dist else ()
                     for seed in seeds:
                         user = (f"privacy.unit={unit}",) + (DRY_RUN_USER_OVERRIDES if dry_run else ())
-                        ov = (base + method.settings() + (f"train.seed={seed}",) + own
+                        ov = (start + method.settings() + (f"train.seed={seed}",) + own
                               + (user if unit == "user" else ()))
                         cells.append(Cell(study.name, dataset, name, None, Variant(), seed, ov, profile, dry_run,
                                           modes, study.epsilons, unit))
@@ -151,7 +156,8 @@ def run_config(cell: Cell, where: str) -> Any:
             check_distributed(cfg)
         return cfg
     except FedscopeError as exc:
-        hint = ""
+        hint = (f" (the distributed program's settings: profiles.{cell.profile}.distributed_set)"
+                if cell.program == "distributed" else "")
         if "seqcl_weight" in str(exc):
             hint = (" (the FedCL4SRec baseline needs LossConfig model.loss.seqcl_weight, which this checkout "
                     "does not have yet)")

@@ -66,7 +66,7 @@ def privacy_utility(groups: Sequence[Group], path: Path, title: str) -> Path | N
         who, _, bare = dp.rpartition(": ")
         label, color = names.get(bare, (f"{bare} (eps inf)", "k"))
         label, color = (f"{who}: {label}", colors[who]) if who else (label, color)
-        ax.axhline(m, ls="--" if bare == "off" else ":", color=color, label=label)
+        ax.axhline(m, ls={"off": "--", "off-distributed": "-."}.get(bare, ":"), color=color, label=label)
         if not math.isnan(s):
             ax.axhspan(m - s, m + s, color=color, alpha=0.08)
     ax.set_xscale("log", base=2)

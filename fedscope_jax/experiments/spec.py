@@ -341,6 +341,10 @@ def load_study(path: str | Path) -> Study:
             if not isinstance(praw["dp"], list) or not praw["dp"]:
                 raise _err(path, f"{key}.dp", "expected a non-empty list of DP settings")
             pdp = tuple(_dp(x, path, f"{key}.dp[{i}]") for i, x in enumerate(praw["dp"]))
+        if "distributed_set" in praw and kind != "sweep":
+            raise _err(path, f"{key}.distributed_set", f"only a sweep has a distributed program; this study is "
+                       f"{kind!r}")
+        # a sweep without "distributed" leaves it unused: dropping the mode alone skips the program
         dist = _overrides(praw.get("distributed_set", {}), path, f"{key}.distributed_set")
         if "distributed" in user_modes and "distributed_set" not in praw:
             raise _err(path, f"{key}.distributed_set", "privacy_modes.user has \"distributed\": give its training "

@@ -53,9 +53,10 @@ def _hashable(v: Any) -> Any:
 
 
 IGNORED_FOR_GROUPING = ("train.seed", "federated.seed", "federated.chunk_size", "federated.checkpoint_every",
-                        # a sweep member's facts that the seed or the DP label already say (its mode stays: a
-                        # distributed sweep's eps-inf point trains otherwise than a local-noise sweep's)
-                        "sweep.name", "sweep.seed", "sweep.epsilon", "sweep.privacy_mode", "sweep.same_as")
+                        # a sweep member's facts that the seed or the DP label already say (the label tells a
+                        # distributed sweep's eps-inf point, "off-distributed", from a local-noise sweep's)
+                        "sweep.name", "sweep.seed", "sweep.epsilon", "sweep.privacy_mode", "sweep.same_as",
+                        "sweep.mode")
 
 
 def infer_cell(config: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
