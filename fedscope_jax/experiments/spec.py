@@ -118,7 +118,7 @@ class Study:
     epsilons: tuple[float, ...]
     reads: str | None
     profiles: dict[str, Profile]
-    user_privacy_modes: tuple[str, ...] = ()   # a sweep's user-unit modes (a second program per seed)
+    user_privacy_modes: tuple[str, ...] = ()   # a sweep's user-unit modes (one more program per seed; distributed: two)
 
     def sweep_units(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """(unit, modes) of each sweep program per seed: the client unit's, then the user unit's local-noise
