@@ -139,7 +139,7 @@ def test_user_unit_dp_settings_and_sweeps(tmp_path):
     assert {(run_config(c, "pu").federated.rounds, run_config(c, "pu").train.batch_size) for c in dry} == {(1, 4)}
     sweep["profiles"]["quick"]["distributed_set"]["federated.client_opt"] = "adam"
     (tmp_path / "dist.json").write_text(json.dumps(sweep))
-    with pytest.raises(FedscopeError, match=r"cell abxi-food-kitchen/fedscope/sweep/base: --privacy distributed: "
+    with pytest.raises(FedscopeError, match=r"cell abxi-food-kitchen/fedscope/sweep-distributed/base: --privacy distributed: "
                                             r"a silo's update must be linear.*\(the distributed program's "
                                             r"settings: profiles\.quick\.distributed_set\)"):
         run_config(next(c for c in expand(load_study(tmp_path / "dist.json"), "quick", False)

@@ -65,6 +65,14 @@ class Cell:
         """What the cell trains: its privacy unit, or "distributed" for the user unit's distributed program."""
         return "distributed" if self.dp is None and self.sweep_modes == ("distributed",) else self.privacy_unit
 
+    @property
+    def label(self) -> str:
+        """The cell in progress bars and errors: its DP label, or the sweep program ("sweep", "sweep-user",
+        "sweep-distributed", as its directory is named)."""
+        if self.dp is not None:
+            return self.dp.label
+        return "sweep" if self.program == "client" else f"sweep-{self.program}"
+
     def key(self, dataset_dir: str, attributes: str) -> str:
         ident = {"dataset_dir": Path(dataset_dir).name, "method": self.method, "mode": self.mode,
                  "overrides": sorted(self.overrides), "attributes": attributes, "dry_run": self.dry_run,
@@ -75,8 +83,7 @@ class Cell:
 
     def relative_dir(self, dataset_dir: str, attributes: str) -> str:
         if self.dp is None:
-            unit = "" if self.program == "client" else f"-{self.program}"
-            return f"{self.dataset}/{self.method}/sweep{unit}-seed{self.seed}-{self.key(dataset_dir, attributes)}"
+            return f"{self.dataset}/{self.method}/{self.label}-seed{self.seed}-{self.key(dataset_dir, attributes)}"
         variant = "" if self.variant.name == "base" else f"-{_slug(self.variant.name)}"
         return (f"{self.dataset}/{self.method}/{self.dp.label}{variant}-seed{self.seed}-"
                 f"{self.key(dataset_dir, attributes)}")
@@ -161,5 +168,5 @@ def run_config(cell: Cell, where: str) -> Any:
         if "seqcl_weight" in str(exc):
             hint = (" (the FedCL4SRec baseline needs LossConfig model.loss.seqcl_weight, which this checkout "
                     "does not have yet)")
-        raise FedscopeError(f"{where}: cell {cell.dataset}/{cell.method}/"
-                            f"{cell.dp.label if cell.dp else 'sweep'}/{cell.variant.name}: {exc}{hint}") from None
+        raise FedscopeError(f"{where}: cell {cell.dataset}/{cell.method}/{cell.label}/{cell.variant.name}: "
+                            f"{exc}{hint}") from None

@@ -231,8 +231,8 @@ def _run_all(todo: list[Any], record: dict[str, Any], opts: Options, save: Calla
     t_all, c_all = time.time(), _cpu_seconds()
     last_group = None
     for i, (study, cell, cell_dir, (ds, semantic, coverage, label, path)) in enumerate(todo):
-        bar.set_postfix_str(f"cell {i + 1}/{len(todo)} {study.name}: {cell.dataset}/{cell.method}"
-                            + (f"/{cell.dp.label}" if cell.dp else "/sweep") + f"/seed{cell.seed}")
+        bar.set_postfix_str(f"cell {i + 1}/{len(todo)} {study.name}: {cell.dataset}/{cell.method}/{cell.label}"
+                            f"/seed{cell.seed}")
         t0, c0 = time.time(), _cpu_seconds()
         rel = str(cell_dir.relative_to(cell_dir.parents[3]))   # as listed in the study's "cells"
         worked = False
