@@ -30,6 +30,8 @@ def test_federated_run_directory(tiny_dataset: Path, tmp_path: Path, capsys):
     assert set(summary["test"]) == {"A", "B"} and 0 <= summary["test"]["A"]["NDCG@10"] <= 1
     assert {"cold_start", "long_tail", "baselines"} <= set(summary)   # the shared final evaluation
     assert (run / "checkpoints").is_dir() and (run / "params.msgpack").is_file()
+    # the default cadence (checkpoint_every 0) saves once a minute: two quick rounds leave only the last one's
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     tr = summary["training"]   # personalized DP by default: the final round is tested
     assert (tr["selection"], tr["best_round"], tr["rounds_run"], tr["stopped_early"]) == ("final", None, 2, False)
     assert "(2 of 2 rounds, tested the final round" in capsys.readouterr().out
@@ -110,7 +112,7 @@ def test_chunk_candidates_stop_at_the_bucket_slots(tiny_dataset: Path, tmp_path:
     ("clients", 0, "--clients 0 (the scheme's own count): only with --scheme user or domain, got --scheme "
                    "powerlaw; give a count >= 1"),
     ("local_epochs", 0, "--local-epochs 0: expected >= 1"), ("chunk_size", -1, "--chunk-size -1: expected >= 0"),
-    ("eval_every", 0, "--eval-every 0: expected >= 1"), ("checkpoint_every", 0, "--checkpoint-every 0: expected >= 1"),
+    ("eval_every", 0, "--eval-every 0: expected >= 1"), ("checkpoint_every", -1, "--checkpoint-every -1: expected >= 0"),
     ("fraction", 1.5, "--fraction 1.5: expected 0 < fraction <= 1")])
 def test_federated_config_errors_name_the_one_flag_at_fault(field, value, message):
     from fedscope_jax.train.federated_config import FederatedConfig

@@ -39,7 +39,7 @@ def _setup(slow: bool = False):
     ccfg = ClientConfig(functools.partial(rm.loss_fn, config=cfg), optax.adam(1e-2), 1, rm.TABLES)
     fcfg = FederatedConfig(clients=len(sizes), sampling="fraction", fraction=0.5, rounds=ROUNDS, chunk_size=2,
                            server_opt="fedadam", server_lr=0.05, clip=0.5, noise_multiplier=0.3,
-                           noise_mode="per_client", max_buckets=1, seed=4)
+                           noise_mode="per_client", max_buckets=1, checkpoint_every=1, seed=4)
     params = rm.init_params(jax.random.key(0), cfg)
     return source, len(sizes), params, ccfg, fcfg, {"a": 31, "b": 21}
 
@@ -194,3 +194,16 @@ def test_a_round_whose_data_fails_keeps_the_rounds_before_it(tmp_path: Path):
         run_rounds(tmp_path / "run", broken, n, params, ccfg, fcfg, rows)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+
+
+def test_checkpoint_cadence():
+    """Every N rounds, or (0, the default) once AUTO_CHECKPOINT_SECONDS have passed since the last checkpoint."""
+    from fedscope_jax.train.federated_config import AUTO_CHECKPOINT_SECONDS, FederatedConfig
+    from fedscope_jax.train.loop import checkpoint_due
+
+    every3 = FederatedConfig(checkpoint_every=3)
+    assert [checkpoint_due(every3, r, time.perf_counter()) for r in range(6)] == [False, False, True] * 2
+    auto = FederatedConfig()
+    assert auto.checkpoint_every == 0
+    assert not checkpoint_due(auto, 0, time.perf_counter())
+    assert checkpoint_due(auto, 0, time.perf_counter() - AUTO_CHECKPOINT_SECONDS)

@@ -159,7 +159,7 @@ def test_private_resume_equals_uninterrupted(tmp_path: Path, clipping: str):
 
     source, params, ccfg, sizes = _linear_setup(n_clients=6)
     fcfg = FederatedConfig(clients=6, sampling="poisson", fraction=0.6, rounds=5, chunk_size=2, max_buckets=1,
-                           seed=7)
+                           checkpoint_every=1, seed=7)
     kw = dict(epsilon=6.0, participation_quantile=0.5, clipping=clipping, clip_norm=0.5)
     full_state, full, _ = run_rounds(tmp_path / "full", source, 6, params, ccfg, fcfg,
                                      privacy=_session("personalized", sizes, fcfg, **kw))

@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from fedscope_jax.privacy.config import ACCOUNTANTS, CLIPPINGS, DISTRIBUTED_BUDGETS, MODES, UNITS, PrivacyConfig
-from fedscope_jax.train.federated_config import SCHEME_COUNTS, WEIGHTINGS, FederatedConfig
+from fedscope_jax.train.federated_config import AUTO_CHECKPOINT_SECONDS, SCHEME_COUNTS, WEIGHTINGS, FederatedConfig
 
 __all__ = ["FEDERATED_FLAGS", "PRIVACY_FLAGS", "add_federated_arguments", "add_privacy_arguments", "apply_flags",
            "privacy_config_from_args"]
@@ -62,7 +62,8 @@ def add_federated_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the raw --noise-multiplier is drawn (only with --privacy off; default off)")
     g.add_argument("--max-buckets", type=int, help=f"client size buckets (default {d.max_buckets})")
     g.add_argument("--eval-every", type=int, help=f"validate every N rounds (default {d.eval_every})")
-    g.add_argument("--checkpoint-every", type=int, help=f"(default {d.checkpoint_every})")
+    g.add_argument("--checkpoint-every", type=int, help="rounds between checkpoints (default 0: a checkpoint once "
+                   f"{AUTO_CHECKPOINT_SECONDS:g} s have passed since the last one, and after the last round)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_privacy_arguments(p)
 

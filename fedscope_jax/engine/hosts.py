@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from fedscope_jax.errors import FedscopeError
 
-__all__ = ["all_ok", "fetch", "initialize", "is_primary", "primary_dir", "process_index", "run_dir"]
+__all__ = ["agree", "all_ok", "fetch", "initialize", "is_primary", "primary_dir", "process_index", "run_dir"]
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -81,3 +81,11 @@ def all_ok(error: Exception | None) -> None:
         bad = [int(i) for i in np.flatnonzero(failed)]
         raise FedscopeError(f"process(es) {bad} of the run failed a check (their own error says which); "
                             "this process stops with them")
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's `flag`, on every process: a decision taken on one clock (when to checkpoint) that every
+    process must follow, since they write the shared checkpoints together."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))

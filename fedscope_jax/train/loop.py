@@ -43,7 +43,7 @@ from fedscope_jax.engine.sweep import (config_mesh, config_vectors, default_conf
                                        stack_states, unstack)
 from fedscope_jax.engine.tune import autotune_chunk_size, block, candidate_chunks
 from fedscope_jax.errors import FedscopeError
-from fedscope_jax.train.federated_config import FederatedConfig
+from fedscope_jax.train.federated_config import AUTO_CHECKPOINT_SECONDS, FederatedConfig
 from fedscope_jax.train.programs import PROGRAMS, Programs
 from fedscope_jax.train.selection import Selection
 from fedscope_jax.utils.progress import progress
@@ -195,6 +195,7 @@ class LoopState:
     meter: CompileMeter
     multiple: int = 1                       # cohort client counts are a multiple of this (every group's chunks)
     ahead: tuple[int, dict[int, ClientShard]] = (-1, {})   # (round, its shards) built while the previous ran
+    checkpointed: float = 0.0               # time.perf_counter() of the last checkpoint (or of the first round)
 
     def group_of(self, track: int) -> Group:
         return next(g for g in self.groups if track in g.members)
@@ -497,13 +498,23 @@ def write_round(loop: LoopState, step: RoundStep, logs: Sequence[Any]) -> bool:
         logs[i].flush()
         loop.records[i].append(record)
     stopped = all(t.stopped for t in loop.tracks)
-    if (r + 1) % fcfg.checkpoint_every == 0 or r + 1 == fcfg.rounds or stopped:
+    if checkpoint_due(fcfg, r, loop.checkpointed) or r + 1 == fcfg.rounds or stopped:
         for i, t in enumerate(loop.tracks):   # every track at the same round (a stopped one too): resume
             if t.privacy is not None:  # first: a checkpoint on disk always has its ledger state
                 t.privacy.save_state(t.run_dir, r + 1)
             best = t.selection.best_params if t.selection is not None else None
             loop.checkpointers[i].save(loop.group_of(i).state_of(i), best=best)
+        loop.checkpointed = time.perf_counter()
     return stopped
+
+
+def checkpoint_due(fcfg: FederatedConfig, r: int, checkpointed: float) -> bool:
+    """Whether round r (0-based) ends with a checkpoint: every fcfg.checkpoint_every rounds, or (0) once
+    AUTO_CHECKPOINT_SECONDS have passed since `checkpointed` on process 0's clock. Any round resumes exactly
+    (everything else derives from (seed, round)), so the choice changes no result, only what a kill loses."""
+    if fcfg.checkpoint_every:
+        return (r + 1) % fcfg.checkpoint_every == 0
+    return hosts.agree(time.perf_counter() - checkpointed >= AUTO_CHECKPOINT_SECONDS)
 
 
 def loop_facts(loop: LoopState, timing: dict[str, Any], start: int, devices: int) -> list[dict[str, Any]]:
@@ -559,6 +570,7 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
     t_rounds = time.perf_counter()
     logs = [open(t.run_dir / "metrics.jsonl", "a", encoding="utf-8") for t in tracks]
     bar = progress(total=fcfg.rounds, initial=start, desc=desc, unit="round")
+    loop.checkpointed = time.perf_counter()
     try:
         for r in range(start, fcfg.rounds):
             if all(t.stopped for t in tracks):   # resumed after every track stopped early
