@@ -295,3 +295,22 @@ def test_a_distributed_sweep_takes_personalized_budgets(tiny_dataset, tmp_path, 
     assert (off.mode, off.distributed_budgets) == ("off", "uniform")
     with pytest.raises(FedscopeError, match="got mode 'off'"):
         PrivacyConfig(mode="off", distributed_budgets="personalized")
+
+
+def test_the_eps_inf_point_of_a_distributed_sweep_trains_its_batches_alone_too(tiny_dataset, tmp_path):
+    """`--privacy distributed --epsilons inf` alone trains what the eps-inf point of a distributed sweep with a
+    finite epsilon trains: one pooled step a round in every silo without clipping or noise (not a local epoch)."""
+    from flax import serialization
+
+    common = ["--data", str(tiny_dataset), "--clients", "3", "--scheme", "powerlaw", "--rounds", "2",
+              "--eval-every", "2", "--privacy-unit", "user", "--client-opt", "sgd", "--client-lr", "0.5",
+              "--privacy", "distributed", *TINY]
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    assert main(["sweep", "--out", str(both), "--epsilons", "4,inf", *common]) == 0
+    assert main(["sweep", "--out", str(alone), "--epsilons", "inf", *common]) == 0
+    runs = [d / "distributed-epsinf-seed0" for d in (both, alone)]
+    for run in runs:
+        metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["real_steps"] for m in metrics] == [3, 3]   # one step a round in each of the 3 silos
+    a, b = (serialization.msgpack_restore((run / "params.msgpack").read_bytes()) for run in runs)
+    assert _leaves_diff(a, b) < 1e-6

@@ -243,7 +243,10 @@ def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any
     from fedscope_jax.utils.progress import progress
 
     private = [p for p in trained if p.cfg.privacy.mode != "off"]   # a private point decides the batching
-    ctx = seed_context(ds, (private or trained)[0].cfg, semantic, client_cfg)
+    batching = (private or trained)[0].cfg
+    if not private and trained[0].mode == "distributed":   # eps inf alone: still the distributed variant's
+        batching = dataclasses.replace(batching, privacy=dataclasses.replace(batching.privacy, mode="distributed"))
+    ctx = seed_context(ds, batching, semantic, client_cfg)
     sessions = [ctx.session(p.cfg.privacy) for p in trained]
     tracks = [Track(out / p.name, s, ctx.eval_fn, selection_for(p.cfg), aggregation_weights(ctx, p.cfg.privacy, s))
               for p, s in zip(trained, sessions)]
