@@ -711,3 +711,27 @@ def test_the_title_only_arm_reads_the_title_vectors_or_is_not_run(tmp_path, monk
     lines = "\n".join(report._study_section(tmp_path / "without" / "dry-run", tmp_path / "rep", "ablation",
                                             {**info, "cells": []}, plan))
     assert "2 cell(s) not run" in lines and "`fedscope_title` on abxi-food-kitchen: none (no --title-root" in lines
+
+
+def test_a_federated_cell_killed_before_its_first_checkpoint_starts_over(tmp_path, monkeypatch):
+    """A cell whose checkpoints/ folder is still empty (killed before its first checkpoint: they are written
+    once a minute) is trained again from the start; one with a checkpoint is resumed from it."""
+    import jax.numpy as jnp
+
+    from fedscope_jax.engine.checkpoint import Checkpointer
+    from fedscope_jax.engine.server import ServerState
+    from fedscope_jax.experiments import runner
+
+    study = load_study(default_config_dir() / "main.json")
+    cell = next(c for c in expand(study, "quick", True) if c.mode == "federated")
+    calls = []
+    monkeypatch.setattr(runner, "trainer", lambda mode: lambda *a, **kw: calls.append((kw["resume"], kw["force"])))
+    cell_dir = tmp_path / "cell"
+    (cell_dir / "checkpoints").mkdir(parents=True)
+    (cell_dir / "config.json").write_text("{}")
+    runner.run_cell(cell, cell_dir, None, None, None, "none", tmp_path, study)
+    ckpt = Checkpointer(cell_dir / "checkpoints")
+    ckpt.save(ServerState({"w": jnp.zeros(2)}, {"m": jnp.zeros(2)}, jnp.asarray(3)))
+    ckpt.close()
+    runner.run_cell(cell, cell_dir, None, None, None, "none", tmp_path, study)
+    assert calls == [(False, True), (True, False)]

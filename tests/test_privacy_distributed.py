@@ -314,3 +314,17 @@ def test_the_eps_inf_point_of_a_distributed_sweep_trains_its_batches_alone_too(t
         assert [m["real_steps"] for m in metrics] == [3, 3]   # one step a round in each of the 3 silos
     a, b = (serialization.msgpack_restore((run / "params.msgpack").read_bytes()) for run in runs)
     assert _leaves_diff(a, b) < 1e-6
+
+
+def test_an_eps_inf_distributed_sweep_is_refused_what_the_variant_refuses():
+    """Its eps-inf point trains the variant's batches, so the variant's settings are checked for it too, before
+    anything is written (sweep_points)."""
+    from fedscope_jax.train.config import load_config
+    from fedscope_jax.train.sweep import sweep_points
+
+    base = [s for s in TINY if s != "--set"] + ["privacy.unit=user", "privacy.mode=distributed",
+                                                 "federated.clients=3", "federated.client_lr=0.5"]
+    assert len(sweep_points(load_config(None, base + ["federated.client_opt=sgd"]), ["distributed"],
+                            [math.inf], [0])) == 1
+    with pytest.raises(FedscopeError, match="must be linear in its noised gradient"):
+        sweep_points(load_config(None, base + ["federated.client_opt=adam"]), ["distributed"], [math.inf], [0])

@@ -1,4 +1,4 @@
-"""Checkpoints of the server state with orbax (one step per finished round), for `--resume`.
+"""Checkpoints of the server state with orbax (one step per checkpointed round), for `--resume`.
 
 A checkpoint holds the global params, the server optimizer state and the round counter (and, for a run that
 selects its best validated round, that round's params); everything else a round needs (client sampling, local
@@ -51,7 +51,8 @@ class Checkpointer:
         best params when they are asked for (written before the run selected rounds) is a ResumeMismatch."""
         step = self._manager.latest_step()
         if step is None:
-            raise FedscopeError(f"{self.directory}: no checkpoint to resume from")
+            raise FedscopeError(f"{self.directory}: no checkpoint to resume from (the run stopped before its first "
+                                "one); start it again with --force")
         abstract: Any = {"params": like.params, "opt_state": like.opt_state, "round": like.round}
         if with_best:
             stored = self._manager.item_metadata(step)
@@ -71,3 +72,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def latest_round(directory: str | Path) -> int | None:
+    """The round of the latest checkpoint under `directory` (None: no folder, or none written yet, e.g. a run
+    killed before its first checkpoint), without creating the folder."""
+    if not Path(directory).is_dir():
+        return None
+    ckpt = Checkpointer(directory)
+    try:
+        return ckpt.latest_round()
+    finally:
+        ckpt.close()

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from fedscope_jax.engine.checkpoint import latest_round
 from fedscope_jax.errors import FedscopeError, ResumeMismatch
 from fedscope_jax.experiments.cells import Cell, run_config
 from fedscope_jax.experiments.inventory import cell_work
@@ -319,7 +320,9 @@ def run_cell(cell: Cell, cell_dir: Path, ds: Any, semantic: Any, coverage: Any, 
              "mode": method.mode, "experiment": ident}
     fn = trainer(cell.mode)
     if cell.mode == "federated":
-        resume = (cell_dir / "checkpoints").is_dir() and (cell_dir / "config.json").is_file()
+        # resumed from its last checkpoint; a cell killed before its first one (its checkpoints/ folder empty)
+        # starts over
+        resume = latest_round(cell_dir / "checkpoints") is not None and (cell_dir / "config.json").is_file()
         try:
             fn(ds, cfg, cell_dir, sem, extra, resume=resume, force=not resume)
         except ResumeMismatch:

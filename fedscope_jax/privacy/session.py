@@ -7,7 +7,7 @@ The round loop (train/loop.py) calls, per round t (1-based, as in metrics.jsonl)
     clip, z = session.round_vectors(ids)               # the cohort's C_k, z_k vectors
     ... one jitted round (noise_mode = session.noise_mode) ...
     row = session.end_round(ids, norms)                # adaptive C_k step, ledger advance; metrics.jsonl keys
-    session.save_state(run_dir, t)                     # before the orbax checkpoint of round t
+    session.save_state(run_dir, t)                     # when round t is checkpointed: before its orbax save
 
 and at the end `session.finish(run_dir)` writes privacy_ledger.arrow and returns ledger.summary().
 Everything derives from (config, sizes, sampling, rounds, seed), so a resumed run accounts exactly like an

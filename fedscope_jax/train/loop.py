@@ -406,7 +406,7 @@ def prefetch(loop: LoopState, r: int) -> tuple[int, dict[int, ClientShard]]:
     """(r, the shards of round r's sampled clients): every client a track may let take part (the budgets are
     asked at the round itself; a shard built for a client they then refuse is dropped). None past the last
     round or once every track has stopped. A shard that fails to build is left to round r, which builds it
-    again and raises there, after round r - 1 is written and checkpointed."""
+    again and raises there, after round r - 1 is written (and checkpointed when due)."""
     if r >= loop.fcfg.rounds or all(t.stopped for t in loop.tracks):
         return -1, {}
     try:
@@ -498,6 +498,7 @@ def write_round(loop: LoopState, step: RoundStep, logs: Sequence[Any]) -> bool:
         logs[i].flush()
         loop.records[i].append(record)
     stopped = all(t.stopped for t in loop.tracks)
+    # checkpoint_due first: with the default cadence it is a collective (hosts.agree) every process calls each round
     if checkpoint_due(fcfg, r, loop.checkpointed) or r + 1 == fcfg.rounds or stopped:
         for i, t in enumerate(loop.tracks):   # every track at the same round (a stopped one too): resume
             if t.privacy is not None:  # first: a checkpoint on disk always has its ledger state

@@ -100,7 +100,7 @@ def sweep_points(cfg: Any, modes: Sequence[str], epsilons: Sequence[float],
                  seeds: Sequence[int]) -> list[SweepPoint]:
     """Every configuration, in the order modes x epsilons x seeds, with the RunConfig of its single run."""
     from fedscope_jax.privacy.config import PrivacyConfig
-    from fedscope_jax.train.federated import check_privacy_knobs
+    from fedscope_jax.train.federated import check_distributed, check_privacy_knobs
 
     modes = parse_modes(",".join(modes), "modes")
     eps_text = ",".join("inf" if math.isinf(e) else repr(float(e)) for e in epsilons)
@@ -122,6 +122,10 @@ def sweep_points(cfg: Any, modes: Sequence[str], epsilons: Sequence[float],
                 run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed), privacy=privacy)
                 run_cfg = dataclasses.replace(run_cfg, federated=dataclasses.replace(run_cfg.federated, seed=seed))
                 check_privacy_knobs(run_cfg)
+                if mode == "distributed":   # its eps-inf point trains the variant's batches too (_train_seed)
+                    twin = dataclasses.replace(run_cfg, privacy=dataclasses.replace(privacy, mode="distributed"))
+                    check_privacy_knobs(twin)
+                    check_distributed(twin)
                 points.append(SweepPoint(mode, float(eps), seed, run_cfg))
     if cfg.federated.weighting == "inverse_noise" and all(math.isinf(p.epsilon) for p in points):
         raise FedscopeError("--weighting inverse_noise weighs silos by their DP noise, but every epsilon is inf "
@@ -171,15 +175,9 @@ def run_config_json(p: SweepPoint, extra: dict[str, Any] | None, same_as: str | 
 
 def _checkpoint_round(run_dir: Path) -> int | None:
     """The round of the latest checkpoint under run_dir/checkpoints (None: none)."""
-    from fedscope_jax.engine.checkpoint import Checkpointer
+    from fedscope_jax.engine.checkpoint import latest_round
 
-    if not (run_dir / "checkpoints").is_dir():
-        return None
-    ckpt = Checkpointer(run_dir / "checkpoints")
-    try:
-        return ckpt.latest_round()
-    finally:
-        ckpt.close()
+    return latest_round(run_dir / "checkpoints")
 
 
 def seed_status(out: Path, trained: Sequence[SweepPoint], extra: dict[str, Any] | None) -> str:
