@@ -290,7 +290,8 @@ def test_a_distributed_sweep_takes_personalized_budgets(tiny_dataset, tmp_path, 
     assert [r["clip_norm"] for r in read_ledger(single / "privacy_ledger.arrow")] == pytest.approx(
         [r["clip_norm"] for r in rows])
     cfg = load_config(None, [s for s in TINY if s != "--set"] + ["privacy.unit=user", "privacy.mode=distributed",
-                                                                 "privacy.distributed_budgets=personalized"])
+                                                                 "privacy.distributed_budgets=personalized",
+                                                                 "federated.client_opt=sgd"])
     off = sweep_points(cfg, ["distributed"], [4.0, math.inf], [0])[1].cfg.privacy
     assert (off.mode, off.distributed_budgets) == ("off", "uniform")
     with pytest.raises(FedscopeError, match="got mode 'off'"):
