@@ -20,9 +20,8 @@ USER = ["--privacy", "personalized", "--privacy-unit", "user", "--epsilon", "4",
 
 def _train(data: Path, out: Path, *extra: str) -> int:
     return main(["train", "--mode", "federated", "--data", str(data), "--out", str(out), "--clients", "3",
-                 "--scheme", "powerlaw", "--rounds", "3", "--eval-every", "3", "--chunk-size", "1", "--checkpoint-every", "1",
-                 *USER, *TINY,
-                 *extra])
+                 "--scheme", "powerlaw", "--rounds", "3", "--eval-every", "3", "--chunk-size", "1",
+                 "--checkpoint-every", "1", *USER, *TINY, *extra])
 
 
 def test_user_unit_run_writes_a_recomputable_user_ledger(tiny_dataset: Path, tmp_path: Path):

@@ -51,6 +51,14 @@ class SweepPoint:
     def privacy_mode(self) -> str:
         return self.cfg.privacy.mode
 
+    @property
+    def batching_cfg(self) -> Any:
+        """The config its batches follow: its own, but the distributed variant's for a distributed sweep's eps-inf
+        point (one pooled step a round, trained without clipping or noise)."""
+        if self.mode == "distributed" and self.privacy_mode == "off":
+            return dataclasses.replace(self.cfg, privacy=dataclasses.replace(self.cfg.privacy, mode="distributed"))
+        return self.cfg
+
     def info(self) -> dict[str, Any]:
         """JSON facts of the point (epsilon inf written as the string "inf")."""
         eps = self.epsilon if math.isfinite(self.epsilon) else "inf"
@@ -121,12 +129,12 @@ def sweep_points(cfg: Any, modes: Sequence[str], epsilons: Sequence[float],
                 privacy = PrivacyConfig.from_mapping(values, where=where)
                 run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed), privacy=privacy)
                 run_cfg = dataclasses.replace(run_cfg, federated=dataclasses.replace(run_cfg.federated, seed=seed))
+                point = SweepPoint(mode, float(eps), seed, run_cfg)
                 check_privacy_knobs(run_cfg)
-                if mode == "distributed":   # its eps-inf point trains the variant's batches too (_train_seed)
-                    twin = dataclasses.replace(run_cfg, privacy=dataclasses.replace(privacy, mode="distributed"))
-                    check_privacy_knobs(twin)
-                    check_distributed(twin)
-                points.append(SweepPoint(mode, float(eps), seed, run_cfg))
+                if mode == "distributed":   # every point, eps inf too, trains the variant's batches (_train_seed)
+                    check_privacy_knobs(point.batching_cfg)
+                    check_distributed(point.batching_cfg)
+                points.append(point)
     if cfg.federated.weighting == "inverse_noise" and all(math.isinf(p.epsilon) for p in points):
         raise FedscopeError("--weighting inverse_noise weighs silos by their DP noise, but every epsilon is inf "
                             "(no noise); add a finite epsilon, or use --weighting users or uniform")
@@ -173,17 +181,11 @@ def run_config_json(p: SweepPoint, extra: dict[str, Any] | None, same_as: str | 
     return {**to_dict(p.cfg), **dict(extra or {}), "sweep": info}
 
 
-def _checkpoint_round(run_dir: Path) -> int | None:
-    """The round of the latest checkpoint under run_dir/checkpoints (None: none)."""
-    from fedscope_jax.engine.checkpoint import latest_round
-
-    return latest_round(run_dir / "checkpoints")
-
-
 def seed_status(out: Path, trained: Sequence[SweepPoint], extra: dict[str, Any] | None) -> str:
     """How a resumed sweep continues one seed: "kept" (every trained configuration has summary.json),
     "resumed" (all have checkpoints at one round) or "trained" (anything else: again from scratch).
     A stored config.json other than this sweep's is a FedscopeError naming the file and key."""
+    from fedscope_jax.engine.checkpoint import latest_round
     from fedscope_jax.train.federated import check_resume_config
 
     dirs = [out / p.name for p in trained]
@@ -194,7 +196,7 @@ def seed_status(out: Path, trained: Sequence[SweepPoint], extra: dict[str, Any] 
         return "kept"
     if not all((d / "config.json").is_file() for d in dirs):
         return "trained"
-    rounds = {_checkpoint_round(d) for d in dirs}
+    rounds = {latest_round(d / "checkpoints") for d in dirs}
     return "resumed" if len(rounds) == 1 and None not in rounds else "trained"
 
 
@@ -241,10 +243,7 @@ def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any
     from fedscope_jax.utils.progress import progress
 
     private = [p for p in trained if p.cfg.privacy.mode != "off"]   # a private point decides the batching
-    batching = (private or trained)[0].cfg
-    if not private and trained[0].mode == "distributed":   # eps inf alone: still the distributed variant's
-        batching = dataclasses.replace(batching, privacy=dataclasses.replace(batching.privacy, mode="distributed"))
-    ctx = seed_context(ds, batching, semantic, client_cfg)
+    ctx = seed_context(ds, (private or trained)[0].batching_cfg, semantic, client_cfg)
     sessions = [ctx.session(p.cfg.privacy) for p in trained]
     tracks = [Track(out / p.name, s, ctx.eval_fn, selection_for(p.cfg), aggregation_weights(ctx, p.cfg.privacy, s))
               for p, s in zip(trained, sessions)]
