@@ -54,6 +54,9 @@ class DPSetting:
                 *unit)
 
 
+NO_DP_LABELS = ("off", "off-user", "off-distributed")   # dp_label's eps-inf labels: client, user, distributed
+
+
 def dp_label(mode: str, epsilon: float | None, unit: str = "client", distributed: bool = False) -> str:
     """"off", "personalized-eps8" (client unit) or "personalized-user-eps8" (user unit): a cell's DP label.
     "off-user" is the user unit's training (per-user loss and gradients, Poisson batches) without clipping or

@@ -20,7 +20,7 @@ import numpy as np
 
 from fedscope_jax.errors import FedscopeError
 from fedscope_jax.experiments.methods import METHODS, vector_arms
-from fedscope_jax.experiments.spec import dp_label
+from fedscope_jax.experiments.spec import NO_DP_LABELS, dp_label
 from fedscope_jax.train.config import flatten
 from fedscope_jax.utils.io import read_json
 
@@ -137,7 +137,7 @@ class Group:
     def privacy_unit(self) -> str:
         """What one DP record is in this group's numbers: "user" or "client" ("-" without DP). Read from the
         runs' config.json (a config written before the user unit existed is client-level)."""
-        if self.cell.get("dp") in ("n/a", "off", "off-user", "off-distributed", None):
+        if self.cell.get("dp") in ("n/a", None, *NO_DP_LABELS):
             return "-"
         units = {r.config.get("privacy", {}).get("unit", "client") for r in self.runs}
         return "/".join(sorted(units))
