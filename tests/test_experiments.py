@@ -133,8 +133,14 @@ def test_user_unit_dp_settings_and_sweeps(tmp_path):
         assert (cfg.privacy.unit, cfg.privacy.mode, cfg.federated.client_opt, cfg.federated.client_lr,
                 cfg.federated.server_opt, cfg.federated.rounds, cfg.federated.chunk_size) == (
             "user", "distributed", "sgd", 1.0, "fedadam", 200, 0)
-    local = [run_config(c, "pu").federated for c in dist if c.program != "distributed"]
-    assert {(f.client_opt, f.rounds) for f in local} == {("adam", 10)}    # the other programs keep the profile's
+        # the quick profile's distributed program also takes the loss and clip of its best measured setting
+        # (docs/privacy.md, "The study's distributed program"); the local-noise and client programs keep the defaults
+        assert (cfg.model.item_bias, cfg.model.loss.rec, cfg.model.loss.user_norm, cfg.model.loss.alpha,
+                cfg.privacy.clip_norm) == (True, "sampled", "length", 0.0, 0.25)
+    local = [run_config(c, "pu") for c in dist if c.program != "distributed"]
+    assert {(r.federated.client_opt, r.federated.rounds) for r in local} == {("adam", 10)}
+    assert {(r.model.item_bias, r.model.loss.rec, r.model.loss.user_norm, r.privacy.clip_norm) for r in local} == {
+        (False, "gbce", "mean", 1.0)}
     dry = [c for c in expand(load_study(tmp_path / "dist.json"), "quick", True) if c.program == "distributed"]
     assert {(run_config(c, "pu").federated.rounds, run_config(c, "pu").train.batch_size) for c in dry} == {(1, 4)}
     sweep["profiles"]["quick"]["distributed_set"]["federated.client_opt"] = "adam"
