@@ -131,8 +131,9 @@ def sweep_points(cfg: Any, modes: Sequence[str], epsilons: Sequence[float],
                 run_cfg = dataclasses.replace(run_cfg, federated=dataclasses.replace(run_cfg.federated, seed=seed))
                 point = SweepPoint(mode, float(eps), seed, run_cfg)
                 check_privacy_knobs(run_cfg)
-                if mode == "distributed":   # every point, eps inf too, trains the variant's batches (_train_seed)
+                if point.batching_cfg is not run_cfg:   # a distributed eps-inf point trains the variant's batches
                     check_privacy_knobs(point.batching_cfg)
+                if mode == "distributed":
                     check_distributed(point.batching_cfg)
                 points.append(point)
     if cfg.federated.weighting == "inverse_noise" and all(math.isinf(p.epsilon) for p in points):
