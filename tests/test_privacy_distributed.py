@@ -152,12 +152,14 @@ def _context(tiny_dataset: Path, *sets: str):
     return cfg, seed_context(load_dataset(tiny_dataset), cfg)
 
 
-def _round(ctx, cohorts, secagg_bound: float, sequential: bool = False):
+def _round(ctx, cohorts, secagg_bound: float, sequential: bool = False, mapped: bool = False):
+    """One round: the vmapped chunk, the chunk's silos one after another in the program (`mapped`:
+    EngineConfig.sequential), or the sequential oracle (SequentialRunner)."""
     from fedscope_jax.engine.round import EngineConfig, SequentialRunner, make_round_fn
     from fedscope_jax.engine.server import init_server_state, server_optimizer
 
     opt = server_optimizer("fedavg", 1.0)
-    ecfg = EngineConfig(chunk_size=4, secagg_bound=secagg_bound, secagg_neighbors=None)
+    ecfg = EngineConfig(chunk_size=4, secagg_bound=secagg_bound, secagg_neighbors=None, sequential=mapped)
     state = init_server_state(ctx.params, opt)
     runner = SequentialRunner(ctx.client_cfg, opt, ecfg) if sequential else make_round_fn(ctx.client_cfg, opt,
                                                                                           ecfg, donate=False)
@@ -217,6 +219,15 @@ def test_distributed_round_equals_its_sequential_oracle(tiny_dataset, budgets_):
     vm, _ = _round(ctx, cohorts, session.secagg_bound())
     seq, _ = _round(ctx, cohorts, session.secagg_bound(), sequential=True)
     assert _leaves_diff(vm.params, seq.params) < 1e-6 and _leaves_diff(vm.params, ctx.params) > 1e-3
+    # the one chunk of every silo run one silo after another (what the round loop compiles for distributed
+    # noise: each silo computes its own users only) is the same round
+    mapped, _ = _round(ctx, cohorts, session.secagg_bound(), mapped=True)
+    assert _leaves_diff(mapped.params, vm.params) < 1e-6
+    from fedscope_jax.train.loop import Track, make_groups
+
+    (dist,) = make_groups([Track(Path("unused"), session)], cfg.federated, devices=1)
+    (plain,) = make_groups([Track(Path("unused"))], cfg.federated, devices=1)
+    assert dist.engine_config(3).sequential and not plain.engine_config(3).sequential
 
 
 def test_each_silo_clips_its_users_to_its_own_clip_norm(tiny_dataset):

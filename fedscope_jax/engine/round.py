@@ -49,6 +49,7 @@ class EngineConfig:
     secagg_bound: float = 0.0
     secagg_neighbors: int | None = 16
     group_mean: bool = False
+    sequential: bool = False   # a chunk's clients one after another (lax.map), each computing its own work only
 
     @property
     def secagg(self) -> tuple[float, int | None] | None:
@@ -105,17 +106,24 @@ def _local_round(params: PyTree, c: Cohort, train_key: jax.Array, noise_key: jax
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(train_key, c.client_id)
     clip, z = _aggregation_inputs(c, client_cfg)
     noise = _user_noise(c, noise_key) if client_cfg.expected_batch else None
-    deltas, stats = _clients_update(params, c.data, keys, client_cfg, noise)
+    deltas, stats = _clients_update(params, c.data, keys, client_cfg, noise, engine_cfg.sequential)
     return accumulate_chunk(acc, deltas, stats.loss, stats.steps, c.data.vocab, c.client_id, c.weight, clip, z,
                             noise_key, client_cfg.sparse_tables, engine_cfg.noise_mode, engine_cfg.secagg)
 
 
 def _clients_update(params: PyTree, data: ClientData, keys: jax.Array, client_cfg: ClientConfig,
-                    noise: UserNoise | None) -> tuple[PyTree, Any]:
+                    noise: UserNoise | None, sequential: bool = False) -> tuple[PyTree, Any]:
     """`client_update` of a chunk of clients (leading axis [c]): vmapped, or for a chunk of one called on the
     client itself, so that data-dependent branches stay branches (under vmap a `lax.cond` whose predicate
     differs across clients computes both sides: e.g. the loss's skip of a domain a client does not hold, or
-    its padding steps, which a chunk of one skips)."""
+    its padding steps, which a chunk of one skips). sequential: the chunk's clients one after another
+    (`lax.map`), each on its own as a chunk of one is, so each computes its real steps and, in the user unit,
+    the microbatches up to its own last real user only (a vmapped chunk runs every client up to the largest
+    one's)."""
+    if sequential and keys.shape[0] > 1:
+        def one(xs: tuple[ClientData, jax.Array, UserNoise | None]) -> tuple[PyTree, Any]:
+            return client_update(params, xs[0], xs[1], client_cfg, xs[2], skip_padding=True)
+        return jax.lax.map(one, (data, keys, noise))
     if skips_padding(keys.shape[0]):
         first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
         delta, stats = client_update(params, first(data), keys[0], client_cfg, first(noise), skip_padding=True)

@@ -106,8 +106,9 @@ class Group:
     mesh, padded to a multiple of the devices with inactive slots). Holds the group's server state."""
 
     def __init__(self, settings: Settings, members: list[int], devices: int, config_chunk: int = 0,
-                 group_mean: bool = False):
+                 group_mean: bool = False, sequential: bool = False):
         self.settings, self.members, self.group_mean = settings, members, group_mean
+        self.sequential = sequential   # the chunk's clients one after another (EngineConfig.sequential)
         self.sweep = len(members) > 1
         per_device = -(-len(members) // devices)
         self.config_chunk = min(config_chunk or default_config_chunk(per_device), per_device)
@@ -125,7 +126,8 @@ class Group:
 
     def engine_config(self, chunk: int) -> EngineConfig:
         mode, bound, neighbors = self.settings
-        return EngineConfig(chunk, mode, bound, neighbors if neighbors is not None else 16, self.group_mean)
+        return EngineConfig(chunk, mode, bound, neighbors if neighbors is not None else 16, self.group_mean,
+                            self.sequential)
 
     def program(self, programs: Programs, client_cfg: Any, server_opt: Any, chunk: int) -> CompiledFn:
         return programs.round_program(client_cfg, server_opt, self.engine_config(chunk), self.sweep, self.mesh,
@@ -155,8 +157,12 @@ class Group:
 
 
 def make_groups(tracks: Sequence[Track], fcfg: FederatedConfig, devices: int, config_chunk: int = 0) -> list[Group]:
-    """One `Group` per set of tracks that share a compiled round (`group_tracks`)."""
-    return [Group(settings, members, devices, config_chunk, fcfg.aggregate == "group_mean")
+    """One `Group` per set of tracks that share a compiled round (`group_tracks`). Distributed noise runs its
+    one chunk of every silo one silo after another: at the pooled rate a silo's batch grows with its users, and
+    vmapped, every silo would compute the largest silo's padded batch (docs/privacy.md, "Where that time
+    goes")."""
+    return [Group(settings, members, devices, config_chunk, fcfg.aggregate == "group_mean",
+                  all(_distributed(tracks[i]) for i in members))
             for settings, members in group_tracks(tracks, fcfg)]
 
 
