@@ -228,6 +228,9 @@ def test_distributed_round_equals_its_sequential_oracle(tiny_dataset, budgets_):
     (dist,) = make_groups([Track(Path("unused"), session)], cfg.federated, devices=1)
     (plain,) = make_groups([Track(Path("unused"))], cfg.federated, devices=1)
     assert dist.engine_config(3).sequential and not plain.engine_config(3).sequential
+    # a distributed sweep's eps-inf point trains on the pooled batches without noise: one silo after another too
+    (inf,) = make_groups([Track(Path("unused"))], cfg.federated, devices=1, pooled=True)
+    assert inf.engine_config(3).sequential
 
 
 def test_each_silo_clips_its_users_to_its_own_clip_norm(tiny_dataset):
@@ -324,6 +327,10 @@ def test_the_eps_inf_point_of_a_distributed_sweep_trains_its_batches_alone_too(t
     for run in runs:
         metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [m["real_steps"] for m in metrics] == [3, 3]   # one step a round in each of the 3 silos
+        # its silos run one after another, as the private point's do: vmapped, each would compute the padded
+        # batch of the largest silo's pooled draw
+        program = json.loads((run / "summary.json").read_text())["federated"]["program"]
+        assert program["sequential"] and program["noise_mode"] == "off"
     a, b = (serialization.msgpack_restore((run / "params.msgpack").read_bytes()) for run in runs)
     assert _leaves_diff(a, b) < 1e-6
 

@@ -66,8 +66,10 @@ def test_vmapped_configs_equal_their_single_runs(tmp_path: Path):
     assert [(k[0], members) for k, members in groups] == [("sum", [0, 1, 2, 4]), ("central", [3])]
     # 4 configs vmapped 2 at a time: a lax.map over 2 chunks of 2 vmapped configs
     states, records, facts = run_tracks(tracks, source, 6, params, ccfg, fcfg, config_chunk=2)
-    assert facts[0]["program"] == {"noise_mode": "sum", "configs": 4, "sweep": True, "config_chunk": 2}
-    assert facts[3]["program"] == {"noise_mode": "central", "configs": 1, "sweep": False, "config_chunk": 1}
+    assert facts[0]["program"] == {"noise_mode": "sum", "configs": 4, "sweep": True, "config_chunk": 2,
+                                  "sequential": False}
+    assert facts[3]["program"] == {"noise_mode": "central", "configs": 1, "sweep": False, "config_chunk": 1,
+                                  "sequential": False}
     clients = np.array([[r["clients"] for r in recs] for recs in records])
     # the configs really differ in who takes part: some round has a config without participants beside one with
     assert np.any((clients == 0).any(axis=0) & (clients > 0).any(axis=0)), clients
@@ -208,7 +210,7 @@ def test_cli_sweep_equals_single_runs(tmp_path: Path):
     assert [c["name"] for c in report["configs"]] == names
     assert report["configs"][3]["trained_as"] == "personalized-epsinf-seed0"
     assert report["configs"][0]["program"] == {"noise_mode": "sum", "configs": 3, "sweep": True,
-                                               "config_chunk": 1}  # the CPU default: a loop over configs
+                                               "config_chunk": 1, "sequential": False}  # the CPU default: a loop over configs
     assert report["compile_seconds"] > 0 and report["train_seconds"] > 0
     for name in names:
         files = {p.name for p in (out / name).iterdir()}

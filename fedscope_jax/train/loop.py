@@ -156,13 +156,15 @@ class Group:
         return unstack(self.state, self.members.index(track)) if self.sweep else self.state
 
 
-def make_groups(tracks: Sequence[Track], fcfg: FederatedConfig, devices: int, config_chunk: int = 0) -> list[Group]:
+def make_groups(tracks: Sequence[Track], fcfg: FederatedConfig, devices: int, config_chunk: int = 0,
+                pooled: bool = False) -> list[Group]:
     """One `Group` per set of tracks that share a compiled round (`group_tracks`). Distributed noise runs its
     one chunk of every silo one silo after another: at the pooled rate a silo's batch grows with its users, and
     vmapped, every silo would compute the largest silo's padded batch (docs/privacy.md, "Where that time
-    goes")."""
+    goes"). pooled: the batches are drawn at the pooled rate (`UserSteps.pooled`) for every track, e.g. a
+    distributed sweep's eps-inf point, which trains on the variant's batches without its noise: the same."""
     return [Group(settings, members, devices, config_chunk, fcfg.aggregate == "group_mean",
-                  all(_distributed(tracks[i]) for i in members))
+                  pooled or all(_distributed(tracks[i]) for i in members))
             for settings, members in group_tracks(tracks, fcfg)]
 
 
@@ -534,7 +536,7 @@ def loop_facts(loop: LoopState, timing: dict[str, Any], start: int, devices: int
                          for s, v, c in zip(pop.plan.steps, pop.plan.vocab_sizes, pop.capacity)],
              "devices": devices, "trainable_clients": len(pop.trainable), "start_round": start,
              "program": {"noise_mode": g.settings[0], "configs": len(g.members), "sweep": g.sweep,
-                         "config_chunk": g.config_chunk if g.sweep else 1},
+                         "config_chunk": g.config_chunk if g.sweep else 1, "sequential": g.sequential},
              "timing": timing,
              "aggregation_weights": None if t.weights is None else [float(w) for w in t.weights]}  # None: all 1
         if t.privacy is not None:
@@ -548,7 +550,7 @@ def loop_facts(loop: LoopState, timing: dict[str, Any], start: int, devices: int
 def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, params: Any, client_cfg: Any,
                fcfg: FederatedConfig, table_rows: Mapping[str, int] | None = None, resume: bool = False,
                desc: str = "train (federated)", config_chunk: int = 0, programs: Programs | None = None,
-               chunks: Sequence[int] | None = None
+               chunks: Sequence[int] | None = None, pooled: bool = False
                ) -> tuple[list[ServerState], list[list[dict[str, Any]]], list[dict[str, Any]]]:
     """The round loop of one or several configurations that share their data (same fcfg, seed, source); each
     track writes its own metrics.jsonl, checkpoints/ and ledger.
@@ -557,7 +559,8 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
     programs: the compiled-program cache (default: the process's `train.programs.PROGRAMS`).
     chunks: with fcfg.chunk_size 0, each track's client chunk chosen before (`facts[i]["chunk_size"]` of a
     loop over the same configurations, e.g. a sweep's first seed), used instead of timing the candidates again
-    (each candidate is a compilation).
+    (each candidate is a compilation). pooled: `source` draws every silo's users at the pooled rate
+    (`UserSteps.pooled`), so every group runs its chunk one silo after another (`make_groups`).
     Returns per track: (final server state, records, facts); facts["timing"] holds the loop's compile and
     training seconds (the same for every track of the call)."""
     t_loop = time.perf_counter()
@@ -569,7 +572,7 @@ def run_tracks(tracks: Sequence[Track], source: ClientSource, n_clients: int, pa
     states, records, ckpts, start = restore(tracks, params, server_opt, resume)
     devices = jax.device_count()
     loop = LoopState(tracks, fcfg, source, plan_population(source, n_clients, fcfg),
-                     make_groups(tracks, fcfg, devices, config_chunk),
+                     make_groups(tracks, fcfg, devices, config_chunk, pooled),
                      jax.random.fold_in(jax.random.key(fcfg.seed), 0xE6), dict(table_rows or {}), records, ckpts,
                      CompileMeter())
     compile_groups(loop, states, params, client_cfg, server_opt, programs, start, chunks)
