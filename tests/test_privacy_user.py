@@ -90,6 +90,22 @@ def test_padding_users_change_nothing(params):
     np.testing.assert_allclose(np.asarray(lb)[:4], np.asarray(la), rtol=1e-6)
 
 
+def test_microbatches_give_the_same_sum_and_skip_what_follows_the_last_real_user(params):
+    """Microbatches of 4 users give the all-at-once sum and losses (dropout on: each user keeps its key), and
+    a Poisson batch (real users first) computes only the microbatches up to its last real user: users 8-15 of
+    5 real are never evaluated (loss slot 0), users 5-7 share the last real user's microbatch (evaluated,
+    masked out of the sum). In jax_privacy's own order (users i, i + 4, ... in microbatch i) every microbatch
+    would hold a real user and all 16 would be computed."""
+    loss = functools.partial(loss_fn, config=dataclasses.replace(MC, dropout=0.3), train=True, per_user=True)
+    batch = dict(_batch(np.random.default_rng(7), 16), user_mask=jnp.arange(16) < 5)
+    run = jax.jit(mechanism.clipped_user_sum, static_argnums=(0, 6))
+    whole, whole_losses = run(loss, params, batch, jax.random.key(3), batch["user_mask"], jnp.float32(0.05), None)
+    micro, micro_losses = run(loss, params, batch, jax.random.key(3), batch["user_mask"], jnp.float32(0.05), 4)
+    assert _dist(whole, micro) < 1e-6 and float(optax.tree.norm(whole)) > 0.05
+    np.testing.assert_allclose(np.asarray(micro_losses)[:8], np.asarray(whole_losses)[:8], rtol=1e-5)
+    assert np.all(np.asarray(micro_losses)[:8] > 0) and np.all(np.asarray(micro_losses)[8:] == 0)
+
+
 def _public_vectors(rng: np.random.Generator) -> list[dict[str, jnp.ndarray]]:
     """A public vector for every item of each domain (semantic tables; row 0 = padding)."""
     return [{"vectors": jnp.asarray(rng.normal(size=(n + 1, 4)).astype(np.float32)),

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import jax_privacy
 import optax
+from jax_privacy import sharding_utils
 
 PyTree = Any
 
@@ -119,20 +120,31 @@ def clipped_user_sum(loss_fn: Callable[[PyTree, PyTree, jax.Array], tuple[jax.Ar
     configuration, or a padding row) is a clip at 2^20 (a power of two: the scaling is exact), above any
     gradient of these models. Sensitivity of the sum: `clip` (add or remove one user), 2 clip (replace one).
     microbatch: users whose per-user gradients are computed at once (a loop over the rest; the batch size must
-    be a multiple; jax_privacy groups users i, i + m, i + 2m, ... of the m microbatches, and skips only
-    microbatches without a real user, so with more real users than microbatches none is skipped). None: all
-    at once. engine/client.py `user_rows_sum` gives the same sum more cheaply where the loss reads only the
-    item rows each user names."""
+    be a multiple). jax_privacy groups users i, i + m, i + 2m, ... into each of the m microbatches and skips
+    only microbatches without a real user, so the users are first put in its early-stopping order
+    (`sharding_utils.compute_early_stopping_order`): microbatch j then holds users j s, ..., j s + s - 1, and a
+    Poisson batch (real users first) computes only its microbatches up to the last real user. Each user keeps
+    its key, `jax.random.split(key, users)[u]`, whatever the order. None: all at once. engine/client.py
+    `user_rows_sum` gives the same sum more cheaply where the loss reads only the item rows each user names."""
     c = jnp.where(jnp.isfinite(clip), clip, 2.0 ** 20)
+    users = user_mask.shape[0]
+    impl = jax.random.key_impl(key)   # the keys travel as raw data: optax's microbatch reshape takes no key arrays
+    keyed, mask = (batch, jax.random.key_data(jax.random.split(key, users))), user_mask
+    order = None if not microbatch or microbatch >= users else sharding_utils.compute_early_stopping_order(
+        users, microbatch)
+    if order is not None:
+        keyed, mask = jax.tree.map(lambda x: x[order], (keyed, mask))
 
-    def scaled(p: PyTree, b: PyTree, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-        loss, _ = loss_fn(p, b, k)
+    def scaled(p: PyTree, b: tuple[PyTree, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        user, k = b
+        loss, _ = loss_fn(p, user, jax.random.wrap_key_data(k[0], impl=impl))
         return loss / c, loss
 
     grad_fn = jax_privacy.clipped_grad(scaled, has_aux=True, l2_clip_norm=1.0, batch_argnums=1,
-                                       keep_batch_dim=True, prng_argnum=2, microbatch_size=microbatch or None)
-    grads, out = grad_fn(params, batch, key, is_padding_example=~user_mask)
-    return jax.tree.map(lambda g: g * c.astype(g.dtype), grads), out.aux
+                                       keep_batch_dim=True, microbatch_size=microbatch or None)
+    grads, out = grad_fn(params, keyed, is_padding_example=~mask)
+    losses = out.aux if order is None else jnp.zeros_like(out.aux).at[order].set(out.aux)   # the batch's order
+    return jax.tree.map(lambda g: g * c.astype(g.dtype), grads), losses
 
 
 def adaptive_clip_update(clip_norms: jax.Array, norms: jax.Array, participated: jax.Array, key: jax.Array, *,
