@@ -209,8 +209,9 @@ def test_cli_sweep_equals_single_runs(tmp_path: Path):
     names = ["personalized-eps2-seed0", "personalized-epsinf-seed0", "uniform-eps2-seed0", "uniform-epsinf-seed0"]
     assert [c["name"] for c in report["configs"]] == names
     assert report["configs"][3]["trained_as"] == "personalized-epsinf-seed0"
+    # config_chunk 1, the CPU default: a loop over configs
     assert report["configs"][0]["program"] == {"noise_mode": "sum", "configs": 3, "sweep": True,
-                                               "config_chunk": 1, "sequential": False}  # the CPU default: a loop over configs
+                                               "config_chunk": 1, "sequential": False}
     assert report["compile_seconds"] > 0 and report["train_seconds"] > 0
     for name in names:
         files = {p.name for p in (out / name).iterdir()}

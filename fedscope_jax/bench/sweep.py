@@ -69,7 +69,7 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
                 t0 = time.perf_counter()
                 states, recs, facts = run_tracks(tracks(f"sweep{i}-{rep}", trained), ctx.source, ctx.n_clients,
                                                  ctx.params, ctx.client_cfg, fcfg, config_chunk=cc,
-                                                 desc=f"sweep c={cc} ({len(trained)} configs)")
+                                                 desc=f"sweep c={cc} ({len(trained)} configs)", pooled=ctx.pooled)
                 sweeps[i].append({"config_chunk": facts[0]["program"]["config_chunk"],
                                   "wall_seconds": time.perf_counter() - t0, **facts[0]["timing"],
                                   "round_seconds": [r["seconds"] for r in recs[0]],
@@ -89,7 +89,8 @@ def run_sweep_benchmark(ds: Any, cfg: Any, modes: tuple[str, ...] = ("personaliz
                 # timed, but ~1 minute a run on CPU); the others reuse its chunk, as they reuse its program
                 chunk = fcfg.chunk_size or single_chunks.get(p.cfg.privacy.mode, 0)
                 s, recs, f = run_tracks(tracks(f"single-{rep}", [p]), ctx.source, ctx.n_clients, ctx.params,
-                                        ctx.client_cfg, dataclasses.replace(fcfg, chunk_size=chunk), desc=p.name)
+                                        ctx.client_cfg, dataclasses.replace(fcfg, chunk_size=chunk), desc=p.name,
+                                        pooled=ctx.pooled)
                 slot_steps += sum(r.get("slot_steps", 0) for r in recs[0])
                 computed_steps += sum(r.get("computed_steps", 0) for r in recs[0])
                 single_chunks.setdefault(p.cfg.privacy.mode, f[0]["chunk_size"])

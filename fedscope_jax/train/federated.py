@@ -156,6 +156,12 @@ class SeedContext:
         metrics, _ = evaluate(params, mc, self.valid_set, self.ds.domains, ec.ks, self.semantic, ec.batch_size)
         return {"select": selection_score(metrics, self.cfg.train.select_metric), **metrics["sampled"]}
 
+    @property
+    def pooled(self) -> bool:
+        """The silos' users are drawn at one pooled rate (the distributed variant's batches, `UserSteps.pooled`),
+        for every configuration of the seed, its eps-inf point included: `run_tracks(pooled=)`."""
+        return self.user_steps is not None and self.user_steps.pooled
+
     def session(self, pcfg: Any) -> Any:
         """The PrivacySession of a privacy config (None for mode off)."""
         check_group_mean(self.cfg.federated, pcfg)

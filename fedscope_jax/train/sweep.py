@@ -252,7 +252,7 @@ def _train_seed(ds: Any, out: Path, trained: Sequence[SweepPoint], semantic: Any
                                         trained[0].cfg.federated, resume=resume,
                                         desc=f"sweep seed {trained[0].seed} ({len(trained)} configs)",
                                         config_chunk=config_chunk, chunks=chunks,
-                                        pooled=ctx.user_steps is not None and ctx.user_steps.pooled)
+                                        pooled=ctx.pooled)
     for p, track, state, recs, fct in zip(progress(trained, desc="final evaluation (valid + test)", unit="config",
                                                    leave=False), tracks, states, records, facts):
         summaries[p.name] = finish_run(ctx, p.cfg, out / p.name, state, recs, fct, t_start, track.selection)
